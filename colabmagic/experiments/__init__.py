@@ -1,0 +1,1 @@
+"""Batch experiments: experiments.json queue, runner, git-watching daemon, sync, grid."""

@@ -1,0 +1,1 @@
+"""Audio fingerprinting (landmark hashes) on NumPy or CuPy."""
