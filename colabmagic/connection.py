@@ -1,0 +1,74 @@
+"""From what the user typed (a target, ``--local``, options) to a registered Session.
+
+The magics and :func:`colabmagic.connect` both come here, so the Python API and ``%colab_connect``
+behave identically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from colabmagic.errors import ParameterError
+from colabmagic.session import Session, registry
+
+
+def make_transport(target: str | None, *, local: bool = False, **options: Any):
+    """The transport for *target*: local for ``--local``/``"local"``, else SSH."""
+    if local or target in (None, "", "local"):
+        if target not in (None, "", "local"):
+            msg = f"--local and a target ({target!r}) exclude each other; give one of them"
+            raise ParameterError(msg)
+        from colabmagic.transport.local import LocalTransport
+
+        return LocalTransport(root=options.pop("root", None), python=options.pop("python", None))
+    from colabmagic.transport.ssh import SSHTransport
+
+    return SSHTransport(target, **options)
+
+
+def connect(
+    target: str | None = None,
+    *,
+    local: bool = False,
+    name: str | None = None,
+    mock_gpu: bool = False,
+    attach: str | None = None,
+    restart: bool = False,
+    cwd: str | None = None,
+    python: str | None = None,
+    env: dict[str, str] | None = None,
+    idle_timeout: float | None = None,
+    connect_timeout: float = 60.0,
+    reconnect_timeout: float = 300.0,
+    register: bool = True,
+    **transport_options: Any,
+) -> Session:
+    """Connect (or restart/attach) and return the session; see :func:`colabmagic.connect`."""
+    name = name or "default"
+    if not name.replace("-", "").replace("_", "").isalnum():
+        msg = f"session name {name!r} must use letters, digits, '-' and '_' only"
+        raise ParameterError(msg)
+    if restart:
+        session = registry.get(name)
+        session.restart(timeout=connect_timeout)
+        return session
+    if target is None and not local:
+        msg = "give a target (an ssh host or alias) or --local, e.g. %colab_connect --local"
+        raise ParameterError(msg)
+    if python is not None:
+        transport_options["python"] = python
+    transport = make_transport(target, local=local, **transport_options)
+    session = Session.start(
+        transport,
+        name=name,
+        mock_gpu=mock_gpu,
+        attach=attach,
+        cwd=cwd,
+        env=env,
+        idle_timeout=idle_timeout,
+        reconnect_timeout=reconnect_timeout,
+        connect_timeout=connect_timeout,
+    )
+    if register:
+        registry.add(session)
+    return session

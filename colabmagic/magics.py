@@ -1,0 +1,376 @@
+"""The IPython magics: thin wrappers that parse arguments and call the session API.
+
+Nothing here touches ZeroMQ, paramiko or Jupyter messages. Library errors
+(:class:`~colabmagic.errors.ColabMagicError`) become one-line ``UsageError``; a failing remote
+cell raises :class:`~colabmagic.errors.RemoteError`, whose traceback is the remote one.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Float, Unicode
+
+from colabmagic.errors import (
+    CellTimeoutError,
+    ColabMagicError,
+    RemoteError,
+    RemoteKernelDied,
+)
+from colabmagic.relay import CellRelay
+from colabmagic.session import registry
+
+
+def _user_errors(fn):
+    """Turn library errors into one-line UsageErrors; let remote errors through."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RemoteError, CellTimeoutError, RemoteKernelDied):
+            raise
+        except ColabMagicError as exc:
+            raise UsageError(str(exc)) from None
+
+    return wrapper
+
+
+def _names(text: str | None) -> list[str]:
+    if not text:
+        return []
+    out = [n.strip() for n in text.replace(",", " ").split() if n.strip()]
+    bad = [n for n in out if not n.isidentifier()]
+    if bad:
+        msg = f"{bad[0]!r} is not a valid variable name"
+        raise UsageError(msg)
+    return out
+
+
+class _Table:
+    """A small table that renders as text in a terminal and HTML in a notebook."""
+
+    def __init__(self, rows: list[dict[str, Any]], columns: list[str]):
+        self.rows = rows
+        self.columns = columns
+
+    def __repr__(self) -> str:
+        cells = [
+            [str(r.get(c, "") if r.get(c) is not None else "-") for c in self.columns]
+            for r in self.rows
+        ]
+        widths = [
+            max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(self.columns)
+        ]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths, strict=True))]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(r.get(c)) if r.get(c) is not None else '-')}</td>"
+                for c in self.columns
+            )
+            + "</tr>"
+            for r in self.rows
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+@magics_class
+class ColabMagics(Magics):
+    """Magics to drive a remote (or local) GPU kernel from this notebook.
+
+    Configure in ``ipython_config.py``::
+
+        c.ColabMagics.default_target = "colab"   # what a bare %colab_connect connects to
+        c.ColabMagics.cell_timeout = 0           # seconds; 0 = no limit
+    """
+
+    default_target = Unicode(
+        "", help="Target of a bare %colab_connect: an ssh alias/host, or 'local'."
+    ).tag(config=True)
+    default_mock_gpu = Bool(False, help="Use the NumPy GPU mock for --local kernels.").tag(
+        config=True
+    )
+    connect_timeout = Float(60.0, help="Seconds to wait for a kernel to answer.").tag(config=True)
+    reconnect_timeout = Float(
+        300.0, help="Seconds to keep reconnecting after the link drops before giving up."
+    ).tag(config=True)
+    cell_timeout = Float(0.0, help="Default %%gpu_run timeout in seconds (0: none).").tag(
+        config=True
+    )
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self.started: set[str] = set()
+
+    def shutdown_all(self) -> None:
+        """Close every session this extension started (used by %unload_ext)."""
+        for name in list(self.started):
+            if name in registry.names():
+                registry.remove(name).close()
+        self.started.clear()
+
+    # -- %colab_connect ----------------------------------------------------------------------
+    @magic_arguments()
+    @argument("target", nargs="?", help="ssh alias or [user@]host[:port]; omit with --local")
+    @argument("--name", default="default", help="session name (several can be open at once)")
+    @argument("--local", action="store_true", help="a kernel on this machine, through the link")
+    @argument("--mock-gpu", action="store_true", help="`import cupy` gives a NumPy-backed mock")
+    @argument("--restart", action="store_true", help="restart the session's kernel")
+    @argument("--attach", metavar="ID", help="attach to a kernel that is still running")
+    @argument("--cwd", help="working directory of the kernel")
+    @argument("--python", help="interpreter for the kernel on the host")
+    @argument("-p", "--port", type=int, help="ssh port")
+    @argument("-i", "--identity", help="ssh private key file")
+    @argument("--proxy", metavar="CMD", help="ssh ProxyCommand")
+    @argument("--accept-new-host-key", action="store_true", help="record an unknown host key")
+    @argument("--connect-timeout", type=float, help="seconds (default: config)")
+    @line_magic
+    @_user_errors
+    def colab_connect(self, line: str = ""):
+        """Connect this notebook to a GPU kernel (a remote host over SSH, or --local).
+
+        Examples
+        --------
+        ::
+
+            %colab_connect --local --mock-gpu      # a kernel on this machine, cupy mocked
+            %colab_connect gpu-box                 # an alias from ~/.ssh/config
+            %colab_connect user@10.0.0.5:2222 --name big
+            %colab_connect --restart               # fresh kernel, same session
+            %colab_connect gpu-box --attach 20261128-101500-ab12cd
+        """
+        args = parse_argstring(self.colab_connect, line)
+        from colabmagic.connection import connect
+
+        target = args.target or None
+        local = args.local
+        if target is None and not local and not args.restart:
+            if self.default_target in ("", "local"):
+                local = self.default_target == "local"
+            else:
+                target = self.default_target
+        ssh_opts = {
+            k: v
+            for k, v in {
+                "port": args.port,
+                "identity": args.identity,
+                "proxy_command": args.proxy,
+                "accept_new_host_key": args.accept_new_host_key or None,
+            }.items()
+            if v is not None
+        }
+        session = connect(
+            target,
+            local=local,
+            name=args.name,
+            mock_gpu=args.mock_gpu or (local and self.default_mock_gpu),
+            attach=args.attach,
+            restart=args.restart,
+            cwd=args.cwd,
+            python=args.python,
+            connect_timeout=args.connect_timeout or self.connect_timeout,
+            reconnect_timeout=self.reconnect_timeout,
+            **ssh_opts,
+        )
+        self.started.add(session.name)
+        st = session.status()
+        verb = "restarted" if args.restart else "connected"
+        print(
+            f"{verb}: session {session.name!r} -> {st['target']} kernel {session.kernel_id} "
+            f"(python {st['python']}, GPU {st['gpu']})"
+        )
+
+    # -- %%gpu_run ---------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--on", metavar="NAME", help="the session to run in (default: the current one)")
+    @argument("--timeout", type=float, metavar="S", help="interrupt the remote cell after S s")
+    @argument("--push", metavar="A,B", help="local variables to send before running")
+    @argument("--pull", metavar="C,D", help="remote variables to fetch after running")
+    @argument("statement", nargs="*", help="code to run (line form)")
+    @line_cell_magic
+    @_user_errors
+    def gpu_run(self, line: str = "", cell: str | None = None):
+        """Run a cell (or one statement) in the remote kernel; output appears here.
+
+        Examples
+        --------
+        ::
+
+            %%gpu_run
+            import cupy as cp
+            print(cp.arange(10).sum())
+
+            %%gpu_run --timeout 60 --push x --pull y
+            y = x * 2
+
+            %gpu_run print(torch.cuda.is_available())
+        """
+        args = parse_argstring(self.gpu_run, line)
+        code = cell if cell is not None else " ".join(args.statement)
+        if cell is not None and args.statement:
+            msg = f"unexpected arguments after the options: {' '.join(args.statement)!r}"
+            raise UsageError(msg)
+        if not code.strip():
+            msg = "nothing to run: give a statement (%gpu_run STMT) or a cell body (%%gpu_run)"
+            raise UsageError(msg)
+        session = registry.get(args.on)
+        push = _names(args.push)
+        if push:
+            session.push(self._local_values(push))
+        timeout = args.timeout if args.timeout is not None else (self.cell_timeout or None)
+        result = session.run(code, timeout=timeout, relay=CellRelay())
+        pull = _names(args.pull)
+        if pull:
+            values = session.pull(*pull)
+            self.shell.user_ns.update(values if len(pull) > 1 else {pull[0]: values})
+        return result.result
+
+    def _local_values(self, names: list[str]) -> dict[str, Any]:
+        ns = self.shell.user_ns
+        missing = [n for n in names if n not in ns]
+        if missing:
+            msg = f"name {missing[0]!r} is not defined locally"
+            raise UsageError(msg)
+        return {n: ns[n] for n in names}
+
+    # -- variables ---------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("names", nargs="+", help="local variable names")
+    @argument("--on", metavar="NAME", help="session name")
+    @line_magic
+    @_user_errors
+    def colab_push(self, line: str = ""):
+        """Send local variables to the remote kernel (NumPy arrays travel without copies).
+
+        Example: ``%colab_push x weights``
+        """
+        args = parse_argstring(self.colab_push, line)
+        names = _names(" ".join(args.names))
+        registry.get(args.on).push(self._local_values(names))
+
+    @magic_arguments()
+    @argument("names", nargs="+", help="remote variable names")
+    @argument("--on", metavar="NAME", help="session name")
+    @line_magic
+    @_user_errors
+    def colab_pull(self, line: str = ""):
+        """Fetch remote variables into the local namespace.
+
+        Example: ``%colab_pull losses model_state``
+        """
+        args = parse_argstring(self.colab_pull, line)
+        names = _names(" ".join(args.names))
+        values = registry.get(args.on).pull(*names)
+        self.shell.user_ns.update(values if len(names) > 1 else {names[0]: values})
+
+    # -- files -------------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("local", help="local file or directory")
+    @argument("remote", nargs="?", help="remote path (default: same name in the kernel's cwd)")
+    @argument("--on", metavar="NAME", help="session name")
+    @line_magic
+    @_user_errors
+    def colab_upload(self, line: str = ""):
+        """Copy a local file or directory (recursively) to the remote host.
+
+        Example: ``%colab_upload data/ /content/data``
+        """
+        args = parse_argstring(self.colab_upload, line)
+        n = registry.get(args.on).upload(args.local, args.remote)
+        print(f"uploaded {n} bytes")
+
+    @magic_arguments()
+    @argument("remote", help="remote file or directory")
+    @argument("local", nargs="?", help="local path (default: same name here)")
+    @argument("--on", metavar="NAME", help="session name")
+    @line_magic
+    @_user_errors
+    def colab_download(self, line: str = ""):
+        """Copy a remote file or directory (recursively) here.
+
+        Example: ``%colab_download runs/model.pt``
+        """
+        args = parse_argstring(self.colab_download, line)
+        n = registry.get(args.on).download(args.remote, args.local)
+        print(f"downloaded {n} bytes")
+
+    # -- sessions ----------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("name", nargs="?", help="one session (default: all)")
+    @argument("--json", action="store_true", help="print JSON")
+    @line_magic
+    @_user_errors
+    def colab_status(self, line: str = ""):
+        """Show each session: target, state, kernel pid, Python, GPU, link latency.
+
+        Example: ``%colab_status``
+        """
+        args = parse_argstring(self.colab_status, line)
+        sessions = [registry.get(args.name)] if args.name else registry.sessions()
+        if not sessions:
+            registry.get()  # raises the "connect first" error
+        rows = [s.status() for s in sessions]
+        for r in rows:
+            r["current"] = "*" if r["name"] == registry.current else ""
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return None
+        cols = ["current", "name", "target", "state", "kernel_pid", "python", "gpu", "latency_ms"]
+        return _Table(rows, cols)
+
+    @magic_arguments()
+    @argument("target", nargs="?", help="host to list (default: the current session's)")
+    @argument("--local", action="store_true", help="list kernels on this machine")
+    @argument("--json", action="store_true", help="print JSON")
+    @line_magic
+    @_user_errors
+    def colab_kernels(self, line: str = ""):
+        """List the kernels running on a host (they outlive disconnects); attach with --attach.
+
+        Example: ``%colab_kernels gpu-box``
+        """
+        args = parse_argstring(self.colab_kernels, line)
+        from colabmagic.connection import make_transport
+
+        if args.target is None and not args.local and registry.names():
+            transport = registry.get().transport
+            rows = transport.list_kernels()
+        else:
+            transport = make_transport(args.target, local=args.local or args.target is None)
+            try:
+                rows = transport.list_kernels()
+            finally:
+                transport.close()
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return None
+        return _Table(rows, ["id", "state", "kernel_pid", "attached", "started", "cwd"])
+
+    @magic_arguments()
+    @argument("name", nargs="?", help="session name (default: the current one)")
+    @argument("--keep", action="store_true", help="leave the remote kernel running")
+    @line_magic
+    @_user_errors
+    def colab_disconnect(self, line: str = ""):
+        """Disconnect a session; its kernel is shut down unless --keep.
+
+        Example: ``%colab_disconnect --keep`` (then later ``%colab_connect HOST --attach ID``)
+        """
+        args = parse_argstring(self.colab_disconnect, line)
+        session = registry.remove(registry.get(args.name).name)
+        session.close(keep=args.keep)
+        self.started.discard(session.name)
+        kept = f" (kernel {session.kernel_id} keeps running)" if args.keep else ""
+        print(f"disconnected {session.name!r}{kept}")

@@ -1,0 +1,195 @@
+"""``python -m colabmagic.remote COMMAND``: the GPU-host side's entry point.
+
+Commands (each prints one JSON document on stdout, except ``bridge`` which speaks the wire
+protocol on stdio)::
+
+    start  --root DIR [--id ID] [--cwd DIR] [--python PY] [--mock-gpu] [--idle-timeout S]
+           [--env JSON]          start a detached agent + kernel, wait until it listens
+    serve  --root DIR --id ID    (internal) the detached agent's body
+    bridge --root DIR --id ID    relay stdio to the agent's socket
+    list   --root DIR            the agents there, with their state
+    stop   --root DIR --id ID    shut an agent and its kernel down
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def _agent_dir(root: str, agent_id: str) -> str:
+    if not agent_id or "/" in agent_id or agent_id.startswith("."):
+        msg = f"colabmagic: invalid kernel id {agent_id!r}"
+        raise SystemExit(msg)
+    return os.path.join(os.path.expanduser(root), agent_id)
+
+
+def _alive(pid) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); look at /proc where there is one.
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def _read_state(directory: str):
+    try:
+        with open(os.path.join(directory, "state.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_start(args) -> int:
+    from colabmagic.remote.agent import new_agent_id
+
+    root = os.path.expanduser(args.root)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    os.chmod(root, 0o700)
+    agent_id = args.id or new_agent_id()
+    directory = _agent_dir(root, agent_id)
+    os.makedirs(directory, mode=0o700, exist_ok=False)
+    cmd = [sys.executable, "-m", "colabmagic.remote", "serve", "--root", root, "--id", agent_id]
+    if args.cwd:
+        cmd += ["--cwd", args.cwd]
+    if args.python:
+        cmd += ["--python", args.python]
+    if args.mock_gpu:
+        cmd.append("--mock-gpu")
+    cmd += ["--idle-timeout", str(args.idle_timeout)]
+    if args.env:
+        cmd += ["--env", args.env]
+    with open(os.path.join(directory, "agent.log"), "ab") as logf:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            close_fds=True,
+            cwd=directory,
+        )
+    state = os.path.join(directory, "state.json")  # written once the socket listens
+    deadline = time.monotonic() + args.timeout
+    while not os.path.exists(state):
+        if proc.poll() is not None:
+            with open(os.path.join(directory, "agent.log"), errors="replace") as f:
+                tail = f.read()[-2000:]
+            print(json.dumps({"error": f"agent exited with {proc.returncode}", "log": tail}))
+            return 1
+        if time.monotonic() > deadline:
+            print(json.dumps({"error": "agent did not start listening in time"}))
+            return 1
+        time.sleep(0.005)  # polling a file the child creates; bounded by the deadline above
+    print(json.dumps({"id": agent_id, "agent_pid": proc.pid, "dir": directory}))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from colabmagic.remote.agent import run_agent
+
+    return run_agent(
+        _agent_dir(args.root, args.id),
+        cwd=args.cwd,
+        python=args.python,
+        mock_gpu=args.mock_gpu,
+        idle_timeout=args.idle_timeout,
+        env=json.loads(args.env) if args.env else None,
+    )
+
+
+def cmd_bridge(args) -> int:
+    from colabmagic.remote.bridge import run_bridge
+
+    directory = _agent_dir(args.root, args.id)
+    state = _read_state(directory)
+    if state is None or not _alive(state.get("agent_pid")):
+        sys.stderr.write(f"colabmagic: no running kernel with id {args.id}\n")
+        return 4
+    return run_bridge(os.path.join(directory, "agent.sock"))
+
+
+def list_agents(root: str) -> list:
+    root = os.path.expanduser(root)
+    out = []
+    if not os.path.isdir(root):
+        return out
+    for name in sorted(os.listdir(root)):
+        state = _read_state(os.path.join(root, name))
+        if state is None:
+            continue
+        if not _alive(state.get("agent_pid")):
+            state["state"] = "stopped"
+            state["attached"] = False
+        out.append(state)
+    return out
+
+
+def cmd_list(args) -> int:
+    print(json.dumps(list_agents(args.root)))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    directory = _agent_dir(args.root, args.id)
+    state = _read_state(directory)
+    if state is None:
+        print(json.dumps({"error": f"no kernel with id {args.id}"}))
+        return 1
+    pid = state.get("agent_pid")
+    if _alive(pid):
+        os.kill(int(pid), signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # waiting on another process's exit, bounded by the deadline
+        if _alive(pid):
+            kpid = state.get("kernel_pid")
+            for p in (kpid, pid):
+                if _alive(p):
+                    os.kill(int(p), signal.SIGKILL)
+    print(json.dumps({"stopped": args.id}))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m colabmagic.remote")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("start", "serve", "bridge", "list", "stop"):
+        sp = sub.add_parser(name)
+        sp.add_argument("--root", default="~/.colabmagic/kernels")
+        if name != "list":
+            sp.add_argument("--id", required=name != "start")
+        if name in ("start", "serve"):
+            sp.add_argument("--cwd")
+            sp.add_argument("--python")
+            sp.add_argument("--mock-gpu", action="store_true")
+            sp.add_argument("--idle-timeout", type=float, default=24 * 3600.0)
+            sp.add_argument("--env")
+        if name in ("start", "stop"):
+            sp.add_argument("--timeout", type=float, default=30.0)
+    args = p.parse_args(argv)
+    return {
+        "start": cmd_start,
+        "serve": cmd_serve,
+        "bridge": cmd_bridge,
+        "list": cmd_list,
+        "stop": cmd_stop,
+    }[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,543 @@
+"""The per-kernel agent that runs on the GPU host.
+
+It owns one ipykernel over loopback ZeroMQ (which never drops messages), numbers every message
+the kernel sends and keeps it until the local proxy acknowledges it, and serves one *bridge* at a
+time on a Unix socket in its private directory. It runs detached (its own session), so it
+outlives SSH connections and bridge processes; when a new bridge connects, the proxy says which
+sequence number it has, and the agent resends the rest.
+
+The agent also reports what ZeroMQ cannot: the kernel process's death (exit code or signal),
+within its poll interval, and it runs the kernel-side bootstrap (push/pull helpers, the GPU mock)
+before any client message reaches a freshly started kernel.
+
+Only the standard library, pyzmq and jupyter_client are used: the GPU host needs nothing but
+Python >= 3.9 and ipykernel. Layout of an agent's directory (mode 0700)::
+
+    ROOT/ID/agent.sock   the Unix socket bridges connect to
+    ROOT/ID/kernel.json  the kernel's connection file (0600; holds the HMAC key)
+    ROOT/ID/state.json   id, pids, start time, state, attached: what ``list`` shows
+    ROOT/ID/agent.log    the agent's log (never the key)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import zmq
+
+from colabmagic import wire
+
+log = logging.getLogger("colabmagic.agent")
+
+IDENTITY = b"colabmagic-agent"
+DELIM = b"<IDS|MSG>"
+POLL_MS = 200
+READY_TIMEOUT = 60.0
+
+
+def _atomic_write(path: str, data: str, mode: int = 0o600) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _signal_name(returncode: int | None) -> str | None:
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def _bootstrap_source(mock_gpu: bool) -> str:
+    """The code the agent runs silently in every fresh kernel before any client code."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "kernel_ext.py")) as f:
+        ext = f.read()
+    code = [
+        "def __colabmagic_boot():",
+        "    import sys, types",
+        "    mod = types.ModuleType('_colabmagic_kernel')",
+        f"    exec(compile({ext!r}, '<colabmagic kernel_ext>', 'exec'), mod.__dict__)",
+        "    sys.modules['_colabmagic_kernel'] = mod",
+        "    mod.install()",
+    ]
+    if mock_gpu:
+        with open(os.path.join(os.path.dirname(here), "gpu", "mock.py")) as f:
+            mock = f.read()
+        code += [
+            "    mock = types.ModuleType('colabmagic_gpu_mock')",
+            f"    exec(compile({mock!r}, '<colabmagic gpu mock>', 'exec'), mock.__dict__)",
+            "    mock.install()",
+        ]
+    code += ["__colabmagic_boot()", "del __colabmagic_boot"]
+    return "\n".join(code)
+
+
+class Agent:
+    """Owns a kernel and relays its messages to whichever bridge is connected."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        cwd: str | None = None,
+        python: str | None = None,
+        mock_gpu: bool = False,
+        idle_timeout: float = 24 * 3600.0,
+        env: dict | None = None,
+        max_log_bytes: int = 2 << 30,
+    ):
+        self.dir = directory
+        self.id = os.path.basename(directory.rstrip("/"))
+        self.cwd = cwd or os.path.expanduser("~")
+        self.python = python or sys.executable
+        self.mock_gpu = mock_gpu
+        self.idle_timeout = idle_timeout
+        self.extra_env = dict(env or {})
+        self.sock_path = os.path.join(directory, "agent.sock")
+        self.cf_path = os.path.join(directory, "kernel.json")
+        self.state_path = os.path.join(directory, "state.json")
+        self.started = time.time()
+        self.kernel: subprocess.Popen | None = None
+        self.kernel_state = "starting"  # starting | idle | busy | dead
+        self.exit_info: dict | None = None
+        self.ctx = zmq.Context()
+        self.log = wire.OutLog(max_bytes=max_log_bytes)
+        self.last_up = 0
+        self.ack_sent = 0
+        self.stream: wire.FramedStream | None = None
+        self.conn: socket.socket | None = None
+        self.hello_done = False
+        self.last_detach = time.monotonic()
+        self.own_ids: set = set()
+        self.ready = False
+        self.ready_deadline = 0.0
+        self.boot_replied = False
+        self.held: list = []  # upstream messages held until the fresh kernel is bootstrapped
+        self.stopping = False
+        self.kernel_sockets: dict = {}
+
+    # -- kernel ------------------------------------------------------------------------------
+    def _write_connection_file(self) -> None:
+        from jupyter_client.connect import write_connection_file
+
+        key = secrets.token_hex(32)
+        self.cf_path, self.conn_info = write_connection_file(
+            self.cf_path, ip="127.0.0.1", key=key.encode(), transport="tcp"
+        )
+        os.chmod(self.cf_path, 0o600)
+        from jupyter_client.session import Session
+
+        self.session = Session(key=key.encode(), username="colabmagic-agent")
+
+    def start_kernel(self) -> None:
+        if not os.path.exists(self.cf_path):
+            self._write_connection_file()
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env.pop("PYTHONPATH", None) if env.get("COLABMAGIC_KEEP_PYTHONPATH") != "1" else None
+        env["COLABMAGIC_KERNEL"] = "1"
+        if self.mock_gpu:
+            env["COLABMAGIC_MOCK_GPU"] = "1"
+        logf = open(os.path.join(self.dir, "kernel.log"), "ab")
+        try:
+            self.kernel = subprocess.Popen(
+                [self.python, "-m", "ipykernel_launcher", "-f", self.cf_path],
+                cwd=self.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+            )
+        finally:
+            logf.close()
+        self.kernel_state = "starting"
+        self.exit_info = None
+        self._connect_kernel_sockets()
+        self.ready = False
+        self.boot_replied = False
+        self.ready_deadline = time.monotonic() + READY_TIMEOUT
+        self._own_request(
+            "shell",
+            "execute_request",
+            {
+                "code": _bootstrap_source(self.mock_gpu),
+                "silent": True,
+                "store_history": False,
+                "allow_stdin": False,
+                "user_expressions": {},
+                "stop_on_error": False,
+            },
+        )
+        self.boot_sent = time.monotonic()
+        log.info("kernel started, pid %s", self.kernel.pid)
+        self.write_state()
+
+    def _connect_kernel_sockets(self) -> None:
+        for s in self.kernel_sockets.values():
+            s.close(linger=0)
+        info = self.conn_info
+        url = f"tcp://{info['ip']}:"
+        socks = {}
+        for name, kind in (("shell", zmq.DEALER), ("control", zmq.DEALER), ("stdin", zmq.DEALER)):
+            s = self.ctx.socket(kind)
+            s.setsockopt(zmq.IDENTITY, IDENTITY)
+            s.linger = 0
+            s.connect(url + str(info[f"{name}_port"]))
+            socks[name] = s
+        sub = self.ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.RCVHWM, 0)
+        sub.connect(url + str(info["iopub_port"]))
+        socks["iopub"] = sub
+        self.kernel_sockets = socks
+
+    def _own_request(self, channel: str, msg_type: str, content: dict) -> str:
+        msg = self.session.msg(msg_type, content)
+        if len(self.own_ids) > 256:
+            self.own_ids.clear()
+        self.own_ids.add(msg["header"]["msg_id"])
+        self.session.send(self.kernel_sockets[channel], msg)
+        return msg["header"]["msg_id"]
+
+    def _kernel_exited(self) -> None:
+        rc = self.kernel.returncode
+        self.exit_info = {"exit_code": rc, "signal": _signal_name(rc), "pid": self.kernel.pid}
+        self.kernel_state = "dead"
+        log.warning("kernel exited: %s", self.exit_info)
+        self._event({"event": "kernel_died", **self.exit_info})
+        self.write_state()
+
+    def stop_kernel(self, *, graceful: bool = True, timeout: float = 3.0) -> None:
+        k = self.kernel
+        if k is None or k.poll() is not None:
+            return
+        if graceful:
+            self._own_request("control", "shutdown_request", {"restart": False})
+            try:
+                k.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        if k.poll() is None:
+            try:
+                os.killpg(k.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                k.kill()
+            k.wait()
+
+    def signal_kernel(self, signum: int, *, group: bool = False) -> bool:
+        k = self.kernel
+        if k is None or k.poll() is not None:
+            return False
+        try:
+            if group:
+                os.killpg(k.pid, signum)
+            else:
+                os.kill(k.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    # -- state -------------------------------------------------------------------------------
+    def write_state(self) -> None:
+        state = {
+            "id": self.id,
+            "started": self.started,
+            "agent_pid": os.getpid(),
+            "kernel_pid": self.kernel.pid if self.kernel else None,
+            "state": self.kernel_state,
+            "attached": self.stream is not None,
+            "cwd": self.cwd,
+            "python": self.python,
+            "mock_gpu": self.mock_gpu,
+            "exit": self.exit_info,
+        }
+        _atomic_write(self.state_path, json.dumps(state))
+
+    def info(self) -> dict:
+        return {
+            "id": self.id,
+            "started": self.started,
+            "kernel_pid": self.kernel.pid if self.kernel else None,
+            "agent_pid": os.getpid(),
+            "state": self.kernel_state,
+            "exit": self.exit_info,
+            "mock_gpu": self.mock_gpu,
+            "cwd": self.cwd,
+        }
+
+    # -- downstream --------------------------------------------------------------------------
+    def _down(self, channel: int, parts) -> None:
+        seq = self.log.append(channel, parts)
+        if self.stream is not None and self.hello_done:
+            self.stream.send_msg(seq, channel, parts)
+
+    def _event(self, obj: dict) -> None:
+        self._down(wire.AGENT, [wire.json_body(obj)])
+
+    def _on_kernel(self, name: str, sock) -> None:
+        frames = sock.recv_multipart(copy=False)
+        parts = [f.buffer for f in frames]
+        try:
+            i = next(n for n, p in enumerate(parts[:8]) if p == DELIM)
+        except StopIteration:
+            log.warning("dropping a malformed %s message", name)
+            return
+        if not self.ready:
+            # Until the bootstrap is done, everything the kernel says answers our own requests.
+            if name == "shell" and self._parent_id(parts, i) in self.own_ids:
+                self.boot_replied = True
+            elif name == "iopub" and self.boot_replied:
+                self._mark_ready()  # an iopub message proves the subscription is live
+            return
+        if self.own_ids and self._parent_id(parts, i) in self.own_ids:
+            return
+        if name == "iopub":
+            if b'"status"' in bytes(parts[i + 2]):
+                state = json.loads(bytes(parts[i + 5])).get("execution_state")
+                if state in ("idle", "busy"):
+                    self.kernel_state = state
+            self._down(wire.IOPUB, parts)
+            return
+        channel = {"shell": wire.SHELL, "control": wire.CONTROL, "stdin": wire.STDIN}[name]
+        self._down(channel, parts)
+
+    @staticmethod
+    def _parent_id(parts, i: int) -> str | None:
+        try:
+            return json.loads(bytes(parts[i + 3])).get("msg_id")
+        except (IndexError, ValueError):
+            return None
+
+    def _mark_ready(self) -> None:
+        self.ready = True
+        self.kernel_state = "idle"
+        self.write_state()
+        self._event({"event": "kernel_ready", "pid": self.kernel.pid})
+        held, self.held = self.held, []
+        for channel, parts in held:
+            self._to_kernel(channel, parts)
+
+    # -- upstream ----------------------------------------------------------------------------
+    def _to_kernel(self, channel: int, parts) -> None:
+        if channel == wire.AGENT:
+            self._on_op(json.loads(bytes(parts[0])))
+            return
+        if not self.ready:
+            self.held.append((channel, [bytes(p) for p in parts]))
+            return
+        name = {wire.SHELL: "shell", wire.CONTROL: "control", wire.STDIN: "stdin"}.get(channel)
+        if name is None:
+            log.warning("dropping message on unknown channel %s", channel)
+            return
+        self.kernel_sockets[name].send_multipart(parts, copy=wire.small(parts))
+
+    def _on_op(self, op: dict) -> None:
+        name = op.get("op")
+        reply: dict = {"event": "reply", "reply_to": op.get("id"), "op": name, "ok": True}
+        if name == "interrupt":
+            reply["ok"] = self.signal_kernel(signal.SIGINT, group=bool(op.get("group")))
+        elif name == "signal":
+            reply["ok"] = self.signal_kernel(int(op["signum"]), group=bool(op.get("group")))
+        elif name == "restart":
+            self.stop_kernel(graceful=False)
+            self.held = []
+            self.start_kernel()
+            reply["pid"] = self.kernel.pid
+        elif name == "info":
+            reply["info"] = self.info()
+        elif name == "shutdown":
+            self.stopping = True
+        else:
+            reply["ok"] = False
+            reply["error"] = f"unknown agent operation {name!r}"
+        self._event(reply)
+
+    # -- bridges -----------------------------------------------------------------------------
+    def _accept(self, listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        if self.conn is not None:
+            log.info("a new bridge replaces the old one")
+            self._detach()
+        conn.setblocking(False)
+        self.conn = conn
+        self.stream = wire.FramedStream(conn.fileno(), conn.fileno())
+        self.hello_done = False
+        self.write_state()
+
+    def _detach(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except OSError:
+                pass
+        self.conn = None
+        self.stream = None
+        self.hello_done = False
+        self.last_detach = time.monotonic()
+        self.write_state()
+
+    def _on_frames(self, frames) -> None:
+        for kind, seq, body in frames:
+            if kind == wire.HELLO:
+                hello = json.loads(bytes(body))
+                resume_from = int(hello.get("resume_from", 0))
+                self.log.ack(resume_from)
+                welcome = {
+                    "version": wire.PROTOCOL_VERSION,
+                    "id": self.id,
+                    "last_up": self.last_up,
+                    "resume_from": resume_from,
+                    "gap": max(0, self.log.dropped),
+                    "connection": {k: v for k, v in self.conn_info.items()},
+                    "info": self.info(),
+                }
+                welcome["connection"]["key"] = (
+                    self.conn_info["key"].decode()
+                    if isinstance(self.conn_info["key"], bytes)
+                    else self.conn_info["key"]
+                )
+                self.stream.send_json(wire.WELCOME, 0, welcome)
+                for s, channel, parts in self.log.after(resume_from):
+                    self.stream.send_msg(s, channel, parts)
+                self.hello_done = True
+            elif kind == wire.ACK:
+                self.log.ack(seq)
+            elif kind == wire.MSG:
+                if seq <= self.last_up:
+                    continue  # a resend of something already delivered
+                self.last_up = seq
+                channel, parts = wire.decode_msg(body)
+                self._to_kernel(channel, parts)
+
+    # -- main loop ---------------------------------------------------------------------------
+    def serve(self) -> int:
+        os.chdir(self.dir)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(self.sock_path):
+            os.unlink(self.sock_path)
+        old = os.umask(0o077)
+        try:
+            listener.bind(self.sock_path)
+        finally:
+            os.umask(old)
+        listener.listen(4)
+        self.start_kernel()
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            self._loop(listener)
+        finally:
+            self.stop_kernel(graceful=True)
+            listener.close()
+            for s in self.kernel_sockets.values():
+                s.close(linger=0)
+            self.ctx.term()
+            for name in ("agent.sock", "kernel.json"):
+                try:
+                    os.unlink(os.path.join(self.dir, name))
+                except FileNotFoundError:
+                    pass
+            self.kernel_state = "stopped"
+            self.write_state()
+        return 0
+
+    def _loop(self, listener: socket.socket) -> None:
+        poller = zmq.Poller()
+        while True:
+            poller = zmq.Poller()
+            poller.register(listener, zmq.POLLIN)
+            for s in self.kernel_sockets.values():
+                poller.register(s, zmq.POLLIN)
+            if self.stream is not None:
+                flags = zmq.POLLIN | (zmq.POLLOUT if self.stream.wants_write() else 0)
+                poller.register(self.conn, flags)
+            events = dict(poller.poll(POLL_MS))
+            if listener in events or listener.fileno() in events:
+                self._accept(listener)
+                continue
+            for name, s in list(self.kernel_sockets.items()):
+                if s in events:
+                    for _ in range(256):
+                        if not s.poll(0):
+                            break
+                        self._on_kernel(name, s)
+            if self.stream is not None and self.conn.fileno() in events:
+                try:
+                    if events[self.conn.fileno()] & zmq.POLLIN:
+                        self._on_frames(self.stream.read_frames())
+                except wire.StreamClosed:
+                    log.info("bridge disconnected")
+                    self._detach()
+                except wire.ProtocolError:
+                    log.exception("protocol error; dropping the bridge")
+                    self._detach()
+            if self.stream is not None:
+                if self.last_up > self.ack_sent and self.hello_done:
+                    self.stream.send_frame(wire.ACK, self.last_up, [])
+                    self.ack_sent = self.last_up
+                try:
+                    self.stream.flush()
+                except wire.StreamClosed:
+                    self._detach()
+            self._housekeeping()
+            if self.stopping:
+                self._event({"event": "shutdown"})
+                self._drain_before_exit()
+                return
+
+    def _housekeeping(self) -> None:
+        k = self.kernel
+        if k is not None and self.kernel_state != "dead" and k.poll() is not None:
+            self._kernel_exited()
+        if not self.ready and self.kernel_state != "dead":
+            if self.boot_replied and time.monotonic() - self.boot_sent > 0.2:
+                self.boot_sent = time.monotonic()
+                self._own_request("shell", "kernel_info_request", {})
+            if time.monotonic() > self.ready_deadline:
+                log.error("kernel did not become ready in %ss", READY_TIMEOUT)
+                self.stop_kernel(graceful=False)
+        if self.stream is None and time.monotonic() - self.last_detach > self.idle_timeout:
+            log.warning("no bridge for %ss: shutting the kernel down", self.idle_timeout)
+            self.stopping = True
+
+    def _drain_before_exit(self, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.stream is not None and self.stream.wants_write():
+            try:
+                if self.stream.flush():
+                    break
+            except wire.StreamClosed:
+                break
+            if time.monotonic() > deadline:
+                break
+            zmq.select([], [self.conn], [], 0.05)
+
+
+def run_agent(directory: str, **kwargs) -> int:
+    """Serve one kernel from *directory* until it is shut down (the detached process's body)."""
+    logging.basicConfig(
+        filename=os.path.join(directory, "agent.log"),
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    return Agent(directory, **kwargs).serve()
+
+
+def new_agent_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]

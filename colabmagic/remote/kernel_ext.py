@@ -1,0 +1,155 @@
+"""Kernel-side helpers, run inside every remote kernel by the agent's bootstrap.
+
+This file is executed from source in a fresh module (``_colabmagic_kernel``), so it must stay
+self-contained: standard library plus what an ipykernel has. It registers the ``colabmagic``
+comm target that carries variables in and out of the kernel:
+
+- ``{"op": "push", "req": ID, "names": [...]}`` with buffers ``[pickle, *out-of-band buffers]``:
+  unpickle a dict and bind its items in the user namespace.
+- ``{"op": "pull", "req": ID, "names": [...]}``: answer ``{"op": "pull_ok", "req": ID}`` with the
+  pickled dict as buffers, or ``{"op": "error", ...}`` naming the variable that failed.
+- ``{"op": "info", "req": ID}``: Python version, pid, GPU name/memory (nvidia-smi or CuPy), mock.
+
+Pickle protocol 5 with out-of-band buffers sends NumPy arrays without copying them into the
+pickle: the array memory itself becomes a ZeroMQ frame.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+
+from IPython import get_ipython
+
+TARGET = "colabmagic"
+
+
+def dumps(obj):
+    buffers = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    return [data] + [b.raw() for b in buffers]
+
+
+def loads(buffers):
+    # Received ZeroMQ frames are normally writable: use them in place (arrays stay zero-copy);
+    # copy only a read-only buffer, so that arrays always come out writable.
+    oob = [b if not memoryview(b).readonly else bytearray(b) for b in buffers[1:]]
+    return pickle.loads(bytes(buffers[0]), buffers=oob)  # noqa: S301 - our own peer
+
+
+def gpu_info():
+    """Name and memory of the first GPU, or the mock, or None."""
+    if os.environ.get("COLABMAGIC_MOCK_GPU") == "1":
+        return {
+            "name": "mock (NumPy on CPU)",
+            "memory_total": None,
+            "memory_used": None,
+            "mock": True,
+        }
+    try:
+        out = (
+            subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=name,memory.total,memory.used",
+                    "--format=csv,noheader,nounits",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    if out:
+        name, total, used = [x.strip() for x in out[0].split(",")]
+        return {
+            "name": name,
+            "memory_total": int(total) << 20,
+            "memory_used": int(used) << 20,
+            "mock": False,
+            "count": len(out),
+        }
+    cp = sys.modules.get("cupy")
+    if cp is not None:
+        try:
+            props = cp.cuda.runtime.getDeviceProperties(0)
+            free, total = cp.cuda.runtime.memGetInfo()
+            name = props["name"]
+            return {
+                "name": name.decode() if isinstance(name, bytes) else name,
+                "memory_total": total,
+                "memory_used": total - free,
+                "mock": False,
+            }
+        except Exception:  # noqa: BLE001 - any CUDA failure means "no usable GPU"
+            return None
+    return None
+
+
+def info():
+    return {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "pid": os.getpid(),
+        "cwd": os.getcwd(),
+        "gpu": gpu_info(),
+    }
+
+
+def _handle(comm, msg):
+    data = msg["content"]["data"]
+    req = data.get("req")
+    op = data.get("op")
+    ns = get_ipython().user_ns
+    try:
+        if op == "push":
+            values = loads(msg["buffers"])
+            ns.update(values)
+            comm.send({"op": "push_ok", "req": req, "names": sorted(values)})
+        elif op == "pull":
+            missing = [n for n in data["names"] if n not in ns]
+            if missing:
+                comm.send(
+                    {
+                        "op": "error",
+                        "req": req,
+                        "name": missing[0],
+                        "message": f"name {missing[0]!r} is not defined in the remote kernel",
+                    }
+                )
+                return
+            values = {}
+            for name in data["names"]:
+                try:
+                    dumps(ns[name])
+                except Exception as exc:  # noqa: BLE001 - report which variable fails
+                    comm.send(
+                        {
+                            "op": "error",
+                            "req": req,
+                            "name": name,
+                            "message": f"cannot pickle {name!r} ({type(exc).__name__}: {exc})",
+                        }
+                    )
+                    return
+                values[name] = ns[name]
+            comm.send({"op": "pull_ok", "req": req}, buffers=dumps(values))
+        elif op == "info":
+            comm.send({"op": "info_ok", "req": req, "info": info()})
+        else:
+            comm.send({"op": "error", "req": req, "message": f"unknown operation {op!r}"})
+    except Exception as exc:  # noqa: BLE001 - errors go back to the caller, not the log
+        comm.send({"op": "error", "req": req, "message": f"{type(exc).__name__}: {exc}"})
+
+
+def _open(comm, msg):
+    comm.on_msg(lambda m: _handle(comm, m))
+
+
+def install():
+    kernel = get_ipython().kernel
+    kernel.comm_manager.register_target(TARGET, _open)

@@ -1,0 +1,639 @@
+"""Sessions: one kernel (local or remote) behind the proxy, and the registry of named sessions.
+
+A :class:`Session` is the Python API under the magics and usable without IPython::
+
+    import colabmagic
+    s = colabmagic.connect(local=True)
+    s.run("x = 21 * 2")
+    s.pull("x")          # -> 42
+    s.close()
+
+It starts (or attaches to) an agent through a transport, serves the kernel locally through a
+:class:`~colabmagic.proxy.Proxy`, and talks to it with an ordinary jupyter_client
+``BlockingKernelClient``, so everything a Jupyter client can do works unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from colabmagic import serialize, wire
+from colabmagic.errors import (
+    CellTimeoutError,
+    ColabMagicError,
+    ConnectError,
+    NotConnectedError,
+    ParameterError,
+    RemoteError,
+    RemoteKernelDied,
+    TransferError,
+)
+from colabmagic.proxy import Proxy
+from colabmagic.relay import Relay, RemoteDisplay
+
+log = logging.getLogger("colabmagic.session")
+
+COMM_TARGET = "colabmagic"
+_POLL_MS = 50
+
+
+@dataclass
+class ExecutionResult:
+    """Everything one remote cell produced, in order."""
+
+    msg_id: str
+    status: str = "ok"
+    execution_count: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    outputs: list[dict] = field(default_factory=list)
+    result: RemoteDisplay | None = None
+    error: RemoteError | None = None
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _copy(parts) -> bool:
+    return not any(len(p) > 65536 for p in parts)
+
+
+class Session:
+    """A kernel reached through a transport; see the module docstring.
+
+    Use :func:`colabmagic.connect` (or :meth:`Session.start`) to make one.
+    """
+
+    def __init__(
+        self,
+        transport,
+        kernel_id: str,
+        *,
+        name: str = "default",
+        mock_gpu: bool = False,
+        owns_kernel: bool = True,
+        reconnect_timeout: float = 300.0,
+        connect_timeout: float = 60.0,
+    ):
+        self.transport = transport
+        self.kernel_id = kernel_id
+        self.name = name
+        self.mock_gpu = mock_gpu
+        self.owns_kernel = owns_kernel
+        self.closed = False
+        self.remote_info: dict[str, Any] = {}
+        self.last_error: RemoteError | None = None
+        self._lock = threading.RLock()
+        self._comm_id: str | None = None
+        self.proxy = Proxy(
+            lambda: transport.open_pipe(kernel_id),
+            name=f"{name} ({transport.target})",
+            reconnect_timeout=reconnect_timeout,
+        )
+        self.proxy.add_kernel_listener(self._on_kernel_event)
+        try:
+            self.proxy.start(timeout=connect_timeout)
+            from jupyter_client.blocking import BlockingKernelClient
+
+            self.client = BlockingKernelClient()
+            self.client.load_connection_info(self.proxy.connection_info)
+            self.client.session.key = self.proxy.connection_info["key"].encode()
+            self.client.start_channels(hb=False)
+            self._wait_ready(connect_timeout)
+            self._refresh_remote_info()
+        except BaseException:
+            self.proxy.close()
+            raise
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def start(
+        cls,
+        transport,
+        *,
+        name: str = "default",
+        mock_gpu: bool = False,
+        attach: str | None = None,
+        cwd: str | None = None,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+        idle_timeout: float | None = None,
+        reconnect_timeout: float = 300.0,
+        connect_timeout: float = 60.0,
+    ) -> Session:
+        """Start a new kernel through *transport* (or attach to kernel id *attach*)."""
+        if attach:
+            known = {k["id"]: k for k in transport.list_kernels()}
+            info = known.get(attach)
+            if info is None or info.get("state") == "stopped":
+                alive = ", ".join(k for k, v in known.items() if v.get("state") != "stopped")
+                msg = (
+                    f"no running kernel {attach!r} on {transport.target}; "
+                    f"running: {alive or 'none'}"
+                )
+                raise ConnectError(msg)
+            kernel_id, owns = attach, True
+            mock_gpu = bool(info.get("mock_gpu"))
+        else:
+            kernel_id = transport.start_kernel(
+                mock_gpu=mock_gpu, cwd=cwd, python=python, env=env, idle_timeout=idle_timeout
+            )
+            owns = True
+        try:
+            return cls(
+                transport,
+                kernel_id,
+                name=name,
+                mock_gpu=mock_gpu,
+                owns_kernel=owns,
+                reconnect_timeout=reconnect_timeout,
+                connect_timeout=connect_timeout,
+            )
+        except BaseException:
+            if not attach:
+                with contextlib.suppress(ColabMagicError, OSError):
+                    transport.stop_kernel(kernel_id)
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Wait until a kernel_info round trip works *and* IOPub delivers (no slow joiner)."""
+        deadline = time.monotonic() + timeout
+        iopub = self.client.iopub_channel.socket
+        shell = self.client.shell_channel.socket
+        while time.monotonic() < deadline:
+            self._check_alive()
+            msg_id = self.client.kernel_info()
+            got_reply = got_iopub = False
+            step = time.monotonic() + 1.0
+            while time.monotonic() < min(step, deadline) and not (got_reply and got_iopub):
+                poller = zmq.Poller()
+                poller.register(iopub, zmq.POLLIN)
+                poller.register(shell, zmq.POLLIN)
+                events = dict(poller.poll(_POLL_MS))
+                if shell in events:
+                    _, msg = self.client.session.recv(shell, zmq.NOBLOCK)
+                    if msg and msg["parent_header"].get("msg_id") == msg_id:
+                        got_reply = True
+                        self.kernel_info = msg["content"]
+                if iopub in events:
+                    _, msg = self.client.session.recv(iopub, zmq.NOBLOCK)
+                    if msg and msg["parent_header"].get("msg_id") == msg_id:
+                        got_iopub = True
+                self._check_alive()
+            if got_reply and got_iopub:
+                return
+        msg = f"kernel {self.kernel_id} on {self.transport.target} did not answer in {timeout:g}s"
+        raise ConnectError(msg)
+
+    # -- state -------------------------------------------------------------------------------
+    def _on_kernel_event(self, event: dict) -> None:
+        if event.get("event") in ("kernel_ready", "kernel_died"):
+            self._comm_id = None  # a fresh kernel has no comm open
+
+    def _check_alive(self) -> None:
+        p = self.proxy
+        if p.state == "dead":
+            exit_info = p.kernel_exit or {}
+            if exit_info:
+                msg = (
+                    f"{p.dead_reason} [session {self.name!r}]; restart it with "
+                    f"%colab_connect --name {self.name} --restart (or Session.restart())"
+                )
+            else:
+                msg = f"{p.dead_reason} [session {self.name!r}]"
+            raise RemoteKernelDied(
+                msg, exit_code=exit_info.get("exit_code"), signal=exit_info.get("signal")
+            )
+        if p.state == "closed" or self.closed:
+            msg = f"session {self.name!r} is closed; connect again with %colab_connect"
+            raise NotConnectedError(msg)
+
+    @property
+    def state(self) -> str:
+        """``idle``, ``busy``, ``link-down (reconnecting, attempt n)``, ``dead`` or ``closed``."""
+        p = self.proxy
+        if self.closed:
+            return "closed"
+        if p.state == "link-down":
+            return f"link-down (reconnecting, attempt {p.reconnect_attempt})"
+        if p.state in ("dead", "closed"):
+            return p.state
+        return self._kernel_state
+
+    _kernel_state = "idle"
+
+    # -- execution ---------------------------------------------------------------------------
+    def run(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        relay: Relay | None = None,
+        silent: bool = False,
+        store_history: bool = True,
+        raise_on_error: bool = True,
+        interrupt_grace: float = 10.0,
+    ) -> ExecutionResult:
+        """Execute *code* remotely, relaying its output live; return what it produced.
+
+        Parameters
+        ----------
+        timeout
+            Seconds; when exceeded the remote cell is interrupted (the kernel stays usable) and
+            :class:`~colabmagic.errors.CellTimeoutError` (a ``TimeoutError``) is raised.
+        relay
+            Where live output goes (default: this process's stdout/stderr and IPython display).
+        raise_on_error
+            Raise :class:`~colabmagic.errors.RemoteError` when the cell fails (default).
+
+        A ``KeyboardInterrupt`` while waiting interrupts the remote cell, waits for it to stop,
+        and is re-raised.
+        """
+        if timeout is not None and timeout <= 0:
+            msg = f"timeout={timeout} must be a positive number of seconds"
+            raise ParameterError(msg)
+        relay = relay if relay is not None else Relay()
+        with self._lock:
+            self._check_alive()
+            t0 = time.monotonic()
+            msg_id = self.client.execute(
+                code, silent=silent, store_history=store_history, allow_stdin=True
+            )
+            result = ExecutionResult(msg_id=msg_id)
+            self._kernel_state = "busy"
+            try:
+                self._wait(result, relay, timeout, interrupt_grace)
+            finally:
+                self._kernel_state = "idle" if self.proxy.state == "up" else self._kernel_state
+            result.duration = time.monotonic() - t0
+        if result.error is not None:
+            self.last_error = result.error
+            if raise_on_error:
+                raise result.error
+        return result
+
+    def _wait(self, result: ExecutionResult, relay: Relay, timeout, grace: float) -> None:
+        iopub = self.client.iopub_channel.socket
+        stdin = self.client.stdin_channel.socket
+        shell = self.client.shell_channel.socket
+        poller = zmq.Poller()
+        for s in (iopub, stdin, shell):
+            poller.register(s, zmq.POLLIN)
+        deadline = time.monotonic() + timeout if timeout else None
+        got_reply = got_idle = False
+        interrupted_by: str | None = None
+        stop_deadline: float | None = None
+        pending_exc: BaseException | None = None
+        while not (got_reply and got_idle):
+            try:
+                self._check_alive()
+                now = time.monotonic()
+                if deadline is not None and now > deadline and interrupted_by is None:
+                    interrupted_by = "timeout"
+                    stop_deadline = now + grace
+                    self.interrupt()
+                if stop_deadline is not None and now > stop_deadline:
+                    msg = (
+                        f"the remote cell did not stop within {grace:g}s of an interrupt; "
+                        f"the kernel may be stuck in native code: restart it with "
+                        f"%colab_connect --name {self.name} --restart"
+                    )
+                    raise CellTimeoutError(msg)
+                events = dict(poller.poll(_POLL_MS))
+                if iopub in events:
+                    got_idle |= self._drain_iopub(iopub, result, relay)
+                if stdin in events:
+                    pending_exc = self._answer_input(stdin, result.msg_id) or pending_exc
+                if shell in events:
+                    _, msg = self.client.session.recv(shell, zmq.NOBLOCK)
+                    if msg and msg["parent_header"].get("msg_id") == result.msg_id:
+                        got_reply = True
+                        result.status = msg["content"].get("status", "ok")
+                        result.execution_count = msg["content"].get("execution_count")
+            except KeyboardInterrupt:
+                if interrupted_by is None:
+                    interrupted_by = "keyboard"
+                    stop_deadline = time.monotonic() + grace
+                    self.interrupt()
+                elif interrupted_by == "keyboard":
+                    # A second Ctrl-C: interrupt the whole process group, then stop waiting.
+                    with contextlib.suppress(ColabMagicError):
+                        self.interrupt(group=True)
+                    raise
+        if interrupted_by == "timeout":
+            msg = (
+                f"the remote cell ran past its timeout of {timeout:g}s and was interrupted; "
+                f"the kernel [{self.name}] is still usable"
+            )
+            raise CellTimeoutError(msg)
+        if interrupted_by == "keyboard":
+            raise KeyboardInterrupt
+        if pending_exc is not None:
+            raise pending_exc
+
+    def _drain_iopub(self, sock, result: ExecutionResult, relay: Relay) -> bool:
+        idle = False
+        while True:
+            try:
+                _, msg = self.client.session.recv(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if msg is None:
+                break
+            if msg["parent_header"].get("msg_id") != result.msg_id:
+                continue
+            kind = msg["header"]["msg_type"]
+            content = msg["content"]
+            if kind == "status":
+                if content.get("execution_state") == "idle":
+                    idle = True
+                continue
+            if kind in ("execute_input", "comm_open", "comm_msg", "comm_close"):
+                continue
+            result.outputs.append({"msg_type": kind, "content": content})
+            if kind == "stream":
+                if content.get("name") == "stderr":
+                    result.stderr += content.get("text", "")
+                else:
+                    result.stdout += content.get("text", "")
+            if kind == "execute_result":
+                result.result = RemoteDisplay(content.get("data", {}), content.get("metadata"))
+                relay.execute_result(result.result)
+            elif kind == "error":
+                result.status = "error"
+                result.error = RemoteError(
+                    content.get("ename", "Error"),
+                    content.get("evalue", ""),
+                    content.get("traceback", []),
+                )
+            else:
+                relay.handle(msg)
+        return idle
+
+    def _answer_input(self, sock, msg_id: str) -> BaseException | None:
+        _, msg = self.client.session.recv(sock, zmq.NOBLOCK)
+        if not msg or msg["header"]["msg_type"] != "input_request":
+            return None
+        content = msg["content"]
+        failure: BaseException | None = None
+        try:
+            if content.get("password"):
+                import getpass
+
+                value = getpass.getpass(content.get("prompt", ""))
+            else:
+                value = input(content.get("prompt", ""))
+        except KeyboardInterrupt:
+            self.client.input("")
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. StdinNotImplementedError in nbclient
+            value, failure = "", exc
+        self.client.input(value)
+        return failure
+
+    def interrupt(self, *, group: bool = False) -> None:
+        """Interrupt the running remote cell (SIGINT to the kernel, or its process group)."""
+        reply = self.proxy.call("interrupt", group=group, timeout=10.0)
+        if not reply.get("ok"):
+            self._check_alive()
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Replace the remote kernel with a fresh one (same session, variables gone)."""
+        with self._lock:
+            self.proxy.call("restart", timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while self.proxy.state != "up":
+                if time.monotonic() > deadline:
+                    msg = f"the restarted kernel of {self.name!r} did not come up in {timeout:g}s"
+                    raise ConnectError(msg)
+                time.sleep(0.01)  # the proxy thread flips the state; bounded by the deadline
+            self._comm_id = None
+            self._wait_ready(timeout)
+            self._refresh_remote_info()
+
+    # -- variables ---------------------------------------------------------------------------
+    def _comm_request(self, op: str, *, buffers=None, timeout: float = 600.0, **data) -> tuple:
+        """Send one request to the kernel-side helper and wait for its answer.
+
+        Requests go to the proxy in-process (:meth:`Proxy.send_direct`) and bulk answers come
+        back through the proxy's tap, so large arrays cross no loopback ZeroMQ hop here.
+        """
+        with self._lock:
+            self._check_alive()
+            session = self.client.session
+            if self._comm_id is None:
+                self._comm_id = uuid.uuid4().hex
+                self._send_direct(
+                    "comm_open", {"comm_id": self._comm_id, "target_name": COMM_TARGET, "data": {}}
+                )
+            req = uuid.uuid4().hex
+            box: dict = {}
+            done = threading.Event()
+            comm_id = self._comm_id
+
+            def tap(parts: list) -> bool:
+                try:
+                    frames = [bytes(p) for p in parts[1:6]] + list(parts[6:])
+                    msg = session.deserialize(frames, content=True, copy=True)
+                except Exception:  # noqa: BLE001 - not ours: let the proxy publish it
+                    return False
+                rdata = msg["content"].get("data", {})
+                if msg["content"].get("comm_id") != comm_id or rdata.get("req") != req:
+                    return False
+                box["reply"] = (rdata, [memoryview(b) for b in msg["buffers"]])
+                done.set()
+                return True
+
+            self.proxy.tap = tap
+            try:
+                self._send_direct(
+                    "comm_msg",
+                    {"comm_id": comm_id, "data": {"op": op, "req": req, **data}},
+                    buffers=buffers,
+                )
+                rdata, rbufs = self._await_comm_reply(comm_id, req, done, box, timeout, op)
+            finally:
+                self.proxy.tap = None
+            if rdata.get("op") == "error":
+                raise TransferError(rdata.get("message", "remote transfer failed"))
+            return rdata, rbufs
+
+    def _send_direct(self, msg_type: str, content: dict, buffers=None) -> None:
+        session = self.client.session
+        msg = session.msg(msg_type, content)
+        parts = session.serialize(msg)
+        parts.extend(buffers or [])
+        self.proxy.send_direct(wire.SHELL, parts)
+
+    def _await_comm_reply(self, comm_id, req, done, box, timeout, op) -> tuple:
+        session = self.client.session
+        iopub = self.client.iopub_channel.socket
+        deadline = time.monotonic() + timeout
+        while not done.is_set():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                msg = f"the kernel did not answer {op!r} within {timeout:g}s (is it busy?)"
+                raise TransferError(msg)
+            if not iopub.poll(_POLL_MS):
+                continue
+            _, reply = session.recv(iopub, zmq.NOBLOCK, copy=False)
+            if reply is None or reply["header"]["msg_type"] != "comm_msg":
+                continue
+            rdata = reply["content"].get("data", {})
+            if reply["content"].get("comm_id") == comm_id and rdata.get("req") == req:
+                return rdata, reply.get("buffers", [])
+        return box["reply"]
+
+    def push(self, values: dict[str, Any] | None = None, /, **kwargs: Any) -> None:
+        """Bind variables in the remote kernel: ``s.push(x=arr)`` or ``s.push({"x": arr})``."""
+        values = dict(values or {}, **kwargs)
+        if not values:
+            msg = "push needs at least one variable, e.g. session.push(x=x)"
+            raise ParameterError(msg)
+        frames = serialize.dumps(values)
+        self._comm_request("push", buffers=frames, names=sorted(values))
+
+    def pull(self, *names: str) -> Any:
+        """Fetch variables from the remote kernel: one name -> its value; several -> a dict."""
+        if not names:
+            msg = "pull needs at least one variable name, e.g. session.pull('y')"
+            raise ParameterError(msg)
+        _, buffers = self._comm_request("pull", names=list(names))
+        values = serialize.loads(buffers)
+        return values[names[0]] if len(names) == 1 else values
+
+    def _refresh_remote_info(self) -> None:
+        data, _ = self._comm_request("info", timeout=30.0)
+        self.remote_info = data.get("info", {})
+
+    # -- files -------------------------------------------------------------------------------
+    def upload(self, local: str, remote: str | None = None) -> int:
+        """Copy a local file or directory to the host (relative paths: the kernel's cwd)."""
+        return self.transport.upload(local, remote, cwd=self.remote_info.get("cwd"))
+
+    def download(self, remote: str, local: str | None = None) -> int:
+        """Copy a file or directory from the host here; returns the bytes copied."""
+        return self.transport.download(remote, local, cwd=self.remote_info.get("cwd"))
+
+    # -- status and lifetime -----------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """Name, target, state, kernel pid, Python, GPU and link round-trip latency."""
+        info: dict[str, Any] = {
+            "name": self.name,
+            "target": self.transport.target,
+            "kernel_id": self.kernel_id,
+            "state": self.state,
+            "kernel_pid": self.proxy.agent_info.get("kernel_pid"),
+            "python": self.remote_info.get("python"),
+            "gpu": _gpu_text(self.remote_info.get("gpu")),
+            "latency_ms": None,
+            "reconnects": self.proxy.reconnects,
+        }
+        if self.proxy.state == "up":
+            t0 = time.perf_counter()
+            try:
+                reply = self.proxy.call("info", timeout=5.0)
+            except ConnectError:
+                return info
+            info["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+            agent = reply.get("info", {})
+            info["kernel_pid"] = agent.get("kernel_pid")
+            if agent.get("state") in ("idle", "busy", "starting"):
+                info["state"] = agent["state"]
+        return info
+
+    def close(self, *, keep: bool = False) -> None:
+        """Disconnect; shut the remote kernel down too unless *keep*."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.client.stop_channels()
+        if not keep and self.proxy.state in ("up", "dead"):
+            with contextlib.suppress(ConnectError):
+                self.proxy.call("shutdown", timeout=10.0)
+        self.proxy.close()
+        if not keep:
+            with contextlib.suppress(ColabMagicError, OSError):
+                self.transport.stop_kernel(self.kernel_id)
+        self.transport.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Session {self.name!r} {self.transport.target} kernel={self.kernel_id} {self.state}>"
+        )
+
+
+def _gpu_text(gpu: dict | None) -> str:
+    if not gpu:
+        return "none"
+    if gpu.get("mock"):
+        return "mock"
+    total = gpu.get("memory_total")
+    used = gpu.get("memory_used")
+    if total:
+        return f"{gpu['name']} ({(used or 0) / 2**30:.1f}/{total / 2**30:.1f} GiB)"
+    return str(gpu.get("name"))
+
+
+class Registry:
+    """Named sessions, and which one is current."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        self.current: str | None = None
+
+    def add(self, session: Session) -> None:
+        old = self._sessions.get(session.name)
+        if old is not None and old is not session:
+            old.close()
+        self._sessions[session.name] = session
+        self.current = session.name
+
+    def get(self, name: str | None = None) -> Session:
+        if not self._sessions:
+            msg = "not connected: run %colab_connect first (e.g. %colab_connect --local)"
+            raise NotConnectedError(msg)
+        key = name or self.current
+        if key not in self._sessions:
+            known = ", ".join(sorted(self._sessions)) or "none"
+            msg = f"no session named {key!r}; known sessions: {known}"
+            raise NotConnectedError(msg)
+        return self._sessions[key]
+
+    def remove(self, name: str) -> Session:
+        session = self.get(name)
+        del self._sessions[session.name]
+        if self.current == session.name:
+            self.current = next(iter(self._sessions), None)
+        return session
+
+    def names(self) -> list[str]:
+        return list(self._sessions)
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def close_all(self, *, keep: bool = False) -> None:
+        for name in list(self._sessions):
+            with contextlib.suppress(ColabMagicError):
+                self.remove(name).close(keep=keep)
+
+
+registry = Registry()

@@ -1,0 +1,192 @@
+"""The local transport: agent and kernel on this machine, each pipe a bridge subprocess.
+
+It runs the *same* agent, bridge and wire protocol as a remote host, so ``--local`` exercises the
+whole remote path (and killing a bridge process is a faithful stand-in for a dropped SSH link).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+from colabmagic.errors import ConnectError
+from colabmagic.proxy import PermanentLinkError
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+DEFAULT_ROOT = "~/.colabmagic/kernels"
+
+
+def _remote_cmd(python: str, *args: str) -> list[str]:
+    return [python, "-m", "colabmagic.remote", *args]
+
+
+class BridgeProcess:
+    """A :class:`~colabmagic.proxy.Pipe` made of a bridge subprocess's stdin and stdout."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None):
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            env=env,
+        )
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                fcntl.fcntl(f.fileno(), _F_SETPIPE_SZ, 1 << 20)
+            except OSError:
+                pass
+        self.read_fd = self.proc.stdout.fileno()
+        self.write_fd = self.proc.stdin.fileno()
+        self.description = f"bridge pid {self.proc.pid}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def close(self) -> None:
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stderr.close()
+
+    def failure(self) -> tuple[bool, str]:
+        try:
+            rc = self.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            return False, "bridge stopped answering"
+        err = self.proc.stderr.read().decode(errors="replace").strip()
+        return rc == 4, err or f"bridge exited with {rc}"
+
+
+class LocalTransport:
+    """Agents as detached processes on this machine.
+
+    Parameters
+    ----------
+    root
+        Directory holding one private sub-directory per agent (default ``~/.colabmagic/kernels``).
+    python
+        Interpreter for the agent and kernel (default: this one).
+    """
+
+    target = "local"
+
+    def __init__(self, *, root: str | None = None, python: str | None = None):
+        self.root = os.path.expanduser(root or os.environ.get("COLABMAGIC_ROOT", DEFAULT_ROOT))
+        self.python = python or sys.executable
+        self.bridges: list[BridgeProcess] = []
+
+    def _run(self, *args: str, timeout: float = 60.0) -> dict | list:
+        proc = subprocess.run(
+            _remote_cmd(self.python, *args, "--root", self.root),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        try:
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            msg = f"local agent command {args[0]!r} failed: {proc.stderr.strip()[-500:]}"
+            raise ConnectError(msg) from None
+        if isinstance(out, dict) and out.get("error"):
+            detail = out.get("log", "").strip().splitlines()[-1:] or [""]
+            msg = f"could not start a local kernel: {out['error']} {detail[0]}".strip()
+            raise ConnectError(msg)
+        return out
+
+    def start_kernel(
+        self,
+        *,
+        mock_gpu: bool = False,
+        cwd: str | None = None,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+        idle_timeout: float | None = None,
+    ) -> str:
+        args = ["start"]
+        if mock_gpu:
+            args.append("--mock-gpu")
+        if cwd:
+            args += ["--cwd", os.path.abspath(os.path.expanduser(cwd))]
+        else:
+            args += ["--cwd", os.getcwd()]
+        if python:
+            args += ["--python", python]
+        if env:
+            args += ["--env", json.dumps(env)]
+        if idle_timeout is not None:
+            args += ["--idle-timeout", str(idle_timeout)]
+        return self._run(*args)["id"]
+
+    def open_pipe(self, kernel_id: str) -> BridgeProcess:
+        state = os.path.join(self.root, kernel_id, "state.json")
+        if not os.path.exists(state):
+            msg = f"no kernel {kernel_id!r} under {self.root}"
+            raise PermanentLinkError(msg)
+        bridge = BridgeProcess(
+            _remote_cmd(self.python, "bridge", "--root", self.root, "--id", kernel_id)
+        )
+        self.bridges = [b for b in self.bridges if b.proc.poll() is None] + [bridge]
+        return bridge
+
+    def list_kernels(self) -> list[dict]:
+        return self._run("list")
+
+    def stop_kernel(self, kernel_id: str) -> None:
+        self._run("stop", "--id", kernel_id)
+
+    def upload(self, local: str, remote: str | None, *, cwd: str | None = None) -> int:
+        """Copy *local* to *remote* (relative to *cwd*); returns the bytes copied."""
+        return _copy_tree(local, remote, cwd)
+
+    def download(self, remote: str, local: str | None, *, cwd: str | None = None) -> int:
+        src = os.path.join(cwd or os.getcwd(), os.path.expanduser(remote))
+        return _copy_tree(src, local or os.path.basename(remote.rstrip("/")), os.getcwd())
+
+    def close(self) -> None:
+        for b in self.bridges:
+            if b.proc.poll() is None:
+                b.close()
+        self.bridges = []
+
+
+def _copy_tree(src: str, dest: str | None, cwd: str | None) -> int:
+    """Copy a file or a directory tree, verifying sizes; returns the bytes copied."""
+    import shutil
+
+    from colabmagic.errors import TransferError
+
+    src = os.path.abspath(os.path.expanduser(src))
+    if not os.path.exists(src):
+        msg = f"{src} does not exist"
+        raise TransferError(msg)
+    dest = dest or os.path.basename(src.rstrip("/"))
+    dest = os.path.join(cwd or os.getcwd(), os.path.expanduser(dest))
+    if os.path.isdir(src):
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+        total = 0
+        for root, _, files in os.walk(src):
+            for f in files:
+                total += os.path.getsize(os.path.join(root, f))
+        return total
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, os.path.basename(src))
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    shutil.copyfile(src, dest)
+    if os.path.getsize(dest) != os.path.getsize(src):
+        msg = f"copy of {src} to {dest} is incomplete"
+        raise TransferError(msg)
+    return os.path.getsize(dest)

@@ -1,0 +1,297 @@
+"""The framed, sequenced, resumable byte stream between the local proxy and the remote agent.
+
+Runs on both sides (the remote side has Python >= 3.9 and no colabmagic install, so this module
+uses the standard library only).
+
+Frames
+------
+Every frame is a 17-byte header ``!BQQ`` -- *kind*, *seq*, *length* -- and *length* body bytes.
+
+``HELLO``   proxy -> agent, JSON body ``{"resume_from": n, "version": 1}``: the last downstream
+            sequence number the proxy has processed. The agent answers ``WELCOME``.
+``WELCOME`` agent -> proxy, JSON body: the kernel's connection info (key included -- this stream
+            is a private pipe, never a log), the last upstream sequence number the agent has
+            received, the agent's identity and state.
+``MSG``     either way, *seq* > 0: one ZeroMQ multipart message on one channel. Body:
+            ``!BI`` (channel, number of parts), ``!Q`` per part length, then the parts.
+``ACK``     either way: "I have processed everything up to and including *seq*"; the sender may
+            forget those messages.
+
+Both sides keep what they sent and has not been acknowledged; after a reconnect the proxy sends
+``HELLO`` with the last sequence number it processed and the agent resends everything after it,
+while the proxy resends every upstream message after the agent's last received one. Receivers
+drop sequence numbers they have already seen, so each message is delivered exactly once, in order.
+
+:class:`FramedStream` does non-blocking framing over a pair of file descriptors: an event loop
+registers :meth:`FramedStream.read_fd` for reading and, while :meth:`FramedStream.wants_write`,
+:meth:`FramedStream.write_fd` for writing. Writes never block, so two peers that both send large
+messages at once cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from collections import deque
+
+HEADER = struct.Struct("!BQQ")
+MSG_HEAD = struct.Struct("!BI")
+PART_LEN = struct.Struct("!Q")
+
+HELLO = 1
+WELCOME = 2
+MSG = 3
+ACK = 4
+
+# Channels carried in MSG frames.
+SHELL, CONTROL, STDIN, IOPUB, AGENT = 0, 1, 2, 3, 4
+CHANNEL_NAMES = {SHELL: "shell", CONTROL: "control", STDIN: "stdin", IOPUB: "iopub", AGENT: "agent"}
+
+PROTOCOL_VERSION = 1
+_READ_CHUNK = 1 << 20
+_MAX_FRAME = 1 << 40  # 1 TiB: anything larger is a corrupt header, not a message
+
+
+class ProtocolError(Exception):
+    """The byte stream does not follow the protocol (corrupt or foreign data)."""
+
+
+class StreamClosed(Exception):
+    """The other end closed the stream or it broke."""
+
+
+def encode_msg(channel: int, parts) -> list:
+    """The body pieces of a MSG frame for *parts* (bytes-like), without copying the parts."""
+    views = [memoryview(p).cast("B") if not isinstance(p, bytes) else p for p in parts]
+    head = bytearray(MSG_HEAD.pack(channel, len(views)))
+    for v in views:
+        head += PART_LEN.pack(len(v))
+    return [bytes(head), *views]
+
+
+def decode_msg(body) -> tuple:
+    """``(channel, parts)`` of a MSG body; the parts are memoryviews into *body* (no copy)."""
+    view = memoryview(body)
+    try:
+        channel, nparts = MSG_HEAD.unpack_from(view, 0)
+    except struct.error as exc:
+        msg = "truncated message header"
+        raise ProtocolError(msg) from exc
+    offset = MSG_HEAD.size
+    lengths = []
+    for _ in range(nparts):
+        (n,) = PART_LEN.unpack_from(view, offset)
+        lengths.append(n)
+        offset += PART_LEN.size
+    parts = []
+    for n in lengths:
+        parts.append(view[offset : offset + n])
+        offset += n
+    if offset != len(view):
+        msg = "message body length does not match its parts"
+        raise ProtocolError(msg)
+    return channel, parts
+
+
+def small(parts) -> bool:
+    """True when ZeroMQ should copy *parts* (small); large parts are sent zero-copy."""
+    return all(memoryview(p).nbytes < 65536 for p in parts)
+
+
+def json_body(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class FramedStream:
+    """Non-blocking frame reader/writer over a readable and a writable file descriptor.
+
+    Parameters
+    ----------
+    read_fd, write_fd
+        Descriptors of the byte stream (the same socket twice, or a pipe pair). They are set
+        non-blocking; the stream does not close them (its owner does).
+    """
+
+    def __init__(self, read_fd: int, write_fd: int):
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._out: deque = deque()
+        self._out_bytes = 0
+        self._hbuf = bytearray()
+        self._header = None
+        self._body = None
+        self._body_view = None
+        self._body_got = 0
+        self.closed = False
+
+    # -- writing -----------------------------------------------------------------------------
+    def send_frame(self, kind: int, seq: int, pieces) -> None:
+        """Queue one frame whose body is the concatenation of *pieces* (bytes-like)."""
+        if self.closed:
+            msg = "stream is closed"
+            raise StreamClosed(msg)
+        length = sum(len(p) if isinstance(p, bytes) else memoryview(p).nbytes for p in pieces)
+        self._out.append(HEADER.pack(kind, seq, length))
+        self._out_bytes += HEADER.size
+        for p in pieces:
+            mv = memoryview(p).cast("B")
+            if mv.nbytes:
+                self._out.append(mv)
+                self._out_bytes += mv.nbytes
+
+    def send_json(self, kind: int, seq: int, obj) -> None:
+        self.send_frame(kind, seq, [json_body(obj)])
+
+    def send_msg(self, seq: int, channel: int, parts) -> None:
+        self.send_frame(MSG, seq, encode_msg(channel, parts))
+
+    def wants_write(self) -> bool:
+        return bool(self._out)
+
+    def pending_bytes(self) -> int:
+        return self._out_bytes
+
+    def flush(self) -> bool:
+        """Write as much as the descriptor takes now; True when everything queued is written."""
+        while self._out:
+            batch = []
+            total = 0
+            for buf in self._out:
+                batch.append(buf)
+                total += len(buf)
+                if len(batch) >= 64 or total >= (8 << 20):
+                    break
+            try:
+                n = os.writev(self.write_fd, batch)
+            except BlockingIOError:
+                return False
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                self.closed = True
+                msg = f"write failed: {exc}"
+                raise StreamClosed(msg) from exc
+            self._out_bytes -= n
+            while n:
+                head = self._out[0]
+                size = len(head)
+                if n >= size:
+                    self._out.popleft()
+                    n -= size
+                else:
+                    self._out[0] = memoryview(head)[n:]
+                    n = 0
+        return True
+
+    # -- reading -----------------------------------------------------------------------------
+    def read_frames(self) -> list:
+        """Read what is available; return the complete frames as ``(kind, seq, body)``.
+
+        Raises :class:`StreamClosed` on end of stream (after returning nothing pending).
+        """
+        frames = []
+        while True:
+            if self._header is None:
+                try:
+                    chunk = os.read(self.read_fd, _READ_CHUNK)
+                except BlockingIOError:
+                    return frames
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.EBADF):
+                        self.closed = True
+                        if frames:
+                            return frames
+                        raise StreamClosed(str(exc)) from exc
+                    raise
+                if not chunk:
+                    self.closed = True
+                    if frames:
+                        return frames
+                    msg = "end of stream"
+                    raise StreamClosed(msg)
+                self._hbuf += chunk
+                while self._header is None and len(self._hbuf) >= HEADER.size:
+                    kind, seq, length = HEADER.unpack_from(self._hbuf, 0)
+                    if kind not in (HELLO, WELCOME, MSG, ACK) or length > _MAX_FRAME:
+                        msg = f"bad frame header (kind={kind}, length={length})"
+                        raise ProtocolError(msg)
+                    rest = self._hbuf[HEADER.size :]
+                    if len(rest) >= length:
+                        frames.append((kind, seq, bytes(rest[:length])))
+                        self._hbuf = rest[length:]
+                        continue
+                    self._header = (kind, seq, length)
+                    self._body = bytearray(length)
+                    self._body[: len(rest)] = rest
+                    self._body_view = memoryview(self._body)
+                    self._body_got = len(rest)
+                    self._hbuf = bytearray()
+            else:
+                kind, seq, length = self._header
+                try:
+                    n = os.readv(self.read_fd, [self._body_view[self._body_got :]])
+                except BlockingIOError:
+                    return frames
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    self.closed = True
+                    if frames:
+                        return frames
+                    raise StreamClosed(str(exc)) from exc
+                if n == 0:
+                    self.closed = True
+                    if frames:
+                        return frames
+                    msg = "end of stream inside a frame"
+                    raise StreamClosed(msg)
+                self._body_got += n
+                if self._body_got == length:
+                    body = self._body
+                    self._header = self._body = self._body_view = None
+                    frames.append((kind, seq, body))
+
+
+class OutLog:
+    """Messages sent and not yet acknowledged, for resending after a reconnect.
+
+    Bounded by *max_bytes*: past it the oldest messages are dropped and :attr:`dropped` counts
+    them (the peer is then told there is a gap instead of silently missing output).
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = max_bytes
+        self._items: deque = deque()
+        self._bytes = 0
+        self.next_seq = 1
+        self.dropped = 0
+
+    def append(self, channel: int, parts) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        size = sum(memoryview(p).nbytes for p in parts)
+        self._items.append((seq, channel, parts, size))
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, _, _, s = self._items.popleft()
+            self._bytes -= s
+            self.dropped += 1
+        return seq
+
+    def ack(self, seq: int) -> None:
+        while self._items and self._items[0][0] <= seq:
+            _, _, _, s = self._items.popleft()
+            self._bytes -= s
+
+    def after(self, seq: int):
+        """The kept messages with a sequence number above *seq*, oldest first."""
+        return [(s, c, p) for (s, c, p, _) in self._items if s > seq]
+
+    def __len__(self) -> int:
+        return len(self._items)
