@@ -235,10 +235,10 @@ class Proxy:
         self._stream.send_json(wire.HELLO, 0, {"resume_from": self._last_down, "version": 1})
         self._hello_pending = True
 
-    def _detach(self) -> None:
+    def _detach(self, *, close: bool = True) -> Pipe | None:
         pipe, self._pipe, self._stream = self._pipe, None, None
         self._hello_pending = False
-        if pipe is not None:
+        if pipe is not None and close:
             try:
                 pipe.close()
             except OSError:
@@ -246,12 +246,17 @@ class Proxy:
         return pipe
 
     def _link_lost(self, why: str) -> None:
-        pipe = self._detach()
+        pipe = self._detach(close=False)
+        permanent, reason = pipe.failure() if pipe is not None else (False, why)
+        if pipe is not None:
+            try:
+                pipe.close()
+            except OSError:
+                pass
         if self._closing or self.state == "closed":
             return
         if self.state == "dead" and self.kernel_exit is None:
             return  # the agent itself is gone; nothing to reconnect to
-        permanent, reason = pipe.failure() if pipe is not None else (False, why)
         if permanent:
             self._die(reason or why)
             return

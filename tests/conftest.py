@@ -4,9 +4,16 @@ Tests that need a component which is absent (sshd, ffmpeg, chromium) call
 ``colabmagic.testing.require`` and skip with a reason; with ``COLABMAGIC_REQUIRE_ALL=1`` (set by CI)
 that becomes a failure, so nothing silently stops being tested. Tests marked ``gpu`` are the one
 exception: CI has no GPU, so they stay skipped there and run on a CUDA machine.
+
+Every agent a test starts lives under a private ``COLABMAGIC_ROOT``; at the end of the run any
+agent still alive there is a leak: it is killed and the run fails.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import signal
 
 import pytest
 
@@ -24,3 +31,40 @@ def pytest_runtest_makereport(item, call):
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
     report.outcome = "failed"
     report.longrepr = f"skipped under COLABMAGIC_REQUIRE_ALL=1: {reason}"
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def colabmagic_root(tmp_path_factory):
+    """A private agent root for the whole run, checked for leaked agents at the end."""
+    root = tmp_path_factory.mktemp("kernels")
+    old = os.environ.get("COLABMAGIC_ROOT")
+    os.environ["COLABMAGIC_ROOT"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("COLABMAGIC_ROOT", None)
+    else:
+        os.environ["COLABMAGIC_ROOT"] = old
+    leaked = []
+    for name in os.listdir(root):
+        try:
+            state = json.loads((root / name / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        for key in ("agent_pid", "kernel_pid"):
+            pid = state.get(key)
+            if pid and _alive(pid):
+                leaked.append(f"{name}:{key}={pid}")
+                os.kill(int(pid), signal.SIGKILL)
+    assert not leaked, f"tests leaked running agents/kernels: {leaked}"

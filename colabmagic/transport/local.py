@@ -63,10 +63,13 @@ class BridgeProcess:
 
     def failure(self) -> tuple[bool, str]:
         try:
-            rc = self.proc.wait(2)
+            rc = self.proc.wait(0.5)
         except subprocess.TimeoutExpired:
-            return False, "bridge stopped answering"
-        err = self.proc.stderr.read().decode(errors="replace").strip()
+            return False, "the bridge stopped answering"
+        try:
+            err = self.proc.stderr.read().decode(errors="replace").strip()
+        except (OSError, ValueError):
+            err = ""
         return rc == 4, err or f"bridge exited with {rc}"
 
 

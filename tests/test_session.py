@@ -1,0 +1,383 @@
+"""The Session API over the real link: agent, bridge process, proxy and a real ipykernel.
+
+The ``transport`` fixture runs every test over each transport (``local`` here; the SSH tests add
+an ``ssh`` transport against a real sshd).
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import colabmagic
+from colabmagic.errors import (
+    CellTimeoutError,
+    NotConnectedError,
+    ParameterError,
+    RemoteError,
+    RemoteKernelDied,
+    TransferError,
+)
+from colabmagic.relay import QuietRelay, Relay
+from colabmagic.session import Session
+from colabmagic.testing import wait_until
+from colabmagic.transport.local import LocalTransport
+
+
+class Recorder(Relay):
+    """A relay that records what it was asked to show, and can act on a line of output."""
+
+    def __init__(self, on_text=None):
+        self.events: list[tuple] = []
+        self.on_text = on_text
+
+    def stream(self, name, text):
+        self.events.append(("stream", name, text))
+        if self.on_text is not None:
+            self.on_text(text)
+
+    def display(self, data, metadata, transient, *, update=False):
+        self.events.append(("update" if update else "display", data, metadata, transient))
+
+    def clear_output(self, wait):
+        self.events.append(("clear", wait))
+
+
+def make_transport(kind: str, root) -> LocalTransport:
+    if kind == "local":
+        return LocalTransport(root=str(root))
+    raise AssertionError(kind)
+
+
+@pytest.fixture(scope="module", params=["local"])
+def transport_kind(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def session(transport_kind, colabmagic_root):
+    s = Session.start(make_transport(transport_kind, colabmagic_root), name="shared")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fresh(transport_kind, colabmagic_root):
+    """A session of its own, for tests that kill or restart the kernel."""
+    s = Session.start(make_transport(transport_kind, colabmagic_root), name="fresh")
+    yield s
+    s.close()
+
+
+def test_stdout_and_stderr_arrive_in_order(session):
+    rec = Recorder()
+    r = session.run(
+        "import sys\nfor i in range(3):\n    print('out', i, flush=True)\n"
+        "    print('err', i, file=sys.stderr, flush=True)",
+        relay=rec,
+    )
+    streams = [(e[1], e[2]) for e in rec.events if e[0] == "stream"]
+    text = "".join(t for _, t in streams)
+    assert r.stdout == "out 0\nout 1\nout 2\n"
+    assert r.stderr == "err 0\nerr 1\nerr 2\n"
+    assert text.index("out 0") < text.index("err 0") < text.index("out 1")
+
+
+def test_execute_result_is_returned_not_printed(session):
+    rec = Recorder()
+    r = session.run("6 * 7", relay=rec)
+    assert r.result is not None
+    assert r.result.data["text/plain"] == "42"
+    assert r.execution_count is not None
+
+
+def test_display_data_keeps_every_mime_type_and_metadata(session):
+    rec = Recorder()
+    session.run(
+        "from IPython.display import display, HTML, JSON\n"
+        "display(HTML('<b>hi</b>'), metadata={'isolated': True})\n"
+        "display(JSON({'a': 1}))",
+        relay=rec,
+    )
+    shown = [e for e in rec.events if e[0] == "display"]
+    assert shown[0][1]["text/html"] == "<b>hi</b>"
+    assert shown[0][2] == {"isolated": True}
+    assert shown[1][1]["application/json"] == {"a": 1}
+
+
+def test_update_display_and_clear_output_are_relayed(session):
+    rec = Recorder()
+    session.run(
+        "from IPython.display import display, clear_output\n"
+        "h = display('first', display_id=True)\n"
+        "h.update('second')\n"
+        "clear_output(wait=True)\n"
+        "print('after')",
+        relay=rec,
+    )
+    kinds = [e[0] for e in rec.events]
+    assert kinds[:3] == ["display", "update", "clear"]
+    display_id = rec.events[0][3]["display_id"]
+    assert rec.events[1][3]["display_id"] == display_id
+    assert rec.events[1][1]["text/plain"] == "'second'"
+    assert rec.events[2][1] is True
+
+
+def test_matplotlib_figure_arrives_as_png(session):
+    rec = Recorder()
+    session.run(
+        "import matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')\n"
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3]); plt.show()",
+        relay=rec,
+    )
+    pngs = [e for e in rec.events if e[0] == "display" and "image/png" in e[1]]
+    assert len(pngs) == 1
+    import base64
+
+    assert base64.b64decode(pngs[0][1]["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_remote_error_carries_remote_traceback(session):
+    with pytest.raises(RemoteError) as info:
+        session.run("def f():\n    raise KeyError('nope')\nf()", relay=QuietRelay())
+    err = info.value
+    assert err.ename == "KeyError"
+    assert "nope" in err.evalue
+    assert any("f()" in line for line in err.traceback)
+    assert err._render_traceback_() == err.traceback
+    assert session.last_error is err
+    # the kernel is still fine
+    assert session.run("1 + 1", relay=QuietRelay()).result.data["text/plain"] == "2"
+
+
+def test_error_can_be_returned_instead_of_raised(session):
+    r = session.run("1/0", relay=QuietRelay(), raise_on_error=False)
+    assert not r.ok
+    assert r.error.ename == "ZeroDivisionError"
+
+
+def test_input_and_getpass_go_through_stdin(session, monkeypatch):
+    prompts = []
+    monkeypatch.setattr(builtins, "input", lambda p="": prompts.append(p) or "alice")
+    import getpass
+
+    monkeypatch.setattr(getpass, "getpass", lambda p="": prompts.append(("pw", p)) or "s3cret")
+    r = session.run(
+        "name = input('who? ')\nimport getpass\npw = getpass.getpass('pw? ')\nprint(name, len(pw))",
+        relay=QuietRelay(),
+    )
+    assert r.stdout.strip() == "alice 6"
+    assert prompts == ["who? ", ("pw", "pw? ")]
+
+
+def test_timeout_interrupts_and_kernel_stays_usable(session):
+    t = time.monotonic()
+    with pytest.raises(CellTimeoutError, match="timeout of 0.5s"):
+        session.run("import time\nwhile True: time.sleep(0.01)", timeout=0.5, relay=QuietRelay())
+    assert time.monotonic() - t < 8
+    assert isinstance(CellTimeoutError("x"), TimeoutError)
+    assert session.run("'alive'", relay=QuietRelay()).result.data["text/plain"] == "'alive'"
+
+
+def test_keyboard_interrupt_interrupts_the_remote_cell(session):
+    def on_text(text):
+        if "started" in text:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.run(
+            "import time\nprint('started', flush=True)\nwhile True: time.sleep(0.01)",
+            relay=Recorder(on_text),
+        )
+    assert session.run("'still here'", relay=QuietRelay()).result.data["text/plain"] == (
+        "'still here'"
+    )
+
+
+def test_bad_timeout_is_a_parameter_error(session):
+    with pytest.raises(ParameterError, match="timeout=-1"):
+        session.run("pass", timeout=-1)
+
+
+def test_push_pull_small_values_and_arrays(session):
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    session.push(arr=arr, cfg={"lr": 0.1, "tags": ["a"]})
+    session.run("arr2 = arr * 2; arr[0, 0] = 99", relay=QuietRelay())
+    back = session.pull("arr", "arr2", "cfg")
+    assert back["cfg"] == {"lr": 0.1, "tags": ["a"]}
+    np.testing.assert_array_equal(back["arr2"], arr * 2)
+    assert back["arr"][0, 0] == 99, "pushed arrays must be writable remotely"
+    assert back["arr"].flags.writeable
+    assert arr[0, 0] == 0, "the local array is not aliased"
+
+
+def test_push_pull_256_mib_with_checksum(session):
+    big = np.random.default_rng(1).integers(0, 2**63, size=(256 << 20) // 8, dtype=np.int64)
+    digest = hashlib.sha256(big).hexdigest()
+    session.push(big=big)
+    r = session.run("import hashlib; print(hashlib.sha256(big).hexdigest())", relay=QuietRelay())
+    assert r.stdout.strip() == digest
+    del big
+    back = session.pull("big")
+    assert hashlib.sha256(back).hexdigest() == digest
+    session.run("del big", relay=QuietRelay())
+
+
+def test_unpicklable_and_missing_variables_name_the_variable(session):
+    import threading
+
+    with pytest.raises(TransferError, match="'lock'"):
+        session.push(lock=threading.Lock())
+    with pytest.raises(TransferError, match="'no_such_var' is not defined"):
+        session.pull("no_such_var")
+    session.run("import threading; remote_lock = threading.Lock()", relay=QuietRelay())
+    with pytest.raises(TransferError, match="cannot pickle 'remote_lock'"):
+        session.pull("remote_lock")
+    with pytest.raises(ParameterError):
+        session.pull()
+
+
+def test_status_reports_target_state_python_and_latency(session):
+    st = session.status()
+    assert st["name"] == "shared"
+    assert st["target"] == "local"
+    assert st["state"] == "idle"
+    assert st["python"].count(".") == 2
+    assert st["gpu"] in ("none", "mock") or "GiB" in st["gpu"]
+    assert st["latency_ms"] is not None and st["latency_ms"] < 1000
+    assert isinstance(st["kernel_pid"], int)
+
+
+def test_mock_gpu_session_runs_cupy_code(transport_kind, colabmagic_root):
+    s = Session.start(make_transport(transport_kind, colabmagic_root), name="mock", mock_gpu=True)
+    try:
+        r = s.run(
+            "import cupy as cp\nx = cp.arange(10)\nprint(x.sum())\n"
+            "print(type(cp.asnumpy(x)).__module__, cp.cuda.runtime.getDeviceCount())",
+            relay=QuietRelay(),
+        )
+        assert r.stdout.splitlines() == ["45", "numpy 1"]
+        assert s.status()["gpu"] == "mock"
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "exit_code", "sig"),
+    [
+        ("import os; os._exit(3)", 3, None),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -9, "SIGKILL"),
+    ],
+)
+def test_kernel_death_is_reported_quickly_and_restart_recovers(fresh, code, exit_code, sig):
+    fresh.run("x = 1", relay=QuietRelay())
+    t = time.monotonic()
+    with pytest.raises(RemoteKernelDied) as info:
+        fresh.run(code, relay=QuietRelay())
+    assert time.monotonic() - t < 5
+    assert info.value.exit_code == exit_code
+    assert info.value.signal == sig
+    assert "--restart" in str(info.value)
+    assert fresh.state == "dead"
+    fresh.restart()
+    r = fresh.run("'x' in dir()", relay=QuietRelay())
+    assert r.result.data["text/plain"] == "False"
+    assert fresh.state == "idle"
+
+
+def test_kernel_killed_from_outside_while_idle_is_noticed(fresh):
+    pid = fresh.status()["kernel_pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: fresh.state == "dead", timeout=5, what="death to be reported")
+    with pytest.raises(RemoteKernelDied, match="SIGKILL"):
+        fresh.run("1", relay=QuietRelay())
+
+
+def test_bridge_killed_mid_cell_delivers_every_line_exactly_once(fresh):
+    n = 60
+    killed = []
+
+    def on_text(text):
+        if not killed and "line 10\n" in text:
+            killed.append(fresh.transport.bridges[-1].pid)
+            fresh.transport.bridges[-1].proc.kill()
+
+    r = fresh.run(
+        f"import time\nfor i in range({n}):\n    print('line', i, flush=True)\n"
+        "    time.sleep(0.02)\n'done'",
+        relay=Recorder(on_text),
+    )
+    assert killed, "the bridge was never killed"
+    assert r.stdout.splitlines() == [f"line {i}" for i in range(n)]
+    assert r.result.data["text/plain"] == "'done'"
+    assert fresh.proxy.reconnects >= 1
+    assert fresh.transport.bridges[-1].pid != killed[0]
+    assert fresh.run("1+1", relay=QuietRelay()).result.data["text/plain"] == "2"
+
+
+def test_link_drop_while_idle_then_push_and_run(fresh):
+    fresh.proxy.drop_link()
+    wait_until(lambda: fresh.proxy.reconnects >= 1 and fresh.proxy.state == "up", timeout=10)
+    fresh.push(v=np.ones(3))
+    assert fresh.run("float(v.sum())", relay=QuietRelay()).result.data["text/plain"] == "3.0"
+
+
+def test_several_named_sessions_are_independent(transport_kind, colabmagic_root):
+    a = Session.start(make_transport(transport_kind, colabmagic_root), name="a")
+    b = Session.start(make_transport(transport_kind, colabmagic_root), name="b")
+    try:
+        a.run("v = 'A'", relay=QuietRelay())
+        b.run("v = 'B'", relay=QuietRelay())
+        assert (a.pull("v"), b.pull("v")) == ("A", "B")
+        assert a.status()["kernel_pid"] != b.status()["kernel_pid"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_close_keep_leaves_kernel_running_and_attach_finds_state(transport_kind, colabmagic_root):
+    t = make_transport(transport_kind, colabmagic_root)
+    s = Session.start(t, name="keep")
+    s.run("kept = 123", relay=QuietRelay())
+    kid = s.kernel_id
+    s.close(keep=True)
+    t2 = make_transport(transport_kind, colabmagic_root)
+    listed = {k["id"]: k for k in t2.list_kernels()}
+    assert listed[kid]["state"] == "idle"
+    assert listed[kid]["attached"] is False
+    s2 = Session.start(t2, name="keep", attach=kid)
+    try:
+        assert s2.pull("kept") == 123
+    finally:
+        s2.close()
+    gone = {k["id"]: k for k in t2.list_kernels()}
+    assert gone[kid]["state"] == "stopped"
+
+
+def test_attach_to_unknown_kernel_lists_running_ones(colabmagic_root):
+    with pytest.raises(colabmagic.errors.ConnectError, match="no running kernel 'nope'"):
+        Session.start(LocalTransport(root=str(colabmagic_root)), attach="nope")
+
+
+def test_closed_session_refuses_to_run(transport_kind, colabmagic_root):
+    s = Session.start(make_transport(transport_kind, colabmagic_root), name="closing")
+    s.close()
+    with pytest.raises(NotConnectedError, match="closed"):
+        s.run("1")
+
+
+def test_python_api_connect_run_push_pull_close():
+    s = colabmagic.connect(local=True, register=False)
+    try:
+        s.run("y = x + 1", relay=QuietRelay()) if False else None
+        s.push(x=np.arange(3))
+        s.run("y = x + 1", relay=QuietRelay())
+        np.testing.assert_array_equal(s.pull("y"), [1, 2, 3])
+    finally:
+        s.close()

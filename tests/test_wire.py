@@ -1,0 +1,86 @@
+"""The framed stream and the resend log, over real sockets."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+
+import pytest
+
+from colabmagic import wire
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    sa = wire.FramedStream(a.fileno(), a.fileno())
+    sb = wire.FramedStream(b.fileno(), b.fileno())
+    yield sa, sb
+    a.close()
+    b.close()
+
+
+def pump(src: wire.FramedStream, dst: wire.FramedStream, want: int) -> list:
+    """Move frames from src to dst until *want* frames arrived (no sleeps: select)."""
+    got: list = []
+    for _ in range(100000):
+        src.flush()
+        r, _, _ = select.select([dst.read_fd], [], [], 5)
+        assert r, "no data within 5 s"
+        got += dst.read_frames()
+        if len(got) >= want:
+            return got
+    raise AssertionError("too many iterations")
+
+
+def test_messages_round_trip_with_parts_intact(pair):
+    a, b = pair
+    parts = [b"<IDS|MSG>", b"sig", b'{"msg_id": "1"}', b"", bytes(range(256)) * 10]
+    a.send_msg(7, wire.IOPUB, parts)
+    a.send_frame(wire.ACK, 3, [])
+    frames = pump(a, b, 2)
+    kind, seq, body = frames[0]
+    assert (kind, seq) == (wire.MSG, 7)
+    channel, got = wire.decode_msg(body)
+    assert channel == wire.IOPUB
+    assert [bytes(p) for p in got] == parts
+    assert frames[1][:2] == (wire.ACK, 3)
+
+
+def test_large_frame_crosses_a_small_socket_buffer_without_blocking(pair):
+    a, b = pair
+    payload = os.urandom(1 << 20) * 24  # 24 MiB, far above the socket buffer
+    a.send_msg(1, wire.SHELL, [b"head", memoryview(payload)])
+    assert not a.flush(), "a non-blocking flush cannot write 24 MiB at once"
+    (kind, seq, body), = pump(a, b, 1)
+    _, parts = wire.decode_msg(body)
+    assert bytes(parts[1]) == payload
+
+
+def test_end_of_stream_is_reported(pair):
+    a, b = pair
+    os.close(os.dup(a.read_fd))
+    socket.socket(fileno=os.dup(a.read_fd)).shutdown(socket.SHUT_WR)
+    select.select([b.read_fd], [], [], 5)
+    with pytest.raises(wire.StreamClosed):
+        b.read_frames()
+
+
+def test_garbage_is_a_protocol_error(pair):
+    a, b = pair
+    os.write(a.write_fd, b"\xff" * wire.HEADER.size)
+    select.select([b.read_fd], [], [], 5)
+    with pytest.raises(wire.ProtocolError, match="bad frame header"):
+        b.read_frames()
+
+
+def test_outlog_resends_only_unacknowledged_and_counts_evictions():
+    log = wire.OutLog(max_bytes=10)
+    for i in range(4):
+        log.append(wire.IOPUB, [bytes([i]) * 3])
+    assert [s for s, _, _ in log.after(0)] == [2, 3, 4]  # 1 evicted past 10 bytes
+    assert log.dropped == 1
+    log.ack(3)
+    assert [s for s, _, _ in log.after(0)] == [4]
+    assert log.after(4) == []
