@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed-demo: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q ".[test]" nbclient nbformat matplotlib
+	$(PIP) install -q ".[demo]"
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml

@@ -44,4 +44,23 @@ main.add_command(exp)
 
 # -- demo and kernelspec commands (foundation, JupyterLab) ---------------------------------------
 
+
+@main.command()
+@click.option("--notebook", type=click.Path(exists=True, dir_okay=False), help="another notebook")
+@click.option("--output", type=click.Path(dir_okay=False), help="save the executed notebook")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="seconds per cell")
+def demo(notebook: str | None, output: str | None, timeout: float) -> None:
+    """Run the quick-start notebook on the embedded default (a local kernel) and print it."""
+    from nbclient.exceptions import CellExecutionError
+
+    from colabmagic.demo import render, run_notebook
+
+    try:
+        nb = run_notebook(notebook, timeout=timeout, output=output)
+    except CellExecutionError as exc:
+        raise click.ClickException(f"the demo notebook failed: {exc}") from None
+    for line in render(nb):
+        click.echo(line)
+    click.echo("demo finished: every cell ran through the colabmagic link.")
+
 # -- remote host commands: kernels, serve (SSH) --------------------------------------------------

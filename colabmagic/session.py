@@ -15,6 +15,7 @@ It starts (or attaches to) an agent through a transport, serves the kernel local
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
@@ -637,3 +638,9 @@ class Registry:
 
 
 registry = Registry()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """A process that exits cleanly shuts its kernels down (``--keep`` ones were removed)."""
+    registry.close_all()

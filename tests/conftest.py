@@ -17,7 +17,7 @@ import signal
 
 import pytest
 
-from colabmagic.testing import require_all
+from colabmagic.testing import require_all, wait_until
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -56,15 +56,26 @@ def colabmagic_root(tmp_path_factory):
         os.environ.pop("COLABMAGIC_ROOT", None)
     else:
         os.environ["COLABMAGIC_ROOT"] = old
-    leaked = []
-    for name in os.listdir(root):
-        try:
-            state = json.loads((root / name / "state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        for key in ("agent_pid", "kernel_pid"):
-            pid = state.get(key)
-            if pid and _alive(pid):
-                leaked.append(f"{name}:{key}={pid}")
-                os.kill(int(pid), signal.SIGKILL)
+
+    def running() -> list[tuple[str, int]]:
+        found = []
+        for name in os.listdir(root):
+            try:
+                state = json.loads((root / name / "state.json").read_text())
+            except (OSError, ValueError):
+                continue
+            for key in ("agent_pid", "kernel_pid"):
+                pid = state.get(key)
+                if pid and _alive(pid):
+                    found.append((f"{name}:{key}", int(pid)))
+        return found
+
+    # Agents asked to stop may still be finishing; give them a bounded moment.
+    try:
+        wait_until(lambda: not running(), timeout=15, what="agents to exit")
+    except TimeoutError:
+        pass
+    leaked = running()
+    for _, pid in leaked:
+        os.kill(pid, signal.SIGKILL)
     assert not leaked, f"tests leaked running agents/kernels: {leaked}"

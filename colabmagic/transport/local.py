@@ -34,6 +34,9 @@ class BridgeProcess:
             stderr=subprocess.PIPE,
             bufsize=0,
             env=env,
+            # Its own process group: ipykernel terminates children in its group at shutdown,
+            # which would cut the link before our atexit handler shuts the kernel down.
+            start_new_session=True,
         )
         for f in (self.proc.stdin, self.proc.stdout):
             try:
