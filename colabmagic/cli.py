@@ -58,9 +58,11 @@ def demo(notebook: str | None, output: str | None, timeout: float) -> None:
     try:
         nb = run_notebook(notebook, timeout=timeout, output=output)
     except CellExecutionError as exc:
-        raise click.ClickException(f"the demo notebook failed: {exc}") from None
+        msg = f"the demo notebook failed: {exc}"
+        raise click.ClickException(msg) from None
     for line in render(nb):
         click.echo(line)
     click.echo("demo finished: every cell ran through the colabmagic link.")
+
 
 # -- remote host commands: kernels, serve (SSH) --------------------------------------------------

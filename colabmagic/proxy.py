@@ -112,6 +112,9 @@ class Proxy:
         self._tmpdir = tempfile.mkdtemp(prefix="colabmagic-")
         self._kernel_listeners: list[Callable[[dict], None]] = []
         self.tap: Callable[[list], bool] | None = None
+        self._tcp = wire.TcpStreams()
+        self._listeners: dict = {}  # listening socket -> remote port
+        self._sids = itertools.count(1)
         self._bind()
 
     # -- setup -------------------------------------------------------------------------------
@@ -199,6 +202,42 @@ class Proxy:
         """
         self._post("up", channel, parts)
 
+    def forward(self, remote_port: int, local_port: int = 0) -> int:
+        """Serve 127.0.0.1:*local_port* here, tunnelled to 127.0.0.1:*remote_port* on the host.
+
+        Connections ride the link (no extra SSH tunnel) and survive a drop like any message.
+        Returns the local port (chosen when 0).
+        """
+        import socket
+
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(("127.0.0.1", local_port))
+        except OSError as exc:
+            listener.close()
+            msg = f"cannot listen on 127.0.0.1:{local_port} ({exc}); choose another --port"
+            raise ConnectError(msg) from exc
+        listener.listen(8)
+        listener.setblocking(False)
+        done = threading.Event()
+        self._post("listen", listener, int(remote_port), done)
+        done.wait(5)
+        return listener.getsockname()[1]
+
+    def close_forward(self, local_port: int) -> bool:
+        """Stop listening on *local_port*; True when there was such a forward."""
+        done = threading.Event()
+        box: dict = {}
+        self._post("unlisten", int(local_port), done, box)
+        done.wait(5)
+        return bool(box.get("found"))
+
+    @property
+    def forwards(self) -> dict[int, int]:
+        """``{local port: remote port}`` of the open forwards."""
+        return {sock.getsockname()[1]: port for sock, port in list(self._listeners.items())}
+
     def add_kernel_listener(self, fn: Callable[[dict], None]) -> None:
         """Call *fn(event)* (from the proxy thread) on kernel_died / kernel_ready / shutdown."""
         self._kernel_listeners.append(fn)
@@ -217,6 +256,10 @@ class Proxy:
             self._thread.join(timeout)
         for sock in (self._shell, self._control, self._stdin, self._iopub, self._hb):
             sock.close(linger=0)
+        for listener in list(self._listeners):
+            listener.close()
+        self._listeners.clear()
+        self._tcp.close_all()
         self._ctx.term()
         for fd in (self._wake_r, self._wake_w):
             try:
@@ -325,6 +368,9 @@ class Proxy:
                 poller.register(sock, zmq.POLLIN)
             poller.register(self._hb, zmq.POLLIN)
             poller.register(self._wake_r, zmq.POLLIN)
+            for listener in self._listeners:
+                poller.register(listener, zmq.POLLIN)
+            self._tcp.register(poller, zmq.POLLIN, zmq.POLLOUT)
             stream = self._stream
             if stream is not None:
                 poller.register(stream.read_fd, zmq.POLLIN)
@@ -343,6 +389,11 @@ class Proxy:
                         except zmq.Again:
                             break
                         self._up(sock, channel, frames)
+            for listener, port in list(self._listeners.items()):
+                if listener.fileno() in events:
+                    self._accept(listener, port)
+            for sid, data in self._tcp.handle(events, zmq.POLLIN, zmq.POLLOUT):
+                self._send_up(wire.TCP, [wire.sid_bytes(sid), data])
             if self._hb in events:
                 # Heartbeats are answered here: liveness of the remote kernel is reported by
                 # the agent (kernel_died), which knows better than a ping through a slow link.
@@ -391,11 +442,38 @@ class Proxy:
             elif kind == "drop":
                 if self._stream is not None:
                     self._link_lost("link dropped on request")
+            elif kind == "listen":
+                self._listeners[cmd[1]] = cmd[2]
+                cmd[3].set()
+            elif kind == "unlisten":
+                for listener in list(self._listeners):
+                    if listener.getsockname()[1] == cmd[1]:
+                        del self._listeners[listener]
+                        listener.close()
+                        cmd[3]["found"] = True
+                cmd[2].set()
             elif kind == "up":
                 self._send_up(cmd[1], cmd[2])
             elif kind == "agent":
                 body = wire.json_body(cmd[1])
                 self._send_up(wire.AGENT, [body])
+
+    def _accept(self, listener, remote_port: int) -> None:
+        import socket
+
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sid = next(self._sids)
+        self._tcp.add(sid, conn)
+        # The open travels first on the same sequenced stream, so the agent connects before
+        # any data for the stream arrives.
+        self._send_up(
+            wire.AGENT,
+            [wire.json_body({"op": "tcp_open", "stream": sid, "port": remote_port, "id": 0})],
+        )
 
     def _send_up(self, channel: int, parts) -> None:
         seq = self._uplog.append(channel, parts)
@@ -482,6 +560,8 @@ class Proxy:
             ident = self._route_back(parts, pop=False)
             if ident is not None:
                 self._stdin.send_multipart([ident, *parts])
+        elif channel == wire.TCP:
+            self._tcp.deliver(wire.sid_int(parts[0]), parts[1])
         elif channel == wire.AGENT:
             self._on_agent_event(json.loads(bytes(parts[0])))
 

@@ -295,3 +295,100 @@ class OutLog:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+TCP = 5  # channel of forwarded TCP streams: parts = [stream id (8 bytes), data]; b"" = closed
+CHANNEL_NAMES[TCP] = "tcp"
+
+
+class TcpStreams:
+    """Byte streams of forwarded TCP connections, multiplexed over the wire on channel ``TCP``.
+
+    Used by both ends: the proxy accepts local connections and the agent connects to ports on
+    the GPU host's loopback. Each side owns non-blocking sockets keyed by a stream id; data read
+    from a socket becomes a ``(sid, bytes)`` message to send, and a message received for a
+    stream is written to its socket (buffered while the socket is full). An empty message closes
+    the stream. Because these messages ride the sequenced log like every other one, a debugger
+    session survives a dropped link.
+    """
+
+    CHUNK = 256 * 1024
+
+    def __init__(self) -> None:
+        self.socks: dict = {}
+        self.out: dict = {}
+
+    def add(self, sid: int, sock) -> None:
+        sock.setblocking(False)
+        self.socks[sid] = sock
+        self.out[sid] = bytearray()
+
+    def deliver(self, sid: int, data) -> bool:
+        """Write data for *sid*; False when the stream is unknown (already closed)."""
+        sock = self.socks.get(sid)
+        if sock is None:
+            return False
+        if not len(data):
+            self.close(sid)
+            return True
+        self.out[sid] += data
+        self._flush(sid)
+        return True
+
+    def _flush(self, sid: int) -> None:
+        buf = self.out.get(sid)
+        sock = self.socks.get(sid)
+        if not buf or sock is None:
+            return
+        try:
+            n = sock.send(buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close(sid)
+            return
+        del buf[:n]
+
+    def register(self, poller, pollin: int, pollout: int) -> None:
+        for sid, sock in self.socks.items():
+            poller.register(sock, pollin | (pollout if self.out[sid] else 0))
+
+    def handle(self, events: dict, pollin: int, pollout: int) -> list:
+        """Service ready sockets; return ``[(sid, data)]`` to send (``b""`` for a close)."""
+        msgs = []
+        for sid, sock in list(self.socks.items()):
+            ev = events.get(sock) or events.get(sock.fileno()) or 0
+            if ev & pollout:
+                self._flush(sid)
+            if ev & pollin:
+                try:
+                    data = sock.recv(self.CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                msgs.append((sid, data))
+                if not data:
+                    self.close(sid)
+        return msgs
+
+    def close(self, sid: int) -> None:
+        sock = self.socks.pop(sid, None)
+        self.out.pop(sid, None)
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def close_all(self) -> None:
+        for sid in list(self.socks):
+            self.close(sid)
+
+
+def sid_bytes(sid: int) -> bytes:
+    return struct.pack("!Q", sid)
+
+
+def sid_int(part) -> int:
+    return struct.unpack("!Q", bytes(part))[0]

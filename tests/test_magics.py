@@ -107,8 +107,11 @@ def test_remote_error_fails_the_cell_with_the_remote_traceback(connected, capsys
 
 def test_push_pull_flags_and_magics(connected):
     connected.user_ns["local_arr"] = np.arange(5)
-    run(connected, "%%gpu_run --push local_arr --pull total,doubled\n"
-        "total = int(local_arr.sum())\ndoubled = local_arr * 2")
+    run(
+        connected,
+        "%%gpu_run --push local_arr --pull total,doubled\n"
+        "total = int(local_arr.sum())\ndoubled = local_arr * 2",
+    )
     assert connected.user_ns["total"] == 10
     np.testing.assert_array_equal(connected.user_ns["doubled"], np.arange(5) * 2)
     connected.user_ns["msg"] = "hello"
@@ -123,7 +126,7 @@ def test_bad_input_gives_one_line_errors(connected):
         connected.run_line_magic("colab_push", "undefined_thing")
     with pytest.raises(UsageError, match="not a valid variable name"):
         connected.run_line_magic("colab_push", "1abc")
-    with pytest.raises(UsageError, match="no session named 'nope'; known sessions: default"):
+    with pytest.raises(UsageError, match=r"no session named 'nope'; known sessions: default"):
         connected.run_cell_magic("gpu_run", "--on nope", "print(1)")
     with pytest.raises(UsageError, match="unrecognized arguments|usage"):
         connected.run_cell_magic("gpu_run", "--bogus-flag", "print(1)")
@@ -146,7 +149,9 @@ def test_timeout_is_a_timeout_error_and_kernel_survives(connected, capsys):
 def test_status_table_and_json(connected, capsys):
     table = connected.run_line_magic("colab_status", "")
     text = repr(table)
-    assert "default" in text and "local" in text and "mock" in text
+    assert "default" in text
+    assert "local" in text
+    assert "mock" in text
     assert "<table>" in table._repr_html_()
     connected.run_line_magic("colab_status", "--json")
     rows = json.loads(capsys.readouterr().out)

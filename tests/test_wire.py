@@ -53,7 +53,7 @@ def test_large_frame_crosses_a_small_socket_buffer_without_blocking(pair):
     payload = os.urandom(1 << 20) * 24  # 24 MiB, far above the socket buffer
     a.send_msg(1, wire.SHELL, [b"head", memoryview(payload)])
     assert not a.flush(), "a non-blocking flush cannot write 24 MiB at once"
-    (kind, seq, body), = pump(a, b, 1)
+    ((_kind, _seq, body),) = pump(a, b, 1)
     _, parts = wire.decode_msg(body)
     assert bytes(parts[1]) == payload
 

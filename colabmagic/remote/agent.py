@@ -129,6 +129,7 @@ class Agent:
         self.held: list = []  # upstream messages held until the fresh kernel is bootstrapped
         self.stopping = False
         self.kernel_sockets: dict = {}
+        self.tcp = wire.TcpStreams()
 
     # -- kernel ------------------------------------------------------------------------------
     def _write_connection_file(self) -> None:
@@ -338,6 +339,11 @@ class Agent:
         if channel == wire.AGENT:
             self._on_op(json.loads(bytes(parts[0])))
             return
+        if channel == wire.TCP:
+            sid = wire.sid_int(parts[0])
+            if not self.tcp.deliver(sid, parts[1]) and len(parts[1]):
+                self._down(wire.TCP, [parts[0], b""])  # tell the proxy this stream is gone
+            return
         if not self.ready:
             self.held.append((channel, [bytes(p) for p in parts]))
             return
@@ -361,12 +367,30 @@ class Agent:
             reply["pid"] = self.kernel.pid
         elif name == "info":
             reply["info"] = self.info()
+        elif name == "tcp_open":
+            reply.update(self._tcp_open(int(op["stream"]), int(op["port"])))
         elif name == "shutdown":
             self.stopping = True
         else:
             reply["ok"] = False
             reply["error"] = f"unknown agent operation {name!r}"
         self._event(reply)
+
+    def _tcp_open(self, sid: int, port: int) -> dict:
+        """Connect a forwarded stream to 127.0.0.1:*port* on this host (loopback only)."""
+        if not 0 < port < 65536:
+            return {"ok": False, "error": f"invalid port {port}"}
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(5)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except OSError as exc:
+            sock.close()
+            self._down(wire.TCP, [wire.sid_bytes(sid), b""])
+            return {"ok": False, "error": f"nothing listens on 127.0.0.1:{port} ({exc})"}
+        self.tcp.add(sid, sock)
+        return {"ok": True}
 
     # -- bridges -----------------------------------------------------------------------------
     def _accept(self, listener: socket.socket) -> None:
@@ -444,6 +468,7 @@ class Agent:
             self._loop(listener)
         finally:
             self.stop_kernel(graceful=True)
+            self.tcp.close_all()
             listener.close()
             for s in self.kernel_sockets.values():
                 s.close(linger=0)
@@ -467,7 +492,10 @@ class Agent:
             if self.stream is not None:
                 flags = zmq.POLLIN | (zmq.POLLOUT if self.stream.wants_write() else 0)
                 poller.register(self.conn, flags)
+            self.tcp.register(poller, zmq.POLLIN, zmq.POLLOUT)
             events = dict(poller.poll(POLL_MS))
+            for sid, data in self.tcp.handle(events, zmq.POLLIN, zmq.POLLOUT):
+                self._down(wire.TCP, [wire.sid_bytes(sid), data])
             if listener in events or listener.fileno() in events:
                 self._accept(listener)
                 continue
