@@ -306,6 +306,58 @@ class ColabMagics(Magics):
         n = registry.get(args.on).download(args.remote, args.local)
         print(f"downloaded {n} bytes")
 
+    # -- debugging ---------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--on", metavar="NAME", help="session name")
+    @argument("--vscode", action="store_true", help="let VS Code attach (debugpy via the link)")
+    @argument("--port", type=int, default=0, help="local port for VS Code (default: any free)")
+    @argument("--wait", action="store_true", help="block the kernel until VS Code attaches")
+    @argument("--local-root", help="local project folder (pathMappings; default: cwd)")
+    @argument("--remote-root", help="remote folder it maps to (default: the kernel's cwd)")
+    @argument("--stop", action="store_true", help="close the VS Code forward")
+    @line_cell_magic
+    @_user_errors
+    def colab_debug(self, line: str = "", cell: str | None = None):
+        """Debug remote code: post-mortem pdb, a cell under pdb, or VS Code breakpoints.
+
+        Examples
+        --------
+        ::
+
+            %colab_debug                  # pdb on the last failed %%gpu_run cell
+            %%colab_debug                 # run this cell under pdb, remotely
+            x = f(1)
+            %colab_debug --vscode         # debugpy in the kernel, .vscode/launch.json written
+            %colab_debug --stop
+        """
+        from colabmagic import debug
+
+        args = parse_argstring(self.colab_debug, line)
+        session = registry.get(args.on)
+        if cell is not None:
+            return debug.debug_cell(session, cell, relay=CellRelay()).result
+        if args.stop:
+            n = debug.stop_vscode(session)
+            print(f"closed {n} debugger forward(s)" if n else "no debugger forward was open")
+            return None
+        if not args.vscode:
+            debug.post_mortem(session, relay=CellRelay())
+            return None
+        info = debug.start_vscode(
+            session, port=args.port, local_root=args.local_root, remote_root=args.remote_root
+        )
+        print(
+            f"debugpy listens in the remote kernel (127.0.0.1:{info.remote_port} there), "
+            f"forwarded to 127.0.0.1:{info.local_port} here.\n"
+            f"1. In VS Code, open {info.local_root} and pick the launch configuration "
+            f"'{info.config_name}' (written to {info.launch_json}).\n"
+            "2. Press F5, set breakpoints, then run the %%gpu_run cell that calls your code."
+        )
+        if args.wait:
+            print("waiting for VS Code to attach...")
+            debug.wait_for_client(session, relay=CellRelay())
+        return None
+
     # -- sessions ----------------------------------------------------------------------------
     @magic_arguments()
     @argument("name", nargs="?", help="one session (default: all)")

@@ -128,7 +128,7 @@ def test_bad_input_gives_one_line_errors(connected):
         connected.run_line_magic("colab_push", "1abc")
     with pytest.raises(UsageError, match=r"no session named 'nope'; known sessions: default"):
         connected.run_cell_magic("gpu_run", "--on nope", "print(1)")
-    with pytest.raises(UsageError, match="unrecognized arguments|usage"):
+    with pytest.raises(UsageError, match=r"unrecognized arguments|usage"):
         connected.run_cell_magic("gpu_run", "--bogus-flag", "print(1)")
     with pytest.raises(UsageError, match="nothing to run"):
         connected.run_cell_magic("gpu_run", "", "   ")

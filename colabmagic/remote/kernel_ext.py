@@ -100,6 +100,29 @@ def info():
     }
 
 
+_debugpy_port = None
+
+
+def start_debugpy(port):
+    """Listen for a debugger on 127.0.0.1 only; a second call returns the same port."""
+    global _debugpy_port
+    if _debugpy_port is not None:
+        return _debugpy_port
+    import debugpy
+
+    try:
+        _, bound = debugpy.listen(("127.0.0.1", port))
+    except RuntimeError as exc:
+        msg = (
+            "debugpy is already in use in this kernel (JupyterLab's debugger panel, or "
+            "debugpy.listen() called by your code), so it cannot listen for VS Code; use that "
+            "debugger, or restart the kernel with %colab_connect --restart"
+        )
+        raise RuntimeError(msg) from exc
+    _debugpy_port = bound
+    return bound
+
+
 def _handle(comm, msg):
     data = msg["content"]["data"]
     req = data.get("req")
@@ -140,6 +163,8 @@ def _handle(comm, msg):
             comm.send({"op": "pull_ok", "req": req}, buffers=dumps(values))
         elif op == "info":
             comm.send({"op": "info_ok", "req": req, "info": info()})
+        elif op == "debugpy":
+            comm.send({"op": "debugpy_ok", "req": req, "port": start_debugpy(int(data["port"]))})
         else:
             comm.send({"op": "error", "req": req, "message": f"unknown operation {op!r}"})
     except Exception as exc:  # noqa: BLE001 - errors go back to the caller, not the log
@@ -150,6 +175,30 @@ def _open(comm, msg):
     comm.on_msg(lambda m: _handle(comm, m))
 
 
+def _breakpointhook_factory(original):
+    """``breakpoint()`` opens pdb over the stdin channel, or VS Code's when one is attached.
+
+    ipykernel points ``sys.breakpointhook`` at debugpy, where ``breakpoint()`` does nothing
+    until a debugger client attaches; a remote user expects pdb in the notebook instead.
+    """
+
+    def hook(*args, **kwargs):
+        try:
+            import debugpy
+
+            if debugpy.is_client_connected():
+                return original(*args, **kwargs)
+        except ImportError:
+            pass
+        from IPython.core.debugger import Pdb
+
+        Pdb().set_trace(sys._getframe(1))
+        return None
+
+    return hook
+
+
 def install():
     kernel = get_ipython().kernel
     kernel.comm_manager.register_target(TARGET, _open)
+    sys.breakpointhook = _breakpointhook_factory(sys.breakpointhook)
