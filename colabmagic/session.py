@@ -314,6 +314,10 @@ class Session:
                 if iopub in events:
                     got_idle |= self._drain_iopub(iopub, result, relay)
                 if stdin in events:
+                    # Output printed before the prompt travels on IOPub, a separate socket:
+                    # let it land first so the prompt appears after it, as in a terminal.
+                    while iopub.poll(20):
+                        got_idle |= self._drain_iopub(iopub, result, relay)
                     pending_exc = self._answer_input(stdin, result.msg_id) or pending_exc
                 if shell in events:
                     _, msg = self.client.session.recv(shell, zmq.NOBLOCK)

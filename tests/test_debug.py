@@ -142,7 +142,8 @@ def test_post_mortem_pdb_through_stdin(session, monkeypatch):
     assert "420" in out.text
     assert "('arg', 41)" in out.text
     assert "('up at', '__main__')" in out.text
-    assert prompts and all("ipdb>" in p for p in prompts)
+    assert prompts
+    assert all("ipdb>" in p for p in prompts)
     assert session.run("'kernel fine'", relay=out).result.data["text/plain"] == "'kernel fine'"
 
 
@@ -190,25 +191,37 @@ def test_vscode_breakpoint_in_uploaded_module(session, tmp_path, remote_dir):
 
     dap = DAP(info.local_port)
     try:
-        dap.response(dap.send("initialize", clientID="test", adapterID="debugpy",
-                              pathFormat="path", linesStartAt1=True, columnsStartAt1=True))
+        dap.response(
+            dap.send(
+                "initialize",
+                clientID="test",
+                adapterID="debugpy",
+                pathFormat="path",
+                linesStartAt1=True,
+                columnsStartAt1=True,
+            )
+        )
         attach = dap.send("attach", justMyCode=False, pathMappings=cfg["pathMappings"])
         dap.event("initialized")
-        bp = dap.response(dap.send(
-            "setBreakpoints",
-            source={"path": str(local_dir / "dbgmod.py")},
-            breakpoints=[{"line": BREAK_LINE}],
-        ))
+        bp = dap.response(
+            dap.send(
+                "setBreakpoints",
+                source={"path": str(local_dir / "dbgmod.py")},
+                breakpoints=[{"line": BREAK_LINE}],
+            )
+        )
         assert bp["breakpoints"][0]["verified"]
         dap.response(dap.send("configurationDone"))
         dap.response(attach)
 
         result: dict = {}
         cell = threading.Thread(
-            target=lambda: result.update(r=session.run(
-                "import importlib, dbgmod; importlib.reload(dbgmod); print(dbgmod.compute(4))",
-                relay=Capture(),
-            )),
+            target=lambda: result.update(
+                r=session.run(
+                    "import importlib, dbgmod; importlib.reload(dbgmod); print(dbgmod.compute(4))",
+                    relay=Capture(),
+                )
+            ),
             daemon=True,
         )
         cell.start()

@@ -205,8 +205,9 @@ class Agent:
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.RCVHWM, 0)
         sub.connect(url + str(info["iopub_port"]))
-        socks["iopub"] = sub
-        self.kernel_sockets = socks
+        # IOPub first: when several sockets are ready, output printed before an input_request
+        # or an execute_reply is forwarded before it, as the kernel sent it.
+        self.kernel_sockets = {"iopub": sub, **socks}
 
     def _own_request(self, channel: str, msg_type: str, content: dict) -> str:
         msg = self.session.msg(msg_type, content)
