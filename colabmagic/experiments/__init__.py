@@ -34,7 +34,7 @@ from colabmagic.experiments.spec import (
     load_experiments,
     parse_experiments,
 )
-from colabmagic.experiments.state import Project, effective_status
+from colabmagic.experiments.state import Project, as_project, effective_status
 from colabmagic.experiments.sync import Row, SyncReport, apply_view, status_rows, sync
 
 __all__ = [
@@ -45,8 +45,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _project(project: Project | str | os.PathLike[str]) -> Project:
-    return project if isinstance(project, Project) else Project(project)
+_project = as_project
 
 
 def add(

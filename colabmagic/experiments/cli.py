@@ -333,7 +333,6 @@ def logs_cmd(ctx: click.Context, name: str, follow: bool, which: str) -> None:
         msg = f"no log yet at {path}; is {name!r} a started experiment? (`colabmagic exp list`)"
         raise click.ClickException(msg)
     pos = 0
-    out = click.get_binary_stream("stdout")
     while True:
         try:
             with open(path, "rb") as fh:
@@ -346,8 +345,7 @@ def logs_cmd(ctx: click.Context, name: str, follow: bool, which: str) -> None:
         except FileNotFoundError:
             data = b""
         if data:
-            out.write(data)
-            out.flush()
+            click.echo(data, nl=False)
         if not follow:
             return
         status = project.read_status(name) or {}

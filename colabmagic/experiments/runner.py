@@ -319,7 +319,7 @@ class _PeakMemory:
     """
 
     first = 0.2
-    interval = 1.0
+    interval = 0.5
 
     def __init__(self, pgid: int) -> None:
         self.pgid = pgid

@@ -133,6 +133,11 @@ class Project:
         return self.state_dir / f"{what}.lock"
 
 
+def as_project(project: Project | str | os.PathLike[str]) -> Project:
+    """*project* itself, or a :class:`Project` for a directory."""
+    return project if isinstance(project, Project) else Project(project)
+
+
 def effective_status(exp: Experiment, status: dict[str, Any] | None) -> str:
     """Merge what ``experiments.json`` asks with the status of record, by name.
 

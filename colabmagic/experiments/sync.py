@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,13 @@ from colabmagic.experiments.spec import (
     parse_entries,
     set_fields_text,
 )
-from colabmagic.experiments.state import Project, effective_status, read_json, write_json
+from colabmagic.experiments.state import (
+    Project,
+    as_project,
+    effective_status,
+    read_json,
+    write_json,
+)
 
 
 @dataclass
@@ -87,7 +94,7 @@ def read_metrics(path: Path) -> dict[str, Any]:
     return out
 
 
-def status_rows(project: Project) -> list[Row]:
+def status_rows(project: Project | str | os.PathLike[str]) -> list[Row]:
     """The merged view of every experiment: file entries plus statuses, logs and metrics.
 
     Parameters
@@ -99,6 +106,7 @@ def status_rows(project: Project) -> list[Row]:
     list of Row
         In file order.
     """
+    project = as_project(project)
     statuses = project.read_statuses()
     rows = []
     for exp in load_experiments(project.spec_path):
@@ -157,11 +165,11 @@ def _apply_view(project: Project, state: dict[str, Any]) -> dict[str, str]:
         eff = effective_status(exp, statuses.get(exp.name))
         if entry.get("status") != eff:
             updates[exp.name] = {"status": eff}
-            written[exp.name] = [entry.get("status"), eff]
+            written[exp.name] = [entry.get("status"), eff, exp.rerun]
     if updates:
         atomic_write_text(project.spec_path, set_fields_text(text, updates))
     state["written"] = written
-    return {name: new for name, (_, new) in written.items()}
+    return {name: value[1] for name, value in written.items()}
 
 
 def _revert_view(project: Project, state: dict[str, Any], git: Git | None) -> list[str]:
@@ -177,11 +185,11 @@ def _revert_view(project: Project, state: dict[str, Any], git: Git | None) -> li
         name = entry["name"]
         if name not in written:
             continue
-        before, after = written[name]
+        before, after, rerun = (written[name] + [0])[:3]
         now = entry.get("status")
         if now == after:
             updates[name] = {"status": before if before is not None else "pending"}
-        elif now == "pending" and after in TERMINAL:
+        elif now == "pending" and after in TERMINAL and entry.get("rerun", 0) == rerun:
             updates[name] = {"rerun": entry.get("rerun", 0) + 1}
             bumped.append(name)
     if updates:
@@ -196,7 +204,7 @@ def _revert_view(project: Project, state: dict[str, Any], git: Git | None) -> li
     return bumped
 
 
-def apply_view(project: Project) -> dict[str, str]:
+def apply_view(project: Project | str | os.PathLike[str]) -> dict[str, str]:
     """Write the merged statuses into ``experiments.json`` (status values only, by name).
 
     Returns
@@ -204,6 +212,7 @@ def apply_view(project: Project) -> dict[str, str]:
     dict
         ``{name: status}`` for every value that differs from what the user wrote.
     """
+    project = as_project(project)
     with spec_lock(project):
         state = _load_state(project)
         _revert_view(project, state, Git(project.root) if is_git_repo(project.root) else None)
@@ -281,7 +290,7 @@ def _integrate(git: Git, remote: str, branch: str) -> int:
     return count
 
 
-def sync(project: Project, *, push: bool = False) -> SyncReport:
+def sync(project: Project | str | os.PathLike[str], *, push: bool = False) -> SyncReport:
     """Pull the daemon's results and show them in ``experiments.json``.
 
     Parameters
@@ -303,6 +312,7 @@ def sync(project: Project, *, push: bool = False) -> SyncReport:
         Fetch/push failed, or the remote changed a file that has local edits too (nothing is
         changed then; the status view is restored).
     """
+    project = as_project(project)
     report = SyncReport()
     git = Git(project.root) if is_git_repo(project.root) else None
     with spec_lock(project):
