@@ -67,6 +67,7 @@ class Repos:
         """Write experiments.json in the user clone, commit and push."""
         write_spec(self.user / "experiments.json", entries)
         git(self.user, "commit", "-q", "-am", message)
+        git(self.user, "pull", "-q", "--rebase")
         git(self.user, "push", "-q")
 
     def remote_file(self, path: str) -> str | None:
