@@ -194,7 +194,8 @@ class Daemon:
             if not self._stopping and self._spec_ok:
                 changed = self.queue.schedule()
                 if changed:
-                    self._commit(changed, "exp: " + self._summary(changed))
+                    # only status.json: a just-started run is already writing its other files
+                    self._commit(changed, "exp: " + self._summary(changed), status_only=True)
                     self._push()
                     self._load_spec()
             timeout = max(next_poll - time.monotonic(), 0.0)
@@ -293,8 +294,11 @@ class Daemon:
         self.project.daemon_status_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.project.daemon_status_path, self._health)
 
-    def _commit(self, names: list[str], message: str) -> bool:
-        """Commit ``outputs/<name>/`` for *names* (files over the size limit left out)."""
+    def _commit(self, names: list[str], message: str, *, status_only: bool = False) -> bool:
+        """Commit ``outputs/<name>/`` for *names* (files over the size limit left out).
+
+        With *status_only*, stage only ``status.json`` (and deletions of an earlier run's files).
+        """
         git = self.git
         paths = []
         for name in names:
@@ -302,7 +306,10 @@ class Daemon:
             rel = f"{OUTPUTS}/{name}"
             if git.run("ls-files", "--", rel).stdout.strip():
                 git.run("add", "-u", "--", rel)  # deletions of an earlier run's files
-            if out.is_dir():
+            if status_only:
+                if (out / "status.json").exists():
+                    paths.append(f"{rel}/status.json")
+            elif out.is_dir():
                 for dirpath, _, files in os.walk(out):
                     for fname in files:
                         path = Path(dirpath, fname)

@@ -10,7 +10,7 @@ import sys
 from colabmagic import experiments as ex
 from colabmagic.testing import wait_until
 
-from .conftest import BRANCH, git, pid_gone, read_pids, wait_pids_gone, write_spec
+from .conftest import git, pid_gone, read_pids, wait_pids_gone
 
 
 def no_conflict_markers(repo):
@@ -36,7 +36,7 @@ fi
 """)
     hook.chmod(0o755)
     repos.user_push([
-        {"name": "first", "command": "echo one; echo '{\"acc\": 0.5}' > $COLABMAGIC_OUTPUT_DIR/metrics.json",
+        {"name": "first", "command": "echo one; echo '{\"acc\": 0.5}' > $COLABMAGIC_OUTPUT_DIR/metrics.json",  # noqa: E501
          "status": "pending", "timeout": 30},
         {"name": "fails", "command": "exit 5", "status": "pending", "timeout": 30},
     ])  # fmt: skip
@@ -89,7 +89,7 @@ def test_kill9_recovery_bad_json_and_sigterm(repos, start_daemon, tmp_path, clea
     pids = tmp_path / "pids"
     repos.user_push([
         {"name": "victim", "status": "pending", "timeout": 60, "retries": 1,
-         "command": f'if [ "$COLABMAGIC_ATTEMPT" = 1 ]; then sleep 60 & echo $! >> {pids}; echo $$ >> {pids}; wait; fi; echo attempt $COLABMAGIC_ATTEMPT'},
+         "command": f'if [ "$COLABMAGIC_ATTEMPT" = 1 ]; then sleep 60 & echo $! >> {pids}; echo $$ >> {pids}; wait; fi; echo attempt $COLABMAGIC_ATTEMPT'},  # noqa: E501
     ])  # fmt: skip
     daemon = start_daemon(repos.host)
     wait_until(lambda: len(read_pids(pids)) == 2, timeout=20, what="experiment started")
@@ -124,7 +124,7 @@ def test_kill9_recovery_bad_json_and_sigterm(repos, start_daemon, tmp_path, clea
     assert "invalid JSON" in daemon.text()
     go = tmp_path / "go"
     repos.user_push([{"name": "fixed", "status": "pending", "timeout": 60,
-                      "command": f"while [ ! -e {go} ]; do sleep 0.02; done; echo finished"}])  # fmt: skip
+                      "command": f"while [ ! -e {go} ]; do sleep 0.02; done; echo finished"}])  # fmt: skip  # noqa: E501
     wait_until(lambda: repos.remote_status("fixed") == "running", timeout=15)
     assert not health_error()
     # SIGTERM with --on-stop=wait: the running experiment finishes, then a clean exit
@@ -139,7 +139,7 @@ def test_kill9_recovery_bad_json_and_sigterm(repos, start_daemon, tmp_path, clea
 def test_sigterm_on_stop_kill_and_large_outputs(repos, start_daemon, tmp_path, cleanup_pids):
     pids = tmp_path / "pids"
     repos.user_push([
-        {"name": "big", "command": "head -c 53000000 /dev/zero > $COLABMAGIC_OUTPUT_DIR/weights.bin; echo small > $COLABMAGIC_OUTPUT_DIR/note.txt",
+        {"name": "big", "command": "head -c 53000000 /dev/zero > $COLABMAGIC_OUTPUT_DIR/weights.bin; echo small > $COLABMAGIC_OUTPUT_DIR/note.txt",  # noqa: E501
          "status": "pending", "timeout": 30},
         {"name": "long", "command": f"sleep 60 & echo $! > {pids}; wait", "status": "pending",
          "timeout": 60, "depends_on": ["big"]},

@@ -22,7 +22,7 @@ def rows_by_name(project):
 
 def test_run_statuses_results_metrics_and_view(tmp_path):
     write_spec(tmp_path / "experiments.json", [
-        {"name": "ok", "command": "echo '{\"loss\": 0.25, \"acc\": 0.9}' > $COLABMAGIC_OUTPUT_DIR/metrics.json; echo last line",
+        {"name": "ok", "command": "echo '{\"loss\": 0.25, \"acc\": 0.9}' > $COLABMAGIC_OUTPUT_DIR/metrics.json; echo last line",  # noqa: E501
          "status": "pending", "timeout": 30},
         {"name": "bad", "command": "echo oops >&2; exit 3", "status": "pending", "timeout": 30},
         {"name": "old", "command": "exit 1", "status": "completed", "timeout": 30},
@@ -80,7 +80,7 @@ def test_gpu_slots_get_their_own_devices(tmp_path):
          "command": f"echo $CUDA_VISIBLE_DEVICES > {tmp_path}/dev{i}; touch {tmp_path}/up{i};"
                     f" while [ ! -e {tmp_path}/up{1 - i} ]; do sleep 0.02; done"}
         for i in (0, 1)
-    ] + [{"name": "cpu", "command": f"echo \"[$CUDA_VISIBLE_DEVICES]\" > {tmp_path}/devcpu", "gpus": 0},
+    ] + [{"name": "cpu", "command": f"echo \"[$CUDA_VISIBLE_DEVICES]\" > {tmp_path}/devcpu", "gpus": 0},  # noqa: E501
          {"name": "huge", "command": "true", "gpus": 3}])  # fmt: skip
     rows = {r.name: r for r in ex.run(tmp_path, slots=2, gpu_ids=["0", "1"])}
     assert rows["g0"].status == rows["g1"].status == "completed"

@@ -50,7 +50,7 @@ def test_timeout_kills_the_whole_group(tmp_path, cleanup_pids):
     assert r.signal in ("SIGTERM", "SIGKILL")
     assert len(found) == 3
     wait_pids_gone(found, timeout=5)
-    assert group_members(r.pid) == []
+    wait_until(lambda: group_members(r.pid) == [], timeout=5, what="group empty")
 
 
 def test_leftover_background_process_is_killed_when_leader_exits(tmp_path, cleanup_pids):

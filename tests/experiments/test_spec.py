@@ -47,10 +47,10 @@ def test_optional_fields_round_trip():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('[\n {"name": "a",\n  "command": "x",\n  "timeout": -1}\n]', "line 4: entry 0 ('a'): field 'timeout'"),
+        ('[\n {"name": "a",\n  "command": "x",\n  "timeout": -1}\n]', "line 4: entry 0 ('a'): field 'timeout'"),  # noqa: E501
         ('[\n {"name": "a", "command": "x"},\n {"name": "b",\n  "timout": 5, "command": "y"}\n]',
          "line 4: entry 1 ('b'): unknown field 'timout'"),
-        ('[\n {"name": "a", "command": "x"},\n {"name": "a", "command": "y"}\n]', "duplicate name 'a'"),
+        ('[\n {"name": "a", "command": "x"},\n {"name": "a", "command": "y"}\n]', "duplicate name 'a'"),  # noqa: E501
         ('[\n {"name": "a", "command": "x"}\n {"name": "b"}\n]', "line 3 column 2: invalid JSON"),
         ('[{"name": "a", "command": "x", "depends_on": ["zz"]}]', "unknown experiment 'zz'"),
         ('[{"name": "a", "command": "x", "depends_on": ["b"]},'
@@ -77,13 +77,13 @@ def test_set_fields_text_changes_only_values():
     entries = parse_entries(out)
     assert [e["status"] for e in entries] == ["running", "failed"]
     # everything but the status values is byte-identical
-    assert out.replace('"name": "hparam_0.001_16", "status": "running"', '"name": "hparam_0.001_16"').replace(
+    assert out.replace('"name": "hparam_0.001_16", "status": "running"', '"name": "hparam_0.001_16"').replace(  # noqa: E501
         '"failed"', '"completed"'
     ) == text  # fmt: skip
 
 
 def test_set_fields_text_is_not_fooled_by_strings():
-    text = '[{"name": "a", "tags": ["status"], "command": "echo \\"status\\": 1", "status": "pending"}]'
+    text = '[{"name": "a", "tags": ["status"], "command": "echo \\"status\\": 1", "status": "pending"}]'  # noqa: E501
     out = set_fields_text(text, {"a": {"status": "completed"}})
     entry = json.loads(out)[0]
     assert entry["status"] == "completed"
