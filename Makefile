@@ -29,7 +29,7 @@ test: $(VENV)/.installed-test
 	cd tests && ../$(PY) -m pytest -c ../pyproject.toml --rootdir .. $(PYTEST_ARGS) .
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check colabmagic tests benchmarks examples
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check colabmagic tests benchmarks examples
 
 clean:
