@@ -29,9 +29,14 @@ import colabmagic
 from colabmagic.relay import QuietRelay
 
 ACK_TARGET = """
+import numpy as _np
 def _bench_open(comm, msg):
     def on_msg(m):
-        comm.send({"n": sum(len(b) for b in m["buffers"])})
+        size = m["content"]["data"].get("send_back")
+        if size:  # kernel -> client: the reference for pull
+            comm.send({"n": size}, buffers=[_np.ones(size, dtype=_np.uint8).data])
+        else:     # client -> kernel: the reference for push
+            comm.send({"n": sum(len(b) for b in m["buffers"])})
     comm.on_msg(on_msg)
 get_ipython().kernel.comm_manager.register_target("bench", _bench_open)
 """
@@ -41,7 +46,7 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def direct(n: int, payload: np.ndarray) -> tuple[float, float]:
+def direct(n: int, payload: np.ndarray) -> tuple[float, float, float]:
     km = KernelManager()
     km.start_kernel()
     kc = km.client()
@@ -62,17 +67,22 @@ def direct(n: int, payload: np.ndarray) -> tuple[float, float]:
             "comm_open",
             {"comm_id": comm_id, "target_name": "bench", "data": {}},
         )
-        rates = []
-        for _ in range(3):
-            t = time.perf_counter()
-            msg = kc.session.msg("comm_msg", {"comm_id": comm_id, "data": {}})
-            kc.session.send(kc.shell_channel.socket, msg, buffers=[payload.data])
-            while True:
-                _, reply = kc.session.recv(kc.iopub_channel.socket, 0)
-                if reply["header"]["msg_type"] == "comm_msg":
-                    break
-            rates.append(payload.nbytes / 2**20 / (time.perf_counter() - t))
-        return median_ms(samples), statistics.median(rates)
+        to_kernel, from_kernel = [], []
+        for data, buffers, rates in (
+            ({}, [payload.data], to_kernel),
+            ({"send_back": payload.nbytes}, [], from_kernel),
+        ):
+            for _ in range(3):
+                t = time.perf_counter()
+                msg = kc.session.msg("comm_msg", {"comm_id": comm_id, "data": data})
+                kc.session.send(kc.shell_channel.socket, msg, buffers=buffers)
+                while True:
+                    _, reply = kc.session.recv(kc.iopub_channel.socket, 0, copy=False)
+                    if reply["header"]["msg_type"] == "comm_msg":
+                        break
+                rates.append(payload.nbytes / 2**20 / (time.perf_counter() - t))
+                del reply
+        return median_ms(samples), statistics.median(to_kernel), statistics.median(from_kernel)
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
@@ -111,20 +121,21 @@ def main() -> None:
     args = p.parse_args()
     payload = np.random.default_rng(0).integers(0, 255, args.mib << 20, dtype=np.uint8)
     with tempfile.TemporaryDirectory() as root:
-        d_rt, d_comm = direct(args.n, payload)
+        d_rt, d_comm, d_back = direct(args.n, payload)
         l_rt, l_push, l_pull = link(args.n, payload, root)
     print(f"round trip of `pass`, median of {args.n}:")
     print(f"  direct jupyter_client     {d_rt:7.2f} ms")
     print(f"  %%gpu_run through link    {l_rt:7.2f} ms   ratio {l_rt / d_rt:.2f}x (target <= 1.3x)")
     print(f"bulk transfer of {args.mib} MiB, median of 3:")
-    print(f"  direct comm message       {d_comm:7.0f} MiB/s")
+    print(f"  direct comm to kernel     {d_comm:7.0f} MiB/s")
+    print(f"  direct comm from kernel   {d_back:7.0f} MiB/s")
     print(
         f"  push through link         {l_push:7.0f} MiB/s   ratio {l_push / d_comm:.2f}x "
-        "(target >= 0.5x)"
+        "to-kernel (target >= 0.5x)"
     )
     print(
-        f"  pull through link         {l_pull:7.0f} MiB/s   ratio {l_pull / d_comm:.2f}x "
-        "(target >= 0.5x)"
+        f"  pull through link         {l_pull:7.0f} MiB/s   ratio {l_pull / d_back:.2f}x "
+        f"from-kernel, {l_pull / d_comm:.2f}x to-kernel (target >= 0.5x)"
     )
     _ = zmq  # keep the import explicit: the reference path is plain pyzmq under jupyter_client
 

@@ -448,7 +448,8 @@ class Session:
 
             def tap(parts: list) -> bool:
                 try:
-                    frames = [bytes(p) for p in parts[1:6]] + list(parts[6:])
+                    i = next(n for n, p in enumerate(parts[:4]) if p == b"<IDS|MSG>") + 1
+                    frames = [bytes(p) for p in parts[i : i + 5]] + list(parts[i + 5 :])
                     msg = session.deserialize(frames, content=True, copy=True)
                 except Exception:  # noqa: BLE001 - not ours: let the proxy publish it
                     return False
