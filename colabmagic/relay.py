@@ -14,6 +14,9 @@ import sys
 from typing import Any
 
 
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
 class RemoteDisplay:
     """A remote ``execute_result``/``display_data`` bundle that displays itself locally."""
 
@@ -44,6 +47,12 @@ class Relay:
         *,
         update: bool = False,
     ) -> None:
+        if WIDGET_MIME in data:
+            # The widget's model lives in the remote kernel; its comm messages are not relayed,
+            # so show the plain-text form instead of a "model not found" error.
+            data = {k: v for k, v in data.items() if k != WIDGET_MIME}
+            if not data:
+                return
         shell = _shell()
         if shell is not None:
             shell.display_pub.publish(

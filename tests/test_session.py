@@ -129,6 +129,21 @@ def test_update_display_and_clear_output_are_relayed(session):
     assert rec.events[2][1] is True
 
 
+def test_tqdm_progress_bar_animates_through_display_updates(session):
+    rec = Recorder()
+    session.run(
+        "from tqdm.auto import tqdm, trange\nimport time\n"
+        "for i in tqdm(range(20), mininterval=0):\n    time.sleep(0.005)",
+        relay=rec,
+    )
+    kinds = [e[0] for e in rec.events]
+    assert kinds[0] == "display"
+    assert kinds.count("update") >= 5, kinds
+    ids = {e[3].get("display_id") for e in rec.events if e[0] in ("display", "update")}
+    assert len(ids) == 1
+    assert "20/20" in rec.events[-1][1]["text/plain"]
+
+
 def test_matplotlib_figure_arrives_as_png(session):
     rec = Recorder()
     session.run(

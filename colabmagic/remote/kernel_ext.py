@@ -198,7 +198,56 @@ def _breakpointhook_factory(original):
     return hook
 
 
+def _install_tqdm():
+    """Make ``tqdm.auto``/``tqdm.notebook`` bars animate through ``%%gpu_run``.
+
+    tqdm's notebook bar is an ipywidget, whose comm messages a relayed cell cannot carry to the
+    local frontend. This bar is a display with an id, refreshed with ``update_display_data``
+    (rate-limited by tqdm's ``mininterval``), which every frontend renders.
+    """
+    try:
+        import tqdm.std as std
+    except ImportError:
+        return
+    import io
+    import types
+
+    from IPython.display import display
+
+    class tqdm_remote(std.tqdm):  # noqa: N801 - tqdm's naming
+        def __init__(self, *args, **kwargs):
+            self._cm_handle = None
+            kwargs.setdefault("file", io.StringIO())
+            kwargs.setdefault("ascii", False)
+            super().__init__(*args, **kwargs)
+
+        def display(self, msg=None, pos=None):
+            text = self.__str__() if msg is None else msg
+            bundle = {"text/plain": text}
+            if self._cm_handle is None:
+                if not text:
+                    return True
+                self._cm_handle = display(bundle, raw=True, display_id=True)
+            else:
+                self._cm_handle.update(bundle, raw=True)
+            return True
+
+    def trange(*args, **kwargs):
+        return tqdm_remote(range(*args), **kwargs)
+
+    for name in ("tqdm.auto", "tqdm.autonotebook"):
+        mod = types.ModuleType(name)
+        mod.tqdm, mod.trange, mod.__all__ = tqdm_remote, trange, ["tqdm", "trange"]
+        sys.modules[name] = mod
+    try:
+        import tqdm.notebook as nb
+    except ImportError:
+        return
+    nb.tqdm, nb.trange, nb.tqdm_notebook, nb.tnrange = tqdm_remote, trange, tqdm_remote, trange
+
+
 def install():
     kernel = get_ipython().kernel
     kernel.comm_manager.register_target(TARGET, _open)
     sys.breakpointhook = _breakpointhook_factory(sys.breakpointhook)
+    _install_tqdm()
