@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 

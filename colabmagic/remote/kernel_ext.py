@@ -214,7 +214,7 @@ def _install_tqdm():
 
     from IPython.display import display
 
-    class tqdm_remote(std.tqdm):  # noqa: N801 - tqdm's naming
+    class tqdm_remote(std.tqdm):
         def __init__(self, *args, **kwargs):
             self._cm_handle = None
             kwargs.setdefault("file", io.StringIO())
