@@ -344,6 +344,55 @@ def test_link_drop_while_idle_then_push_and_run(fresh):
     assert fresh.run("float(v.sum())", relay=QuietRelay()).result.data["text/plain"] == "3.0"
 
 
+def test_status_is_honest_while_the_link_is_down(fresh, monkeypatch):
+    from colabmagic.errors import ConnectError
+
+    real_open = fresh.transport.open_pipe
+    allow = {"reconnect": False}
+
+    def flaky_open(kernel_id):
+        if not allow["reconnect"]:
+            raise ConnectError("network unreachable (simulated)")
+        return real_open(kernel_id)
+
+    monkeypatch.setattr(fresh.transport, "open_pipe", flaky_open)
+    fresh.proxy.drop_link()
+    wait_until(lambda: fresh.state.startswith("link-down (reconnecting, attempt 2"), timeout=10)
+    assert fresh.status()["state"].startswith("link-down")
+    allow["reconnect"] = True
+    wait_until(lambda: fresh.state == "idle", timeout=20, what="the link to come back")
+    assert fresh.run("'back'", relay=QuietRelay()).result.data["text/plain"] == "'back'"
+
+
+def test_giving_up_says_the_kernel_lives_and_how_to_attach(fresh, monkeypatch):
+    from colabmagic.errors import ConnectError
+
+    def down(kernel_id):
+        raise ConnectError("network unreachable (simulated)")
+
+    monkeypatch.setattr(fresh.transport, "open_pipe", down)
+    fresh.proxy.reconnect_timeout = 0.3
+    fresh.proxy.drop_link()
+    wait_until(lambda: fresh.proxy.state == "dead", timeout=10)
+    with pytest.raises(RemoteKernelDied, match=f"--attach {fresh.kernel_id}") as info:
+        fresh.run("1", relay=QuietRelay())
+    assert "keeps running" in str(info.value)
+
+
+@pytest.mark.slow
+def test_push_pull_more_than_one_gib(session):
+    big = np.ones((1 << 30) // 8 + 1024, dtype=np.float64)
+    session.push(huge=big)
+    r = session.run("print(huge.nbytes, float(huge.sum()))", relay=QuietRelay())
+    assert r.stdout.split() == [str(big.nbytes), str(float(big.size))]
+    del big
+    back = session.pull("huge")
+    assert back.nbytes > 1 << 30
+    assert float(back.sum()) == back.size
+    del back
+    session.run("del huge", relay=QuietRelay())
+
+
 def test_several_named_sessions_are_independent(transport_kind, colabmagic_root):
     a = Session.start(make_transport(transport_kind, colabmagic_root), name="a")
     b = Session.start(make_transport(transport_kind, colabmagic_root), name="b")
