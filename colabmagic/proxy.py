@@ -68,6 +68,9 @@ class Proxy:
         Used in log messages and thread names.
     reconnect_timeout
         Seconds to keep trying after a drop before giving up (the kernel keeps running).
+    ports
+        Local ports to serve on (``shell_port``... as in a connection file), e.g. to keep a
+        stored connection file valid when re-attaching; missing ones are chosen at random.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class Proxy:
         name: str = "kernel",
         reconnect_timeout: float = 300.0,
         on_event: Callable[[dict], None] | None = None,
+        ports: dict[str, int] | None = None,
     ):
         self.open_pipe = open_pipe
         self.name = name
@@ -115,10 +119,10 @@ class Proxy:
         self._tcp = wire.TcpStreams()
         self._listeners: dict = {}  # listening socket -> remote port
         self._sids = itertools.count(1)
-        self._bind()
+        self._bind(ports or {})
 
     # -- setup -------------------------------------------------------------------------------
-    def _bind(self) -> None:
+    def _bind(self, wanted: dict[str, int]) -> None:
         ctx = self._ctx
         self._shell = ctx.socket(zmq.ROUTER)
         self._control = ctx.socket(zmq.ROUTER)
@@ -137,7 +141,21 @@ class Proxy:
             sock.linger = 0
             if sock.type == zmq.ROUTER:
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            ports[f"{name}_port"] = sock.bind_to_random_port("tcp://127.0.0.1")
+            key = f"{name}_port"
+            try:
+                if wanted.get(key):
+                    sock.bind(f"tcp://127.0.0.1:{int(wanted[key])}")
+                    ports[key] = int(wanted[key])
+                else:
+                    ports[key] = sock.bind_to_random_port("tcp://127.0.0.1")
+            except zmq.ZMQError:
+                for s in (self._shell, self._control, self._stdin, self._iopub, self._hb):
+                    s.close(linger=0)
+                ctx.term()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+                raise
         self._ports = ports
 
     def start(self, timeout: float = 60.0) -> dict:
