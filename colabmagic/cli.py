@@ -65,4 +65,55 @@ def demo(notebook: str | None, output: str | None, timeout: float) -> None:
     click.echo("demo finished: every cell ran through the colabmagic link.")
 
 
+@main.group()
+def kernelspec() -> None:
+    """JupyterLab kernelspecs that run the whole notebook on a remote GPU kernel."""
+
+
+@kernelspec.command("install")
+@click.argument("name")
+@click.option("--target", help="ssh host or ~/.ssh/config alias of the GPU host.")
+@click.option("--local", is_flag=True, help="Run the kernel on this machine instead.")
+@click.option("--display-name", help='Name in the kernel picker (default "NAME (remote GPU)").')
+@click.option("--python", help="Python interpreter of the kernel on the target.")
+@click.option("--cwd", help="Working directory of the kernel on the target.")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Kernel environment (repeat).")
+@click.option("--mock-gpu", is_flag=True, help="Install the NumPy-backed cupy mock.")
+@click.option("--user", is_flag=True, help="Install for this user (the default).")
+@click.option("--sys-prefix", is_flag=True, help="Install into this Python environment.")
+@click.option("--prefix", type=click.Path(file_okay=False), help="Install under PREFIX.")
+@user_errors
+def kernelspec_install(name, env, **options) -> None:
+    """Install kernelspec NAME, e.g. `colabmagic kernelspec install colab --target colab`."""
+    from colabmagic import kernelspec as ks
+
+    path = ks.install(name, env=ks.parse_env(env), **options)
+    click.echo(f"Installed kernelspec {name} in {path}")
+
+
+@kernelspec.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@user_errors
+def kernelspec_list(as_json: bool) -> None:
+    """List the installed colabmagic kernelspecs."""
+    from colabmagic.kernelspec import list_kernelspecs
+
+    specs = list_kernelspecs()
+    if as_json:
+        echo_json(specs)
+        return
+    for s in specs:
+        click.echo(f"{s['name']:<20} {s['target']:<20} {s['display_name']:<30} {s['resource_dir']}")
+
+
+@kernelspec.command("remove")
+@click.argument("name")
+@user_errors
+def kernelspec_remove(name: str) -> None:
+    """Remove the colabmagic kernelspec NAME."""
+    from colabmagic.kernelspec import remove
+
+    click.echo(f"Removed {remove(name)}")
+
+
 # -- remote host commands: kernels, serve (SSH) --------------------------------------------------
