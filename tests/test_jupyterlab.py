@@ -177,9 +177,7 @@ def remote_spec(request, jupyter_env, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_spec(jupyter_env):
-    kernelspec.install(
-        "cm-lab", local=True, display_name="colab (remote GPU)", prefix=str(jupyter_env["prefix"])
-    )
+    kernelspec.install("cm-lab", local=True, prefix=str(jupyter_env["prefix"]))
     return "cm-lab"
 
 
@@ -284,6 +282,18 @@ def test_kernel_manager_lifecycle(ksm, remote_spec):
         reply, out = run_cell(kc, "x = 6 * 7\nprint(x)")
         assert reply["status"] == "ok"
         assert out == "42\n"
+
+        # Widgets: comm messages pass through both ways.
+        seen = []
+        kc.execute_interactive(
+            "import ipywidgets\nw = ipywidgets.IntSlider(value=3)\nw",
+            timeout=60,
+            output_hook=lambda m: seen.append(m["header"]["msg_type"]),
+        )
+        assert "comm_open" in seen
+        msg_id = kc.comm_info(target_name="jupyter.widget")
+        comms = shell_reply(kc, msg_id)["comms"]
+        assert {c["target_name"] for c in comms.values()} == {"jupyter.widget"}
 
         msg_id = kc.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
         wait_for_stdout(kc, msg_id, "sleeping")
@@ -451,7 +461,9 @@ class Lab:
 
 
 @contextlib.contextmanager
-def jupyter_server(app: str, base: Path, name: str, *, clean_exit: bool = True):
+def jupyter_server(
+    app: str, base: Path, name: str, *, clean_exit: bool = True, jupyter_path: Path | None = None
+):
     """Run ``python -m APP`` (``jupyterlab`` or ``jupyter_server``) on 127.0.0.1 with a token.
 
     On exit ``/api/shutdown`` shuts every kernel down through the provisioner and the server
@@ -473,8 +485,11 @@ def jupyter_server(app: str, base: Path, name: str, *, clean_exit: bool = True):
             "--LabApp.news_url=",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         ]
+    env = dict(os.environ)
+    if jupyter_path is not None:
+        env["JUPYTER_PATH"] = str(jupyter_path)
     with open(log, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=root)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=root, env=env)
     info_file = Path(os.environ["JUPYTER_RUNTIME_DIR"]) / f"jpserver-{proc.pid}.json"
     server = None
     try:
@@ -499,16 +514,21 @@ def jupyter_server(app: str, base: Path, name: str, *, clean_exit: bool = True):
 
 
 @pytest.fixture(scope="module")
-def lab(jupyter_env, local_spec):
-    """One ``jupyter lab`` shared by the server and the browser tests."""
+def lab(jupyter_env):
+    """One ``jupyter lab`` shared by the server and the browser tests; it sees one colabmagic
+    kernelspec, ``colab``, "colab (remote GPU)" (a local target, so it runs anywhere)."""
     base = jupyter_env["base"]
+    prefix = base / "lab-prefix"
+    kernelspec.install("colab", local=True, display_name="colab (remote GPU)", prefix=str(prefix))
     settings = base / "config" / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True, exist_ok=True)
     (settings / "notification.jupyterlab-settings").write_text(
         json.dumps({"checkForUpdates": False, "fetchNews": "false"})
     )
     before = live_agents()
-    with jupyter_server("jupyterlab", base, "lab") as server:
+    with jupyter_server(
+        "jupyterlab", base, "lab", jupyter_path=prefix / "share" / "jupyter"
+    ) as server:
         yield server
     assert server.proc.returncode == 0, server.log.read_text()[-3000:]
     leaked = live_agents() - before
@@ -572,14 +592,15 @@ def ws_execute(lab: Lab, kernel_id: str, code: str, *, timeout: float = 60.0) ->
         ws.close()
 
 
-def test_jupyter_server_lists_starts_runs_and_deletes(lab, local_spec):
+def test_jupyter_server_lists_starts_runs_and_deletes(lab):
+    name = "colab"
     status, specs = lab.request("GET", "/api/kernelspecs")
     assert status == 200
-    assert specs["kernelspecs"][local_spec]["spec"]["display_name"] == "colab (remote GPU)"
-    assert "logo-64x64" in specs["kernelspecs"][local_spec]["resources"]
+    assert specs["kernelspecs"][name]["spec"]["display_name"] == "colab (remote GPU)"
+    assert "logo-64x64" in specs["kernelspecs"][name]["resources"]
 
     before = live_agents()
-    status, kernel = lab.request("POST", "/api/kernels", {"name": local_spec})
+    status, kernel = lab.request("POST", "/api/kernels", {"name": name})
     assert status == 201, kernel
     started_agents = live_agents() - before
     assert len(started_agents) == 1
@@ -612,7 +633,7 @@ def test_jupyter_server_reports_a_launch_failure(jupyter_env, tmp_path):
 
 # -- (c) a real JupyterLab in headless Chromium ----------------------------------------------
 @pytest.mark.browser
-def test_jupyterlab_picks_the_remote_kernel(lab, local_spec, tmp_path):
+def test_jupyterlab_picks_the_remote_kernel(lab, tmp_path):
     require(os.path.exists(CHROMIUM), f"Debian's chromium is not installed at {CHROMIUM}")
     from playwright.sync_api import expect, sync_playwright
 
@@ -637,6 +658,8 @@ def test_jupyterlab_picks_the_remote_kernel(lab, local_spec, tmp_path):
             card.click()
             status = page.locator(".jp-StatusBar-TextItem", has_text=f"{display} | Idle")
             expect(status.first).to_be_visible(timeout=60_000)
+            # the kernel advertises the debugger (debug_request passes through the proxy)
+            expect(page.get_by_role("button", name="Enable Debugger")).to_be_enabled()
             editor = page.locator(".jp-NotebookPanel .jp-Cell .cm-content").first
             editor.fill("print(6*7)")
             expect(editor).to_have_text("print(6*7)")
