@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -295,7 +296,9 @@ def test_kernel_manager_lifecycle(ksm, remote_spec):
         comms = shell_reply(kc, msg_id)["comms"]
         assert {c["target_name"] for c in comms.values()} == {"jupyter.widget"}
 
-        msg_id = kc.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+        # stop_on_error=False: otherwise ipykernel aborts requests queued right after the error
+        sleeper = "import time\nprint('sleeping', flush=True)\ntime.sleep(60)"
+        msg_id = kc.execute(sleeper, stop_on_error=False)
         wait_for_stdout(kc, msg_id, "sleeping")
         km.interrupt_kernel()
         reply = shell_reply(kc, msg_id)
@@ -312,6 +315,13 @@ def test_kernel_manager_lifecycle(ksm, remote_spec):
         assert reply["status"] == "error"
         assert reply["ename"] == "NameError"  # a fresh kernel
         assert {k: km.get_connection_info()[k] for k in ports} == ports
+
+        # signal_kernel: provisioner.send_signal -> the agent's interrupt op
+        msg_id = kc.execute(sleeper, stop_on_error=False)
+        wait_for_stdout(kc, msg_id, "sleeping")
+        km.signal_kernel(signal.SIGINT)
+        assert shell_reply(kc, msg_id)["ename"] == "KeyboardInterrupt"
+        assert run_cell(kc, "print('still here')")[1] == "still here\n"
 
 
 def test_kernel_death_is_reported_then_restart_and_kill(ksm, local_spec):
@@ -441,6 +451,13 @@ class Lab:
     def __init__(self, proc: subprocess.Popen, url: str, token: str, log: Path):
         self.proc, self.url, self.token, self.log = proc, url, token, log
 
+    def accepts(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", int(self.url.rsplit(":", 1)[1])), 1).close()
+        except OSError:
+            return False
+        return True
+
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(
@@ -501,6 +518,12 @@ def jupyter_server(
         assert proc.poll() is None, log.read_text()[-3000:]
         info = json.loads(info_file.read_text())
         server = Lab(proc, f"http://127.0.0.1:{info['port']}", token, log)
+        wait_until(
+            lambda: server.accepts() or proc.poll() is not None,
+            timeout=30,
+            what=f"{app} to accept connections on port {info['port']}",
+        )
+        assert proc.poll() is None, log.read_text()[-3000:]
         yield server
     finally:
         if server is not None and clean_exit and proc.poll() is None:
