@@ -462,7 +462,7 @@ class Session:
 
             self.proxy.tap = tap
             try:
-                self._send_direct(
+                sent = self._send_direct(
                     "comm_msg",
                     {"comm_id": comm_id, "data": {"op": op, "req": req, **data}},
                     buffers=buffers,
@@ -470,16 +470,36 @@ class Session:
                 rdata, rbufs = self._await_comm_reply(comm_id, req, done, box, timeout, op)
             finally:
                 self.proxy.tap = None
+            self._await_idle(sent)
             if rdata.get("op") == "error":
                 raise TransferError(rdata.get("message", "remote transfer failed"))
             return rdata, rbufs
 
-    def _send_direct(self, msg_type: str, content: dict, buffers=None) -> None:
+    def _send_direct(self, msg_type: str, content: dict, buffers=None) -> str:
         session = self.client.session
         msg = session.msg(msg_type, content)
         parts = session.serialize(msg)
         parts.extend(buffers or [])
         self.proxy.send_direct(wire.SHELL, parts)
+        return msg["header"]["msg_id"]
+
+    def _await_idle(self, msg_id: str, timeout: float = 10.0) -> None:
+        """Wait for the kernel's ``idle`` after *msg_id*, so the next status is truthful."""
+        session = self.client.session
+        iopub = self.client.iopub_channel.socket
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if not iopub.poll(_POLL_MS):
+                continue
+            _, msg = session.recv(iopub, zmq.NOBLOCK)
+            if (
+                msg is not None
+                and msg["header"]["msg_type"] == "status"
+                and msg["parent_header"].get("msg_id") == msg_id
+                and msg["content"].get("execution_state") == "idle"
+            ):
+                return
 
     def _await_comm_reply(self, comm_id, req, done, box, timeout, op) -> tuple:
         session = self.client.session
