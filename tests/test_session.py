@@ -268,7 +268,8 @@ def test_unpicklable_and_missing_variables_name_the_variable(session):
 
 
 def test_status_reports_target_state_python_and_latency(session):
-    st = session.status()
+    # A comm request (pull) returns on its reply, before the kernel's "idle" reaches the agent.
+    st = wait_until(lambda: (s := session.status())["state"] == "idle" and s, timeout=5)
     assert st["name"] == "shared"
     assert st["target"] == session.transport.target
     assert st["state"] == "idle"

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import shlex
 import socket
 import threading
@@ -199,6 +200,8 @@ class SSHTransport:
         Seconds for the TCP connect + SSH handshake + authentication of each connection.
     passphrase
         Callable ``path -> passphrase`` for encrypted keys (default: ask with getpass).
+    lib_dir
+        Where shipped agent code goes on the host (default ``~/.colabmagic/lib``).
     """
 
     def __init__(
@@ -214,6 +217,7 @@ class SSHTransport:
         ssh_config: str | None = None,
         connect_timeout: float = 30.0,
         passphrase: Callable[[str], str] | None = None,
+        lib_dir: str | None = None,
     ):
         if connect_timeout <= 0:
             msg = f"connect_timeout={connect_timeout} must be a positive number of seconds"
@@ -231,6 +235,7 @@ class SSHTransport:
         self.root = root or DEFAULT_ROOT
         self.connect_timeout = connect_timeout
         self.passphrase = passphrase or ssh_connect.ask_passphrase
+        self.lib_dir = lib_dir or LIB_DIR
         self.connections = 0
         self.pipes: list[ChannelPipe] = []
         self._conn: Connection | None = None
@@ -311,7 +316,10 @@ class SSHTransport:
         with self._lock:
             if self._probed:
                 return
-            probe = _PROBE.replace("SHIPPED", repr(SHIPPED)).replace("LIB", repr(LIB_DIR))
+            lib_dir = self.lib_dir.removeprefix("~/")
+            mine = code_hash()
+            lib_rel = posixpath.join(lib_dir, mine[:16])
+            probe = _PROBE.replace("SHIPPED", repr(SHIPPED)).replace("LIB", repr(lib_rel))
             rc, out, err = self.exec(self._command(["-c", probe], python_path=False))
             info = _parse_probe(out)
             if info is None:
@@ -329,20 +337,13 @@ class SSHTransport:
                     f"run `{self.python} -m pip install ipykernel` there or give --python PATH"
                 )
                 raise ConnectError(msg)
-            mine = code_hash()
             if info.get("colabmagic") != mine:
-                lib = f"{info['home']}/{LIB_DIR}/{mine[:16]}"
-                if not (info.get("lib_ready") and self._lib_matches(lib)):
-                    self._ship(info["home"], mine[:16])
+                base = posixpath.join(info["home"], lib_dir)
+                lib = f"{base}/{mine[:16]}"
+                if not info.get("lib_ready"):
+                    self._ship(base, mine[:16])
                 self._pythonpath = lib
             self._probed = True
-
-    def _lib_matches(self, lib: str) -> bool:
-        try:
-            self.sftp().stat(f"{lib}/.complete")
-        except OSError:
-            return False
-        return True
 
     def _bad_python(self, rc: int, err: bytes) -> None:
         text = err.decode(errors="replace").strip().splitlines()
@@ -359,11 +360,10 @@ class SSHTransport:
             )
         raise ConnectError(msg)
 
-    def _ship(self, home: str, tag: str) -> None:
-        """Copy the agent code into ``~/.colabmagic/lib/TAG`` (0700) over SFTP, atomically."""
+    def _ship(self, base: str, tag: str) -> None:
+        """Copy the agent code into ``BASE/TAG`` (0700) over SFTP, atomically."""
         sftp = self.sftp()
-        base = f"{home}/{LIB_DIR}"
-        for d in (f"{home}/.colabmagic", base):
+        for d in (posixpath.dirname(base), base):
             with contextlib.suppress(OSError):
                 sftp.mkdir(d, 0o700)
         tmp = f"{base}/{tag}.tmp-{os.getpid()}-{threading.get_ident()}"
