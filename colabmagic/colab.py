@@ -163,7 +163,14 @@ def apt_install_command() -> list[str]:
     return ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "openssh-server"]
 
 
-def sshd_config_text(state_dir: str, *, port: int, listen: str, authorized_keys: str) -> str:
+def sshd_config_text(
+    state_dir: str,
+    *,
+    port: int,
+    listen: str,
+    authorized_keys: str,
+    options: dict[str, str] | None = None,
+) -> str:
     """Our private sshd's configuration: key authentication only, loopback-only when tunnelled."""
     sftp = next(
         (
@@ -190,6 +197,7 @@ def sshd_config_text(state_dir: str, *, port: int, listen: str, authorized_keys:
             "ClientAliveInterval 15",
             "ClientAliveCountMax 4",
             f"Subsystem sftp {sftp}",
+            *(f"{k} {v}" for k, v in (options or {}).items()),
             "",
         ]
     )
@@ -212,7 +220,13 @@ def _read_pid(path: str) -> int | None:
 
 
 def start_sshd(
-    state_dir: str, *, port: int, listen: str, authorized_keys: str, install: bool = True
+    state_dir: str,
+    *,
+    port: int,
+    listen: str,
+    authorized_keys: str,
+    install: bool = True,
+    options: dict[str, str] | None = None,
 ) -> int | None:
     """Write the config and host key, start sshd (it daemonizes); return its pid."""
     sshd = sshd_binary(install=install)
@@ -227,7 +241,11 @@ def start_sshd(
     cfg = os.path.join(state_dir, "sshd_config")
     keys = authorized_keys
     with open(cfg, "w") as f:
-        f.write(sshd_config_text(state_dir, port=port, listen=listen, authorized_keys=keys))
+        f.write(
+            sshd_config_text(
+                state_dir, port=port, listen=listen, authorized_keys=keys, options=options
+            )
+        )
     pidfile = os.path.join(state_dir, "sshd.pid")
     pid = _read_pid(pidfile)
     check = "127.0.0.1" if listen in ("0.0.0.0", "::") else listen  # noqa: S104
@@ -351,6 +369,7 @@ def serve(
     state_dir: str = STATE_DIR,
     authorized_keys: str = "~/.ssh/authorized_keys",
     install: bool = True,
+    sshd_options: dict[str, str] | None = None,
 ) -> ServeInfo:
     """Make this machine reachable over SSH for ``%colab_connect``; see the module docstring.
 
@@ -367,6 +386,10 @@ def serve(
         Address sshd binds (default: 127.0.0.1 with a tunnel, 0.0.0.0 without).
     host
         The name the local side uses for this machine (default: the tunnel's, or the FQDN).
+    install
+        Install ``openssh-server`` with apt when sshd is missing (needs root).
+    sshd_options
+        Extra ``sshd_config`` lines, e.g. ``{"AllowUsers": "root"}``.
 
     Returns
     -------
@@ -389,7 +412,14 @@ def serve(
     listen = listen or ("127.0.0.1" if tunnel != "none" else "0.0.0.0")  # noqa: S104
     keys_file = os.path.expanduser(authorized_keys)
     authorize_key(public_key, keys_file)
-    pid = start_sshd(state, port=port, listen=listen, authorized_keys=keys_file, install=install)
+    pid = start_sshd(
+        state,
+        port=port,
+        listen=listen,
+        authorized_keys=keys_file,
+        install=install,
+        options=sshd_options,
+    )
     with open(os.path.join(state, "ssh_host_ed25519_key.pub")) as f:
         host_key = " ".join(f.read().split()[:2])
     import getpass

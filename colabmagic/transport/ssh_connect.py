@@ -295,15 +295,15 @@ def _load_key(path: str, passphrase: Callable[[str], str]) -> paramiko.PKey | No
         return None
     try:
         return paramiko.PKey.from_path(path)
-    except paramiko.PasswordRequiredException:
-        pass
+    except (paramiko.PasswordRequiredException, TypeError):
+        pass  # paramiko 5 lets cryptography's TypeError through for encrypted OpenSSH keys
     except (paramiko.SSHException, OSError, ValueError) as exc:
         log.info("skipping key %s: %s", path, exc)
         return None
     for _ in range(3):
         try:
-            return paramiko.PKey.from_path(path, passphrase(path))
-        except (paramiko.SSHException, ValueError):
+            return paramiko.PKey.from_path(path, passphrase(path).encode())
+        except (paramiko.SSHException, ValueError, TypeError):
             continue
     msg = f"wrong passphrase for {_short(path)} (3 tries); load it into ssh-agent or retry"
     raise ConnectError(msg)
