@@ -397,7 +397,10 @@ def test_zero_install_ships_the_agent_code(sshd_server, bare_python, tmp_path, c
         assert oct(lib.stat().st_mode & 0o777) == "0o700"
         assert oct(shipped.stat().st_mode & 0o777) == "0o700"
         assert (shipped / "colabmagic" / "remote" / "agent.py").exists()
-        assert t._pythonpath == str(shipped)
+        agent_pid = s.proxy.agent_info["agent_pid"]
+        with open(f"/proc/{agent_pid}/environ", "rb") as f:
+            environ = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        assert environ[b"PYTHONPATH"].decode().split(os.pathsep)[0] == str(shipped)
         r = s.run(
             "import sys, cupy\nprint(sys.executable)\nint(cupy.arange(4).sum())", relay=QuietRelay()
         )

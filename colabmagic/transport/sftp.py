@@ -63,7 +63,7 @@ def _progress(total: int, desc: str, enabled: bool | None):
 def _remote_hashes(transport: SSHTransport, paths: list[str]) -> dict[str, str]:
     if not paths:
         return {}
-    cmd = transport._command(["-c", _HASH], python_path=False)
+    cmd = transport._command(["-c", _HASH])
     rc, out, err = transport.exec(cmd, stdin=json.dumps(paths).encode(), timeout=3600)
     try:
         return json.loads(out.decode())

@@ -61,25 +61,51 @@ STANDINS = {
 }
 _PUMP_CHUNK = 1 << 20
 
-_PROBE = r"""
+# Every remote command starts with this prelude (``python -c BOOT COMMAND ARGS``): it checks the
+# interpreter, finds this exact agent code (installed, or shipped under LIB) and runs
+# ``colabmagic.remote`` with it -- one exec, one login shell, per command. When something is
+# missing it prints what (one COLABMAGIC-PROBE line) and exits 3; the local side ships the code
+# or explains. Python-2-parsable up to the version check, so any python reports cleanly.
+_BOOT = r"""
 import hashlib, json, os, sys
-r = {"version": list(sys.version_info[:3]), "executable": sys.executable,
-     "home": os.path.expanduser("~"), "colabmagic": None}
-try:
-    import importlib.util as u
-    r["ipykernel"] = u.find_spec("ipykernel") is not None
-    spec = u.find_spec("colabmagic")
-    if spec and spec.submodule_search_locations:
-        pkg = list(spec.submodule_search_locations)[0]
-        h = hashlib.sha256()
-        for rel in sorted(SHIPPED):
-            with open(os.path.join(pkg, rel), "rb") as f:
-                h.update(rel.encode() + b"\0" + f.read() + b"\0")
-        r["colabmagic"] = h.hexdigest()
-except Exception as e:
-    r["error"] = repr(e)
-r["lib_ready"] = os.path.exists(os.path.join(os.path.expanduser("~"), LIB, ".complete"))
-print("COLABMAGIC-PROBE " + json.dumps(r))
+HASH = %(hash)r
+LIB = %(lib)r
+SHIPPED = %(shipped)r
+def _hash(pkg):
+    h = hashlib.sha256()
+    for rel in sorted(SHIPPED):
+        with open(os.path.join(pkg, rel), "rb") as f:
+            h.update(rel.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()
+def _main():
+    home = os.path.expanduser("~")
+    info = {"version": list(sys.version_info[:3]), "executable": sys.executable, "home": home}
+    lib = os.path.join(home, LIB)
+    if sys.version_info < (3, 9):
+        info["need"] = "python"
+    else:
+        import importlib.util as u
+        if u.find_spec("ipykernel") is None:
+            info["need"] = "ipykernel"
+        elif os.path.exists(os.path.join(lib, ".complete")):
+            sys.path.insert(0, lib)
+            old = os.environ.get("PYTHONPATH")
+            os.environ["PYTHONPATH"] = lib + (os.pathsep + old if old else "")
+        else:
+            spec = u.find_spec("colabmagic")
+            try:
+                ok = _hash(list(spec.submodule_search_locations)[0]) == HASH
+            except Exception:
+                ok = False
+            if not ok:
+                info["need"] = "code"
+    if "need" in info:
+        print("COLABMAGIC-PROBE " + json.dumps(info))
+        sys.exit(3)
+    import runpy
+    sys.argv = ["colabmagic.remote"] + sys.argv[1:]
+    runpy.run_module("colabmagic.remote", run_name="__main__", alter_sys=True)
+_main()
 """
 
 
@@ -240,8 +266,9 @@ class SSHTransport:
         self.pipes: list[ChannelPipe] = []
         self._conn: Connection | None = None
         self._lock = threading.RLock()
-        self._pythonpath: str | None = None
-        self._probed = False
+        self._boot_code: str | None = None
+        self._ready = False
+        self.lib_path = ""
         self._sftp: paramiko.SFTPClient | None = None
 
     # -- the connection ----------------------------------------------------------------------
@@ -272,12 +299,8 @@ class SSHTransport:
             msg = f"ssh to {self.target}: cannot open a channel ({exc}); the connection is closed"
             raise ConnectError(msg) from None
 
-    def _command(self, args: list[str], *, python_path: bool = True) -> str:
-        env = ["env"]
-        if python_path and self._pythonpath:
-            env.append(f"PYTHONPATH={self._pythonpath}")
-        argv = [*env, self.python, *args] if len(env) > 1 else [self.python, *args]
-        return " ".join(shlex.quote(a) for a in argv)
+    def _command(self, args: list[str]) -> str:
+        return " ".join(shlex.quote(a) for a in [self.python, *args])
 
     def exec(
         self, command: str, *, stdin: bytes | None = None, timeout: float = 60.0
@@ -311,39 +334,53 @@ class SSHTransport:
             chan.close()
 
     # -- the remote Python -------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Check the remote Python and, when it lacks this agent code, ship it (zero-install)."""
-        with self._lock:
-            if self._probed:
-                return
-            lib_dir = self.lib_dir.removeprefix("~/")
+    def _boot(self) -> str:
+        if self._boot_code is None:
             mine = code_hash()
-            lib_rel = posixpath.join(lib_dir, mine[:16])
-            probe = _PROBE.replace("SHIPPED", repr(SHIPPED)).replace("LIB", repr(lib_rel))
-            rc, out, err = self.exec(self._command(["-c", probe], python_path=False))
-            info = _parse_probe(out)
+            self.lib_path = posixpath.join(self.lib_dir.removeprefix("~/"), mine[:16])
+            self._boot_code = _BOOT % {"hash": mine, "lib": self.lib_path, "shipped": SHIPPED}
+        return self._boot_code
+
+    def remote_command(self, *args: str) -> str:
+        """The shell command line that runs ``python -m colabmagic.remote ARGS`` on the host."""
+        return self._command(["-c", self._boot(), *args])
+
+    def run_remote(self, *args: str, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
+        """Run ``colabmagic.remote ARGS`` on the host, shipping the agent code first if needed."""
+        for _ in range(2):
+            rc, out, err = self.exec(self.remote_command(*args), timeout=timeout)
+            info = _parse_probe(out) if rc == 3 else None
             if info is None:
-                self._bad_python(rc, err)
-            if tuple(info["version"][:2]) < (3, 9):
-                version = ".".join(map(str, info["version"]))
-                msg = (
-                    f"{self.python} on {self.target} is Python {version}; colabmagic needs "
-                    ">= 3.9 there: give --python PATH"
-                )
-                raise ConnectError(msg)
-            if not info.get("ipykernel"):
-                msg = (
-                    f"ipykernel is not installed for {info['executable']} on {self.target}; "
-                    f"run `{self.python} -m pip install ipykernel` there or give --python PATH"
-                )
-                raise ConnectError(msg)
-            if info.get("colabmagic") != mine:
-                base = posixpath.join(info["home"], lib_dir)
-                lib = f"{base}/{mine[:16]}"
-                if not info.get("lib_ready"):
-                    self._ship(base, mine[:16])
-                self._pythonpath = lib
-            self._probed = True
+                if rc in (126, 127) or not out.strip():
+                    self._bad_python(rc, err)  # not a Python, or no output at all
+                self._ready = True
+                return rc, out, err
+            self._provide(info)
+        msg = f"the agent code shipped to {self.target} still does not run there"
+        raise ConnectError(msg)
+
+    def prepare(self) -> None:
+        """Make sure the host can run the agent code (ships it when missing): zero-install."""
+        if not self._ready:
+            self.run_remote("list", "--root", self.root)
+
+    def _provide(self, info: dict) -> None:
+        need = info.get("need")
+        if need == "python":
+            version = ".".join(map(str, info["version"]))
+            msg = (
+                f"{self.python} on {self.target} is Python {version}; colabmagic needs "
+                ">= 3.9 there: give --python PATH"
+            )
+            raise ConnectError(msg)
+        if need == "ipykernel":
+            msg = (
+                f"ipykernel is not installed for {info['executable']} on {self.target}; "
+                f"run `{self.python} -m pip install ipykernel` there or give --python PATH"
+            )
+            raise ConnectError(msg)
+        lib = posixpath.join(info["home"], self.lib_path)
+        self._ship(posixpath.dirname(lib), posixpath.basename(lib))
 
     def _bad_python(self, rc: int, err: bytes) -> None:
         text = err.decode(errors="replace").strip().splitlines()
@@ -402,9 +439,7 @@ class SSHTransport:
             return self._sftp
 
     def _remote(self, *args: str, timeout: float = 60.0) -> Any:
-        self.prepare()
-        cmd = self._command(["-m", "colabmagic.remote", *args, "--root", self.root])
-        rc, out, err = self.exec(cmd, timeout=timeout)
+        rc, out, err = self.run_remote(*args, "--root", self.root, timeout=timeout)
         lines = out.decode(errors="replace").strip().splitlines()
         try:
             result = json.loads(lines[-1])
@@ -447,11 +482,7 @@ class SSHTransport:
         try:
             self.prepare()
             chan = self._session_channel()
-            chan.exec_command(
-                self._command(
-                    ["-m", "colabmagic.remote", "bridge", "--root", self.root, "--id", kernel_id]
-                )
-            )
+            chan.exec_command(self.remote_command("bridge", "--root", self.root, "--id", kernel_id))
         except HostKeyError as exc:
             raise PermanentLinkError(str(exc)) from None
         except (paramiko.SSHException, EOFError) as exc:
