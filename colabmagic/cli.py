@@ -117,3 +117,83 @@ def kernelspec_remove(name: str) -> None:
 
 
 # -- remote host commands: kernels, serve (SSH) --------------------------------------------------
+
+
+def _ssh_options(fn):
+    """The ssh options shared by the remote host commands."""
+    for opt in reversed(
+        [
+            click.option("-p", "--port", type=int, help="ssh port"),
+            click.option("-i", "--identity", help="ssh private key file"),
+            click.option("--proxy", "proxy_command", metavar="CMD", help="ssh ProxyCommand"),
+            click.option("-F", "--ssh-config", metavar="FILE", help="ssh config (~/.ssh/config)"),
+            click.option("--python", help="remote interpreter (default python3)"),
+            click.option("--root", help="remote directory of the agents"),
+            click.option("--accept-new-host-key", is_flag=True, help="record an unknown host key"),
+            click.option("--connect-timeout", type=float, default=30.0, show_default=True),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@_ssh_options
+@user_errors
+def kernels(target: str, as_json: bool, **ssh: object) -> None:
+    """List the kernels running on TARGET (an ssh alias, [user@]host[:port], or 'local').
+
+    They outlive disconnects: attach with %colab_connect TARGET --attach ID.
+    """
+    from colabmagic.connection import make_transport
+
+    if target == "local":
+        transport = make_transport(None, local=True, root=ssh.get("root"))
+    else:
+        transport = make_transport(target, **{k: v for k, v in ssh.items() if v is not None})
+    try:
+        rows = transport.list_kernels()
+    finally:
+        transport.close()
+    if as_json:
+        echo_json(rows)
+        return
+    cols = ["id", "state", "kernel_pid", "attached", "started", "cwd"]
+    table = [cols] + [[str(r.get(c, "-")) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@main.command()
+@click.option("--public-key", help="your public key (text or .pub file); required to start")
+@click.option("--port", type=int, default=2222, show_default=True, help="port of the sshd")
+@click.option("--tunnel", type=click.Choice(["none", "cloudflared"]), default="none")
+@click.option("--listen", help="address sshd binds (default: 127.0.0.1 with a tunnel)")
+@click.option("--host", help="name the local side uses for this machine")
+@click.option("--alias", default="colab", show_default=True, help="Host alias to print")
+@click.option("--no-install", is_flag=True, help="do not apt-get install openssh-server")
+@click.option("--stop", "stop_", is_flag=True, help="stop the sshd/tunnel started before")
+@user_errors
+def serve(public_key, port, tunnel, listen, host, alias, no_install, stop_) -> None:
+    """GPU host side: start sshd (+ tunnel) and print what to paste on your machine."""
+    from colabmagic import colab
+
+    if stop_:
+        click.echo(f"stopped: {colab.stop() or 'nothing was running'}")
+        return
+    if not public_key:
+        msg = "give --public-key (the contents or path of your ~/.ssh/id_ed25519.pub)"
+        raise click.UsageError(msg)
+    info = colab.serve(
+        public_key,
+        port=port,
+        tunnel=tunnel,
+        listen=listen,
+        host=host,
+        alias=alias,
+        install=not no_install,
+    )
+    click.echo(str(info))

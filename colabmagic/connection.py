@@ -57,6 +57,8 @@ def connect(
         raise ParameterError(msg)
     if python is not None:
         transport_options["python"] = python
+    if not local and target not in (None, "", "local"):
+        transport_options.setdefault("connect_timeout", connect_timeout)
     transport = make_transport(target, local=local, **transport_options)
     session = Session.start(
         transport,

@@ -79,3 +79,15 @@ def colabmagic_root(tmp_path_factory):
     for _, pid in leaked:
         os.kill(pid, signal.SIGKILL)
     assert not leaked, f"tests leaked running agents/kernels: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory):
+    """A real OpenSSH sshd on 127.0.0.1 (alias ``box`` in ``sshd_server.ssh_config``)."""
+    from colabmagic.testing import require
+    from colabmagic.testing_sshd import SSHServer, sshd_path
+
+    require(sshd_path() is not None, "OpenSSH sshd is not installed (apt install openssh-server)")
+    server = SSHServer("box", directory=str(tmp_path_factory.mktemp("sshd"))).start()
+    yield server
+    server.stop()

@@ -1,7 +1,7 @@
 """The Session API over the real link: agent, bridge process, proxy and a real ipykernel.
 
-The ``transport`` fixture runs every test over each transport (``local`` here; the SSH tests add
-an ``ssh`` transport against a real sshd).
+The ``transport_kind`` fixture runs every test over each transport: ``local`` (a bridge
+subprocess) and ``ssh`` (paramiko to a real OpenSSH sshd on 127.0.0.1, see ``sshd_server``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import builtins
 import hashlib
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -28,6 +29,9 @@ from colabmagic.relay import QuietRelay, Relay
 from colabmagic.session import Session
 from colabmagic.testing import wait_until
 from colabmagic.transport.local import LocalTransport
+from colabmagic.transport.ssh import SSHTransport
+
+_SSH: dict = {}  # the sshd_server of the ssh run
 
 
 class Recorder(Relay):
@@ -49,15 +53,35 @@ class Recorder(Relay):
         self.events.append(("clear", wait))
 
 
-def make_transport(kind: str, root) -> LocalTransport:
+def make_transport(kind: str, root) -> LocalTransport | SSHTransport:
     if kind == "local":
         return LocalTransport(root=str(root))
+    if kind == "ssh":
+        server = _SSH["server"]
+        return SSHTransport(
+            server.name,
+            ssh_config=server.ssh_config,
+            python=sys.executable,
+            root=str(root),
+            connect_timeout=10,
+        )
     raise AssertionError(kind)
 
 
-@pytest.fixture(scope="module", params=["local"])
+@pytest.fixture(scope="module", params=["local", pytest.param("ssh", marks=pytest.mark.ssh)])
 def transport_kind(request):
+    if request.param == "ssh":
+        _SSH["server"] = request.getfixturevalue("sshd_server")
     return request.param
+
+
+def break_link(session) -> int:
+    """Kill what carries the link: the bridge process (local) or the sshd child (ssh)."""
+    if isinstance(session.transport, LocalTransport):
+        bridge = session.transport.bridges[-1]
+        bridge.proc.kill()
+        return bridge.pid
+    return _SSH["server"].kill_connections()[0]
 
 
 @pytest.fixture(scope="module")
@@ -259,9 +283,10 @@ def test_unpicklable_and_missing_variables_name_the_variable(session):
 
 
 def test_status_reports_target_state_python_and_latency(session):
-    st = session.status()
+    # A comm request (pull) returns on its reply, before the kernel's "idle" reaches the agent.
+    st = wait_until(lambda: (s := session.status())["state"] == "idle" and s, timeout=5)
     assert st["name"] == "shared"
-    assert st["target"] == "local"
+    assert st["target"] == session.transport.target
     assert st["state"] == "idle"
     assert st["python"].count(".") == 2
     assert st["gpu"] in ("none", "mock") or "GiB" in st["gpu"]
@@ -321,8 +346,7 @@ def test_bridge_killed_mid_cell_delivers_every_line_exactly_once(fresh):
 
     def on_text(text):
         if not killed and "line 10\n" in text:
-            killed.append(fresh.transport.bridges[-1].pid)
-            fresh.transport.bridges[-1].proc.kill()
+            killed.append(break_link(fresh))
 
     r = fresh.run(
         f"import time\nfor i in range({n}):\n    print('line', i, flush=True)\n"
@@ -333,7 +357,8 @@ def test_bridge_killed_mid_cell_delivers_every_line_exactly_once(fresh):
     assert r.stdout.splitlines() == [f"line {i}" for i in range(n)]
     assert r.result.data["text/plain"] == "'done'"
     assert fresh.proxy.reconnects >= 1
-    assert fresh.transport.bridges[-1].pid != killed[0]
+    if isinstance(fresh.transport, LocalTransport):
+        assert fresh.transport.bridges[-1].pid != killed[0]
     assert fresh.run("1+1", relay=QuietRelay()).result.data["text/plain"] == "2"
 
 

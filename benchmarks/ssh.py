@@ -1,0 +1,199 @@
+"""The SSH link against OpenSSH itself, on loopback, in one run.
+
+Run: ``python benchmarks/ssh.py [--n 300] [--mib 256] [--starts 3]``
+
+Starts a private OpenSSH sshd on 127.0.0.1 (``colabmagic.testing_sshd``) and measures:
+
+- **cell**: ``Session.run("pass")`` over SSH (what ``%%gpu_run pass`` does) against jupyter_client
+  ``execute_interactive("pass")`` on *the same kernel* through plain ``ssh -L`` forwards of its five
+  ports (an OpenSSH client with a command session, so sshd sets TCP_NODELAY);
+- **push/pull**: ``Session.push``/``pull`` of an N MiB array against ``cat FILE | ssh box 'cat >
+  /dev/null'`` and ``ssh box 'cat FILE' > /dev/null`` (payload throughput: the time of ``ssh box
+  true`` is subtracted, so the handshake is excluded);
+- **files**: SFTP upload/download of the same N MiB (verified), for reference;
+- **connect**: SSH handshake + remote kernel start + first reply, against a local
+  ``KernelManager`` start + first reply.
+
+Prints medians and the ratios the issue's targets are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from jupyter_client import BlockingKernelClient, KernelManager
+
+from colabmagic.relay import QuietRelay
+from colabmagic.session import Session
+from colabmagic.testing_sshd import SSHServer
+from colabmagic.transport.ssh import SSHTransport
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def transport(srv: SSHServer, root: str) -> SSHTransport:
+    return SSHTransport(srv.name, ssh_config=srv.ssh_config, python=sys.executable, root=root)
+
+
+def cell_times(run, n: int) -> list[float]:
+    for _ in range(20):
+        run()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        run()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def forwarded_client(srv: SSHServer, cf_path: str) -> tuple[BlockingKernelClient, subprocess.Popen]:
+    with open(cf_path) as f:
+        info = json.load(f)
+    local = {}
+    argv = ["ssh", "-F", srv.ssh_config, "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes"]
+    for name in ("shell", "iopub", "stdin", "control", "hb"):
+        local[name] = free_port()
+        argv += ["-L", f"{local[name]}:127.0.0.1:{info[name + '_port']}"]
+    # A command session on the same connection: sshd turns TCP_NODELAY on only then.
+    proc = subprocess.Popen([*argv, srv.name, "echo up; exec sleep 3600"], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"up"
+    client = BlockingKernelClient()
+    client.load_connection_info(
+        dict(
+            info,
+            ip="127.0.0.1",
+            **{f"{k}_port": v for k, v in local.items()},
+        )
+    )
+    client.start_channels()
+    client.wait_for_ready(timeout=30)
+    return client, proc
+
+
+def ssh_cat_throughput(srv: SSHServer, path: str, size: int) -> tuple[float, float]:
+    base = ["ssh", "-F", srv.ssh_config, "-o", "BatchMode=yes", srv.name]
+
+    def timed(cmd, **kw) -> float:
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, **kw)
+        return time.perf_counter() - t
+
+    hs = statistics.median(timed([*base, "true"]) for _ in range(3))
+    with open(path, "rb") as f:
+        up = timed([*base, "cat > /dev/null"], stdin=f) - hs
+    down = timed([*base, f"cat {path}"], stdout=subprocess.DEVNULL) - hs
+    return size / up / 1e6, size / down / 1e6
+
+
+def connect_times(srv: SSHServer, root: str, starts: int) -> tuple[list[float], list[float]]:
+    remote, local = [], []
+    for _ in range(starts):
+        t = time.perf_counter()
+        s = Session.start(transport(srv, root), name="bench-connect")
+        s.run("pass", relay=QuietRelay())
+        remote.append(time.perf_counter() - t)
+        s.close()
+        t = time.perf_counter()
+        km = KernelManager()
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        kc.execute_interactive("pass", timeout=60)
+        local.append(time.perf_counter() - t)
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    return remote, local
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=300, help="cells per round-trip measurement")
+    ap.add_argument("--mib", type=int, default=256, help="payload size for push/pull")
+    ap.add_argument("--starts", type=int, default=3, help="connects to time")
+    args = ap.parse_args()
+    root = tempfile.mkdtemp(prefix="colabmagic-bench-")
+    size = args.mib << 20
+    with SSHServer("box") as srv:
+        s = Session.start(transport(srv, root), name="bench")
+        try:
+            cf = os.path.join(root, s.kernel_id, "kernel.json")
+            client, fwd = forwarded_client(srv, cf)
+            try:
+                raw, ours = [], []
+                for _ in range(3):  # interleaved, so both see the same machine state
+                    raw += cell_times(
+                        lambda: client.execute_interactive("pass", timeout=30), args.n // 3
+                    )
+                    ours += cell_times(lambda: s.run("pass", relay=QuietRelay()), args.n // 3)
+            finally:
+                client.stop_channels()
+                fwd.terminate()
+                fwd.wait()
+            arr = np.random.default_rng(0).integers(0, 255, size=size, dtype=np.uint8)
+            push, pull = [], []
+            for _ in range(3):
+                t = time.perf_counter()
+                s.push(big=arr)
+                push.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                back = s.pull("big")
+                pull.append(time.perf_counter() - t)
+                assert back.nbytes == size
+                del back
+            path = os.path.join(root, "payload.bin")
+            arr.tofile(path)
+            cat_up, cat_down = ssh_cat_throughput(srv, path, size)
+            remote_dir = tempfile.mkdtemp(prefix="colabmagic-bench-remote-")
+            t = time.perf_counter()
+            s.transport.upload(path, remote_dir + "/up.bin")
+            sftp_up = time.perf_counter() - t
+            t = time.perf_counter()
+            s.transport.download(remote_dir + "/up.bin", os.path.join(root, "down.bin"))
+            sftp_down = time.perf_counter() - t
+        finally:
+            s.close()
+        remote, local = connect_times(srv, root, args.starts)
+
+    mbs = lambda secs: size / statistics.median(secs) / 1e6  # noqa: E731
+    print(f"cell round trip (median of {len(ours)}):")
+    print(f"  raw jupyter_client via ssh -L : {ms(raw):7.2f} ms")
+    print(f"  Session.run over colabmagic ssh: {ms(ours):7.2f} ms")
+    print(f"  ratio                          : {ms(ours) / ms(raw):7.2f}x   (target <= 1.2x)")
+    print(f"push/pull {args.mib} MiB (median of 3):")
+    print(f"  cat | ssh 'cat >/dev/null'     : {cat_up:7.0f} MB/s")
+    print(f"  ssh 'cat file' >/dev/null      : {cat_down:7.0f} MB/s")
+    print(
+        f"  push                           : {mbs(push):7.0f} MB/s  ratio {mbs(push) / cat_up:.2f}x"
+    )
+    pull_ratio = mbs(pull) / cat_down
+    print(f"  pull                           : {mbs(pull):7.0f} MB/s  ratio {pull_ratio:.2f}x")
+    print("  (target >= 1.0x each)")
+    print(f"files {args.mib} MiB over SFTP, sha256-verified:")
+    print(f"  upload                         : {size / sftp_up / 1e6:7.0f} MB/s")
+    print(f"  download                       : {size / sftp_down / 1e6:7.0f} MB/s")
+    print(f"connect to first reply (median of {args.starts}):")
+    print(f"  local KernelManager            : {ms(local):7.0f} ms")
+    print(f"  colabmagic over ssh            : {ms(remote):7.0f} ms")
+    print(f"  ratio                          : {ms(remote) / ms(local):7.2f}x   (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
