@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 import uuid
@@ -147,15 +148,25 @@ def ksm(jupyter_env):
     return KernelSpecManager(kernel_dirs=[str(jupyter_env["kernels"])])
 
 
+@contextlib.contextmanager
 def _sshd_target(tmp_path_factory):
-    """The SSH branch's test sshd: ``colabmagic.testing_sshd.sshd(directory)`` is expected to be
-    a context manager yielding an object with ``target`` (an alias) and ``transport_options``
-    (keyword arguments for ``SSHTransport``: config file, known_hosts...)."""
-    found = importlib.util.find_spec("colabmagic.testing_sshd") is not None
-    require(found, "colabmagic.testing_sshd (the SSH test server) is not available")
-    from colabmagic import testing_sshd
+    """A real OpenSSH sshd on 127.0.0.1 (``colabmagic.testing_sshd``) as a kernelspec target."""
+    from colabmagic.testing_sshd import SSHServer, sshd_path
 
-    return testing_sshd.sshd(tmp_path_factory.mktemp("sshd"))
+    require(sshd_path() is not None, "OpenSSH sshd is not installed (apt install openssh-server)")
+    server = SSHServer("labbox", directory=str(tmp_path_factory.mktemp("sshd"))).start()
+    try:
+        yield types.SimpleNamespace(
+            target=server.name,
+            transport_options={
+                "ssh_config": server.ssh_config,
+                "python": sys.executable,
+                "root": os.environ["COLABMAGIC_ROOT"],
+                "connect_timeout": 10,
+            },
+        )
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module", params=["local", "ssh"])
