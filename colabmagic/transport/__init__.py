@@ -8,9 +8,53 @@ transport does the same through SSH exec channels. Everything above the pipe is 
 
 from __future__ import annotations
 
-from typing import Protocol
+import json
+from typing import Any, Protocol
 
+from colabmagic.errors import ConnectError
 from colabmagic.proxy import Pipe
+
+
+def agent_start_args(
+    *,
+    mock_gpu: bool = False,
+    cwd: str | None = None,
+    python: str | None = None,
+    env: dict[str, str] | None = None,
+    idle_timeout: float | None = None,
+) -> list[str]:
+    """The ``python -m colabmagic.remote start ...`` arguments for these options."""
+    args = ["start"]
+    if mock_gpu:
+        args.append("--mock-gpu")
+    if cwd:
+        args += ["--cwd", cwd]
+    if python:
+        args += ["--python", python]
+    if env:
+        args += ["--env", json.dumps(env)]
+    if idle_timeout is not None:
+        args += ["--idle-timeout", str(idle_timeout)]
+    return args
+
+
+def parse_agent_reply(stdout: str, stderr: str, *, command: str, host: str) -> Any:
+    """The JSON document a ``colabmagic.remote`` command printed last, or a one-line error.
+
+    *host* names the machine in messages: ``"a local kernel"``, ``"gpu-box"``.
+    """
+    try:
+        result = json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        tail = stderr.strip().splitlines()[-1:] or ["no output"]
+        verb = "start" if command == "start" else f"run {command!r} for"
+        msg = f"could not {verb} {host}: {tail[0]}"
+        raise ConnectError(msg) from None
+    if isinstance(result, dict) and result.get("error"):
+        detail = (result.get("log") or "").strip().splitlines()[-1:] or [""]
+        msg = f"could not start {host}: {result['error']} {detail[0]}".strip()
+        raise ConnectError(msg)
+    return result
 
 
 class Transport(Protocol):

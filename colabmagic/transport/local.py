@@ -7,13 +7,12 @@ whole remote path (and killing a bridge process is a faithful stand-in for a dro
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import subprocess
 import sys
 
-from colabmagic.errors import ConnectError
 from colabmagic.proxy import PermanentLinkError
+from colabmagic.transport import agent_start_args, parse_agent_reply
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 DEFAULT_ROOT = "~/.colabmagic/kernels"
@@ -102,16 +101,9 @@ class LocalTransport:
             timeout=timeout,
             check=False,
         )
-        try:
-            out = json.loads(proc.stdout.strip().splitlines()[-1])
-        except (IndexError, ValueError):
-            msg = f"local agent command {args[0]!r} failed: {proc.stderr.strip()[-500:]}"
-            raise ConnectError(msg) from None
-        if isinstance(out, dict) and out.get("error"):
-            detail = out.get("log", "").strip().splitlines()[-1:] or [""]
-            msg = f"could not start a local kernel: {out['error']} {detail[0]}".strip()
-            raise ConnectError(msg)
-        return out
+        return parse_agent_reply(
+            proc.stdout, proc.stderr, command=args[0], host="a local kernel"
+        )
 
     def start_kernel(
         self,
@@ -122,19 +114,13 @@ class LocalTransport:
         env: dict[str, str] | None = None,
         idle_timeout: float | None = None,
     ) -> str:
-        args = ["start"]
-        if mock_gpu:
-            args.append("--mock-gpu")
-        if cwd:
-            args += ["--cwd", os.path.abspath(os.path.expanduser(cwd))]
-        else:
-            args += ["--cwd", os.getcwd()]
-        if python:
-            args += ["--python", python]
-        if env:
-            args += ["--env", json.dumps(env)]
-        if idle_timeout is not None:
-            args += ["--idle-timeout", str(idle_timeout)]
+        args = agent_start_args(
+            mock_gpu=mock_gpu,
+            cwd=os.path.abspath(os.path.expanduser(cwd or os.getcwd())),
+            python=python,
+            env=env,
+            idle_timeout=idle_timeout,
+        )
         return self._run(*args)["id"]
 
     def open_pipe(self, kernel_id: str) -> BridgeProcess:

@@ -35,7 +35,7 @@ import paramiko
 
 from colabmagic.errors import ConnectError, HostKeyError, ParameterError
 from colabmagic.proxy import PermanentLinkError
-from colabmagic.transport import ssh_connect
+from colabmagic.transport import agent_start_args, parse_agent_reply, ssh_connect
 from colabmagic.transport.ssh_connect import Connection, Hop
 
 log = logging.getLogger("colabmagic.ssh")
@@ -440,18 +440,12 @@ class SSHTransport:
 
     def _remote(self, *args: str, timeout: float = 60.0) -> Any:
         rc, out, err = self.run_remote(*args, "--root", self.root, timeout=timeout)
-        lines = out.decode(errors="replace").strip().splitlines()
-        try:
-            result = json.loads(lines[-1])
-        except (IndexError, ValueError):
-            tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {rc}"]
-            msg = f"remote command {args[0]!r} on {self.target} failed: {tail[0]}"
-            raise ConnectError(msg) from None
-        if isinstance(result, dict) and result.get("error"):
-            detail = (result.get("log") or "").strip().splitlines()[-1:] or [""]
-            msg = f"on {self.target}: {result['error']} {detail[0]}".strip()
-            raise ConnectError(msg)
-        return result
+        return parse_agent_reply(
+            out.decode(errors="replace"),
+            err.decode(errors="replace") or f"exit {rc}",
+            command=args[0],
+            host=f"a kernel on {self.target}",
+        )
 
     # -- the Transport protocol --------------------------------------------------------------
     def start_kernel(
@@ -464,17 +458,9 @@ class SSHTransport:
         idle_timeout: float | None = None,
     ) -> str:
         """Start a detached agent + kernel on the host; return its id."""
-        args = ["start"]
-        if mock_gpu:
-            args.append("--mock-gpu")
-        if cwd:
-            args += ["--cwd", cwd]
-        if python:
-            args += ["--python", python]
-        if env:
-            args += ["--env", json.dumps(env)]
-        if idle_timeout is not None:
-            args += ["--idle-timeout", str(idle_timeout)]
+        args = agent_start_args(
+            mock_gpu=mock_gpu, cwd=cwd, python=python, env=env, idle_timeout=idle_timeout
+        )
         return self._remote(*args, timeout=max(60.0, self.connect_timeout))["id"]
 
     def open_pipe(self, kernel_id: str) -> ChannelPipe:
