@@ -101,9 +101,7 @@ class LocalTransport:
             timeout=timeout,
             check=False,
         )
-        return parse_agent_reply(
-            proc.stdout, proc.stderr, command=args[0], host="a local kernel"
-        )
+        return parse_agent_reply(proc.stdout, proc.stderr, command=args[0], host="a local kernel")
 
     def start_kernel(
         self,
