@@ -2,15 +2,15 @@
 
 Every query hash is looked up by binary search in every shard; each hit votes for
 ``(track, speed hypothesis, reference time - query time)``. Hits of the true track pile up at one
-offset, chance hits spread out. The score of a track is the largest vote count of one offset
-(plus its two neighbours, which absorbs rounding of the anchor times).
+offset, chance hits spread out. The score of a track is the weighted vote count of its best
+offset (see :func:`votes`).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,9 +21,9 @@ from colabmagic.fingerprint.fingerprinter import Fingerprint
 from colabmagic.fingerprint.index import Index
 from colabmagic.fingerprint.pipeline import now
 
-#: Default decision threshold (aligned hashes). Chosen on the Wesnoth benchmark as the lowest
-#: value that gave no false positive on any query of audio outside the index; see docs.
-DEFAULT_MIN_SCORE = 10
+#: Default decision threshold (rarity-weighted aligned hashes). Chosen on the Wesnoth benchmark
+#: above the highest score any query of audio outside the index reached; see docs/fingerprint.md.
+DEFAULT_MIN_SCORE = 4.5
 _OFFSET_BIAS = 1 << 24
 
 
@@ -35,7 +35,9 @@ class Match:
     ----------
     track : str
         Track id in the index.
-    score : int
+    score : float
+        Aligned hashes at the best offset, each weighted by its rarity in the index.
+    aligned : int
         Hashes aligned at the best offset.
     offset_s : float
         Where the query starts in the track, in seconds (negative: before the track starts).
@@ -48,43 +50,54 @@ class Match:
     """
 
     track: str
-    score: int
+    score: float
+    aligned: int
     offset_s: float
     confidence: float
     speed: float
     path: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"track": self.track, "score": float(self.score), "offset_s": self.offset_s,
+        return {"track": self.track, "score": self.score, "aligned": self.aligned,
+                "offset_s": self.offset_s,
                 "confidence": self.confidence, "speed": self.speed}  # fmt: skip
 
 
-def _votes(index: Index, fp: Fingerprint) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Best (score, offset, variant) per candidate track, tracks sorted by score (descending)."""
+class Votes(NamedTuple):
+    """Best offset of every candidate track, best first."""
+
+    track: np.ndarray  # internal track number
+    score: np.ndarray  # rarity-weighted aligned hashes (the decision statistic)
+    count: np.ndarray  # aligned hashes
+    offset: np.ndarray  # reference frame where the query starts
+    variant: np.ndarray  # speed hypothesis
+
+
+def votes(index: Index, fp: Fingerprint) -> Votes:
+    """Offset histograms of a query fingerprint against *index*.
+
+    A hit of query hash ``h`` weighs ``1 / log2(2 + postings(h))``: common hashes (a bass note
+    held at the typical interval) say little, rare ones a lot. This keeps the chance score of
+    audio that is not indexed flat across query lengths and library sizes, so one threshold
+    serves every query.
+    """
     which, track, ref_time = index.lookup(fp.hashes)
     if which.size == 0:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, empty, empty
-    n_var = int(fp.variant.max()) + 1 if fp.variant.size else 1
+        e = np.zeros(0, np.int64)
+        return Votes(e, np.zeros(0), e, e, e)
+    n_var = int(fp.variant.max()) + 1
     offset = ref_time - fp.times[which].astype(np.int64) + _OFFSET_BIAS
     key = (track * n_var + fp.variant[which].astype(np.int64)) * (2 * _OFFSET_BIAS) + offset
-    keys, counts = np.unique(key, return_counts=True)
-    # add the counts of the two neighbouring offsets of the same (track, variant)
-    smooth = counts.copy()
-    for d in (-1, 1):
-        pos = np.searchsorted(keys, keys + d)
-        pos = np.minimum(pos, len(keys) - 1)
-        smooth += np.where(keys[pos] == keys + d, counts[pos], 0)
+    keys, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    weight = 1.0 / np.log2(2.0 + np.bincount(which, minlength=len(fp.hashes))[which])
+    score = np.bincount(inverse.reshape(-1), weights=weight, minlength=len(keys))
     group = keys // (2 * _OFFSET_BIAS)
     tr = group // n_var
-    # best key per track: sort by (track, smooth, own count) and take the last of each track
-    order = np.lexsort((counts, smooth, tr))
-    last = np.r_[tr[order][1:] != tr[order][:-1], True]
-    best = order[last]
-    rank = np.argsort(-smooth[best], kind="stable")
-    best = best[rank]
+    order = np.lexsort((counts, score, tr))  # best key of each track last
+    best = order[np.r_[tr[order][1:] != tr[order][:-1], True]]
+    best = best[np.argsort(-score[best], kind="stable")]
     offsets = keys[best] % (2 * _OFFSET_BIAS) - _OFFSET_BIAS
-    return tr[best], smooth[best], offsets, group[best] % n_var
+    return Votes(tr[best], score[best], counts[best], offsets, group[best] % n_var)
 
 
 def match(
@@ -92,7 +105,7 @@ def match(
     query: str | os.PathLike[str] | np.ndarray | Fingerprint,
     *,
     top_k: int = 1,
-    min_score: int = DEFAULT_MIN_SCORE,
+    min_score: float = DEFAULT_MIN_SCORE,
     backend: str | Backend = "numpy",
 ) -> list[Match]:
     """Identify a 3-30 s excerpt (file, samples at the index's rate, or query fingerprint).
@@ -126,19 +139,19 @@ def match(
         if not isinstance(query, np.ndarray):
             y = load_audio(query, sample_rate=fpr.sample_rate)
         fp = fpr.fingerprint(y, backend=backend, query=True)
-    tracks, scores, offsets, variants = _votes(index, fp)
+    v = votes(index, fp)
     out = []
-    for i in range(min(top_k, len(tracks))):
-        if scores[i] < min_score:
+    for i in range(min(top_k, len(v.track))):
+        if v.score[i] < min_score:
             break
-        runner_up = scores[i + 1] if i + 1 < len(scores) else 0
-        t = index.track(int(tracks[i]))
+        runner_up = v.score[i + 1] if i + 1 < len(v.score) else 0.0
+        t = index.track(int(v.track[i]))
         out.append(
             Match(
-                track=t.id, score=int(scores[i]),
-                offset_s=round(float(offsets[i]) * fpr.frame_seconds, 3),
-                confidence=round(1.0 - float(runner_up) / float(scores[i]), 4),
-                speed=float(fpr.speeds[int(variants[i])]), path=t.path,
+                track=t.id, score=round(float(v.score[i]), 3), aligned=int(v.count[i]),
+                offset_s=round(float(v.offset[i]) * fpr.frame_seconds, 3),
+                confidence=round(1.0 - float(runner_up) / float(v.score[i]), 4),
+                speed=float(fpr.speeds[int(v.variant[i])]), path=t.path,
             )
         )  # fmt: skip
     return out
@@ -157,7 +170,7 @@ class QueryResult:
         d: dict[str, Any] = {
             "query": self.query,
             "track": best.track if best else None,
-            "score": float(best.score) if best else 0.0,
+            "score": best.score if best else 0.0,
             "offset_s": best.offset_s if best else None,
             "latency_s": round(self.latency_s, 6),
         }
@@ -171,7 +184,7 @@ class QueryResult:
 
 def query_file(
     index: Index, path: str | os.PathLike[str], *, top_k: int = 1,
-    min_score: int = DEFAULT_MIN_SCORE, backend: str | Backend = "numpy",
+    min_score: float = DEFAULT_MIN_SCORE, backend: str | Backend = "numpy",
 ) -> QueryResult:  # fmt: skip
     """Decode, fingerprint and match one file, timing the whole of it."""
     start = now()

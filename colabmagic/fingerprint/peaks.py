@@ -104,8 +104,9 @@ def _refine(backend: Backend, power: Any, t: Any, f: Any) -> tuple[Any, Any]:
     xp = backend.xp
     eps = xp.float32(1e-12)
     n_frames = power.shape[0]
-    tm = xp.maximum(t - 1, 0)
-    tp = xp.minimum(t + 1, n_frames - 1)
+    # neighbours outside the array count as silence, exactly like the empty blocks between slots
+    before = xp.where(t >= 1, power[xp.maximum(t - 1, 0), f], 0)
+    after = xp.where(t + 1 < n_frames, power[xp.minimum(t + 1, n_frames - 1), f], 0)
     c = xp.log(power[t, f] + eps)
 
     def offset(lo: Any, hi: Any) -> Any:
@@ -115,5 +116,5 @@ def _refine(backend: Backend, power: Any, t: Any, f: Any) -> tuple[Any, Any]:
         return xp.where(curved, xp.clip(step, -0.5, 0.5), 0).astype(xp.float32)
 
     df = offset(xp.log(power[t, f - 1] + eps), xp.log(power[t, f + 1] + eps))
-    dt = offset(xp.log(power[tm, f] + eps), xp.log(power[tp, f] + eps))
+    dt = offset(xp.log(before + eps), xp.log(after + eps))
     return t.astype(xp.float32) + dt, f.astype(xp.float32) + df
