@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,11 +79,14 @@ def _load_ffmpeg(path: str, sample_rate: int) -> np.ndarray:
 
 
 def _load_audioread(path: str, sample_rate: int) -> np.ndarray:
-    import audioread
+    with warnings.catch_warnings():  # audioread's backends import the deprecated aifc/sunau
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", ResourceWarning)  # it leaks a file when it gives up
+        import audioread
 
-    with audioread.audio_open(path) as f:
-        sr, ch = f.samplerate, f.channels
-        raw = b"".join(f)
+        with audioread.audio_open(path) as f:
+            sr, ch = f.samplerate, f.channels
+            raw = b"".join(f)
     y = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
     return _resample(y.reshape(-1, ch).mean(axis=1), sr, sample_rate)
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from colabmagic.errors import ParameterError
 from colabmagic.fingerprint.audio import find_audio, load_audio
+from colabmagic.fingerprint.fingerprinter import Fingerprinter
 from colabmagic.fingerprint.index import Index
 from colabmagic.fingerprint.match import DEFAULT_MIN_SCORE, votes
 
@@ -66,6 +67,7 @@ def run_benchmark(
     conditions: tuple[str, ...] = CONDITIONS,
     min_score: float = DEFAULT_MIN_SCORE,
     seed: int = 0,
+    fingerprinter: Fingerprinter | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark and return its figures as a dict (see the module docstring).
@@ -90,6 +92,8 @@ def run_benchmark(
         The decision threshold under test.
     seed : int
         Excerpt positions and noise.
+    fingerprinter : Fingerprinter, optional
+        Parameters under test (the defaults otherwise).
     log : callable, optional
         Receives one progress line per finished block (the CLI prints them).
     """
@@ -111,7 +115,7 @@ def run_benchmark(
                            "held_out_tracks": len(held_out), "workers": workers,
                            "backend": backend, "min_score": min_score}  # fmt: skip
     try:
-        index = Index(db_path)
+        index = Index(db_path, fingerprinter=fingerprinter)
         summary = index.add(indexed, workers=workers, backend=backend)
         info = index.info()
         res["index"] = {
