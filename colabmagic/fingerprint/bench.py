@@ -215,3 +215,50 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
 
 if __name__ == "__main__":  # pragma: no cover
     os.sys.exit("use `colabmagic fp bench` or benchmarks/fingerprint.py")
+
+
+def device_benchmark(
+    *, backend: str = "cupy", hours: float = 10.0, n_queries: int = 1000, seconds: float = 10.0,
+    seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Throughput on decoded audio (no files needed): extraction and batched queries.
+
+    Synthesises *hours* of noise-like "music" (random chirps), fingerprints it in batches,
+    indexes it in a temporary directory and identifies *n_queries* excerpts of *seconds* with
+    :func:`~colabmagic.fingerprint.match.match_many`. Used by ``benchmarks/gpu_check.sh``.
+    """
+    from colabmagic.fingerprint.match import match_many
+
+    fpr = Fingerprinter()
+    sr = fpr.sample_rate
+    rng = np.random.default_rng(seed)
+    n_tracks = max(2, int(hours * 3600 / 300))
+    t = np.arange(300 * sr, dtype=np.float32) / sr
+    base = np.sin(2 * np.pi * 40 * t**1.5).astype(np.float32)
+    tracks = [np.roll(base, int(rng.integers(len(base)))) * rng.uniform(0.5, 1.0)
+              + 0.3 * rng.standard_normal(len(base)).astype(np.float32)
+              for _ in range(n_tracks)]  # fmt: skip
+    fpr.fingerprint_batch(tracks[:1], backend=backend)  # warm-up: kernels, FFT plans
+    t0 = time.perf_counter()
+    fps = fpr.fingerprint_batch(tracks, backend=backend)
+    ext = time.perf_counter() - t0
+    res: dict[str, Any] = {"backend": getattr(backend, "name", backend), "audio_s": n_tracks * 300.0,
+                           "extract_x_realtime": n_tracks * 300.0 / ext}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        index = Index(tmp, fingerprinter=fpr)
+        index.add_fingerprints(
+            [({"id": str(i), "path": str(i), "duration": 300.0, "content_hash": str(i)},
+              f.hashes, f.times) for i, f in enumerate(fps)]
+        )  # fmt: skip
+        starts = rng.integers(0, (300 - seconds) * sr, size=n_queries)
+        which = rng.integers(0, n_tracks, size=n_queries)
+        qs = [tracks[k][a : a + int(seconds * sr)] for k, a in zip(which, starts, strict=True)]
+        match_many(index, qs[:2], backend=backend)  # warm-up and device copy of the index
+        t0 = time.perf_counter()
+        out = match_many(index, qs, backend=backend)
+        res["queries"] = n_queries
+        res["queries_seconds"] = time.perf_counter() - t0
+        res["query_recall"] = float(
+            np.mean([bool(m) and m[0].track == str(k) for m, k in zip(out, which, strict=True)])
+        )
+    return res

@@ -276,6 +276,20 @@ class Index:
         time = (postings & TIME_MASK).astype(np.int64)
         return np.concatenate(which)[keep], track[keep], time[keep]
 
+    def device_arrays(self, backend: Backend) -> list[tuple[Any, Any]]:
+        """``(hashes, postings)`` of every shard on *backend*, copied once and cached."""
+        if not backend.is_device:
+            return [(s.hashes, s.postings) for s in self._shards]
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = (backend.name, tuple(s.name for s in self._shards))
+        if key not in cache:
+            cache.clear()
+            cache[key] = [
+                (backend.to_device(np.asarray(s.hashes)), backend.to_device(np.asarray(s.postings)))
+                for s in self._shards
+            ]
+        return cache[key]
+
     # -- writing ---------------------------------------------------------------------------
     def _create(self, fingerprinter: Fingerprinter) -> None:
         (self.path / "shards").mkdir(parents=True, exist_ok=True)

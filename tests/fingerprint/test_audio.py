@@ -55,7 +55,9 @@ def test_index_skips_and_counts_bad_files(tmp_path, tracks):
     with pytest.warns(AudioDecodeWarning) as rec:
         s = idx.add([lib])
     assert (s.files, s.added, s.skipped) == (4, 2, 2)
-    assert sorted(s.skipped_files) == sorted([str(lib / "empty.wav"), str(lib / "sub" / "broken.flac")])
+    assert sorted(s.skipped_files) == sorted(
+        [str(lib / "empty.wav"), str(lib / "sub" / "broken.flac")]
+    )
     named = {str(w.message).split(":")[0] for w in rec if w.category is AudioDecodeWarning}
     assert named == set(s.skipped_files)
     assert len(Index(tmp_path / "db", readonly=True)) == 2  # consistent after the skips
