@@ -32,6 +32,7 @@ from colabmagic.errors import ColabMagicError, ParameterError
 from colabmagic.fingerprint._xp import Backend
 from colabmagic.fingerprint.audio import AudioDecodeWarning, content_hash, find_audio
 from colabmagic.fingerprint.fingerprinter import Fingerprinter
+from colabmagic.fingerprint.hashing import HASH_BITS
 from colabmagic.fingerprint.pipeline import Job, extract_files, now
 
 MANIFEST = "manifest.json"
@@ -238,8 +239,14 @@ class Index:
             "params": self.fingerprinter.params(),
         }  # fmt: skip
 
+    @property
+    def stop_postings(self) -> int:
+        """Hashes with more postings than this (100x the mean, at least 32) are not looked up:
+        they are a few percent of a query's hashes but half of its hits, and say little."""
+        return max(32, int(100 * self.n_hashes / (1 << HASH_BITS)))
+
     def lookup(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All postings of *hashes* in every shard, by binary search.
+        """All postings of *hashes* in every shard, by binary search (see :attr:`stop_postings`).
 
         Parameters
         ----------
@@ -255,11 +262,16 @@ class Index:
             Anchor frame of every hit in its track.
         """
         hashes = np.asarray(hashes, dtype=np.uint32)
+        found = [
+            (s, np.searchsorted(s.hashes, hashes, side="left"),
+             np.searchsorted(s.hashes, hashes, side="right"))
+            for s in self._shards
+        ]  # fmt: skip
+        total_per_hash = sum((hi - lo for _, lo, hi in found), np.zeros(len(hashes), np.int64))
+        stop = total_per_hash > self.stop_postings
         which, post = [], []
-        for shard in self._shards:
-            lo = np.searchsorted(shard.hashes, hashes, side="left")
-            hi = np.searchsorted(shard.hashes, hashes, side="right")
-            count = hi - lo
+        for shard, lo, hi in found:
+            count = np.where(stop, 0, hi - lo)
             total = int(count.sum())
             if total == 0:
                 continue

@@ -258,10 +258,10 @@ def match_many(
     found = [(xp.searchsorted(h, qh, side="left"), xp.searchsorted(h, qh, side="right"))
              for h, _ in shards]  # fmt: skip
     per_hash = sum(hi - lo for lo, hi in found)
-    weight_of = 1.0 / xp.log2(2.0 + per_hash.astype(xp.float64))
+    stop = per_hash > index.stop_postings
     rows, posts = [], []
     for (lo, hi), (_, post) in zip(found, shards, strict=True):
-        count = hi - lo
+        count = xp.where(stop, 0, hi - lo)
         total = int(count.sum())
         if total:
             r = xp.repeat(xp.arange(qh.shape[0]), count)
@@ -275,6 +275,8 @@ def match_many(
     alive = be.to_device(index._alive)
     keep = alive[track]
     row, track, post = row[keep], track[keep], post[keep]
+    hits_of = xp.bincount(row, minlength=qh.shape[0]).astype(xp.float64)
+    weight_of = 1.0 / xp.log2(2.0 + hits_of)
     n_var = len(fpr.speeds)
     n_tracks = int(index._alive.shape[0])
     offset = (post & 0xFFFFFFFF).astype(xp.int64) - qt[row] + _OFFSET_BIAS
