@@ -29,10 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     res = run_benchmark(
-        music_dir=args.music_dir, workers=args.workers, backend=args.backend,
-        queries_per_track=args.queries_per_track, conditions=tuple(args.conditions.split(",")),
+        music_dir=args.music_dir,
+        workers=args.workers,
+        backend=args.backend,
+        queries_per_track=args.queries_per_track,
+        conditions=tuple(args.conditions.split(",")),
         log=lambda line: print(line, file=sys.stderr, flush=True),
-    )  # fmt: skip
+    )
     print("\n".join(summary_lines(res)))
     print(f"benchmark wall time: {time.perf_counter() - t0:.0f} s")
     if args.json_out:

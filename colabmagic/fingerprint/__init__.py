@@ -15,7 +15,22 @@ from colabmagic.fingerprint.index import AddSummary, FingerprintIndexError, Inde
 from colabmagic.fingerprint.match import DEFAULT_MIN_SCORE, Match, QueryResult, match, votes
 
 __all__ = [
-    "DEFAULT_MIN_SCORE", "AddSummary", "AudioDecodeError", "AudioDecodeWarning", "Backend",
-    "DedupResult", "Fingerprint", "FingerprintIndexError", "Fingerprinter", "Index", "Match",
-    "QueryResult", "Track", "dedup", "load_audio", "match", "resolve_backend", "votes",
-]  # fmt: skip
+    "DEFAULT_MIN_SCORE",
+    "AddSummary",
+    "AudioDecodeError",
+    "AudioDecodeWarning",
+    "Backend",
+    "DedupResult",
+    "Fingerprint",
+    "FingerprintIndexError",
+    "Fingerprinter",
+    "Index",
+    "Match",
+    "QueryResult",
+    "Track",
+    "dedup",
+    "load_audio",
+    "match",
+    "resolve_backend",
+    "votes",
+]

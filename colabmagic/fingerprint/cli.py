@@ -49,7 +49,7 @@ def _warnings_to_stderr() -> Iterator[None]:
 
 
 def _read_list(path: str) -> list[tuple[str, str]]:
-    """Lines ``<track_id>\\t<path>`` (or just ``<path>``); blank lines and ``#`` comments skipped."""
+    """Lines ``<track_id>\\t<path>`` or ``<path>``; blank lines and ``#`` comments are skipped."""
     items = []
     for line in Path(path).read_text().splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
@@ -67,17 +67,26 @@ def fp() -> None:
 @fp.command(name="index")
 @click.option("--db", required=True, type=click.Path(file_okay=False), help="Index directory.")
 @click.argument("paths", nargs=-1, type=click.Path(exists=True))
-@click.option("--list", "list_file", type=click.Path(exists=True, dir_okay=False),
-              help="File of lines '<track_id>\\t<path>' (id = path when absent).")  # fmt: skip
+@click.option(
+    "--list",
+    "list_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="File of lines '<track_id>\\t<path>' (id = path when absent).",
+)
 @click.option("--workers", type=int, default=None, help="Decode+extract processes [all CPUs].")
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--scheduler", default=None, help="Dask scheduler address: run on that cluster.")
 @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON summary.")
 @_errors
 def index_cmd(
-    db: str, paths: tuple[str, ...], list_file: str | None, workers: int | None, backend: str,
-    scheduler: str | None, as_json: bool,
-) -> None:  # fmt: skip
+    db: str,
+    paths: tuple[str, ...],
+    list_file: str | None,
+    workers: int | None,
+    backend: str,
+    scheduler: str | None,
+    as_json: bool,
+) -> None:
     """Fingerprint PATHS (files or directories, recursive) into the index DB."""
     from colabmagic.fingerprint.index import Index
     from colabmagic.fingerprint.pipeline import default_workers
@@ -86,14 +95,22 @@ def index_cmd(
     if list_file:
         items += _read_list(list_file)
     if not items:
-        raise click.UsageError("give PATH arguments or --list FILE.")
+        msg = "give PATH arguments or --list FILE."
+        raise click.UsageError(msg)
     idx = Index(db)
     summary = idx.add(
-        items, workers=workers or default_workers(), backend=backend, scheduler=scheduler,
+        items,
+        workers=workers or default_workers(),
+        backend=backend,
+        scheduler=scheduler,
         progress=True,
-    )  # fmt: skip
-    out = {**summary.to_dict(), "tracks": len(idx), "index_n_hashes": idx.n_hashes,
-           "memory_bytes": idx.memory_bytes}  # fmt: skip
+    )
+    out = {
+        **summary.to_dict(),
+        "tracks": len(idx),
+        "index_n_hashes": idx.n_hashes,
+        "memory_bytes": idx.memory_bytes,
+    }
     if as_json:
         click.echo(json.dumps(out))
         return
@@ -108,8 +125,12 @@ def index_cmd(
 @fp.command(name="query")
 @click.option("--db", required=True, type=click.Path(exists=True, file_okay=False))
 @click.argument("files", nargs=-1, type=click.Path())
-@click.option("--list", "list_file", type=click.Path(exists=True, dir_okay=False),
-              help="File of query paths (one per line; '<id>\\t<path>' also accepted).")  # fmt: skip
+@click.option(
+    "--list",
+    "list_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="File of query paths (one per line; '<id>\\t<path>' also accepted).",
+)
 @click.option("--top", "top_k", type=int, default=1, show_default=True)
 @click.option("--min-score", type=float, default=None, help="Decision threshold [tool default].")
 @click.option("--backend", type=BACKEND, default="numpy", show_default=True)
@@ -117,9 +138,15 @@ def index_cmd(
 @click.option("--jsonl", "jsonl", type=click.Path(dir_okay=False), help="Write JSON lines here.")
 @_errors
 def query_cmd(
-    db: str, files: tuple[str, ...], list_file: str | None, top_k: int,
-    min_score: float | None, backend: str, as_json: bool, jsonl: str | None,
-) -> None:  # fmt: skip
+    db: str,
+    files: tuple[str, ...],
+    list_file: str | None,
+    top_k: int,
+    min_score: float | None,
+    backend: str,
+    as_json: bool,
+    jsonl: str | None,
+) -> None:
     """Identify each query FILE against the index DB."""
     from colabmagic.fingerprint.audio import AudioDecodeError
     from colabmagic.fingerprint.index import Index
@@ -127,9 +154,10 @@ def query_cmd(
 
     queries = list(files) + [p for _, p in _read_list(list_file)] if list_file else list(files)
     if not queries:
-        raise click.UsageError("give query FILEs or --list FILE.")
+        msg = "give query FILEs or --list FILE."
+        raise click.UsageError(msg)
     idx = Index(db, readonly=True)
-    sink = open(jsonl, "w") if jsonl else None  # noqa: SIM115 - closed below
+    sink = open(jsonl, "w") if jsonl else None
     try:
         for q in queries:
             try:
@@ -143,15 +171,24 @@ def query_cmd(
                 line = res.to_dict()
             except AudioDecodeError as exc:
                 click.echo(f"warning: {exc}", err=True)
-                line = {"query": q, "track": None, "score": 0.0, "offset_s": None,
-                        "latency_s": 0.0, "error": str(exc)}  # fmt: skip
+                line = {
+                    "query": q,
+                    "track": None,
+                    "score": 0.0,
+                    "offset_s": None,
+                    "latency_s": 0.0,
+                    "error": str(exc),
+                }
             if sink is not None:
                 sink.write(json.dumps(line) + "\n")
             elif as_json:
                 click.echo(json.dumps(line))
             else:
-                found = (f"{line['track']}  score {line['score']:.1f}  at {line['offset_s']:.2f} s"
-                         if line["track"] is not None else "no match")  # fmt: skip
+                found = (
+                    f"{line['track']}  score {line['score']:.1f}  at {line['offset_s']:.2f} s"
+                    if line["track"] is not None
+                    else "no match"
+                )
                 click.echo(f"{q}: {found}  ({1000 * line['latency_s']:.0f} ms)")
     finally:
         if sink is not None:
@@ -177,8 +214,10 @@ def dedup_cmd(paths: tuple[str, ...], workers: int | None, backend: str, as_json
         click.echo(f"group {n}: {len(group)} files")
         for e in evidence:
             click.echo(f"  {e.b}  =  {e.a} @ {e.offset_s:+.2f} s  (score {e.aligned})")
-    click.echo(f"{res.files} files, {len(res.groups)} groups of duplicates, "
-               f"{len(res.skipped_files)} skipped, {res.elapsed_s:.1f} s")  # fmt: skip
+    click.echo(
+        f"{res.files} files, {len(res.groups)} groups of duplicates, "
+        f"{len(res.skipped_files)} skipped, {res.elapsed_s:.1f} s"
+    )
 
 
 @fp.command(name="info")
@@ -229,9 +268,12 @@ def bench_cmd(
     from colabmagic.fingerprint.bench import WESNOTH_MUSIC, run_benchmark, summary_lines
 
     res = run_benchmark(
-        music_dir=music_dir or WESNOTH_MUSIC, workers=workers, backend=backend,
-        queries_per_track=queries_per_track, log=lambda s: click.echo(s, err=True),
-    )  # fmt: skip
+        music_dir=music_dir or WESNOTH_MUSIC,
+        workers=workers,
+        backend=backend,
+        queries_per_track=queries_per_track,
+        log=lambda s: click.echo(s, err=True),
+    )
     for line in summary_lines(res):
         click.echo(line)
     if as_json:

@@ -35,8 +35,13 @@ class Evidence:
     offset_s: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "score": float(self.aligned),
-                "fraction": self.fraction, "offset_s": self.offset_s}  # fmt: skip
+        return {
+            "a": self.a,
+            "b": self.b,
+            "score": float(self.aligned),
+            "fraction": self.fraction,
+            "offset_s": self.offset_s,
+        }
 
 
 @dataclass
@@ -56,11 +61,13 @@ class DedupResult:
                 {"files": g, "evidence": [e.to_dict() for e in ev]}
                 for g, ev in zip(self.groups, self.evidence, strict=True)
             ],
-            "files": self.files, "skipped": len(self.skipped_files),
-            "skipped_files": self.skipped_files, "audio_seconds": self.audio_seconds,
+            "files": self.files,
+            "skipped": len(self.skipped_files),
+            "skipped_files": self.skipped_files,
+            "audio_seconds": self.audio_seconds,
             "seconds": self.elapsed_s,
             "x_realtime": self.audio_seconds / self.elapsed_s if self.elapsed_s else 0.0,
-        }  # fmt: skip
+        }
 
 
 def dedup(
@@ -105,8 +112,9 @@ def dedup(
         try:
             by_hash.setdefault(content_hash(f), []).append(f)
         except OSError as exc:
-            warnings.warn(f"{f}: cannot read ({exc.strerror}); skipped.", AudioDecodeWarning,
-                          stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"{f}: cannot read ({exc.strerror}); skipped.", AudioDecodeWarning, stacklevel=2
+            )
             result.skipped_files.append(f)
     jobs = [Job(fs[0], fs[0], h) for h, fs in by_hash.items()]
     done = []
@@ -129,10 +137,20 @@ def dedup(
     with tempfile.TemporaryDirectory(prefix="fpdedup-") as tmp:
         index = Index(tmp, fingerprinter=fpr)
         index.add_fingerprints(
-            [({"id": str(i), "path": r.path, "duration": r.duration,
-               "content_hash": r.content_hash}, r.hashes, r.times)
-             for i, r in enumerate(done)]
-        )  # fmt: skip
+            [
+                (
+                    {
+                        "id": str(i),
+                        "path": r.path,
+                        "duration": r.duration,
+                        "content_hash": r.content_hash,
+                    },
+                    r.hashes,
+                    r.times,
+                )
+                for i, r in enumerate(done)
+            ]
+        )
         n_hashes = np.array([len(r.hashes) for r in done])
         for i, r in enumerate(done):
             fp = Fingerprint(r.hashes, r.times, np.zeros(len(r.hashes), np.int8))
@@ -146,8 +164,13 @@ def dedup(
                     continue
                 a, b = (j, i) if r.duration <= done[j].duration else (i, j)
                 offset = float(off) * fpr.frame_seconds * (1 if a == j else -1)
-                ev = Evidence(done[a].path, done[b].path, int(count),
-                              round(float(count) / max(shorter, 1), 4), round(offset, 3))  # fmt: skip
+                ev = Evidence(
+                    done[a].path,
+                    done[b].path,
+                    int(count),
+                    round(float(count) / max(shorter, 1), 4),
+                    round(offset, 3),
+                )
                 key = (min(i, j), max(i, j))
                 if key not in edges or edges[key].aligned < ev.aligned:
                     edges[key] = ev
@@ -169,7 +192,12 @@ def dedup(
         result.groups.append(names)
         result.evidence.append(ev)
     result.groups, result.evidence = (
-        list(x) for x in zip(*sorted(zip(result.groups, result.evidence, strict=True)), strict=True)
-    ) if result.groups else ([], [])  # fmt: skip
+        (
+            list(x)
+            for x in zip(*sorted(zip(result.groups, result.evidence, strict=True)), strict=True)
+        )
+        if result.groups
+        else ([], [])
+    )
     result.elapsed_s = now() - start
     return result

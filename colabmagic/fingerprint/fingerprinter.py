@@ -76,14 +76,14 @@ class Fingerprinter:
     f_min: float = 90.0
     f_max: float = 3500.0
     peaks_per_second: float = 24.0
-    fanout: int = 5
+    fanout: int = 8
     freq_radius: int = 6
     time_radius: int = 4
     dt_max: int = 48
     df_max: int = 40
     block: int = 32
     query_density: float = 1.5
-    query_fanout: int = 8
+    query_fanout: int = 10
     speeds: tuple[float, ...] = DEFAULT_SPEEDS
     batch_seconds: float = 900.0
 
@@ -198,10 +198,17 @@ class Fingerprinter:
                 be, seg, n_frames=b - a, n_fft=self.n_fft, hop=self.hop, window=window
             )
             t, f = peaks.pick_peaks(
-                be, power, freq_radius=self.freq_radius, time_radius=self.time_radius,
-                block=self.block, per_block=per_block, f_lo=self._f_lo, f_hi=self._f_hi,
-                first=start - a, last=min(start + chunk, n_frames) - a,
-            )  # fmt: skip
+                be,
+                power,
+                freq_radius=self.freq_radius,
+                time_radius=self.time_radius,
+                block=self.block,
+                per_block=per_block,
+                f_lo=self._f_lo,
+                f_hi=self._f_hi,
+                first=start - a,
+                last=min(start + chunk, n_frames) - a,
+            )
             times.append(t + xp.float32(a))
             freqs.append(f)
         return xp.concatenate(times), xp.concatenate(freqs)
@@ -225,9 +232,17 @@ class Fingerprinter:
         parts = []
         for v, s in enumerate(speeds):  # a handful of hypotheses, each fully vectorised
             h, t, tr = hashing.landmark_hashes(
-                be, times, freqs, track, fanout=fanout, dt_max=self.dt_max, df_max=self.df_max,
-                lookahead=4 * fanout, time_scale=s, freq_scale=1.0 / s,
-            )  # fmt: skip
+                be,
+                times,
+                freqs,
+                track,
+                fanout=fanout,
+                dt_max=self.dt_max,
+                df_max=self.df_max,
+                lookahead=4 * fanout,
+                time_scale=s,
+                freq_scale=1.0 / s,
+            )
             parts.append((h, t, tr, xp.full(h.shape, v, dtype=xp.int8)))
         h, t, tr, var = (xp.concatenate([p[k] for p in parts]) for k in range(4))
         order = xp.argsort(tr, kind="stable") if len(speeds) > 1 else xp.arange(tr.shape[0])

@@ -58,9 +58,14 @@ class Track:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "n": self.number, "id": self.id, "path": self.path, "duration": self.duration,
-            "content_hash": self.content_hash, "n_hashes": self.n_hashes, "shard": self.shard,
-        }  # fmt: skip
+            "n": self.number,
+            "id": self.id,
+            "path": self.path,
+            "duration": self.duration,
+            "content_hash": self.content_hash,
+            "n_hashes": self.n_hashes,
+            "shard": self.shard,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Track:
@@ -88,11 +93,17 @@ class AddSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "files": self.files, "added": self.added, "known": self.known,
-            "skipped": self.skipped, "skipped_files": self.skipped_files,
-            "hours": self.audio_seconds / 3600, "audio_seconds": self.audio_seconds,
-            "n_hashes": self.n_hashes, "seconds": self.elapsed_s, "x_realtime": self.x_realtime,
-        }  # fmt: skip
+            "files": self.files,
+            "added": self.added,
+            "known": self.known,
+            "skipped": self.skipped,
+            "skipped_files": self.skipped_files,
+            "hours": self.audio_seconds / 3600,
+            "audio_seconds": self.audio_seconds,
+            "n_hashes": self.n_hashes,
+            "seconds": self.elapsed_s,
+            "x_realtime": self.x_realtime,
+        }
 
 
 def _fsync_dir(path: Path) -> None:
@@ -231,13 +242,16 @@ class Index:
     def info(self) -> dict[str, Any]:
         """Summary as a JSON-able dict."""
         return {
-            "path": str(self.path), "tracks": len(self._tracks),
-            "hours": sum(t.duration for t in self._tracks) / 3600, "n_hashes": self.n_hashes,
-            "shards": len(self._shards), "removed": len(self._manifest["removed"]),
+            "path": str(self.path),
+            "tracks": len(self._tracks),
+            "hours": sum(t.duration for t in self._tracks) / 3600,
+            "n_hashes": self.n_hashes,
+            "shards": len(self._shards),
+            "removed": len(self._manifest["removed"]),
             "memory_bytes": self.memory_bytes,
             "bytes_per_hash": self.memory_bytes / max(self.n_hashes, 1),
             "params": self.fingerprinter.params(),
-        }  # fmt: skip
+        }
 
     @property
     def stop_postings(self) -> int:
@@ -263,10 +277,13 @@ class Index:
         """
         hashes = np.asarray(hashes, dtype=np.uint32)
         found = [
-            (s, np.searchsorted(s.hashes, hashes, side="left"),
-             np.searchsorted(s.hashes, hashes, side="right"))
+            (
+                s,
+                np.searchsorted(s.hashes, hashes, side="left"),
+                np.searchsorted(s.hashes, hashes, side="right"),
+            )
             for s in self._shards
-        ]  # fmt: skip
+        ]
         total_per_hash = sum((hi - lo for _, lo, hi in found), np.zeros(len(hashes), np.int64))
         stop = total_per_hash > self.stop_postings
         which, post = [], []
@@ -309,9 +326,15 @@ class Index:
             if (self.path / MANIFEST).exists():
                 return
             self._write_manifest(
-                {"version": FORMAT_VERSION, "params": fingerprinter.params(), "next_track": 0,
-                 "tracks": [], "shards": [], "removed": []}
-            )  # fmt: skip
+                {
+                    "version": FORMAT_VERSION,
+                    "params": fingerprinter.params(),
+                    "next_track": 0,
+                    "tracks": [],
+                    "shards": [],
+                    "removed": [],
+                }
+            )
 
     def _lock(self) -> Any:
         from filelock import FileLock
@@ -412,9 +435,12 @@ class Index:
                 seen.add(chash)
                 jobs.append(Job(track_id, path, chash))
             results = extract_files(
-                jobs, fingerprinter=self.fingerprinter, workers=workers, backend=backend,
+                jobs,
+                fingerprinter=self.fingerprinter,
+                workers=workers,
+                backend=backend,
                 scheduler=scheduler,
-            )  # fmt: skip
+            )
             if progress:
                 from tqdm.auto import tqdm
 
@@ -425,9 +451,13 @@ class Index:
                 if r.error is not None:
                     self._skip(summary, r.path, r.error)
                     continue
-                record = {"id": r.track_id, "path": str(Path(r.path).resolve()),
-                          "duration": r.duration, "content_hash": r.content_hash,
-                          "n_hashes": len(r.hashes)}  # fmt: skip
+                record = {
+                    "id": r.track_id,
+                    "path": str(Path(r.path).resolve()),
+                    "duration": r.duration,
+                    "content_hash": r.content_hash,
+                    "n_hashes": len(r.hashes),
+                }
                 pending.append((record, r.hashes, r.times))
                 n_pending += len(r.hashes)
                 summary.added += 1

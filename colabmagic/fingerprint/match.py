@@ -8,6 +8,7 @@ offset (see :func:`votes`).
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -23,7 +24,7 @@ from colabmagic.fingerprint.pipeline import now
 
 #: Default decision threshold (see :func:`votes`). Chosen on the Wesnoth benchmark above the
 #: highest score any query of audio outside the index reached; see docs/fingerprint.md.
-DEFAULT_MIN_SCORE = 3.5
+DEFAULT_MIN_SCORE = 4.0
 _OFFSET_BIAS = 1 << 24
 #: Query frames per segment (0.5 s at the default rate) in :func:`votes`.
 SEGMENT_FRAMES = 16
@@ -61,9 +62,14 @@ class Match:
     path: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"track": self.track, "score": self.score, "aligned": self.aligned,
-                "offset_s": self.offset_s,
-                "confidence": self.confidence, "speed": self.speed}  # fmt: skip
+        return {
+            "track": self.track,
+            "score": self.score,
+            "aligned": self.aligned,
+            "offset_s": self.offset_s,
+            "confidence": self.confidence,
+            "speed": self.speed,
+        }
 
 
 class Votes(NamedTuple):
@@ -169,12 +175,15 @@ def match(
         t = index.track(int(v.track[i]))
         out.append(
             Match(
-                track=t.id, score=round(float(v.score[i]), 3), aligned=int(v.count[i]),
+                track=t.id,
+                score=round(float(v.score[i]), 3),
+                aligned=int(v.count[i]),
                 offset_s=round(float(v.offset[i]) * fpr.frame_seconds, 3),
                 confidence=round(1.0 - float(runner_up) / float(v.score[i]), 4),
-                speed=float(fpr.speeds[int(v.variant[i])]), path=t.path,
+                speed=float(fpr.speeds[int(v.variant[i])]),
+                path=t.path,
             )
-        )  # fmt: skip
+        )
     return out
 
 
@@ -204,9 +213,13 @@ class QueryResult:
 
 
 def query_file(
-    index: Index, path: str | os.PathLike[str], *, top_k: int = 1,
-    min_score: float = DEFAULT_MIN_SCORE, backend: str | Backend = "numpy",
-) -> QueryResult:  # fmt: skip
+    index: Index,
+    path: str | os.PathLike[str],
+    *,
+    top_k: int = 1,
+    min_score: float = DEFAULT_MIN_SCORE,
+    backend: str | Backend = "numpy",
+) -> QueryResult:
     """Decode, fingerprint and match one file, timing the whole of it."""
     start = now()
     matches = match(index, path, top_k=top_k, min_score=min_score, backend=backend)
@@ -255,8 +268,10 @@ def match_many(
     qv = be.to_device(np.concatenate([f.variant for f in fps]).astype(np.int64))
     qid = be.to_device(np.repeat(np.arange(len(fps)), sizes))
     shards = index.device_arrays(be)
-    found = [(xp.searchsorted(h, qh, side="left"), xp.searchsorted(h, qh, side="right"))
-             for h, _ in shards]  # fmt: skip
+    found = [
+        (xp.searchsorted(h, qh, side="left"), xp.searchsorted(h, qh, side="right"))
+        for h, _ in shards
+    ]
     per_hash = sum(hi - lo for lo, hi in found)
     stop = per_hash > index.stop_postings
     rows, posts = [], []
@@ -298,16 +313,23 @@ def match_many(
     var = be.to_host(g[best] % n_var)
     bounds = np.searchsorted(q_of, np.arange(len(queries) + 1))
     out: list[list[Match]] = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):  # per query: top_k Python objects
+    for a, b in itertools.pairwise(bounds):  # per query: top_k Python objects
         ms = []
         for i in range(a, min(b, a + top_k)):
             if sc[i] < min_score:
                 break
             runner_up = sc[i + 1] if i + 1 < b else 0.0
             t = index.track(int(tr[i]))
-            ms.append(Match(track=t.id, score=round(float(sc[i]), 3), aligned=int(cn[i]),
-                            offset_s=round(float(off[i]) * fpr.frame_seconds, 3),
-                            confidence=round(1.0 - float(runner_up) / float(sc[i]), 4),
-                            speed=float(fpr.speeds[int(var[i])]), path=t.path))  # fmt: skip
+            ms.append(
+                Match(
+                    track=t.id,
+                    score=round(float(sc[i]), 3),
+                    aligned=int(cn[i]),
+                    offset_s=round(float(off[i]) * fpr.frame_seconds, 3),
+                    confidence=round(1.0 - float(runner_up) / float(sc[i]), 4),
+                    speed=float(fpr.speeds[int(var[i])]),
+                    path=t.path,
+                )
+            )
         out.append(ms)
     return out

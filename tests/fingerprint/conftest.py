@@ -24,10 +24,12 @@ def synth_music(seed: int, seconds: float, sr: int = SR) -> np.ndarray:
     t_all = np.arange(n) / sr
     n_notes = int(seconds * 7)
     for onset, dur, f0, amp in zip(
-        rng.uniform(0, seconds, n_notes), rng.uniform(0.12, 0.6, n_notes),
-        np.exp(rng.uniform(np.log(110), np.log(1500), n_notes)), rng.uniform(0.2, 1.0, n_notes),
+        rng.uniform(0, seconds, n_notes),
+        rng.uniform(0.12, 0.6, n_notes),
+        np.exp(rng.uniform(np.log(110), np.log(1500), n_notes)),
+        rng.uniform(0.2, 1.0, n_notes),
         strict=True,
-    ):  # fmt: skip
+    ):
         a, b = int(onset * sr), min(n, int((onset + dur) * sr))
         t = t_all[: b - a]
         env = np.exp(-t * rng.uniform(2, 8)) * amp

@@ -19,8 +19,12 @@ def encoded(tmp_path_factory, tracks):
     d = tmp_path_factory.mktemp("enc")
     y = soxr.resample(tracks["t4"][2 * SR : 12 * SR], SR, 44100).astype(np.float32)
     write_wav(d / "src.wav", np.stack([y, 0.5 * y], axis=1), 44100)
-    for ext, args in {"flac": [], "ogg": ["-c:a", "libvorbis", "-q:a", "3"],
-                      "mp3": ["-b:a", "96k"], "m4a": ["-c:a", "aac", "-b:a", "96k"]}.items():  # fmt: skip
+    for ext, args in {
+        "flac": [],
+        "ogg": ["-c:a", "libvorbis", "-q:a", "3"],
+        "mp3": ["-b:a", "96k"],
+        "m4a": ["-c:a", "aac", "-b:a", "96k"],
+    }.items():
         ffmpeg("-i", str(d / "src.wav"), *args, str(d / f"q.{ext}"))
     return d
 
@@ -28,10 +32,12 @@ def encoded(tmp_path_factory, tracks):
 @pytest.mark.parametrize("name", ["src.wav", "q.flac", "q.ogg", "q.mp3", "q.m4a"])
 def test_formats_decode_to_mono_8k_and_match(encoded, built_index, name):
     y = load_audio(encoded / name)
-    assert y.dtype == np.float32 and y.ndim == 1
+    assert y.dtype == np.float32
+    assert y.ndim == 1
     assert len(y) == pytest.approx(10 * SR, abs=0.12 * SR)  # codecs pad a few ms
     (m,) = match(Index(built_index, readonly=True), encoded / name)
-    assert m.track == "t4" and m.offset_s == pytest.approx(2.0, abs=0.1)
+    assert m.track == "t4"
+    assert m.offset_s == pytest.approx(2.0, abs=0.1)
 
 
 def test_bad_files_raise_a_named_error(tmp_path):

@@ -25,7 +25,9 @@ def test_index_query_info_roundtrip(tmp_path, library, tracks):
     )
     out = _run("index", "--db", db, "--list", str(listing), "--workers", "1", "--json")
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["files"] == 3 and summary["added"] == 3 and summary["skipped"] == 0
+    assert summary["files"] == 3
+    assert summary["added"] == 3
+    assert summary["skipped"] == 0
     assert {"hours", "n_hashes", "seconds", "x_realtime", "memory_bytes"} <= set(summary)
     out = _run("index", "--db", db, str(library / "t3.wav"), str(library / "t0.wav"), "--json")
     again = json.loads(out.strip().splitlines()[-1])
@@ -34,21 +36,38 @@ def test_index_query_info_roundtrip(tmp_path, library, tracks):
     write_wav(tmp_path / "q1.wav", tracks["t1"][4 * SR : 9 * SR])
     write_wav(tmp_path / "q2.wav", tracks["n0"][4 * SR : 9 * SR])
     (tmp_path / "bad.wav").write_bytes(b"RIFF....")
-    lines = _run("query", "--db", db, str(tmp_path / "q1.wav"), str(tmp_path / "q2.wav"),
-                 str(tmp_path / "bad.wav"), "--json").strip().splitlines()  # fmt: skip
+    lines = (
+        _run(
+            "query",
+            "--db",
+            db,
+            str(tmp_path / "q1.wav"),
+            str(tmp_path / "q2.wav"),
+            str(tmp_path / "bad.wav"),
+            "--json",
+        )
+        .strip()
+        .splitlines()
+    )
     r1, r2, r3 = map(json.loads, lines)
-    assert r1["query"].endswith("q1.wav") and r1["track"] == "song-1"
-    assert abs(r1["offset_s"] - 4.0) < 0.05 and r1["score"] > 0 and r1["latency_s"] > 0
+    assert r1["query"].endswith("q1.wav")
+    assert r1["track"] == "song-1"
+    assert abs(r1["offset_s"] - 4.0) < 0.05
+    assert r1["score"] > 0
+    assert r1["latency_s"] > 0
     assert (r2["track"], r2["offset_s"]) == (None, None)
-    assert r3["track"] is None and "bad.wav" in r3["error"]
+    assert r3["track"] is None
+    assert "bad.wav" in r3["error"]
 
     jsonl = tmp_path / "out.jsonl"
     _run("query", "--db", db, str(tmp_path / "q1.wav"), "--top", "2", "--jsonl", str(jsonl))
     (r,) = map(json.loads, jsonl.read_text().splitlines())
-    assert r["track"] == "song-1" and set(r) >= {"query", "track", "score", "offset_s", "latency_s"}
+    assert r["track"] == "song-1"
+    assert set(r) >= {"query", "track", "score", "offset_s", "latency_s"}
 
     info = json.loads(_run("info", "--db", db, "--json"))
-    assert info["tracks"] == 4 and info["bytes_per_hash"] == 12.0
+    assert info["tracks"] == 4
+    assert info["bytes_per_hash"] == 12.0
     _run("remove", "--db", db, "song-1", "--compact")
     assert json.loads(_run("info", "--db", db, "--json"))["tracks"] == 3
     assert "no match" in _run("query", "--db", db, str(tmp_path / "q1.wav"))
@@ -63,6 +82,8 @@ def test_dedup_cli_and_errors(tmp_path, tracks):
     ]
     runner = CliRunner()
     res = runner.invoke(main, ["fp", "query", "--db", str(tmp_path)])
-    assert res.exit_code != 0 and "give query FILEs" in res.output
+    assert res.exit_code != 0
+    assert "give query FILEs" in res.output
     res = runner.invoke(main, ["fp", "info", "--db", str(tmp_path)])
-    assert res.exit_code == 1 and "not a fingerprint index" in res.output
+    assert res.exit_code == 1
+    assert "not a fingerprint index" in res.output

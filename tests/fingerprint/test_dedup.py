@@ -46,5 +46,7 @@ def test_dedup_groups_copies_with_offsets(tmp_path, tracks):
     assert offset["b_same_bytes.wav"] == 0.0
     assert all(e.aligned >= 20 for g in res.evidence for e in g)
     d = res.to_dict()
-    assert d["files"] == 11 and d["skipped"] == 0 and len(d["groups"]) == 2
+    assert d["files"] == 11
+    assert d["skipped"] == 0
+    assert len(d["groups"]) == 2
     assert set(d["groups"][0]["evidence"][0]) == {"a", "b", "score", "fraction", "offset_s"}

@@ -27,7 +27,9 @@ def test_clean_excerpt_found_at_its_offset(index, tracks, track, start):
     (m,) = match(index, q)
     assert m.track == track
     assert m.offset_s == pytest.approx(start, abs=0.05)
-    assert m.score >= 2 * DEFAULT_MIN_SCORE and 0 < m.confidence <= 1 and m.speed == 1.0
+    assert m.score >= 2 * DEFAULT_MIN_SCORE
+    assert 0 < m.confidence <= 1
+    assert m.speed == 1.0
     assert m.aligned > 50
 
 
@@ -48,7 +50,8 @@ def test_speed_change(index, tracks, speed):
     src = tracks["t2"][2 * SR : int((2 + 10 * speed) * SR)]
     q = soxr.resample(src, round(SR * speed), SR).astype(np.float32)  # played `speed` x faster
     (m,) = match(index, q)
-    assert m.track == "t2" and m.speed == pytest.approx(speed, abs=0.021)
+    assert m.track == "t2"
+    assert m.speed == pytest.approx(speed, abs=0.021)
     assert m.offset_s == pytest.approx(2.0, abs=0.15)
 
 
@@ -64,7 +67,9 @@ def test_audio_not_in_the_index_gives_no_match(index, tracks):
 def test_top_k_and_threshold(index, tracks):
     q = tracks["t4"][5 * SR : 15 * SR]
     ms = match(index, q, top_k=3, min_score=0.0)
-    assert ms[0].track == "t4" and len(ms) >= 2 and ms[0].score > 5 * ms[1].score
+    assert ms[0].track == "t4"
+    assert len(ms) >= 2
+    assert ms[0].score > 5 * ms[1].score
     assert match(index, q, min_score=1e9) == []
     with pytest.raises(ParameterError, match="top_k=0"):
         match(index, q, top_k=0)
@@ -79,15 +84,18 @@ def test_gain_and_file_queries_at_other_rates_and_mp3(index, tracks, tmp_path):
     ffmpeg("-i", str(tmp_path / "q44k.wav"), "-b:a", "64k", str(tmp_path / "q.mp3"))
     for name in ("q44k.wav", "q.mp3"):
         (m,) = match(index, tmp_path / name)
-        assert m.track == "t3" and m.offset_s == pytest.approx(6.0, abs=0.1), name
+        assert m.track == "t3", name
+        assert m.offset_s == pytest.approx(6.0, abs=0.1), name
     assert len(load_audio(tmp_path / "q.mp3")) == pytest.approx(10 * SR, abs=0.1 * SR)
 
 
 def test_match_many_equals_match(index, tracks, backend):
     from colabmagic.fingerprint.match import match_many
 
-    qs = [_noisy(tracks[n][s * SR : (s + 6) * SR], 5.0, seed=s) for n, s in
-          (("t0", 1), ("t5", 9), ("n1", 3), ("t2", 12))]  # fmt: skip
+    qs = [
+        _noisy(tracks[n][s * SR : (s + 6) * SR], 5.0, seed=s)
+        for n, s in (("t0", 1), ("t5", 9), ("n1", 3), ("t2", 12))
+    ]
     qs.append(np.zeros(SR, np.float32))
     many = match_many(index, qs, top_k=2, min_score=2.0, backend=backend)
     assert many == [match(index, q, top_k=2, min_score=2.0) for q in qs]
@@ -101,4 +109,5 @@ def test_device_benchmark_runs_on_the_device_code_path():
     from .conftest import numpy_as_device
 
     r = device_benchmark(backend=numpy_as_device(), hours=0.1, n_queries=4, seconds=5.0)
-    assert r["query_recall"] == 1.0 and r["extract_x_realtime"] > 0
+    assert r["query_recall"] == 1.0
+    assert r["extract_x_realtime"] > 0

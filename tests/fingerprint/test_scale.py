@@ -17,8 +17,9 @@ def _jobs(library):
 
 def test_worker_processes_match_in_process(library, fingerprinter):
     one = list(extract_files(_jobs(library), fingerprinter=fingerprinter, backend="numpy"))
-    two = list(extract_files(_jobs(library), fingerprinter=fingerprinter, workers=2,
-                             backend="numpy"))  # fmt: skip
+    two = list(
+        extract_files(_jobs(library), fingerprinter=fingerprinter, workers=2, backend="numpy")
+    )
     assert [r.track_id for r in two] == [r.track_id for r in one]
     for a, b in zip(one, two, strict=True):
         np.testing.assert_array_equal(a.hashes, b.hashes)
@@ -26,13 +27,18 @@ def test_worker_processes_match_in_process(library, fingerprinter):
 
 def test_dask_local_cluster(library, tmp_path, tracks, fingerprinter):
     distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
-    ) as cluster, distributed.Client(cluster) as client:  # fmt: skip
-        res = list(extract_files(_jobs(library)[:3], fingerprinter=fingerprinter,
-                                 scheduler=client, backend="numpy"))  # fmt: skip
-        ref = list(extract_files(_jobs(library)[:3], fingerprinter=fingerprinter,
-                                 backend="numpy"))  # fmt: skip
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        res = list(
+            extract_files(
+                _jobs(library)[:3], fingerprinter=fingerprinter, scheduler=client, backend="numpy"
+            )
+        )
+        ref = list(extract_files(_jobs(library)[:3], fingerprinter=fingerprinter, backend="numpy"))
         for a, b in zip(res, ref, strict=True):
             np.testing.assert_array_equal(a.hashes, b.hashes)
         idx = Index(tmp_path / "db", fingerprinter=Fingerprinter())
