@@ -276,11 +276,14 @@ class Index:
             Anchor frame of every hit in its track.
         """
         hashes = np.asarray(hashes, dtype=np.uint32)
+        # search the distinct hashes in sorted order (cache-friendly), then expand to the query
+        distinct, back = np.unique(hashes, return_inverse=True)
+        back = back.reshape(-1)
         found = [
             (
                 s,
-                np.searchsorted(s.hashes, hashes, side="left"),
-                np.searchsorted(s.hashes, hashes, side="right"),
+                np.searchsorted(s.hashes, distinct, side="left")[back],
+                np.searchsorted(s.hashes, distinct, side="right")[back],
             )
             for s in self._shards
         ]

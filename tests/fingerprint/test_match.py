@@ -27,7 +27,7 @@ def test_clean_excerpt_found_at_its_offset(index, tracks, track, start):
     (m,) = match(index, q)
     assert m.track == track
     assert m.offset_s == pytest.approx(start, abs=0.05)
-    assert m.score >= 2 * DEFAULT_MIN_SCORE
+    assert m.score >= DEFAULT_MIN_SCORE + 1.5
     assert 0 < m.confidence <= 1
     assert m.speed == 1.0
     assert m.aligned > 50
@@ -98,7 +98,7 @@ def test_match_many_equals_match(index, tracks, backend):
     ]
     qs.append(np.zeros(SR, np.float32))
     many = match_many(index, qs, top_k=2, min_score=2.0, backend=backend)
-    assert many == [match(index, q, top_k=2, min_score=2.0) for q in qs]
+    assert many == [match(index, q, top_k=2, min_score=2.0, all_speeds=True) for q in qs]
     assert [ms[0].track if ms else None for ms in many][:2] == ["t0", "t5"]
     assert many[-1] == []
 
