@@ -321,3 +321,64 @@ def device_benchmark(
             np.mean([bool(m) and m[0].track == str(k) for m, k in zip(out, which, strict=True)])
         )
     return res
+
+
+def dedup_benchmark(
+    *, music_dir: str = WESNOTH_MUSIC, n_tracks: int = 8, workers: int = 2,
+    backend: str = "numpy",
+) -> dict[str, Any]:  # fmt: skip
+    """:func:`~colabmagic.fingerprint.dedup.dedup` on real tracks plus copies made by ffmpeg.
+
+    For each of *n_tracks* tracks: a 64 kbit/s MP3, a 22.05 kHz OGG, a copy trimmed by 20 s, a
+    30 s excerpt from 60 s, and a WAV padded with 3 s of silence; the other tracks of the
+    directory are added as unrelated files. Checks that every copy lands in its original's group
+    at the right offset and that nothing else is grouped.
+    """
+    from colabmagic.fingerprint.dedup import dedup
+
+    files = find_audio([music_dir])
+    long = [f for f in files if load_audio(f).size > 100 * 8000]
+    originals = long[:n_tracks]
+    unrelated = [f for f in files if f not in originals]
+    res: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fpdedup-bench-") as tmp:
+        expected: dict[str, tuple[str, float]] = {}  # copy -> (original, its offset in it)
+        for i, f in enumerate(originals):
+
+            def make(
+                name: str, args: list[str], pre: list[str] | None = None, i: int = i, f: str = f
+            ) -> str:
+                out = f"{tmp}/{i:02d}-{name}"
+                cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", *(pre or []), "-i", f]
+                subprocess.run([*cmd, *args, out], check=True)
+                return out
+
+            expected[make("64k.mp3", ["-b:a", "64k"])] = (f, 0.0)
+            expected[make("22k.ogg", ["-ar", "22050", "-c:a", "libvorbis"])] = (f, 0.0)
+            expected[make("trim.flac", [], ["-ss", "20"])] = (f, 20.0)
+            expected[make("excerpt.ogg", ["-t", "30", "-c:a", "libvorbis"], ["-ss", "60"])] = (
+                f,
+                60.0,
+            )
+            expected[make("pad.wav", ["-af", "adelay=3000:all=1"])] = (f, -3.0)
+        paths = originals + unrelated + list(expected)
+        t0 = time.perf_counter()
+        out = dedup(paths, workers=workers, backend=backend)
+        res["seconds"] = time.perf_counter() - t0
+    res["files"] = len(paths)
+    res["audio_s"] = out.audio_seconds
+    res["x_realtime"] = out.audio_seconds / res["seconds"]
+    group_of = {p: gi for gi, g in enumerate(out.groups) for p in g}
+    ok_group = [group_of.get(c) is not None and group_of.get(c) == group_of.get(o)
+                for c, (o, _) in expected.items()]  # fmt: skip
+    res["copies_found"] = sum(ok_group)
+    res["copies"] = len(expected)
+    ev = {(e.a, e.b): e.offset_s for g in out.evidence for e in g}
+    off_ok = []
+    for c, (o, off) in expected.items():
+        got = ev.get((o, c), None if (c, o) not in ev else -ev[(c, o)])
+        off_ok.append(got is not None and abs(got - off) < 0.1)
+    res["offsets_right"] = sum(off_ok)
+    res["unrelated_grouped"] = sum(1 for u in unrelated if u in group_of)
+    res["groups"] = len(out.groups)
+    return res
