@@ -169,6 +169,11 @@ class Index:
             if readonly:
                 msg = f"{self.path} is not a fingerprint index (no {MANIFEST}); run fp index first."
                 raise FingerprintIndexError(msg)
+            if self.path.is_dir() and any(
+                p.name not in ("shards", "index.lock") for p in self.path.iterdir()
+            ):
+                msg = f"{self.path} exists and is not a fingerprint index; pick a new directory."
+                raise FingerprintIndexError(msg)
             self._create(fingerprinter or Fingerprinter())
         self.reload()
         if fingerprinter is not None and fingerprinter.params() != self.fingerprinter.params():

@@ -76,6 +76,10 @@ def test_readonly_and_errors(built_index, tmp_path):
         Index(tmp_path / "nothing", readonly=True)
     with pytest.raises(ParameterError, match="other fingerprint parameters"):
         Index(built_index, fingerprinter=Fingerprinter(fanout=3))
+    (tmp_path / "music").mkdir()
+    (tmp_path / "music" / "song.wav").write_bytes(b"")
+    with pytest.raises(FingerprintIndexError, match="exists and is not a fingerprint index"):
+        Index(tmp_path / "music")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     with pytest.raises(FingerprintIndexError, match=r"cannot read manifest\.json"):
