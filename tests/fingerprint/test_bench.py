@@ -12,16 +12,16 @@ from .conftest import synth_music, write_wav
 
 def test_benchmark_harness(tmp_path):
     for i in range(8):
-        write_wav(tmp_path / f"song{i}.wav", synth_music(300 + i, 9.0))
+        write_wav(tmp_path / f"song{i}.wav", synth_music(300 + i, 13.0))
     res = run_benchmark(
         music_dir=str(tmp_path),
         workers=1,
         conditions=("clean", "snr+10", "speed1.05"),
-        lengths=(5.0,),
+        lengths=(10.0,),
         queries_per_track=1,
     )
     assert (res["indexed_tracks"], res["held_out_tracks"]) == (7, 1)
-    for key in ("clean@5s", "snr+10@5s", "speed1.05@5s"):
+    for key in ("clean@10s", "snr+10@10s", "speed1.05@10s"):
         c = res["conditions"][key]
         assert c["recall"] == 1.0, key
         assert c["false_positives"] == 0, key
