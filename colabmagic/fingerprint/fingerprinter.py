@@ -1,0 +1,254 @@
+"""The :class:`Fingerprinter`: audio in, landmark hashes out, on NumPy or CuPy."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from colabmagic.errors import ParameterError
+from colabmagic.fingerprint import hashing, peaks, spectrogram
+from colabmagic.fingerprint._xp import Backend, resolve_backend
+
+
+class Fingerprint(NamedTuple):
+    """Hashes of one signal.
+
+    Attributes
+    ----------
+    hashes : numpy.ndarray (uint32)
+    times : numpy.ndarray (int32)
+        Anchor frame of every hash (``Fingerprinter.frame_seconds`` seconds per frame).
+    variant : numpy.ndarray (int8)
+        Which speed variant produced the hash (always 0 for reference fingerprints).
+    """
+
+    hashes: np.ndarray
+    times: np.ndarray
+    variant: np.ndarray
+
+
+DEFAULT_SPEEDS = (1.0, 0.96, 1.04, 0.98, 1.02, 0.94, 1.06)
+
+
+@dataclass(frozen=True)
+class Fingerprinter:
+    """Landmark ("constellation") fingerprints: log-spectrogram peaks paired into hashes.
+
+    Parameters
+    ----------
+    sample_rate : int
+        Audio is mixed to mono and resampled to this rate first.
+    n_fft, hop : int
+        STFT size and hop in samples (``n_fft`` a multiple of ``hop``).
+    f_min, f_max : float
+        Frequency band searched for peaks, in Hz.
+    peaks_per_second : float
+        Density of reference peaks.
+    fanout : int
+        Pairs per anchor peak in the reference.
+    freq_radius, time_radius : int
+        A peak dominates ``±freq_radius`` bins and ``±time_radius`` frames.
+    dt_max, df_max : int
+        Target zone of a pair, in frames and bins.
+    query_density, query_fanout : float, int
+        Queries use ``query_density`` times more peaks and ``query_fanout`` pairs per anchor,
+        which makes them find the reference's pairs despite noise.
+    speeds : tuple of float
+        Playback-speed hypotheses tried for queries (1.0 first); each adds one hash set.
+    batch_seconds : float
+        Tracks are processed in batches of about this much audio.
+
+    Examples
+    --------
+    >>> fp = Fingerprinter()
+    >>> y = np.random.default_rng(0).standard_normal(8000 * 5).astype(np.float32)
+    >>> len(fp.fingerprint(y, backend="numpy").hashes) > 0
+    True
+    """
+
+    sample_rate: int = 8000
+    n_fft: int = 512
+    hop: int = 256
+    f_min: float = 90.0
+    f_max: float = 3500.0
+    peaks_per_second: float = 24.0
+    fanout: int = 8
+    freq_radius: int = 6
+    time_radius: int = 4
+    dt_max: int = 48
+    df_max: int = 40
+    block: int = 32
+    query_density: float = 1.5
+    query_fanout: int = 10
+    speeds: tuple[float, ...] = DEFAULT_SPEEDS
+    batch_seconds: float = 900.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.sample_rate >= 2000, "sample_rate", ">= 2000"),
+            (self.hop > 0 and self.n_fft % self.hop == 0, "n_fft", "a multiple of hop"),
+            (0 < self.f_min < self.f_max < self.sample_rate / 2, "f_max", "in (f_min, sr/2)"),
+            (self._f_hi <= hashing.F_MAX, "f_max", f"below bin {hashing.F_MAX}"),
+            (self.peaks_per_second > 0, "peaks_per_second", "> 0"),
+            (self.fanout >= 1 and self.query_fanout >= 1, "fanout", ">= 1"),
+            (1 <= self.dt_max <= hashing.DT_MAX, "dt_max", f"in [1, {hashing.DT_MAX}]"),
+            (1 <= self.df_max <= hashing.DF_MAX, "df_max", f"in [1, {hashing.DF_MAX}]"),
+            (self.block > 2 * self.time_radius, "block", "> 2 * time_radius"),
+            (len(self.speeds) >= 1 and self.speeds[0] == 1.0, "speeds", "starting with 1.0"),
+        ]
+        for ok, name, want in checks:
+            if not ok:
+                msg = f"{name}={getattr(self, name)!r} must be {want}; fix the Fingerprinter."
+                raise ParameterError(msg)
+
+    # -- derived constants -------------------------------------------------------------------
+    @property
+    def frame_seconds(self) -> float:
+        """Seconds per STFT frame (the unit of hash times)."""
+        return self.hop / self.sample_rate
+
+    @property
+    def _f_lo(self) -> int:
+        return max(1, round(self.f_min * self.n_fft / self.sample_rate))
+
+    @property
+    def _f_hi(self) -> int:
+        return round(self.f_max * self.n_fft / self.sample_rate)
+
+    def params(self) -> dict[str, Any]:
+        """The parameters as a JSON-able dict (stored in an index's manifest)."""
+        d = asdict(self)
+        d["speeds"] = list(self.speeds)
+        return d
+
+    # -- public API --------------------------------------------------------------------------
+    def fingerprint(
+        self, signal: np.ndarray, *, backend: str | Backend = "auto", query: bool = False
+    ) -> Fingerprint:
+        """Hashes of one mono signal at :attr:`sample_rate`.
+
+        Parameters
+        ----------
+        signal : numpy.ndarray
+            1-D float audio.
+        backend : {"auto", "numpy", "cupy"} or Backend
+        query : bool
+            Use the query settings (denser peaks, larger fan-out, speed variants).
+
+        Returns
+        -------
+        Fingerprint
+        """
+        return self.fingerprint_batch([signal], backend=backend, query=query)[0]
+
+    def fingerprint_batch(
+        self,
+        signals: Sequence[np.ndarray],
+        *,
+        backend: str | Backend = "auto",
+        query: bool = False,
+    ) -> list[Fingerprint]:
+        """Hashes of many signals, computed in large batches (one device transfer each way).
+
+        Parameters
+        ----------
+        signals : sequence of numpy.ndarray
+            1-D float audio at :attr:`sample_rate`.
+        backend : {"auto", "numpy", "cupy"} or Backend
+        query : bool
+            Use the query settings.
+
+        Returns
+        -------
+        list of Fingerprint
+            One per signal, same order; batching does not change the hashes.
+        """
+        be = resolve_backend(backend)
+        for i, s in enumerate(signals):
+            if np.ndim(s) != 1:
+                msg = f"signals[{i}] has shape {np.shape(s)}; pass 1-D mono audio (mix first)."
+                raise ParameterError(msg)
+        out: list[Fingerprint] = []
+        limit = self.batch_seconds * self.sample_rate
+        batch: list[np.ndarray] = []
+        for s in signals:
+            if batch and sum(map(len, batch)) + len(s) > limit:
+                out.extend(self._run_batch(be, batch, query))
+                batch = []
+            batch.append(np.asarray(s, dtype=np.float32))
+        if batch:
+            out.extend(self._run_batch(be, batch, query))
+        return out
+
+    def _peaks(self, be: Backend, signal: Any, n_frames: int, per_block: int) -> tuple[Any, Any]:
+        """Peaks of the whole batch, computed in chunks of frames (cache-sized on the CPU)."""
+        xp = be.xp
+        window = be.to_device(np.hanning(self.n_fft + 2)[1:-1].astype(np.float32))
+        chunk = self.block * (1 << 14 if be.is_device else 64)
+        halo = max(self.time_radius, 1)
+        times, freqs = [], []
+        for start in range(0, n_frames, chunk):  # chunks of thousands of frames, not frames
+            a, b = max(start - halo, 0), min(start + chunk + halo, n_frames)
+            seg = signal[a * self.hop : (b - 1) * self.hop + self.n_fft]
+            power = spectrogram.power_spectrogram(
+                be, seg, n_frames=b - a, n_fft=self.n_fft, hop=self.hop, window=window
+            )
+            t, f = peaks.pick_peaks(
+                be,
+                power,
+                freq_radius=self.freq_radius,
+                time_radius=self.time_radius,
+                block=self.block,
+                per_block=per_block,
+                f_lo=self._f_lo,
+                f_hi=self._f_hi,
+                first=start - a,
+                last=min(start + chunk, n_frames) - a,
+            )
+            times.append(t + xp.float32(a))
+            freqs.append(f)
+        return xp.concatenate(times), xp.concatenate(freqs)
+
+    # -- the pipeline --------------------------------------------------------------------------
+    def _run_batch(self, be: Backend, signals: list[np.ndarray], query: bool) -> list[Fingerprint]:
+        xp = be.xp
+        lay = spectrogram.layout(
+            [len(s) for s in signals], hop=self.hop, block=self.block, n_fft=self.n_fft
+        )
+        host = spectrogram.pack_signals(signals, lay, hop=self.hop, n_fft=self.n_fft)
+        signal = be.to_device(host)
+        density = self.peaks_per_second * (self.query_density if query else 1.0)
+        per_block = max(1, round(density * self.block * self.frame_seconds))
+        times, freqs = self._peaks(be, signal, lay.total, per_block)
+        starts = be.to_device(lay.starts)
+        track = xp.searchsorted(starts, xp.floor(times).astype(xp.int64), side="right") - 1
+        times = times - starts[track].astype(xp.float32)
+        fanout = self.query_fanout if query else self.fanout
+        speeds = self.speeds if query else (1.0,)
+        parts = []
+        for v, s in enumerate(speeds):  # a handful of hypotheses, each fully vectorised
+            h, t, tr = hashing.landmark_hashes(
+                be,
+                times,
+                freqs,
+                track,
+                fanout=fanout,
+                dt_max=self.dt_max,
+                df_max=self.df_max,
+                lookahead=4 * fanout,
+                time_scale=s,
+                freq_scale=1.0 / s,
+            )
+            parts.append((h, t, tr, xp.full(h.shape, v, dtype=xp.int8)))
+        h, t, tr, var = (xp.concatenate([p[k] for p in parts]) for k in range(4))
+        order = xp.argsort(tr, kind="stable") if len(speeds) > 1 else xp.arange(tr.shape[0])
+        h, t, tr, var = (be.to_host(a[order]) for a in (h, t, tr, var))
+        bounds = np.searchsorted(tr, np.arange(len(signals) + 1))
+        return [
+            Fingerprint(h[a:b], np.maximum(t[a:b], 0).astype(np.int32), var[a:b].astype(np.int8))
+            for a, b in itertools.pairwise(bounds)
+        ]

@@ -1,0 +1,79 @@
+"""Peak pairs ("landmarks") packed into integer hashes.
+
+Every anchor peak is paired with the first ``fanout`` later peaks of the same track that lie in its
+target zone (``1 <= dt <= dt_max`` frames, ``|df| <= df_max`` bins). A pair becomes one 21-bit
+hash ``f1 (8 bits) | df (7 bits) | dt (6 bits)`` and the anchor's frame.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from colabmagic.fingerprint._xp import Backend
+
+F_BITS, DF_BITS, DT_BITS = 8, 7, 6
+HASH_BITS = F_BITS + DF_BITS + DT_BITS
+DT_MAX = (1 << DT_BITS) - 1
+DF_MAX = (1 << (DF_BITS - 1)) - 1
+F_MAX = (1 << F_BITS) - 1
+
+
+def landmark_hashes(
+    backend: Backend,
+    times: Any,
+    freqs: Any,
+    track: Any,
+    *,
+    fanout: int,
+    dt_max: int,
+    df_max: int,
+    lookahead: int,
+    time_scale: float = 1.0,
+    freq_scale: float = 1.0,
+) -> tuple[Any, Any, Any]:
+    """Hashes of peak pairs.
+
+    Parameters
+    ----------
+    backend : Backend
+    times, freqs : array (float32)
+        Peak frames and bins (sub-bin precision), sorted by time within each track.
+    track : array (int64)
+        Track number of every peak; pairs never cross tracks.
+    fanout : int
+        Pairs per anchor.
+    dt_max, df_max : int
+        Target zone, in frames and bins.
+    lookahead : int
+        How many following peaks are examined per anchor (``>= fanout``).
+    time_scale, freq_scale : float
+        Peaks are mapped to ``(t * time_scale, f * freq_scale)`` before quantisation; a query
+        played ``s`` times too fast is matched with ``time_scale = s``, ``freq_scale = 1 / s``.
+
+    Returns
+    -------
+    hashes : array (uint32)
+    anchor_times : array (int64)
+        Anchor frame, rounded, in the (scaled) time of the input.
+    pair_track : array (int64)
+        Track of every hash.
+    """
+    xp = backend.xp
+    n = times.shape[0]
+    t = times * xp.float32(time_scale)
+    f = freqs * xp.float32(freq_scale)
+    j = xp.arange(n)[:, None] + xp.arange(1, lookahead + 1)[None, :]
+    inside = j < n
+    j = xp.minimum(j, max(n - 1, 0))
+    dt = xp.rint(t[j] - t[:, None]).astype(xp.int64)
+    df = xp.rint(f[j] - f[:, None]).astype(xp.int64)
+    valid = inside & (track[j] == track[:, None]) & (dt >= 1) & (dt <= dt_max)
+    valid &= xp.abs(df) <= df_max
+    valid &= xp.cumsum(valid, axis=1) <= fanout
+    rows, cols = xp.nonzero(valid)
+    f1 = xp.clip(xp.rint(f[rows]).astype(xp.int64), 0, F_MAX)
+    dtv = dt[rows, cols]
+    dfv = df[rows, cols] + DF_MAX + 1
+    hashes = (f1 << (DF_BITS + DT_BITS)) | (dfv << DT_BITS) | dtv
+    anchor = xp.rint(t[rows]).astype(xp.int64)
+    return hashes.astype(xp.uint32), anchor, track[rows]

@@ -1,0 +1,570 @@
+"""The on-disk fingerprint index: a manifest plus sorted, memory-mapped hash/posting shards.
+
+Layout of an index directory::
+
+    manifest.json          tracks (number, id, path, duration, content hash), shards, removed
+    shards/<name>/hashes.npy    uint32, sorted
+    shards/<name>/postings.npy  uint64, ``track_number << 32 | anchor_frame``, same order
+    index.lock             held by the one writer at a time
+
+Files are written once and never modified. An add writes new shards into a temporary directory,
+renames it into place, then replaces ``manifest.json`` atomically; a writer killed at any moment
+leaves the previous manifest, which only names complete shards. Readers need no lock and may be
+many processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from colabmagic.errors import ColabMagicError, ParameterError
+from colabmagic.fingerprint._xp import Backend
+from colabmagic.fingerprint.audio import AudioDecodeWarning, content_hash, find_audio
+from colabmagic.fingerprint.fingerprinter import Fingerprinter
+from colabmagic.fingerprint.hashing import HASH_BITS
+from colabmagic.fingerprint.pipeline import Job, extract_files, now
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+TIME_MASK = np.uint64(0xFFFFFFFF)
+
+
+class FingerprintIndexError(ColabMagicError):
+    """The index directory is missing, not an index, or was written by another format."""
+
+
+@dataclass(frozen=True)
+class Track:
+    """One indexed recording."""
+
+    number: int
+    id: str
+    path: str
+    duration: float
+    content_hash: str
+    n_hashes: int
+    shard: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.number,
+            "id": self.id,
+            "path": self.path,
+            "duration": self.duration,
+            "content_hash": self.content_hash,
+            "n_hashes": self.n_hashes,
+            "shard": self.shard,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Track:
+        return cls(
+            d["n"], d["id"], d["path"], d["duration"], d["content_hash"], d["n_hashes"], d["shard"]
+        )
+
+
+@dataclass
+class AddSummary:
+    """What :meth:`Index.add` did."""
+
+    files: int = 0
+    added: int = 0
+    known: int = 0
+    skipped: int = 0
+    skipped_files: list[str] = field(default_factory=list)
+    audio_seconds: float = 0.0
+    n_hashes: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def x_realtime(self) -> float:
+        return self.audio_seconds / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "added": self.added,
+            "known": self.known,
+            "skipped": self.skipped,
+            "skipped_files": self.skipped_files,
+            "hours": self.audio_seconds / 3600,
+            "audio_seconds": self.audio_seconds,
+            "n_hashes": self.n_hashes,
+            "seconds": self.elapsed_s,
+            "x_realtime": self.x_realtime,
+        }
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _Shard:
+    __slots__ = ("hashes", "name", "postings")
+
+    def __init__(self, root: Path, name: str):
+        self.name = name
+        self.hashes = np.load(root / name / "hashes.npy", mmap_mode="r")
+        self.postings = np.load(root / name / "postings.npy", mmap_mode="r")
+
+
+class Index:
+    """A fingerprint index stored in a directory.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The index directory; created (with *fingerprinter*'s parameters) when missing.
+    fingerprinter : Fingerprinter, optional
+        Only for a new index; an existing one uses the parameters in its manifest.
+    readonly : bool
+        Open an existing index for queries only (any number of processes may do so).
+    max_shards : int
+        An add that leaves more shards than this compacts them into one.
+
+    Examples
+    --------
+    >>> idx = Index("music.fpdb")                                # doctest: +SKIP
+    >>> idx.add(["~/Music"], workers=2)                          # doctest: +SKIP
+    >>> match(idx, "clip.mp3")                                   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fingerprinter: Fingerprinter | None = None,
+        readonly: bool = False,
+        max_shards: int = 16,
+    ):
+        if max_shards < 1:
+            msg = f"max_shards={max_shards} must be >= 1."
+            raise ParameterError(msg)
+        self.path = Path(path).expanduser()
+        self.readonly = readonly
+        self.max_shards = max_shards
+        if not (self.path / MANIFEST).exists():
+            if readonly:
+                msg = f"{self.path} is not a fingerprint index (no {MANIFEST}); run fp index first."
+                raise FingerprintIndexError(msg)
+            if self.path.is_dir() and any(
+                p.name not in ("shards", "index.lock") for p in self.path.iterdir()
+            ):
+                msg = f"{self.path} exists and is not a fingerprint index; pick a new directory."
+                raise FingerprintIndexError(msg)
+            self._create(fingerprinter or Fingerprinter())
+        self.reload()
+        if fingerprinter is not None and fingerprinter.params() != self.fingerprinter.params():
+            msg = (
+                f"{self.path} was built with other fingerprint parameters; open it without "
+                "fingerprinter=... or use a new directory."
+            )
+            raise ParameterError(msg)
+
+    # -- reading ---------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Re-read the manifest and map the shards it names (sees other writers' adds)."""
+        for _attempt in range(5):
+            manifest = self._read_manifest()
+            try:
+                shards = [_Shard(self.path / "shards", s) for s in manifest["shards"]]
+            except FileNotFoundError:  # a compaction replaced them between our two reads
+                continue
+            break
+        else:
+            msg = f"{self.path}: the manifest names missing shards; the index is damaged."
+            raise FingerprintIndexError(msg)
+        self._manifest = manifest
+        self._shards = shards
+        self.fingerprinter = Fingerprinter(
+            **{**manifest["params"], "speeds": tuple(manifest["params"]["speeds"])}
+        )
+        self._tracks = [Track.from_dict(t) for t in manifest["tracks"]]
+        self._by_number = {t.number: t for t in self._tracks}
+        self._by_hash = {t.content_hash: t for t in self._tracks}
+        alive = np.zeros(manifest["next_track"] + 1, dtype=bool)
+        alive[[t.number for t in self._tracks]] = True
+        self._alive = alive
+
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            manifest = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            msg = f"{self.path}: cannot read {MANIFEST} ({exc}); is this a fingerprint index?"
+            raise FingerprintIndexError(msg) from exc
+        if manifest.get("version") != FORMAT_VERSION:
+            msg = f"{self.path}: index format {manifest.get('version')!r}; rebuild it."
+            raise FingerprintIndexError(msg)
+        return manifest
+
+    @property
+    def tracks(self) -> list[Track]:
+        """The indexed tracks, in the order they were added."""
+        return list(self._tracks)
+
+    def track(self, number: int) -> Track:
+        """The track with internal number *number*."""
+        return self._by_number[number]
+
+    def __len__(self) -> int:
+        return len(self._tracks)
+
+    def __contains__(self, track_id: object) -> bool:
+        return any(t.id == track_id for t in self._tracks)
+
+    @property
+    def n_hashes(self) -> int:
+        """Stored hashes (including those of removed tracks until :meth:`compact`)."""
+        return int(sum(s.hashes.shape[0] for s in self._shards))
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the mapped hash and posting arrays (what queries page in at most)."""
+        return int(sum(s.hashes.nbytes + s.postings.nbytes for s in self._shards))
+
+    def info(self) -> dict[str, Any]:
+        """Summary as a JSON-able dict."""
+        return {
+            "path": str(self.path),
+            "tracks": len(self._tracks),
+            "hours": sum(t.duration for t in self._tracks) / 3600,
+            "n_hashes": self.n_hashes,
+            "shards": len(self._shards),
+            "removed": len(self._manifest["removed"]),
+            "memory_bytes": self.memory_bytes,
+            "bytes_per_hash": self.memory_bytes / max(self.n_hashes, 1),
+            "params": self.fingerprinter.params(),
+        }
+
+    @property
+    def stop_postings(self) -> int:
+        """Hashes with more postings than this (100x the mean, at least 32) are not looked up:
+        they are a few percent of a query's hashes but half of its hits, and say little."""
+        return max(32, int(100 * self.n_hashes / (1 << HASH_BITS)))
+
+    def lookup(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All postings of *hashes* in every shard, by binary search (see :attr:`stop_postings`).
+
+        Parameters
+        ----------
+        hashes : numpy.ndarray (uint32)
+
+        Returns
+        -------
+        which : numpy.ndarray (int64)
+            Index into *hashes* of every hit.
+        track : numpy.ndarray (int64)
+            Internal track number of every hit (removed tracks are dropped).
+        time : numpy.ndarray (int64)
+            Anchor frame of every hit in its track.
+        """
+        hashes = np.asarray(hashes, dtype=np.uint32)
+        # search the distinct hashes in sorted order (cache-friendly), then expand to the query
+        distinct, back = np.unique(hashes, return_inverse=True)
+        back = back.reshape(-1)
+        found = [
+            (
+                s,
+                np.searchsorted(s.hashes, distinct, side="left")[back],
+                np.searchsorted(s.hashes, distinct, side="right")[back],
+            )
+            for s in self._shards
+        ]
+        total_per_hash = sum((hi - lo for _, lo, hi in found), np.zeros(len(hashes), np.int64))
+        stop = total_per_hash > self.stop_postings
+        which, post = [], []
+        for shard, lo, hi in found:
+            count = np.where(stop, 0, hi - lo)
+            total = int(count.sum())
+            if total == 0:
+                continue
+            rows = np.repeat(np.arange(len(hashes)), count)
+            first = np.repeat(lo - (np.cumsum(count) - count), count)
+            post.append(shard.postings[first + np.arange(total)])
+            which.append(rows)
+        if not post:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
+        postings = np.concatenate(post)
+        track = (postings >> np.uint64(32)).astype(np.int64)
+        keep = self._alive[track]
+        time = (postings & TIME_MASK).astype(np.int64)
+        return np.concatenate(which)[keep], track[keep], time[keep]
+
+    def device_arrays(self, backend: Backend) -> list[tuple[Any, Any]]:
+        """``(hashes, postings)`` of every shard on *backend*, copied once and cached."""
+        if not backend.is_device:
+            return [(s.hashes, s.postings) for s in self._shards]
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = (backend.name, tuple(s.name for s in self._shards))
+        if key not in cache:
+            cache.clear()
+            cache[key] = [
+                (backend.to_device(np.asarray(s.hashes)), backend.to_device(np.asarray(s.postings)))
+                for s in self._shards
+            ]
+        return cache[key]
+
+    # -- writing ---------------------------------------------------------------------------
+    def _create(self, fingerprinter: Fingerprinter) -> None:
+        (self.path / "shards").mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            if (self.path / MANIFEST).exists():
+                return
+            self._write_manifest(
+                {
+                    "version": FORMAT_VERSION,
+                    "params": fingerprinter.params(),
+                    "next_track": 0,
+                    "tracks": [],
+                    "shards": [],
+                    "removed": [],
+                }
+            )
+
+    def _lock(self) -> Any:
+        from filelock import FileLock
+
+        return FileLock(str(self.path / "index.lock"))
+
+    def _writable(self) -> None:
+        if self.readonly:
+            msg = f"{self.path} was opened readonly=True; open it without readonly to change it."
+            raise ParameterError(msg)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        tmp = self.path / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / MANIFEST)
+        _fsync_dir(self.path)
+
+    def _write_shard(self, hashes: np.ndarray, postings: np.ndarray) -> str:
+        """Write a sorted shard under a temporary name and rename it into place."""
+        root = self.path / "shards"
+        name = f"{uuid.uuid4().hex[:12]}"
+        tmp = root / f".tmp-{name}"
+        tmp.mkdir()
+        order = np.argsort(hashes, kind="stable")
+        _save_npy(tmp / "hashes.npy", np.ascontiguousarray(hashes[order], dtype=np.uint32))
+        _save_npy(tmp / "postings.npy", np.ascontiguousarray(postings[order], dtype=np.uint64))
+        _fsync_dir(tmp)
+        os.rename(tmp, root / name)
+        _fsync_dir(root)
+        return name
+
+    def _collect_garbage(self, manifest: dict[str, Any]) -> None:
+        """Delete shard directories the manifest does not name (left by a crash or compaction)."""
+        root = self.path / "shards"
+        live = set(manifest["shards"])
+        for p in root.iterdir():
+            if p.name not in live:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.path.glob(f".{MANIFEST}.*.tmp"):
+            p.unlink(missing_ok=True)
+
+    def add(
+        self,
+        paths: Iterable[str | os.PathLike[str] | tuple[str, str | os.PathLike[str]]],
+        *,
+        workers: int = 1,
+        backend: str | Backend = "auto",
+        scheduler: Any = None,
+        progress: bool = False,
+        shard_hashes: int = 50_000_000,
+    ) -> AddSummary:
+        """Fingerprint audio files and add them to the index.
+
+        Parameters
+        ----------
+        paths : iterable of path or (track_id, path)
+            Files or directories (searched recursively for audio). A bare path is its own id.
+        workers : int
+            Processes that decode and fingerprint in parallel.
+        backend : {"auto", "numpy", "cupy"} or Backend
+        scheduler : str or distributed.Client, optional
+            Run decode + extract on a Dask cluster instead.
+        progress : bool
+            Show a tqdm progress bar (on stderr).
+        shard_hashes : int
+            Write a shard (and commit it to the manifest) whenever this many hashes are pending.
+
+        Returns
+        -------
+        AddSummary
+            Counts; undecodable files are skipped, warned about (AudioDecodeWarning) and listed.
+        """
+        self._writable()
+        start = now()
+        items: list[tuple[str, str]] = []
+        for p in paths:
+            if isinstance(p, tuple):
+                items.append((str(p[0]), os.fspath(p[1])))
+            else:
+                items.extend((f, f) for f in find_audio([p]))
+        summary = AddSummary(files=len(items))
+        with self._lock():
+            self.reload()
+            self._collect_garbage(self._manifest)
+            jobs, seen = [], set(self._by_hash)
+            for track_id, path in items:
+                try:
+                    chash = content_hash(path)
+                except OSError as exc:
+                    self._skip(summary, path, f"{path}: cannot read ({exc.strerror}); skipped.")
+                    continue
+                if chash in seen:
+                    summary.known += 1
+                    continue
+                seen.add(chash)
+                jobs.append(Job(track_id, path, chash))
+            results = extract_files(
+                jobs,
+                fingerprinter=self.fingerprinter,
+                workers=workers,
+                backend=backend,
+                scheduler=scheduler,
+            )
+            if progress:
+                from tqdm.auto import tqdm
+
+                results = tqdm(results, total=len(jobs), unit="file", desc="fingerprinting")
+            pending: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []
+            n_pending = 0
+            for r in results:
+                if r.error is not None:
+                    self._skip(summary, r.path, r.error)
+                    continue
+                record = {
+                    "id": r.track_id,
+                    "path": str(Path(r.path).resolve()),
+                    "duration": r.duration,
+                    "content_hash": r.content_hash,
+                    "n_hashes": len(r.hashes),
+                }
+                pending.append((record, r.hashes, r.times))
+                n_pending += len(r.hashes)
+                summary.added += 1
+                summary.audio_seconds += r.duration
+                summary.n_hashes += len(r.hashes)
+                if n_pending >= shard_hashes:
+                    self._commit(pending)
+                    pending, n_pending = [], 0
+            if pending:
+                self._commit(pending)
+            if len(self._manifest["shards"]) > self.max_shards:
+                self._compact_locked()
+        summary.elapsed_s = now() - start
+        return summary
+
+    @staticmethod
+    def _skip(summary: AddSummary, path: str, reason: str) -> None:
+        warnings.warn(reason, AudioDecodeWarning, stacklevel=3)
+        summary.skipped += 1
+        summary.skipped_files.append(path)
+
+    def add_fingerprints(
+        self, items: Sequence[tuple[dict[str, Any], np.ndarray, np.ndarray]]
+    ) -> None:
+        """Add precomputed fingerprints: ``(record, hashes, times)`` with record keys ``id``,
+        ``path``, ``duration``, ``content_hash`` (see :class:`Track`)."""
+        self._writable()
+        with self._lock():
+            self.reload()
+            fresh = [it for it in items if it[0]["content_hash"] not in self._by_hash]
+            if fresh:
+                self._commit([({**r, "n_hashes": len(h)}, h, t) for r, h, t in fresh])
+
+    def _commit(self, pending: list[tuple[dict[str, Any], np.ndarray, np.ndarray]]) -> None:
+        """Write one shard for *pending* tracks and publish it in the manifest (lock held)."""
+        manifest = json.loads(json.dumps(self._manifest))
+        n0 = manifest["next_track"]
+        hashes = np.concatenate([h for _, h, _ in pending]).astype(np.uint32)
+        postings = np.concatenate(
+            [
+                (np.uint64(n0 + i) << np.uint64(32)) | t.astype(np.uint64)
+                for i, (_, _, t) in enumerate(pending)
+            ]
+        )
+        name = self._write_shard(hashes, postings)
+        replaced = {r["id"] for r, _, _ in pending}
+        for old in manifest["tracks"]:
+            if old["id"] in replaced:
+                manifest["removed"].append(old["n"])
+        manifest["tracks"] = [t for t in manifest["tracks"] if t["id"] not in replaced]
+        for i, (record, _, _) in enumerate(pending):
+            manifest["tracks"].append({**record, "n": n0 + i, "shard": name})
+        manifest["next_track"] = n0 + len(pending)
+        manifest["shards"].append(name)
+        self._write_manifest(manifest)
+        self.reload()
+
+    def remove(self, track_id: str) -> bool:
+        """Remove a track by id (its postings are dropped at the next :meth:`compact`).
+
+        Returns
+        -------
+        bool
+            False when no track has that id.
+        """
+        self._writable()
+        with self._lock():
+            self.reload()
+            manifest = json.loads(json.dumps(self._manifest))
+            gone = [t["n"] for t in manifest["tracks"] if t["id"] == track_id]
+            if not gone:
+                return False
+            manifest["tracks"] = [t for t in manifest["tracks"] if t["id"] != track_id]
+            manifest["removed"].extend(gone)
+            self._write_manifest(manifest)
+            self.reload()
+        return True
+
+    def compact(self) -> None:
+        """Merge every shard into one, dropping removed tracks' postings."""
+        self._writable()
+        with self._lock():
+            self.reload()
+            self._compact_locked()
+
+    def _compact_locked(self) -> None:
+        manifest = json.loads(json.dumps(self._manifest))
+        if len(self._shards) <= 1 and not manifest["removed"]:
+            return
+        hashes = np.concatenate([np.asarray(s.hashes) for s in self._shards] or [np.zeros(0)])
+        postings = np.concatenate([np.asarray(s.postings) for s in self._shards] or [np.zeros(0)])
+        keep = self._alive[(postings.astype(np.uint64) >> np.uint64(32)).astype(np.int64)]
+        name = self._write_shard(hashes[keep].astype(np.uint32), postings[keep].astype(np.uint64))
+        for t in manifest["tracks"]:
+            t["shard"] = name
+        manifest["shards"] = [name]
+        manifest["removed"] = []
+        self._write_manifest(manifest)
+        self._shards = []
+        self.reload()
+        with contextlib.suppress(OSError):
+            self._collect_garbage(manifest)

@@ -1,0 +1,76 @@
+"""Batched power spectrogram: many tracks laid out in one frame array.
+
+Each track occupies a *slot* of whole peak-picking blocks plus one empty block, so that nothing
+computed later (2-D maxima, per-block density, peak pairs) can reach from one track into the next;
+fingerprinting a track alone or inside a batch gives the same hashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from colabmagic.fingerprint._xp import Backend
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each track of a batch lives in the batch's frame array.
+
+    Attributes
+    ----------
+    starts : numpy.ndarray
+        First frame of each track's slot (int64), plus the total frame count as last element.
+    n_frames : numpy.ndarray
+        Frames that hold audio of each track.
+    """
+
+    starts: np.ndarray
+    n_frames: np.ndarray
+
+    @property
+    def total(self) -> int:
+        return int(self.starts[-1])
+
+
+def layout(lengths: list[int], *, hop: int, block: int, n_fft: int) -> Layout:
+    """Slot sizes (in frames) for signals of the given lengths (in samples).
+
+    A signal starts ``n_fft // hop - 1`` hops into its slot, so that no frame of the previous
+    slot overlaps it.
+    """
+    lead = n_fft // hop - 1
+    n_frames = np.array([-(-n // hop) + lead for n in lengths], dtype=np.int64)
+    slots = (-(-n_frames // block) + 1) * block
+    starts = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
+    return Layout(starts=starts, n_frames=n_frames)
+
+
+def pack_signals(signals: list[np.ndarray], lay: Layout, *, hop: int, n_fft: int) -> np.ndarray:
+    """Concatenate host signals into one zero-padded float32 buffer following *lay*."""
+    buf = np.zeros(lay.total * hop + n_fft, dtype=np.float32)
+    lead = n_fft - hop
+    for start, sig in zip(lay.starts[:-1], signals, strict=True):
+        buf[start * hop + lead : start * hop + lead + len(sig)] = sig
+    return buf
+
+
+def power_spectrogram(
+    backend: Backend, signal: Any, *, n_frames: int, n_fft: int, hop: int, window: Any
+) -> Any:
+    """Power spectrogram ``(n_frames, n_fft // 2 + 1)`` (float32) of a device signal.
+
+    ``n_fft`` must be a multiple of ``hop``: frames are built from reshaped hop-sized blocks (no
+    strides, no gathers), which every array namespace supports.
+    """
+    xp = backend.xp
+    k = n_fft // hop
+    blocks = signal[: (n_frames + k - 1) * hop].reshape(n_frames + k - 1, hop)
+    frames = xp.concatenate([blocks[i : i + n_frames] for i in range(k)], axis=1)
+    frames *= window
+    spec = backend.rfft(frames)
+    power = spec.real * spec.real
+    power += spec.imag * spec.imag
+    return power.astype(xp.float32, copy=False)

@@ -1,0 +1,77 @@
+"""Decoding real files made with ffmpeg; bad files are warned about, skipped and counted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from colabmagic.fingerprint import AudioDecodeError, AudioDecodeWarning, Index, load_audio, match
+from colabmagic.fingerprint.audio import content_hash, find_audio
+
+from .conftest import SR, ffmpeg, write_wav
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, tracks):
+    """t4 seconds 2-12 as 44.1 kHz stereo WAV, then FLAC, OGG, MP3 and AAC (m4a) by ffmpeg."""
+    import soxr
+
+    d = tmp_path_factory.mktemp("enc")
+    y = soxr.resample(tracks["t4"][2 * SR : 12 * SR], SR, 44100).astype(np.float32)
+    write_wav(d / "src.wav", np.stack([y, 0.5 * y], axis=1), 44100)
+    for ext, args in {
+        "flac": [],
+        "ogg": ["-c:a", "libvorbis", "-q:a", "3"],
+        "mp3": ["-b:a", "96k"],
+        "m4a": ["-c:a", "aac", "-b:a", "96k"],
+    }.items():
+        ffmpeg("-i", str(d / "src.wav"), *args, str(d / f"q.{ext}"))
+    return d
+
+
+@pytest.mark.parametrize("name", ["src.wav", "q.flac", "q.ogg", "q.mp3", "q.m4a"])
+def test_formats_decode_to_mono_8k_and_match(encoded, built_index, name):
+    y = load_audio(encoded / name)
+    assert y.dtype == np.float32
+    assert y.ndim == 1
+    assert len(y) == pytest.approx(10 * SR, abs=0.12 * SR)  # codecs pad a few ms
+    (m,) = match(Index(built_index, readonly=True), encoded / name)
+    assert m.track == "t4"
+    assert m.offset_s == pytest.approx(2.0, abs=0.1)
+
+
+def test_bad_files_raise_a_named_error(tmp_path):
+    (tmp_path / "empty.mp3").write_bytes(b"")
+    (tmp_path / "junk.ogg").write_bytes(np.random.default_rng(0).bytes(5000))
+    write_wav(tmp_path / "zero.wav", np.zeros(0, np.float32))
+    for name in ("empty.mp3", "junk.ogg", "zero.wav", "missing.wav"):
+        with pytest.raises(AudioDecodeError, match=name):
+            load_audio(tmp_path / name)
+
+
+def test_index_skips_and_counts_bad_files(tmp_path, tracks):
+    lib = tmp_path / "lib"
+    (lib / "sub").mkdir(parents=True)
+    write_wav(lib / "good.wav", tracks["t0"][: 6 * SR])
+    write_wav(lib / "sub" / "good2.wav", tracks["t1"][: 6 * SR])
+    (lib / "sub" / "broken.flac").write_bytes(b"fLaC" + bytes(300))
+    (lib / "empty.wav").write_bytes(b"")
+    (lib / "notes.txt").write_text("not audio, not listed")
+    idx = Index(tmp_path / "db")
+    with pytest.warns(AudioDecodeWarning) as rec:
+        s = idx.add([lib])
+    assert (s.files, s.added, s.skipped) == (4, 2, 2)
+    assert sorted(s.skipped_files) == sorted(
+        [str(lib / "empty.wav"), str(lib / "sub" / "broken.flac")]
+    )
+    named = {str(w.message).split(":")[0] for w in rec if w.category is AudioDecodeWarning}
+    assert named == set(s.skipped_files)
+    assert len(Index(tmp_path / "db", readonly=True)) == 2  # consistent after the skips
+
+
+def test_find_audio_and_content_hash(tmp_path, tracks):
+    write_wav(tmp_path / "a.wav", tracks["t0"][:SR])
+    (tmp_path / "b.WAV").write_bytes((tmp_path / "a.wav").read_bytes())
+    (tmp_path / "c.txt").write_text("x")
+    assert find_audio([tmp_path]) == [str(tmp_path / "a.wav"), str(tmp_path / "b.WAV")]
+    assert content_hash(tmp_path / "a.wav") == content_hash(tmp_path / "b.WAV")

@@ -1,0 +1,52 @@
+"""De-duplication of re-encoded, trimmed, padded and excerpted copies."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from colabmagic.fingerprint import dedup
+
+from .conftest import SR, ffmpeg, synth_music, write_wav
+
+
+def test_dedup_groups_copies_with_offsets(tmp_path, tracks):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    a, b = tracks["t0"], tracks["t1"]
+    write_wav(lib / "a.wav", a)
+    ffmpeg("-i", str(lib / "a.wav"), "-b:a", "64k", str(lib / "a_64k.mp3"))
+    ffmpeg("-i", str(lib / "a.wav"), "-ar", "22050", "-c:a", "libvorbis", str(lib / "a.ogg"))
+    write_wav(lib / "a_trim.wav", a[3 * SR :])  # starts 3 s into a
+    write_wav(lib / "a_pad.wav", np.r_[np.zeros(2 * SR, np.float32), a])  # a starts at 2 s
+    write_wav(lib / "b.wav", b)
+    write_wav(lib / "b_excerpt.wav", b[5 * SR : 13 * SR])
+    shutil.copy(lib / "b.wav", lib / "b_same_bytes.wav")
+    for i in range(3):
+        write_wav(lib / f"other{i}.wav", synth_music(700 + i, 12.0))
+    res = dedup([lib], workers=1, backend="numpy")
+    groups = sorted(sorted(p.split("/")[-1] for p in g) for g in res.groups)
+    assert groups == [
+        ["a.ogg", "a.wav", "a_64k.mp3", "a_pad.wav", "a_trim.wav"],
+        ["b.wav", "b_excerpt.wav", "b_same_bytes.wav"],
+    ]
+    ev = {(e.a.split("/")[-1], e.b.split("/")[-1]): e for g in res.evidence for e in g}
+    offset = {pair[1]: e.offset_s for pair, e in ev.items()}
+
+    def rel(name, other):  # offset of `name` within `other`, whichever way the pair was stored
+        if (other, name) in ev:
+            return ev[(other, name)].offset_s
+        return -ev[(name, other)].offset_s
+
+    assert rel("a_trim.wav", "a.wav") == pytest.approx(3.0, abs=0.07)
+    assert rel("a.wav", "a_pad.wav") == pytest.approx(2.0, abs=0.07)
+    assert rel("b_excerpt.wav", "b.wav") == pytest.approx(5.0, abs=0.07)
+    assert offset["b_same_bytes.wav"] == 0.0
+    assert all(e.aligned >= 20 for g in res.evidence for e in g)
+    d = res.to_dict()
+    assert d["files"] == 11
+    assert d["skipped"] == 0
+    assert len(d["groups"]) == 2
+    assert set(d["groups"][0]["evidence"][0]) == {"a", "b", "score", "fraction", "offset_s"}

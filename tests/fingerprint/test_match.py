@@ -1,0 +1,113 @@
+"""Matching excerpts: right track, right offset, robust to degradations, silent on strangers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from colabmagic.errors import ParameterError
+from colabmagic.fingerprint import DEFAULT_MIN_SCORE, Index, load_audio, match
+
+from .conftest import SR, ffmpeg, synth_music, write_wav
+
+
+@pytest.fixture(scope="module")
+def index(built_index) -> Index:
+    return Index(built_index, readonly=True)
+
+
+def _noisy(y: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed).standard_normal(len(y)).astype(np.float32)
+    return y + noise * np.float32(np.sqrt(np.mean(y**2) / 10 ** (snr_db / 10)))
+
+
+@pytest.mark.parametrize(("track", "start"), [("t0", 3.0), ("t3", 11.5), ("t5", 0.0)])
+def test_clean_excerpt_found_at_its_offset(index, tracks, track, start):
+    q = tracks[track][int(start * SR) : int((start + 5) * SR)]
+    (m,) = match(index, q)
+    assert m.track == track
+    assert m.offset_s == pytest.approx(start, abs=0.05)
+    assert m.score >= DEFAULT_MIN_SCORE + 1.5
+    assert 0 < m.confidence <= 1
+    assert m.speed == 1.0
+    assert m.aligned > 50
+
+
+@pytest.mark.parametrize("snr_db", [10.0, 5.0])
+def test_noisy_excerpt(index, tracks, snr_db):
+    found = 0
+    for i, name in enumerate(("t1", "t2", "t4")):
+        q = _noisy(tracks[name][4 * SR : 14 * SR], snr_db, seed=i)
+        ms = match(index, q)
+        found += bool(ms) and ms[0].track == name and abs(ms[0].offset_s - 4.0) < 0.1
+    assert found == 3
+
+
+@pytest.mark.parametrize("speed", [0.96, 1.04])
+def test_speed_change(index, tracks, speed):
+    import soxr
+
+    src = tracks["t2"][2 * SR : int((2 + 10 * speed) * SR)]
+    q = soxr.resample(src, round(SR * speed), SR).astype(np.float32)  # played `speed` x faster
+    (m,) = match(index, q)
+    assert m.track == "t2"
+    assert m.speed == pytest.approx(speed, abs=0.021)
+    assert m.offset_s == pytest.approx(2.0, abs=0.15)
+
+
+def test_audio_not_in_the_index_gives_no_match(index, tracks):
+    for name in ("n0", "n1"):
+        for start in (0, 7, 13):
+            assert match(index, tracks[name][start * SR : (start + 6) * SR]) == []
+    for seed in range(3):  # noise alone, and other music of the same kind
+        assert match(index, np.random.default_rng(seed).standard_normal(5 * SR)) == []
+        assert match(index, synth_music(500 + seed, 10.0)) == []
+
+
+def test_top_k_and_threshold(index, tracks):
+    q = tracks["t4"][5 * SR : 15 * SR]
+    ms = match(index, q, top_k=3, min_score=0.0)
+    assert ms[0].track == "t4"
+    assert len(ms) >= 2
+    assert ms[0].score > 5 * ms[1].score
+    assert match(index, q, min_score=1e9) == []
+    with pytest.raises(ParameterError, match="top_k=0"):
+        match(index, q, top_k=0)
+
+
+def test_gain_and_file_queries_at_other_rates_and_mp3(index, tracks, tmp_path):
+    import soxr
+
+    y = tracks["t3"][6 * SR : 16 * SR]
+    hi = soxr.resample(y, SR, 44100).astype(np.float32)
+    write_wav(tmp_path / "q44k.wav", np.clip(hi * 3.0, -1, 1), 44100)
+    ffmpeg("-i", str(tmp_path / "q44k.wav"), "-b:a", "64k", str(tmp_path / "q.mp3"))
+    for name in ("q44k.wav", "q.mp3"):
+        (m,) = match(index, tmp_path / name)
+        assert m.track == "t3", name
+        assert m.offset_s == pytest.approx(6.0, abs=0.1), name
+    assert len(load_audio(tmp_path / "q.mp3")) == pytest.approx(10 * SR, abs=0.1 * SR)
+
+
+def test_match_many_equals_match(index, tracks, backend):
+    from colabmagic.fingerprint.match import match_many
+
+    qs = [
+        _noisy(tracks[n][s * SR : (s + 6) * SR], 5.0, seed=s)
+        for n, s in (("t0", 1), ("t5", 9), ("n1", 3), ("t2", 12))
+    ]
+    qs.append(np.zeros(SR, np.float32))
+    many = match_many(index, qs, top_k=2, min_score=2.0, backend=backend)
+    assert many == [match(index, q, top_k=2, min_score=2.0, all_speeds=True) for q in qs]
+    assert [ms[0].track if ms else None for ms in many][:2] == ["t0", "t5"]
+    assert many[-1] == []
+
+
+def test_device_benchmark_runs_on_the_device_code_path():
+    from colabmagic.fingerprint.bench import device_benchmark
+
+    from .conftest import numpy_as_device
+
+    r = device_benchmark(backend=numpy_as_device(), hours=0.1, n_queries=4, seconds=5.0)
+    assert r["query_recall"] == 1.0
+    assert r["extract_x_realtime"] > 0

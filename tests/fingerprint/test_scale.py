@@ -1,0 +1,47 @@
+"""Parallel extraction: worker processes and a Dask cluster give the single-process hashes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from colabmagic.fingerprint import Fingerprinter, Index, match
+from colabmagic.fingerprint.pipeline import Job, extract_files
+
+from .conftest import SR
+
+
+def _jobs(library):
+    return [Job(p.stem, str(p), p.stem) for p in sorted(library.glob("*.wav"))]
+
+
+def test_worker_processes_match_in_process(library, fingerprinter):
+    one = list(extract_files(_jobs(library), fingerprinter=fingerprinter, backend="numpy"))
+    two = list(
+        extract_files(_jobs(library), fingerprinter=fingerprinter, workers=2, backend="numpy")
+    )
+    assert [r.track_id for r in two] == [r.track_id for r in one]
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a.hashes, b.hashes)
+
+
+def test_dask_local_cluster(library, tmp_path, tracks, fingerprinter):
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        res = list(
+            extract_files(
+                _jobs(library)[:3], fingerprinter=fingerprinter, scheduler=client, backend="numpy"
+            )
+        )
+        ref = list(extract_files(_jobs(library)[:3], fingerprinter=fingerprinter, backend="numpy"))
+        for a, b in zip(res, ref, strict=True):
+            np.testing.assert_array_equal(a.hashes, b.hashes)
+        idx = Index(tmp_path / "db", fingerprinter=Fingerprinter())
+        s = idx.add([library], scheduler=cluster.scheduler_address, backend="numpy")
+    assert s.added == 6
+    assert match(idx, tracks["t5"][3 * SR : 9 * SR])[0].track.endswith("t5.wav")
