@@ -45,6 +45,20 @@ def test_device_code_path_matches_numpy(tracks, fingerprinter):
         assert len(pairs_a & pairs_b) >= 0.99 * max(len(pairs_a), len(pairs_b))
 
 
+def test_gpu_mock_runs_the_cupy_path(tracks, fingerprinter):
+    """colabmagic's NumPy-backed ``cupy`` mock (what ``--mock-gpu`` kernels import) as device."""
+    from colabmagic.fingerprint._xp import Backend
+    from colabmagic.gpu import mock
+
+    cupy = mock.build()["cupy"]
+    host = fingerprinter.fingerprint_batch([tracks["t0"]], backend="numpy")
+    dev = fingerprinter.fingerprint_batch([tracks["t0"]], backend=Backend.from_module(cupy))
+    assert type(dev[0].hashes) is np.ndarray  # brought back to the host once
+    pairs_a = set(zip(host[0].hashes.tolist(), host[0].times.tolist(), strict=True))
+    pairs_b = set(zip(dev[0].hashes.tolist(), dev[0].times.tolist(), strict=True))
+    assert len(pairs_a & pairs_b) >= 0.99 * max(len(pairs_a), len(pairs_b))
+
+
 def test_query_fingerprints_carry_speed_variants(tracks, fingerprinter):
     q = fingerprinter.fingerprint(tracks["t0"][: 5 * SR], backend="numpy", query=True)
     assert set(np.unique(q.variant)) == set(range(len(fingerprinter.speeds)))
