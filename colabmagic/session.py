@@ -467,10 +467,11 @@ class Session:
                     {"comm_id": comm_id, "data": {"op": op, "req": req, **data}},
                     buffers=buffers,
                 )
-                rdata, rbufs = self._await_comm_reply(comm_id, req, done, box, timeout, op)
+                rdata, rbufs = self._await_comm_reply(comm_id, req, done, box, timeout, op, sent)
             finally:
                 self.proxy.tap = None
-            self._await_idle(sent)
+            if not box.get("idle"):
+                self._await_idle(sent)
             if rdata.get("op") == "error":
                 raise TransferError(rdata.get("message", "remote transfer failed"))
             return rdata, rbufs
@@ -501,7 +502,7 @@ class Session:
             ):
                 return
 
-    def _await_comm_reply(self, comm_id, req, done, box, timeout, op) -> tuple:
+    def _await_comm_reply(self, comm_id, req, done, box, timeout, op, sent) -> tuple:
         session = self.client.session
         iopub = self.client.iopub_channel.socket
         deadline = time.monotonic() + timeout
@@ -513,7 +514,16 @@ class Session:
             if not iopub.poll(_POLL_MS):
                 continue
             _, reply = session.recv(iopub, zmq.NOBLOCK, copy=False)
-            if reply is None or reply["header"]["msg_type"] != "comm_msg":
+            if reply is None:
+                continue
+            if (
+                reply["header"]["msg_type"] == "status"
+                and reply["parent_header"].get("msg_id") == sent
+                and reply["content"].get("execution_state") == "idle"
+            ):
+                box["idle"] = True  # the tap took the reply; this idle must not be waited for
+                continue
+            if reply["header"]["msg_type"] != "comm_msg":
                 continue
             rdata = reply["content"].get("data", {})
             if reply["content"].get("comm_id") == comm_id and rdata.get("req") == req:
