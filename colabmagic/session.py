@@ -484,7 +484,7 @@ class Session:
         self.proxy.send_direct(wire.SHELL, parts)
         return msg["header"]["msg_id"]
 
-    def _await_idle(self, msg_id: str, timeout: float = 10.0) -> None:
+    def _await_idle(self, msg_id: str, timeout: float = 10.0) -> bool:
         """Wait for the kernel's ``idle`` after *msg_id*, so the next status is truthful."""
         session = self.client.session
         iopub = self.client.iopub_channel.socket
@@ -500,7 +500,8 @@ class Session:
                 and msg["parent_header"].get("msg_id") == msg_id
                 and msg["content"].get("execution_state") == "idle"
             ):
-                return
+                return True
+        return False
 
     def _await_comm_reply(self, comm_id, req, done, box, timeout, op, sent) -> tuple:
         session = self.client.session

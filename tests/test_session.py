@@ -256,7 +256,15 @@ def test_push_pull_small_values_and_arrays(session):
     assert arr[0, 0] == 0, "the local array is not aliased"
 
 
-def test_push_pull_256_mib_with_checksum(session):
+def test_push_pull_256_mib_with_checksum(session, monkeypatch):
+    waits = []
+    real_wait = Session._await_idle
+
+    def spy(self, msg_id, timeout=10.0):
+        waits.append(real_wait(self, msg_id, timeout))
+        return waits[-1]
+
+    monkeypatch.setattr(Session, "_await_idle", spy)
     big = np.random.default_rng(1).integers(0, 2**63, size=(256 << 20) // 8, dtype=np.int64)
     digest = hashlib.sha256(big).hexdigest()
     session.push(big=big)
@@ -266,6 +274,8 @@ def test_push_pull_256_mib_with_checksum(session):
     back = session.pull("big")
     assert hashlib.sha256(back).hexdigest() == digest
     session.run("del big", relay=QuietRelay())
+    # every wait for the kernel's idle found it (none ran into its deadline)
+    assert all(waits), waits
 
 
 def test_unpicklable_and_missing_variables_name_the_variable(session):
