@@ -294,6 +294,7 @@ class Session:
         got_reply = got_idle = False
         interrupted_by: str | None = None
         stop_deadline: float | None = None
+        escalated = False
         pending_exc: BaseException | None = None
         while not (got_reply and got_idle):
             try:
@@ -303,11 +304,17 @@ class Session:
                     interrupted_by = "timeout"
                     stop_deadline = now + grace
                     self.interrupt()
+                if stop_deadline is not None and not escalated and now > stop_deadline - grace / 2:
+                    # SIGINT to the kernel did not land (a C extension, SIGINT ignored, a child
+                    # process doing the work): the whole process group next.
+                    escalated = True
+                    with contextlib.suppress(ColabMagicError):
+                        self.interrupt(group=True)
                 if stop_deadline is not None and now > stop_deadline:
                     msg = (
-                        f"the remote cell did not stop within {grace:g}s of an interrupt; "
-                        f"the kernel may be stuck in native code: restart it with "
-                        f"%colab_connect --name {self.name} --restart"
+                        f"the remote cell did not stop within {grace:g}s of SIGINT to the kernel "
+                        "and then to its process group; it may be stuck in native code: restart "
+                        f"it with %colab_connect --name {self.name} --restart"
                     )
                     raise CellTimeoutError(msg)
                 events = dict(poller.poll(_POLL_MS))

@@ -224,6 +224,19 @@ def test_timeout_interrupts_and_kernel_stays_usable(session):
     assert session.run("'alive'", relay=QuietRelay()).result.data["text/plain"] == "'alive'"
 
 
+def test_interrupt_escalates_then_says_how_to_recover(fresh):
+    with pytest.raises(CellTimeoutError, match=r"process group.*--restart"):
+        fresh.run(
+            "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "while True: time.sleep(0.01)",
+            timeout=0.3,
+            interrupt_grace=1.0,
+            relay=QuietRelay(),
+        )
+    fresh.restart()
+    assert fresh.run("'recovered'", relay=QuietRelay()).result.data["text/plain"] == ("'recovered'")
+
+
 def test_keyboard_interrupt_interrupts_the_remote_cell(session):
     def on_text(text):
         if "started" in text:
