@@ -7,6 +7,7 @@ import builtins
 import json
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -119,9 +120,23 @@ def remote_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("remote")
 
 
-@pytest.fixture(scope="module")
-def session(colabmagic_root, remote_dir):
-    s = Session.start(LocalTransport(root=str(colabmagic_root)), name="dbg", cwd=str(remote_dir))
+@pytest.fixture(scope="module", params=["local", pytest.param("ssh", marks=pytest.mark.ssh)])
+def session(request, colabmagic_root, remote_dir):
+    """A debugging session over each transport (the ssh one through a real sshd)."""
+    if request.param == "local":
+        transport = LocalTransport(root=str(colabmagic_root))
+    else:
+        from colabmagic.transport.ssh import SSHTransport
+
+        server = request.getfixturevalue("sshd_server")
+        transport = SSHTransport(
+            server.name,
+            ssh_config=server.ssh_config,
+            python=sys.executable,
+            root=str(colabmagic_root),
+            connect_timeout=10,
+        )
+    s = Session.start(transport, name=f"dbg-{request.param}", cwd=str(remote_dir))
     yield s
     s.close()
 
