@@ -1,0 +1,1 @@
+"""Package data: the quick-start notebook, kernel logos."""
