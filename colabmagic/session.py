@@ -414,10 +414,34 @@ class Session:
         return failure
 
     def interrupt(self, *, group: bool = False) -> None:
-        """Interrupt the running remote cell (SIGINT to the kernel, or its process group)."""
+        """Interrupt the running remote cell.
+
+        First the Jupyter way: an ``interrupt_request`` on the control channel (ipykernel then
+        signals its process group). If the kernel does not answer within 2 s -- its control
+        thread is stuck too -- SIGINT through the agent; ``group=True`` goes straight to the
+        agent and signals the kernel's whole process group.
+        """
+        if not group and self._interrupt_by_message():
+            return
         reply = self.proxy.call("interrupt", group=group, timeout=10.0)
         if not reply.get("ok"):
             self._check_alive()
+
+    def _interrupt_by_message(self, timeout: float = 2.0) -> bool:
+        session = self.client.session
+        control = self.client.control_channel.socket
+        msg = session.msg("interrupt_request", {})
+        session.send(control, msg)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not control.poll(_POLL_MS):
+                if self.proxy.state != "up":
+                    return False
+                continue
+            _, reply = session.recv(control, zmq.NOBLOCK)
+            if reply and reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return reply["content"].get("status") == "ok"
+        return False
 
     def restart(self, timeout: float = 60.0) -> None:
         """Replace the remote kernel with a fresh one (same session, variables gone)."""
