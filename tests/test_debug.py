@@ -284,3 +284,14 @@ def test_launch_json_is_merged_and_never_clobbered(tmp_path):
     with pytest.raises(ColabMagicError, match="is not valid JSON"):
         debug.write_launch_config(str(vscode), cfg)
     assert (vscode / "launch.json").read_text() == "{ not json"
+
+
+def test_debugpy_already_in_use_is_a_clear_error(colabmagic_root, tmp_path):
+    s = Session.start(LocalTransport(root=str(colabmagic_root)), name="busy-debugpy")
+    try:
+        s.run("import debugpy; debugpy.listen(('127.0.0.1', 0))", relay=Capture())
+        with pytest.raises(ColabMagicError, match="debugpy is already in use in this kernel"):
+            debug.start_vscode(s, launch_dir=str(tmp_path))
+        assert not (tmp_path / ".vscode").exists(), "nothing is written when it fails"
+    finally:
+        s.close()
