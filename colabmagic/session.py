@@ -65,10 +65,6 @@ class ExecutionResult:
         return self.status == "ok"
 
 
-def _copy(parts) -> bool:
-    return not any(len(p) > 65536 for p in parts)
-
-
 class Session:
     """A kernel reached through a transport; see the module docstring.
 
@@ -82,7 +78,6 @@ class Session:
         *,
         name: str = "default",
         mock_gpu: bool = False,
-        owns_kernel: bool = True,
         reconnect_timeout: float = 300.0,
         connect_timeout: float = 60.0,
     ):
@@ -90,7 +85,6 @@ class Session:
         self.kernel_id = kernel_id
         self.name = name
         self.mock_gpu = mock_gpu
-        self.owns_kernel = owns_kernel
         self.closed = False
         self.remote_info: dict[str, Any] = {}
         self.last_error: RemoteError | None = None
@@ -143,20 +137,18 @@ class Session:
                     f"running: {alive or 'none'}"
                 )
                 raise ConnectError(msg)
-            kernel_id, owns = attach, True
+            kernel_id = attach
             mock_gpu = bool(info.get("mock_gpu"))
         else:
             kernel_id = transport.start_kernel(
                 mock_gpu=mock_gpu, cwd=cwd, python=python, env=env, idle_timeout=idle_timeout
             )
-            owns = True
         try:
             return cls(
                 transport,
                 kernel_id,
                 name=name,
                 mock_gpu=mock_gpu,
-                owns_kernel=owns,
                 reconnect_timeout=reconnect_timeout,
                 connect_timeout=connect_timeout,
             )
@@ -171,15 +163,15 @@ class Session:
         deadline = time.monotonic() + timeout
         iopub = self.client.iopub_channel.socket
         shell = self.client.shell_channel.socket
+        poller = zmq.Poller()
+        poller.register(iopub, zmq.POLLIN)
+        poller.register(shell, zmq.POLLIN)
         while time.monotonic() < deadline:
             self._check_alive()
             msg_id = self.client.kernel_info()
             got_reply = got_iopub = False
             step = time.monotonic() + 1.0
             while time.monotonic() < min(step, deadline) and not (got_reply and got_iopub):
-                poller = zmq.Poller()
-                poller.register(iopub, zmq.POLLIN)
-                poller.register(shell, zmq.POLLIN)
                 events = dict(poller.poll(_POLL_MS))
                 if shell in events:
                     _, msg = self.client.session.recv(shell, zmq.NOBLOCK)
@@ -606,6 +598,7 @@ class Session:
             "gpu": _gpu_text(self.remote_info.get("gpu")),
             "latency_ms": None,
             "reconnects": self.proxy.reconnects,
+            "lost_messages": self.proxy.lost_messages,
         }
         if self.proxy.state == "up":
             t0 = time.perf_counter()

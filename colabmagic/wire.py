@@ -139,7 +139,6 @@ class FramedStream:
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
         self._out: deque = deque()
-        self._out_bytes = 0
         self._hbuf = bytearray()
         self._header = None
         self._body = None
@@ -155,12 +154,10 @@ class FramedStream:
             raise StreamClosed(msg)
         length = sum(len(p) if isinstance(p, bytes) else memoryview(p).nbytes for p in pieces)
         self._out.append(HEADER.pack(kind, seq, length))
-        self._out_bytes += HEADER.size
         for p in pieces:
             mv = memoryview(p).cast("B")
             if mv.nbytes:
                 self._out.append(mv)
-                self._out_bytes += mv.nbytes
 
     def send_json(self, kind: int, seq: int, obj) -> None:
         self.send_frame(kind, seq, [json_body(obj)])
@@ -170,9 +167,6 @@ class FramedStream:
 
     def wants_write(self) -> bool:
         return bool(self._out)
-
-    def pending_bytes(self) -> int:
-        return self._out_bytes
 
     def flush(self) -> bool:
         """Write as much as the descriptor takes now; True when everything queued is written."""
@@ -194,7 +188,6 @@ class FramedStream:
                 self.closed = True
                 msg = f"write failed: {exc}"
                 raise StreamClosed(msg) from exc
-            self._out_bytes -= n
             while n:
                 head = self._out[0]
                 size = len(head)
@@ -207,6 +200,29 @@ class FramedStream:
         return True
 
     # -- reading -----------------------------------------------------------------------------
+    def _split(self, frames: list) -> None:
+        """Cut the complete frames out of the read buffer (one pass, one trim at the end)."""
+        buf, pos, end = self._hbuf, 0, len(self._hbuf)
+        while end - pos >= HEADER.size:
+            kind, seq, length = HEADER.unpack_from(buf, pos)
+            if kind not in (HELLO, WELCOME, MSG, ACK) or length > _MAX_FRAME:
+                msg = f"bad frame header (kind={kind}, length={length})"
+                raise ProtocolError(msg)
+            start = pos + HEADER.size
+            if end - start >= length:
+                frames.append((kind, seq, bytes(buf[start : start + length])))
+                pos = start + length
+                continue
+            # A frame larger than what has arrived: read the rest straight into its own buffer.
+            self._header = (kind, seq, length)
+            self._body = _alloc(length)
+            self._body[: end - start] = buf[start:end]
+            self._body_view = memoryview(self._body)
+            self._body_got = end - start
+            self._hbuf = bytearray()
+            return
+        del buf[:pos]
+
     def read_frames(self) -> list:
         """Read what is available; return the complete frames as ``(kind, seq, body)``.
 
@@ -235,22 +251,7 @@ class FramedStream:
                     msg = "end of stream"
                     raise StreamClosed(msg)
                 self._hbuf += chunk
-                while self._header is None and len(self._hbuf) >= HEADER.size:
-                    kind, seq, length = HEADER.unpack_from(self._hbuf, 0)
-                    if kind not in (HELLO, WELCOME, MSG, ACK) or length > _MAX_FRAME:
-                        msg = f"bad frame header (kind={kind}, length={length})"
-                        raise ProtocolError(msg)
-                    rest = self._hbuf[HEADER.size :]
-                    if len(rest) >= length:
-                        frames.append((kind, seq, bytes(rest[:length])))
-                        self._hbuf = rest[length:]
-                        continue
-                    self._header = (kind, seq, length)
-                    self._body = _alloc(length)
-                    self._body[: len(rest)] = rest
-                    self._body_view = memoryview(self._body)
-                    self._body_got = len(rest)
-                    self._hbuf = bytearray()
+                self._split(frames)
             else:
                 kind, seq, length = self._header
                 try:

@@ -494,7 +494,6 @@ def test_closed_session_refuses_to_run(transport_kind, colabmagic_root):
 def test_python_api_connect_run_push_pull_close():
     s = colabmagic.connect(local=True, register=False)
     try:
-        s.run("y = x + 1", relay=QuietRelay()) if False else None
         s.push(x=np.arange(3))
         s.run("y = x + 1", relay=QuietRelay())
         np.testing.assert_array_equal(s.pull("y"), [1, 2, 3])

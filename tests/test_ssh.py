@@ -401,6 +401,12 @@ def test_zero_install_ships_the_agent_code(sshd_server, bare_python, tmp_path, c
         with open(f"/proc/{agent_pid}/environ", "rb") as f:
             environ = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
         assert environ[b"PYTHONPATH"].decode().split(os.pathsep)[0] == str(shipped)
+        kernel_pid = s.status()["kernel_pid"]
+        with open(f"/proc/{kernel_pid}/environ", "rb") as f:
+            kernel_env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        assert str(shipped).encode() not in kernel_env.get(b"PYTHONPATH", b""), (
+            "the kernel must import the user's packages, not the shipped stand-in"
+        )
         r = s.run(
             "import sys, cupy\nprint(sys.executable)\nint(cupy.arange(4).sum())", relay=QuietRelay()
         )

@@ -84,3 +84,12 @@ def test_outlog_resends_only_unacknowledged_and_counts_evictions():
     log.ack(3)
     assert [s for s, _, _ in log.after(0)] == [4]
     assert log.after(4) == []
+
+
+def test_many_small_frames_in_one_read_come_out_in_order(pair):
+    a, b = pair
+    for i in range(5000):
+        a.send_msg(i + 1, wire.IOPUB, [b"line %d\n" % i])
+    frames = pump(a, b, 5000)
+    assert [seq for _, seq, _ in frames] == list(range(1, 5001))
+    assert bytes(wire.decode_msg(frames[-1][2])[1][0]) == b"line 4999\n"

@@ -144,14 +144,8 @@ def _host_memory():
     return free, total
 
 
-class Device:
-    """The one mock device (id 0)."""
-
-    def __init__(self, device=None):
-        self.id = 0 if device is None else int(device)
-        if self.id != 0:
-            msg = f"the colabmagic GPU mock has one device (0), not {self.id}"
-            raise ValueError(msg)
+class _Synchronous:
+    """A device or stream of the mock: a context manager whose work is always finished."""
 
     def __enter__(self):
         return self
@@ -164,6 +158,16 @@ class Device:
 
     def synchronize(self):
         return None
+
+
+class Device(_Synchronous):
+    """The one mock device (id 0)."""
+
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+        if self.id != 0:
+            msg = f"the colabmagic GPU mock has one device (0), not {self.id}"
+            raise ValueError(msg)
 
     @property
     def compute_capability(self):
@@ -197,23 +201,11 @@ def get_elapsed_time(start_event, end_event):
     return (end_event._t - start_event._t) * 1000.0
 
 
-class Stream:
+class Stream(_Synchronous):
     null = None
 
     def __init__(self, null=False, non_blocking=False, ptds=False):
         pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def use(self):
-        return self
-
-    def synchronize(self):
-        return None
 
     def record(self, event=None):
         event = event or Event()
@@ -229,7 +221,7 @@ Stream.null = Stream(null=True)
 
 
 class MemoryPool:
-    """Reports the bytes held by live mock arrays is not tracked; sizes stay 0 unless limited."""
+    """Memory of mock arrays is not tracked: sizes stay 0; a limit is only remembered."""
 
     def __init__(self):
         self._limit = 0

@@ -61,6 +61,19 @@ def _signal_name(returncode: int | None) -> str | None:
         return f"signal {-returncode}"
 
 
+def _drop_own_path(env: dict) -> None:
+    """Remove the directory this code was shipped to (zero-install) from the kernel's
+    ``PYTHONPATH``, keeping the user's own entries: the kernel imports the user's packages, not
+    the stand-in ``colabmagic`` the agent runs from."""
+    own = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    entries = [e for e in env.get("PYTHONPATH", "").split(os.pathsep) if e]
+    kept = [e for e in entries if os.path.abspath(e) != own]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    else:
+        env.pop("PYTHONPATH", None)
+
+
 def _bootstrap_source(mock_gpu: bool) -> str:
     """The code the agent runs silently in every fresh kernel before any client code."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -149,7 +162,7 @@ class Agent:
             self._write_connection_file()
         env = dict(os.environ)
         env.update(self.extra_env)
-        env.pop("PYTHONPATH", None) if env.get("COLABMAGIC_KEEP_PYTHONPATH") != "1" else None
+        _drop_own_path(env)
         env["COLABMAGIC_KERNEL"] = "1"
         if self.mock_gpu:
             env["COLABMAGIC_MOCK_GPU"] = "1"
@@ -484,7 +497,6 @@ class Agent:
         return 0
 
     def _loop(self, listener: socket.socket) -> None:
-        poller = zmq.Poller()
         while True:
             poller = zmq.Poller()
             poller.register(listener, zmq.POLLIN)

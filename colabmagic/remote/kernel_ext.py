@@ -145,22 +145,25 @@ def _handle(comm, msg):
                     }
                 )
                 return
-            values = {}
-            for name in data["names"]:
-                try:
-                    dumps(ns[name])
-                except Exception as exc:  # noqa: BLE001 - report which variable fails
-                    comm.send(
-                        {
-                            "op": "error",
-                            "req": req,
-                            "name": name,
-                            "message": f"cannot pickle {name!r} ({type(exc).__name__}: {exc})",
-                        }
-                    )
-                    return
-                values[name] = ns[name]
-            comm.send({"op": "pull_ok", "req": req}, buffers=dumps(values))
+            values = {name: ns[name] for name in data["names"]}
+            try:
+                frames = dumps(values)
+            except Exception:
+                for name, value in values.items():
+                    try:
+                        dumps(value)
+                    except Exception as exc:  # noqa: BLE001
+                        comm.send(
+                            {
+                                "op": "error",
+                                "req": req,
+                                "name": name,
+                                "message": f"cannot pickle {name!r} ({type(exc).__name__}: {exc})",
+                            }
+                        )
+                        return
+                raise
+            comm.send({"op": "pull_ok", "req": req}, buffers=frames)
         elif op == "info":
             comm.send({"op": "info_ok", "req": req, "info": info()})
         elif op == "debugpy":
