@@ -27,7 +27,7 @@ from colabmagic.errors import ParameterError
 from colabmagic.fingerprint.audio import find_audio, load_audio
 from colabmagic.fingerprint.fingerprinter import Fingerprinter
 from colabmagic.fingerprint.index import Index
-from colabmagic.fingerprint.match import DEFAULT_MIN_SCORE, _staged_votes
+from colabmagic.fingerprint.match import DEFAULT_MIN_SCORE, candidates
 
 WESNOTH_MUSIC = "/usr/share/games/wesnoth/1.16/data/core/music"
 CONDITIONS = ("clean", "snr+10", "snr0", "snr-5", "mp3_64k", "speed0.95", "speed1.05")
@@ -169,7 +169,8 @@ def run_benchmark(
                         q = _degrade(cond, y, f, float(start), seconds, sr, rng, tmp)
                         t0 = time.perf_counter()
                         fp = fpr.fingerprint(q, backend=backend, query=True)
-                        tracks, scores, _, offsets, _ = _staged_votes(index, fp, min_score)
+                        v = candidates(index, fp, min_score=min_score)
+                        tracks, scores, offsets = v.track, v.score, v.offset
                         lat.append(time.perf_counter() - t0)
                         best = float(scores[0]) if len(scores) else 0.0
                         if f in held_out:
@@ -210,7 +211,7 @@ def run_benchmark(
             y = audio[f]
             for a in range(0, max(len(y) - 10 * sr, 0), 2 * sr):
                 fp = fpr.fingerprint(y[a : a + 10 * sr], backend=backend, query=True)
-                v = _staged_votes(index, fp, min_score)
+                v = candidates(index, fp, min_score=min_score)
                 scan.append(float(v.score[0]) if len(v.score) else 0.0)
         res["held_out_scan"] = {
             "windows": len(scan),
@@ -261,6 +262,39 @@ if __name__ == "__main__":  # pragma: no cover
     os.sys.exit("use `colabmagic fp bench` or benchmarks/fingerprint.py")
 
 
+def synthetic_library(
+    n_tracks: int, seconds: float, *, sr: int = 8000, seed: int = 0
+) -> list[np.ndarray]:
+    """Distinct synthetic "music" tracks: mixtures of two of 16 melodies of harmonic notes.
+
+    Each melody is a random sequence of decaying harmonic tones (8 notes per second, 110-1500
+    Hz, synthesised by phase accumulation, no per-note loop); track ``k`` mixes two melodies
+    at their own offsets and gains, so every track has its own peaks.
+    """
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    note = sr // 8
+    n_notes = -(-n // note)
+    pos = (np.arange(n) % note).astype(np.float32) / sr
+    melodies = []
+    for _ in range(16):
+        f0 = np.exp(rng.uniform(np.log(110), np.log(1500), n_notes)).astype(np.float32)
+        phase = np.cumsum(np.repeat(f0, note)[:n] * np.float32(2 * np.pi / sr), dtype=np.float64)
+        phase = np.mod(phase, 2 * np.pi).astype(np.float32)
+        env = np.exp(-pos * np.repeat(rng.uniform(3, 12, n_notes).astype(np.float32), note)[:n])
+        tone = np.sin(phase) + np.sin(2 * phase) / 2 + np.sin(3 * phase) / 3
+        melodies.append((env * tone).astype(np.float32))
+    out = []
+    for _ in range(n_tracks):
+        a, b = rng.choice(16, size=2, replace=False)
+        y = np.roll(melodies[a], int(rng.integers(n))) + rng.uniform(0.3, 0.7) * np.roll(
+            melodies[b], int(rng.integers(n))
+        )
+        y += np.float32(0.02) * rng.standard_normal(n).astype(np.float32)
+        out.append(y.astype(np.float32))
+    return out
+
+
 def device_benchmark(
     *,
     backend: str = "cupy",
@@ -271,9 +305,10 @@ def device_benchmark(
 ) -> dict[str, Any]:
     """Throughput on decoded audio (no files needed): extraction and batched queries.
 
-    Synthesises *hours* of noise-like "music" (random chirps), fingerprints it in batches,
-    indexes it in a temporary directory and identifies *n_queries* excerpts of *seconds* with
-    :func:`~colabmagic.fingerprint.match.match_many`. Used by ``benchmarks/gpu_check.sh``.
+    Synthesises *hours* of distinct tracks (:func:`synthetic_library`), fingerprints them in
+    batches, indexes them in a temporary directory and identifies *n_queries* excerpts of
+    *seconds* with :func:`~colabmagic.fingerprint.match.match_many`. Used by
+    ``benchmarks/gpu_check.sh``.
     """
     from colabmagic.fingerprint.match import match_many
 
@@ -281,13 +316,7 @@ def device_benchmark(
     sr = fpr.sample_rate
     rng = np.random.default_rng(seed)
     n_tracks = max(2, int(hours * 3600 / 300))
-    t = np.arange(300 * sr, dtype=np.float32) / sr
-    base = np.sin(2 * np.pi * 40 * t**1.5).astype(np.float32)
-    tracks = [
-        np.roll(base, int(rng.integers(len(base)))) * rng.uniform(0.5, 1.0)
-        + 0.3 * rng.standard_normal(len(base)).astype(np.float32)
-        for _ in range(n_tracks)
-    ]
+    tracks = synthetic_library(n_tracks, 300.0, sr=sr, seed=seed)
     fpr.fingerprint_batch(tracks[:1], backend=backend)  # warm-up: kernels, FFT plans
     t0 = time.perf_counter()
     fps = fpr.fingerprint_batch(tracks, backend=backend)
@@ -305,6 +334,7 @@ def device_benchmark(
                     {"id": str(i), "path": str(i), "duration": 300.0, "content_hash": str(i)},
                     f.hashes,
                     f.times,
+                    f.peaks,
                 )
                 for i, f in enumerate(fps)
             ]

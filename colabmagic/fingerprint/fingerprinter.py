@@ -24,11 +24,16 @@ class Fingerprint(NamedTuple):
         Anchor frame of every hash (``Fingerprinter.frame_seconds`` seconds per frame).
     variant : numpy.ndarray (int8)
         Which speed variant produced the hash (always 0 for reference fingerprints).
+    peaks : numpy.ndarray (float32), shape (n, 2), optional
+        The spectral peaks the hashes were made of: frame and bin, refined below one unit,
+        sorted by frame (used to verify candidate matches, see
+        :mod:`colabmagic.fingerprint.verify`).
     """
 
     hashes: np.ndarray
     times: np.ndarray
     variant: np.ndarray
+    peaks: np.ndarray | None = None
 
 
 DEFAULT_SPEEDS = (1.0, 0.96, 1.04, 0.98, 1.02, 0.94, 1.06)
@@ -248,7 +253,16 @@ class Fingerprinter:
         order = xp.argsort(tr, kind="stable") if len(speeds) > 1 else xp.arange(tr.shape[0])
         h, t, tr, var = (be.to_host(a[order]) for a in (h, t, tr, var))
         bounds = np.searchsorted(tr, np.arange(len(signals) + 1))
+        peak_xy = be.to_host(xp.stack([times, freqs], axis=1))  # sorted by frame, so by track
+        peak_bounds = np.searchsorted(be.to_host(track), np.arange(len(signals) + 1))
         return [
-            Fingerprint(h[a:b], np.maximum(t[a:b], 0).astype(np.int32), var[a:b].astype(np.int8))
-            for a, b in itertools.pairwise(bounds)
+            Fingerprint(
+                h[a:b],
+                np.maximum(t[a:b], 0).astype(np.int32),
+                var[a:b].astype(np.int8),
+                peak_xy[pa:pb],
+            )
+            for (a, b), (pa, pb) in zip(
+                itertools.pairwise(bounds), itertools.pairwise(peak_bounds), strict=True
+            )
         ]

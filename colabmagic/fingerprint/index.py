@@ -5,6 +5,8 @@ Layout of an index directory::
     manifest.json          tracks (number, id, path, duration, content hash), shards, removed
     shards/<name>/hashes.npy    uint32, sorted
     shards/<name>/postings.npy  uint64, ``track_number << 32 | anchor_frame``, same order
+    shards/<name>/peaks.npy     uint64, sorted peak keys ``track << 36 | time << 10 | freq``
+                                (quarter frames and bins), for verifying candidates
     index.lock             held by the one writer at a time
 
 Files are written once and never modified. An add writes new shards into a temporary directory,
@@ -34,9 +36,13 @@ from colabmagic.fingerprint.audio import AudioDecodeWarning, content_hash, find_
 from colabmagic.fingerprint.fingerprinter import Fingerprinter
 from colabmagic.fingerprint.hashing import HASH_BITS
 from colabmagic.fingerprint.pipeline import Job, extract_files, now
+from colabmagic.fingerprint.verify import F_BITS, T_BITS, reference_keys
+
+#: ``(record, hashes, times)`` or ``(record, hashes, times, peaks)`` of one track to add.
+Pending = tuple[Any, ...]
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TIME_MASK = np.uint64(0xFFFFFFFF)
 
 
@@ -122,12 +128,13 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 class _Shard:
-    __slots__ = ("hashes", "name", "postings")
+    __slots__ = ("hashes", "name", "peaks", "postings")
 
     def __init__(self, root: Path, name: str):
         self.name = name
         self.hashes = np.load(root / name / "hashes.npy", mmap_mode="r")
         self.postings = np.load(root / name / "postings.npy", mmap_mode="r")
+        self.peaks = np.load(root / name / "peaks.npy", mmap_mode="r")
 
 
 class Index:
@@ -207,6 +214,14 @@ class Index:
         alive = np.zeros(manifest["next_track"] + 1, dtype=bool)
         alive[[t.number for t in self._tracks]] = True
         self._alive = alive
+        fpr = self.fingerprinter
+        frames = np.zeros(alive.shape[0], dtype=np.int64)  # peak times count from the slot start
+        frames[[t.number for t in self._tracks]] = [
+            int(np.ceil(t.duration * fpr.sample_rate / fpr.hop)) + fpr.n_fft // fpr.hop
+            for t in self._tracks
+        ]
+        self._track_frames = frames
+        self.__dict__.pop("_peak_cache", None)
 
     def _read_manifest(self) -> dict[str, Any]:
         try:
@@ -241,8 +256,8 @@ class Index:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the mapped hash and posting arrays (what queries page in at most)."""
-        return int(sum(s.hashes.nbytes + s.postings.nbytes for s in self._shards))
+        """Bytes of the mapped hash, posting and peak arrays (what queries page in at most)."""
+        return int(sum(s.hashes.nbytes + s.postings.nbytes + s.peaks.nbytes for s in self._shards))
 
     def info(self) -> dict[str, Any]:
         """Summary as a JSON-able dict."""
@@ -251,6 +266,7 @@ class Index:
             "tracks": len(self._tracks),
             "hours": sum(t.duration for t in self._tracks) / 3600,
             "n_hashes": self.n_hashes,
+            "n_peaks": int(sum(sh.peaks.shape[0] for sh in self._shards)),
             "shards": len(self._shards),
             "removed": len(self._manifest["removed"]),
             "memory_bytes": self.memory_bytes,
@@ -313,6 +329,24 @@ class Index:
         time = (postings & TIME_MASK).astype(np.int64)
         return np.concatenate(which)[keep], track[keep], time[keep]
 
+    def peak_keys(self, backend: Backend | None = None) -> tuple[Any, Any]:
+        """Sorted peak keys of all shards and the length in frames of every track number.
+
+        On a device backend both are copied once and cached (like :meth:`device_arrays`).
+        """
+        cache = self.__dict__.setdefault("_peak_cache", {})
+        name = backend.name if backend is not None and backend.is_device else "host"
+        if name not in cache:
+            parts = [np.asarray(s.peaks) for s in self._shards]
+            keys = parts[0] if len(parts) == 1 else np.sort(np.concatenate(parts or [np.zeros(0)]))
+            keys = keys.astype(np.uint64, copy=False)
+            if name == "host":
+                cache[name] = (keys, self._track_frames)
+            else:
+                cache.clear()
+                cache[name] = (backend.to_device(keys), backend.to_device(self._track_frames))
+        return cache[name]
+
     def device_arrays(self, backend: Backend) -> list[tuple[Any, Any]]:
         """``(hashes, postings)`` of every shard on *backend*, copied once and cached."""
         if not backend.is_device:
@@ -363,7 +397,7 @@ class Index:
         os.replace(tmp, self.path / MANIFEST)
         _fsync_dir(self.path)
 
-    def _write_shard(self, hashes: np.ndarray, postings: np.ndarray) -> str:
+    def _write_shard(self, hashes: np.ndarray, postings: np.ndarray, peaks: np.ndarray) -> str:
         """Write a sorted shard under a temporary name and rename it into place."""
         root = self.path / "shards"
         name = f"{uuid.uuid4().hex[:12]}"
@@ -372,6 +406,7 @@ class Index:
         order = np.argsort(hashes, kind="stable")
         _save_npy(tmp / "hashes.npy", np.ascontiguousarray(hashes[order], dtype=np.uint32))
         _save_npy(tmp / "postings.npy", np.ascontiguousarray(postings[order], dtype=np.uint64))
+        _save_npy(tmp / "peaks.npy", np.sort(peaks.astype(np.uint64, copy=False)))
         _fsync_dir(tmp)
         os.rename(tmp, root / name)
         _fsync_dir(root)
@@ -453,7 +488,7 @@ class Index:
                 from tqdm.auto import tqdm
 
                 results = tqdm(results, total=len(jobs), unit="file", desc="fingerprinting")
-            pending: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []
+            pending: list[Pending] = []
             n_pending = 0
             for r in results:
                 if r.error is not None:
@@ -466,7 +501,7 @@ class Index:
                     "content_hash": r.content_hash,
                     "n_hashes": len(r.hashes),
                 }
-                pending.append((record, r.hashes, r.times))
+                pending.append((record, r.hashes, r.times, r.peaks))
                 n_pending += len(r.hashes)
                 summary.added += 1
                 summary.audio_seconds += r.duration
@@ -487,36 +522,49 @@ class Index:
         summary.skipped += 1
         summary.skipped_files.append(path)
 
-    def add_fingerprints(
-        self, items: Sequence[tuple[dict[str, Any], np.ndarray, np.ndarray]]
-    ) -> None:
-        """Add precomputed fingerprints: ``(record, hashes, times)`` with record keys ``id``,
-        ``path``, ``duration``, ``content_hash`` (see :class:`Track`)."""
+    def add_fingerprints(self, items: Sequence[Pending]) -> None:
+        """Add precomputed fingerprints: ``(record, hashes, times[, peaks])``.
+
+        *record* has the keys ``id``, ``path``, ``duration``, ``content_hash`` (see
+        :class:`Track`); *peaks* is :attr:`Fingerprint.peaks`. Without peaks a track can still be
+        found by its hashes, but candidates cannot be verified, so its scores stay lower.
+        """
         self._writable()
         with self._lock():
             self.reload()
             fresh = [it for it in items if it[0]["content_hash"] not in self._by_hash]
             if fresh:
-                self._commit([({**r, "n_hashes": len(h)}, h, t) for r, h, t in fresh])
+                self._commit([({**it[0], "n_hashes": len(it[1])}, *it[1:]) for it in fresh])
 
-    def _commit(self, pending: list[tuple[dict[str, Any], np.ndarray, np.ndarray]]) -> None:
+    def _commit(self, pending: list[Pending]) -> None:
         """Write one shard for *pending* tracks and publish it in the manifest (lock held)."""
         manifest = json.loads(json.dumps(self._manifest))
         n0 = manifest["next_track"]
-        hashes = np.concatenate([h for _, h, _ in pending]).astype(np.uint32)
+        if n0 + len(pending) >= 1 << (64 - T_BITS - F_BITS):
+            msg = f"{self.path}: too many tracks for one index; split the library."
+            raise FingerprintIndexError(msg)
+        hashes = np.concatenate([it[1] for it in pending]).astype(np.uint32)
         postings = np.concatenate(
             [
-                (np.uint64(n0 + i) << np.uint64(32)) | t.astype(np.uint64)
-                for i, (_, _, t) in enumerate(pending)
+                (np.uint64(n0 + i) << np.uint64(32)) | it[2].astype(np.uint64)
+                for i, it in enumerate(pending)
             ]
         )
-        name = self._write_shard(hashes, postings)
-        replaced = {r["id"] for r, _, _ in pending}
+        peaks = np.concatenate(
+            [np.zeros(0, np.uint64)]
+            + [
+                reference_keys(n0 + i, it[3])
+                for i, it in enumerate(pending)
+                if len(it) > 3 and it[3] is not None
+            ]
+        )
+        name = self._write_shard(hashes, postings, peaks)
+        replaced = {it[0]["id"] for it in pending}
         for old in manifest["tracks"]:
             if old["id"] in replaced:
                 manifest["removed"].append(old["n"])
         manifest["tracks"] = [t for t in manifest["tracks"] if t["id"] not in replaced]
-        for i, (record, _, _) in enumerate(pending):
+        for i, (record, *_) in enumerate(pending):
             manifest["tracks"].append({**record, "n": n0 + i, "shard": name})
         manifest["next_track"] = n0 + len(pending)
         manifest["shards"].append(name)
@@ -558,7 +606,12 @@ class Index:
         hashes = np.concatenate([np.asarray(s.hashes) for s in self._shards] or [np.zeros(0)])
         postings = np.concatenate([np.asarray(s.postings) for s in self._shards] or [np.zeros(0)])
         keep = self._alive[(postings.astype(np.uint64) >> np.uint64(32)).astype(np.int64)]
-        name = self._write_shard(hashes[keep].astype(np.uint32), postings[keep].astype(np.uint64))
+        peaks = np.concatenate([np.asarray(s.peaks) for s in self._shards] or [np.zeros(0)])
+        peaks = peaks.astype(np.uint64)
+        alive_peaks = self._alive[(peaks >> np.uint64(T_BITS + F_BITS)).astype(np.int64)]
+        name = self._write_shard(
+            hashes[keep].astype(np.uint32), postings[keep].astype(np.uint64), peaks[alive_peaks]
+        )
         for t in manifest["tracks"]:
             t["shard"] = name
         manifest["shards"] = [name]

@@ -1,9 +1,21 @@
-"""Query an :class:`~colabmagic.fingerprint.index.Index`: hashes to postings to offset histograms.
+"""Query an :class:`~colabmagic.fingerprint.index.Index`: hash votes, then peak verification.
 
-Every query hash is looked up by binary search in every shard; each hit votes for
-``(track, speed hypothesis, reference time - query time)``. Hits of the true track pile up at one
-offset, chance hits spread out. The score of a track is the weighted vote count of its best
-offset (see :func:`votes`).
+Two stages, both flat array work over every query of a batch at once (one code path for a single
+query on the host and for a thousand on the GPU):
+
+1. **Hash votes.** Every query hash is looked up by binary search in every shard; each hit votes
+   for ``(query, track, speed hypothesis, reference time - query time)``. Hits of the true track
+   pile up at one offset, chance hits spread out. The best offset of each track is a candidate;
+   its *hash score* is the weighted vote count there (see :func:`votes`).
+2. **Peak verification.** The :data:`CANDIDATES` best candidates of each query are re-scored by
+   how many of the query's single peaks land on the track's peaks at that offset, against the
+   chance rate measured at other offsets (:mod:`colabmagic.fingerprint.verify`). Under noise a
+   pair of peaks rarely survives but single peaks often do, so this recovers matches whose hash
+   score alone is inconclusive, and a shared chord progression (many coincident peaks at one
+   offset, few consistent pairs) does not pass for a copy.
+
+The decision score is ``peak_z + HASH_WEIGHT * hash_score``; a match needs
+:data:`DEFAULT_MIN_SCORE`.
 """
 
 from __future__ import annotations
@@ -21,12 +33,16 @@ from colabmagic.fingerprint.audio import load_audio
 from colabmagic.fingerprint.fingerprinter import Fingerprint
 from colabmagic.fingerprint.index import Index
 from colabmagic.fingerprint.pipeline import now
+from colabmagic.fingerprint.verify import peak_evidence
 
-#: Default decision threshold (see :func:`votes`): 10 % above every score that audio outside the
-#: index reached on the Wesnoth set (504 benchmark queries of held-out tracks: 2.69; every 10 s
-#: window of the held-out tracks, 476: 2.91, a passage that one held-out track quotes from an
-#: indexed one). See docs/fingerprint.md.
-DEFAULT_MIN_SCORE = 3.2
+#: Default decision threshold on ``peak_z + HASH_WEIGHT * hash_score``: 10 % above every score
+#: that audio outside the index reached on the Wesnoth benchmark (see docs/fingerprint.md).
+DEFAULT_MIN_SCORE = 10.0
+#: Weight of the hash score in the decision score.
+HASH_WEIGHT = 0.5
+#: Candidates per query that are verified by their peaks (the right track was always among the
+#: best three by hash score on the benchmark, down to -5 dB).
+CANDIDATES = 5
 _OFFSET_BIAS = 1 << 24
 #: Query frames per segment (1/8 s at the default rate) and the most one segment's votes count,
 #: in :func:`votes`. Tuned on the Wesnoth set (16 frames / 1.0 before: 0 dB 5 s 57 % -> 71 %).
@@ -43,8 +59,7 @@ class Match:
     track : str
         Track id in the index.
     score : float
-        How much of the query aligns: rarity-weighted hits at the best offset, at most 0.3
-        per 1/8 s of query (so at most 2.4 per second; see :func:`votes`).
+        The decision score, ``peak_z + HASH_WEIGHT * hash_score``.
     aligned : int
         Hashes aligned at the best offset.
     offset_s : float
@@ -55,6 +70,12 @@ class Match:
         The playback-speed hypothesis that matched (1.0: unchanged).
     path : str
         The indexed file.
+    hash_score : float
+        Rarity-weighted hash hits at the offset, at most 0.3 per 1/8 s of query (see
+        :func:`votes`).
+    peak_z : float
+        How far the query peaks that land on the track's peaks exceed chance, in standard
+        deviations (:mod:`colabmagic.fingerprint.verify`).
     """
 
     track: str
@@ -64,6 +85,8 @@ class Match:
     confidence: float
     speed: float
     path: str
+    hash_score: float = 0.0
+    peak_z: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,48 +96,52 @@ class Match:
             "offset_s": self.offset_s,
             "confidence": self.confidence,
             "speed": self.speed,
+            "hash_score": self.hash_score,
+            "peak_z": self.peak_z,
         }
 
 
 class Votes(NamedTuple):
-    """Best offset of every candidate track, best first."""
+    """Candidates (best offset of a track for a query), best first within each query."""
 
-    track: np.ndarray  # internal track number
-    score: np.ndarray  # rarity-weighted aligned hashes (the decision statistic)
-    count: np.ndarray  # aligned hashes
-    offset: np.ndarray  # reference frame where the query starts
-    variant: np.ndarray  # speed hypothesis
+    track: Any  # internal track number
+    score: Any  # the decision statistic (the hash score until verified)
+    count: Any  # aligned hashes
+    offset: Any  # reference frame where the query starts
+    variant: Any  # speed hypothesis
+    query: Any = None  # query number (batches)
+    hash_score: Any = None
+    peak_z: Any = None
 
 
-def votes(index: Index, fp: Fingerprint) -> Votes:
-    """Offset histograms of a query fingerprint against *index*.
-
-    Each hit votes for ``(track, speed hypothesis, offset)``. A hit of query hash ``h`` weighs
-    ``1 / log2(2 + postings(h))``: common hashes (a bass note held at the typical interval) say
-    little, rare ones a lot. The votes of one 1/8 s segment of the query count at most 0.3, so
-    the score grows with how much of the query aligns, not with how many hashes a burst of
-    notes produces: a short phrase shared by two different tracks (or a burst of chance hits)
-    cannot pass for a match. Together these keep
-    the score of audio that is not indexed low and flat across query lengths and library sizes,
-    so one threshold serves every query.
-    """
-    which, track, ref_time = index.lookup(fp.hashes)
-    if which.size == 0:
-        e = np.zeros(0, np.int64)
-        return Votes(e, np.zeros(0), e, e, e)
-    n_var = int(fp.variant.max()) + 1
-    q_time = fp.times[which].astype(np.int64)
-    offset = ref_time - q_time + _OFFSET_BIAS
-    key = (track * n_var + fp.variant[which].astype(np.int64)) * (2 * _OFFSET_BIAS) + offset
-    weight = 1.0 / np.log2(2.0 + np.bincount(which, minlength=len(fp.hashes))[which])
-    keys, score, counts = _segment_scores(np, key, q_time // SEGMENT_FRAMES, weight)
-    group = keys // (2 * _OFFSET_BIAS)
-    tr = group // n_var
-    order = np.lexsort((counts, score, tr))  # best key of each track last
-    best = order[np.r_[tr[order][1:] != tr[order][:-1], True]]
-    best = best[np.argsort(-score[best], kind="stable")]
-    offsets = keys[best] % (2 * _OFFSET_BIAS) - _OFFSET_BIAS
-    return Votes(tr[best], score[best], counts[best], offsets, group[best] % n_var)
+def _lookup(index: Index, be: Backend, qh: Any) -> tuple[Any, Any, Any]:
+    """Every posting hit of the query hashes *qh*: (row in qh, track, reference time)."""
+    xp = be.xp
+    if not be.is_device:
+        return index.lookup(qh)
+    shards = index.device_arrays(be)
+    found = [
+        (xp.searchsorted(h, qh, side="left"), xp.searchsorted(h, qh, side="right"))
+        for h, _ in shards
+    ]
+    per_hash = sum(hi - lo for lo, hi in found)
+    stop = per_hash > index.stop_postings
+    rows, posts = [], []
+    for (lo, hi), (_, post) in zip(found, shards, strict=True):
+        count = xp.where(stop, 0, hi - lo)
+        total = int(count.sum())
+        if total:
+            rows.append(xp.repeat(xp.arange(qh.shape[0]), count))
+            first = xp.repeat(lo - (xp.cumsum(count) - count), count)
+            posts.append(post[first + xp.arange(total)])
+    if not rows:
+        empty = xp.zeros(0, dtype=xp.int64)
+        return empty, empty, empty
+    row, post = xp.concatenate(rows), xp.concatenate(posts)
+    track = (post >> xp.uint64(32)).astype(xp.int64)
+    keep = be.to_device(index._alive)[track]
+    time = (post & xp.uint64(0xFFFFFFFF)).astype(xp.int64)
+    return row[keep], track[keep], time[keep]
 
 
 def _segment_scores(xp: Any, key: Any, segment: Any, weight: Any) -> tuple[Any, Any, Any]:
@@ -126,25 +153,210 @@ def _segment_scores(xp: Any, key: Any, segment: Any, weight: Any) -> tuple[Any, 
     per_seg = xp.minimum(per_seg, SEGMENT_CAP)
     hits = xp.bincount(inverse, minlength=keys2.shape[0])
     k = keys2 // n_seg
-    last = xp.concatenate([k[1:] != k[:-1], xp.ones(1, dtype=bool)])
-    ends = xp.nonzero(last)[0]
-    score = xp.diff(xp.concatenate([xp.zeros(1), xp.cumsum(per_seg)[ends]]))
-    count = xp.diff(xp.concatenate([xp.zeros(1, dtype=hits.dtype), xp.cumsum(hits)[ends]]))
-    return k[ends], score, count
+    new = xp.concatenate([xp.ones(1, dtype=bool), k[1:] != k[:-1]])
+    group = xp.cumsum(new) - 1
+    n = int(group[-1]) + 1
+    # per-group sums by bincount, not differences of one running sum: the same additions in the
+    # same order whatever else is in the batch, so a query scores identically alone or batched
+    score = xp.bincount(group, weights=per_seg, minlength=n)
+    count = xp.bincount(group, weights=hits.astype(xp.float64), minlength=n).astype(xp.int64)
+    return k[new], score, count
 
 
-def _staged_votes(index: Index, fp: Fingerprint, min_score: float) -> Votes:
-    """Votes of the unchanged-speed hashes first; all speed hypotheses only if that finds nothing.
+def _empty_votes(xp: Any) -> Votes:
+    e = xp.zeros(0, dtype=xp.int64)
+    z = xp.zeros(0, dtype=xp.float64)
+    return Votes(e, z, e, e, e, e, z, z)
 
-    Most queries are not sped up, so most pay for one hash set instead of ``len(speeds)``.
+
+def _hash_votes(
+    index: Index, be: Backend, qid: Any, qh: Any, qt: Any, qv: Any, n_var: int, per_query: int
+) -> Votes:
+    """Hash stage for a batch: the best offset of every (query, track), best first per query.
+
+    Each hit of query hash ``h`` weighs ``1 / log2(2 + hits(h))``; the votes of one 1/8 s
+    segment of the query count at most :data:`SEGMENT_CAP` (see :func:`votes`). Keeps the
+    *per_query* best tracks of each query (0: all).
     """
-    plain = fp.variant == 0
-    if plain.all():
-        return votes(index, fp)
-    v = votes(index, Fingerprint(fp.hashes[plain], fp.times[plain], fp.variant[plain]))
-    if len(v.score) and v.score[0] >= min_score:
+    xp = be.xp
+    row, track, ref_time = _lookup(index, be, qh)
+    if row.shape[0] == 0:
+        return _empty_votes(xp)
+    weight = 1.0 / xp.log2(2.0 + xp.bincount(row, minlength=qh.shape[0]).astype(xp.float64))
+    n_tracks = int(index._alive.shape[0])
+    q_time = qt[row]
+    group = (qid[row] * n_tracks + track) * n_var + qv[row]
+    key = group * (2 * _OFFSET_BIAS) + (ref_time - q_time + _OFFSET_BIAS)
+    keys, score, count = _segment_scores(xp, key, q_time // SEGMENT_FRAMES, weight[row])
+    g = keys // (2 * _OFFSET_BIAS)
+    pair = g // n_var  # (query, track)
+    order = xp.lexsort(xp.stack([count.astype(xp.float64), score, pair.astype(xp.float64)]))
+    last = xp.concatenate([pair[order][1:] != pair[order][:-1], xp.ones(1, dtype=bool)])
+    best = order[last]  # best offset of every (query, track)
+    q_of = pair[best] // n_tracks
+    best = best[xp.lexsort(xp.stack([-score[best], q_of.astype(xp.float64)]))]
+    q_of = pair[best] // n_tracks
+    if per_query:
+        rank = xp.arange(best.shape[0]) - xp.searchsorted(q_of, q_of, side="left")
+        best, q_of = best[rank < per_query], q_of[rank < per_query]
+    zero = xp.zeros(best.shape[0], dtype=xp.float64)
+    return Votes(
+        track=pair[best] % n_tracks,
+        score=score[best],
+        count=count[best],
+        offset=keys[best] % (2 * _OFFSET_BIAS) - _OFFSET_BIAS,
+        variant=g[best] % n_var,
+        query=q_of,
+        hash_score=score[best],
+        peak_z=zero,
+    )
+
+
+def _verify(
+    index: Index, be: Backend, v: Votes, peak_t: Any, peak_f: Any, peak_start: Any
+) -> Votes:
+    """Peak stage: re-score candidates by their peak evidence and re-rank them per query."""
+    xp = be.xp
+    if v.track.shape[0] == 0:
         return v
-    return votes(index, fp)
+    keys, frames = index.peak_keys(be)
+    speeds = be.to_device(np.asarray(index.fingerprinter.speeds, dtype=np.float32))
+    first = peak_start[v.query]
+    n_peaks = peak_start[v.query + 1] - first
+    total = int(n_peaks.sum())
+    cand = xp.repeat(xp.arange(v.track.shape[0]), n_peaks)
+    which = xp.repeat(first - (xp.cumsum(n_peaks) - n_peaks), n_peaks) + xp.arange(total)
+    z, _, _ = peak_evidence(
+        be, keys, frames, v.track, v.offset, speeds[v.variant], cand, peak_t[which], peak_f[which]
+    )
+    final = z + HASH_WEIGHT * v.hash_score
+    order = xp.lexsort(xp.stack([-final, v.query.astype(xp.float64)]))
+    return Votes(
+        track=v.track[order],
+        score=final[order],
+        count=v.count[order],
+        offset=v.offset[order],
+        variant=v.variant[order],
+        query=v.query[order],
+        hash_score=v.hash_score[order],
+        peak_z=z[order],
+    )
+
+
+def _to_host(be: Backend, v: Votes) -> Votes:
+    return Votes(*(be.to_host(a) for a in v))
+
+
+def _identify(
+    index: Index,
+    fps: list[Fingerprint],
+    *,
+    be: Backend,
+    per_query: int,
+    min_score: float,
+    all_speeds: bool,
+) -> Votes:
+    """Both stages for a batch of query fingerprints; host arrays, best first per query.
+
+    Unless *all_speeds*, only the unchanged-speed hashes are tried first, and all speed
+    hypotheses only for the queries that found nothing at *min_score* (most queries are not sped
+    up, so most pay for one hash set instead of ``len(speeds)``).
+    """
+    n_var = len(index.fingerprinter.speeds)
+    sizes = np.array([len(f.hashes) for f in fps], dtype=np.int64)
+    qh = np.concatenate([f.hashes for f in fps]) if fps else np.zeros(0, np.uint32)
+    qt = np.concatenate([f.times for f in fps]).astype(np.int64) if fps else np.zeros(0, np.int64)
+    qv = np.concatenate([f.variant for f in fps]).astype(np.int64) if fps else qt
+    qid = np.repeat(np.arange(len(fps)), sizes)
+    peaks = [f.peaks if f.peaks is not None else np.zeros((0, 2), np.float32) for f in fps]
+    peak_start = be.to_device(np.concatenate([[0], np.cumsum([len(p) for p in peaks])]))
+    all_peaks = np.concatenate(peaks) if peaks else np.zeros((0, 2), np.float32)
+    peak_t = be.to_device(np.ascontiguousarray(all_peaks[:, 0]))
+    peak_f = be.to_device(np.ascontiguousarray(all_peaks[:, 1]))
+
+    def stage(mask: np.ndarray) -> Votes:
+        d = [be.to_device(np.ascontiguousarray(a[mask])) for a in (qid, qh, qt, qv)]
+        v = _hash_votes(index, be, *d, n_var=n_var, per_query=per_query)
+        return _to_host(be, _verify(index, be, v, peak_t, peak_f, peak_start))
+
+    first = stage(qv == 0 if not all_speeds else np.ones(len(qv), bool))
+    if all_speeds or n_var == 1:
+        return first
+    best = np.full(len(fps), -np.inf)
+    starts = np.searchsorted(first.query, np.arange(len(fps)))
+    has = starts < len(first.query)
+    has[has] &= first.query[starts[has]] == np.arange(len(fps))[has]
+    best[has] = first.score[starts[has]]
+    retry = best < min_score
+    if not retry.any():
+        return first
+    second = stage(retry[qid])
+    keep = ~retry[first.query]
+    merged = Votes(*(np.concatenate([a[keep], b]) for a, b in zip(first, second, strict=True)))
+    order = np.lexsort((-merged.score, merged.query))
+    return Votes(*(a[order] for a in merged))
+
+
+def votes(index: Index, fp: Fingerprint) -> Votes:
+    """Hash-stage offset histograms of one query fingerprint against *index* (no verification).
+
+    Each hit votes for ``(track, speed hypothesis, offset)``. A hit of query hash ``h`` weighs
+    ``1 / log2(2 + postings(h))``: common hashes (a bass note held at the typical interval) say
+    little, rare ones a lot. The votes of one 1/8 s segment of the query count at most 0.3, so
+    the score grows with how much of the query aligns, not with how many hashes a burst of
+    notes produces: a short phrase shared by two different tracks (or a burst of chance hits)
+    cannot pass for a match. Returns the best offset of every track, best first.
+    """
+    be = resolve_backend("numpy")
+    n_var = int(fp.variant.max()) + 1 if len(fp.variant) else 1
+    qt = fp.times.astype(np.int64)
+    qid = np.zeros(len(qt), np.int64)
+    return _hash_votes(index, be, qid, fp.hashes, qt, fp.variant.astype(np.int64), n_var, 0)
+
+
+def _matches(index: Index, v: Votes, a: int, b: int, top_k: int, min_score: float) -> list[Match]:
+    """Match objects for rows ``a:b`` of *v* (one query, best first)."""
+    fpr = index.fingerprinter
+    out = []
+    for i in range(a, min(b, a + top_k)):
+        score = float(v.score[i])
+        if score < min_score:
+            break
+        runner_up = max(float(v.score[i + 1]), 0.0) if i + 1 < b else 0.0
+        t = index.track(int(v.track[i]))
+        out.append(
+            Match(
+                track=t.id,
+                score=round(score, 3),
+                aligned=int(v.count[i]),
+                offset_s=round(float(v.offset[i]) * fpr.frame_seconds, 3),
+                confidence=round(min(max(1.0 - runner_up / score, 0.0), 1.0), 4),
+                speed=float(fpr.speeds[int(v.variant[i])]),
+                path=t.path,
+                hash_score=round(float(v.hash_score[i]), 3),
+                peak_z=round(float(v.peak_z[i]), 3),
+            )
+        )
+    return out
+
+
+def candidates(
+    index: Index,
+    fp: Fingerprint,
+    *,
+    top_k: int = CANDIDATES,
+    min_score: float = DEFAULT_MIN_SCORE,
+    all_speeds: bool = False,
+) -> Votes:
+    """Verified candidates of one query fingerprint, best first (host arrays; for benchmarks)."""
+    return _identify(
+        index,
+        [fp],
+        be=resolve_backend("numpy"),
+        per_query=max(top_k, CANDIDATES),
+        min_score=min_score,
+        all_speeds=all_speeds,
+    )
 
 
 def match(
@@ -166,8 +378,8 @@ def match(
         ``index.fingerprinter.fingerprint(y, query=True)``.
     top_k : int
         Return up to this many tracks.
-    min_score : int
-        Tracks with fewer aligned hashes are not reported ("no match").
+    min_score : float
+        Tracks whose decision score is lower are not reported ("no match").
     backend : {"auto", "numpy", "cupy"} or Backend
         Where the query's hashes are computed (the lookup itself runs on the host).
     all_speeds : bool
@@ -190,25 +402,8 @@ def match(
         if not isinstance(query, np.ndarray):
             y = load_audio(query, sample_rate=fpr.sample_rate)
         fp = fpr.fingerprint(y, backend=backend, query=True)
-    v = votes(index, fp) if all_speeds else _staged_votes(index, fp, min_score)
-    out = []
-    for i in range(min(top_k, len(v.track))):
-        if v.score[i] < min_score:
-            break
-        runner_up = v.score[i + 1] if i + 1 < len(v.score) else 0.0
-        t = index.track(int(v.track[i]))
-        out.append(
-            Match(
-                track=t.id,
-                score=round(float(v.score[i]), 3),
-                aligned=int(v.count[i]),
-                offset_s=round(float(v.offset[i]) * fpr.frame_seconds, 3),
-                confidence=round(1.0 - float(runner_up) / float(v.score[i]), 4),
-                speed=float(fpr.speeds[int(v.variant[i])]),
-                path=t.path,
-            )
-        )
-    return out
+    v = candidates(index, fp, top_k=top_k, min_score=min_score, all_speeds=all_speeds)
+    return _matches(index, v, 0, len(v.track), top_k, min_score)
 
 
 @dataclass(frozen=True)
@@ -261,8 +456,9 @@ def match_many(
     """Identify many excerpts at once, every step batched on the backend (the GPU path).
 
     The query signals are fingerprinted as one batch; the index's arrays are copied to the device
-    once (and cached); lookups, offset histograms and the per-query ranking are array operations
-    over all queries together. Results equal :func:`match` run on each query.
+    once (and cached); lookups, offset histograms, peak verification and the per-query ranking
+    are array operations over all queries together. Results equal :func:`match` run on each
+    query.
 
     Parameters
     ----------
@@ -281,79 +477,16 @@ def match_many(
         msg = f"top_k={top_k} must be >= 1."
         raise ParameterError(msg)
     be = resolve_backend(backend)
-    xp = be.xp
-    fpr = index.fingerprinter
-    fps = fpr.fingerprint_batch(queries, backend=be, query=True)
-    sizes = np.array([len(f.hashes) for f in fps])
-    if sizes.sum() == 0:
-        return [[] for _ in queries]
-    qh = be.to_device(np.concatenate([f.hashes for f in fps]))
-    qt = be.to_device(np.concatenate([f.times for f in fps]).astype(np.int64))
-    qv = be.to_device(np.concatenate([f.variant for f in fps]).astype(np.int64))
-    qid = be.to_device(np.repeat(np.arange(len(fps)), sizes))
-    shards = index.device_arrays(be)
-    found = [
-        (xp.searchsorted(h, qh, side="left"), xp.searchsorted(h, qh, side="right"))
-        for h, _ in shards
-    ]
-    per_hash = sum(hi - lo for lo, hi in found)
-    stop = per_hash > index.stop_postings
-    rows, posts = [], []
-    for (lo, hi), (_, post) in zip(found, shards, strict=True):
-        count = xp.where(stop, 0, hi - lo)
-        total = int(count.sum())
-        if total:
-            r = xp.repeat(xp.arange(qh.shape[0]), count)
-            first = xp.repeat(lo - (xp.cumsum(count) - count), count)
-            rows.append(r)
-            posts.append(post[first + xp.arange(total)])
-    if not rows:
-        return [[] for _ in queries]
-    row, post = xp.concatenate(rows), xp.concatenate(posts)
-    track = (post >> 32).astype(xp.int64)
-    alive = be.to_device(index._alive)
-    keep = alive[track]
-    row, track, post = row[keep], track[keep], post[keep]
-    hits_of = xp.bincount(row, minlength=qh.shape[0]).astype(xp.float64)
-    weight_of = 1.0 / xp.log2(2.0 + hits_of)
-    n_var = len(fpr.speeds)
-    n_tracks = int(index._alive.shape[0])
-    offset = (post & 0xFFFFFFFF).astype(xp.int64) - qt[row] + _OFFSET_BIAS
-    group = (qid[row] * n_tracks + track) * n_var + qv[row]
-    key = group * (2 * _OFFSET_BIAS) + offset
-    keys, score, count = _segment_scores(
-        xp, key, qt[row] // SEGMENT_FRAMES, weight_of[row].astype(xp.float64)
+    fps = index.fingerprinter.fingerprint_batch(queries, backend=be, query=True)
+    v = _identify(
+        index,
+        fps,
+        be=be,
+        per_query=max(top_k, CANDIDATES),
+        min_score=min_score,
+        all_speeds=False,
     )
-    g = keys // (2 * _OFFSET_BIAS)
-    qt_key = g // n_var  # (query, track)
-    order = xp.lexsort(xp.stack([count.astype(xp.float64), score, qt_key.astype(xp.float64)]))
-    last = xp.concatenate([qt_key[order][1:] != qt_key[order][:-1], xp.ones(1, dtype=bool)])
-    best = order[last]  # best offset of every (query, track)
-    q_of = qt_key[best] // n_tracks
-    best = best[xp.lexsort(xp.stack([-score[best], q_of.astype(xp.float64)]))]
-    q_of, tr = be.to_host(qt_key[best] // n_tracks), be.to_host(qt_key[best] % n_tracks)
-    sc, cn = be.to_host(score[best]), be.to_host(count[best])
-    off = be.to_host(keys[best] % (2 * _OFFSET_BIAS) - _OFFSET_BIAS)
-    var = be.to_host(g[best] % n_var)
-    bounds = np.searchsorted(q_of, np.arange(len(queries) + 1))
-    out: list[list[Match]] = []
-    for a, b in itertools.pairwise(bounds):  # per query: top_k Python objects
-        ms = []
-        for i in range(a, min(b, a + top_k)):
-            if sc[i] < min_score:
-                break
-            runner_up = sc[i + 1] if i + 1 < b else 0.0
-            t = index.track(int(tr[i]))
-            ms.append(
-                Match(
-                    track=t.id,
-                    score=round(float(sc[i]), 3),
-                    aligned=int(cn[i]),
-                    offset_s=round(float(off[i]) * fpr.frame_seconds, 3),
-                    confidence=round(1.0 - float(runner_up) / float(sc[i]), 4),
-                    speed=float(fpr.speeds[int(var[i])]),
-                    path=t.path,
-                )
-            )
-        out.append(ms)
-    return out
+    bounds = np.searchsorted(v.query, np.arange(len(queries) + 1))
+    return [
+        _matches(index, v, int(a), int(b), top_k, min_score) for a, b in itertools.pairwise(bounds)
+    ]

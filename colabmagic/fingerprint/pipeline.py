@@ -31,6 +31,7 @@ class Extracted:
     duration: float = 0.0
     hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     times: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    peaks: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
     error: str | None = None
     signal: np.ndarray | None = None  # only between decode-only workers and the GPU batcher
 
@@ -54,7 +55,9 @@ def extract_one(job: Job, fingerprinter: Fingerprinter, decode_only: bool = Fals
     if decode_only:
         return Extracted(job.track_id, job.path, job.content_hash, duration, signal=y)
     fp = fingerprinter.fingerprint(y, backend="numpy")
-    return Extracted(job.track_id, job.path, job.content_hash, duration, fp.hashes, fp.times)
+    return Extracted(
+        job.track_id, job.path, job.content_hash, duration, fp.hashes, fp.times, fp.peaks
+    )
 
 
 def _star(args: tuple[Job, Fingerprinter, bool]) -> Extracted:
@@ -71,7 +74,7 @@ def _gpu_batches(
     def flush() -> Iterator[Extracted]:
         fps = fingerprinter.fingerprint_batch([e.signal for e in pending], backend=backend)
         for e, fp in zip(pending, fps, strict=True):
-            e.hashes, e.times, e.signal = fp.hashes, fp.times, None
+            e.hashes, e.times, e.peaks, e.signal = fp.hashes, fp.times, fp.peaks, None
             yield e
         pending.clear()
 

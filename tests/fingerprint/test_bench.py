@@ -25,7 +25,7 @@ def test_benchmark_harness(tmp_path):
         c = res["conditions"][key]
         assert c["recall"] == 1.0, key
         assert c["false_positives"] == 0, key
-    assert res["index"]["bytes_per_hash"] == 12.0
+    assert 12.0 < res["index"]["bytes_per_hash"] <= 16.0  # 12 per hash + 8 per peak
     assert any("recall" in line for line in summary_lines(res))
 
 

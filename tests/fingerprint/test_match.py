@@ -98,7 +98,7 @@ def test_match_many_equals_match(index, tracks, backend):
     ]
     qs.append(np.zeros(SR, np.float32))
     many = match_many(index, qs, top_k=2, min_score=2.0, backend=backend)
-    assert many == [match(index, q, top_k=2, min_score=2.0, all_speeds=True) for q in qs]
+    assert many == [match(index, q, top_k=2, min_score=2.0) for q in qs]
     assert [ms[0].track if ms else None for ms in many][:2] == ["t0", "t5"]
     assert many[-1] == []
 
