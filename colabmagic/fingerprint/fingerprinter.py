@@ -132,7 +132,12 @@ class Fingerprinter:
 
     # -- public API --------------------------------------------------------------------------
     def fingerprint(
-        self, signal: np.ndarray, *, backend: str | Backend = "auto", query: bool = False
+        self,
+        signal: np.ndarray,
+        *,
+        backend: str | Backend = "auto",
+        query: bool = False,
+        variants: Sequence[int] | None = None,
     ) -> Fingerprint:
         """Hashes of one mono signal at :attr:`sample_rate`.
 
@@ -143,12 +148,14 @@ class Fingerprinter:
         backend : {"auto", "numpy", "cupy"} or Backend
         query : bool
             Use the query settings (denser peaks, larger fan-out, speed variants).
+        variants : sequence of int, optional
+            With *query*: hash only these speed hypotheses (indices into :attr:`speeds`).
 
         Returns
         -------
         Fingerprint
         """
-        return self.fingerprint_batch([signal], backend=backend, query=query)[0]
+        return self.fingerprint_batch([signal], backend=backend, query=query, variants=variants)[0]
 
     def fingerprint_batch(
         self,
@@ -156,6 +163,7 @@ class Fingerprinter:
         *,
         backend: str | Backend = "auto",
         query: bool = False,
+        variants: Sequence[int] | None = None,
     ) -> list[Fingerprint]:
         """Hashes of many signals, computed in large batches (one device transfer each way).
 
@@ -166,6 +174,9 @@ class Fingerprinter:
         backend : {"auto", "numpy", "cupy"} or Backend
         query : bool
             Use the query settings.
+        variants : sequence of int, optional
+            With *query*: hash only these speed hypotheses (indices into :attr:`speeds`; all by
+            default). Matching hashes the unchanged speed first and the others only if needed.
 
         Returns
         -------
@@ -173,6 +184,12 @@ class Fingerprinter:
             One per signal, same order; batching does not change the hashes.
         """
         be = resolve_backend(backend)
+        chosen = tuple(range(len(self.speeds))) if variants is None else tuple(variants)
+        if not query:
+            chosen = (0,)
+        if not chosen or not all(0 <= v < len(self.speeds) for v in chosen):
+            msg = f"variants={variants!r}: pick indices into speeds (0..{len(self.speeds) - 1})."
+            raise ParameterError(msg)
         for i, s in enumerate(signals):
             if np.ndim(s) != 1:
                 msg = f"signals[{i}] has shape {np.shape(s)}; pass 1-D mono audio (mix first)."
@@ -182,11 +199,11 @@ class Fingerprinter:
         batch: list[np.ndarray] = []
         for s in signals:
             if batch and sum(map(len, batch)) + len(s) > limit:
-                out.extend(self._run_batch(be, batch, query))
+                out.extend(self._run_batch(be, batch, query, chosen))
                 batch = []
             batch.append(np.asarray(s, dtype=np.float32))
         if batch:
-            out.extend(self._run_batch(be, batch, query))
+            out.extend(self._run_batch(be, batch, query, chosen))
         return out
 
     def _peaks(self, be: Backend, signal: Any, n_frames: int, per_block: int) -> tuple[Any, Any]:
@@ -219,7 +236,9 @@ class Fingerprinter:
         return xp.concatenate(times), xp.concatenate(freqs)
 
     # -- the pipeline --------------------------------------------------------------------------
-    def _run_batch(self, be: Backend, signals: list[np.ndarray], query: bool) -> list[Fingerprint]:
+    def _run_batch(
+        self, be: Backend, signals: list[np.ndarray], query: bool, variants: tuple[int, ...]
+    ) -> list[Fingerprint]:
         xp = be.xp
         lay = spectrogram.layout(
             [len(s) for s in signals], hop=self.hop, block=self.block, n_fft=self.n_fft
@@ -233,9 +252,9 @@ class Fingerprinter:
         track = xp.searchsorted(starts, xp.floor(times).astype(xp.int64), side="right") - 1
         times = times - starts[track].astype(xp.float32)
         fanout = self.query_fanout if query else self.fanout
-        speeds = self.speeds if query else (1.0,)
         parts = []
-        for v, s in enumerate(speeds):  # a handful of hypotheses, each fully vectorised
+        for v in variants:  # a handful of speed hypotheses, each fully vectorised
+            s = self.speeds[v]
             h, t, tr = hashing.landmark_hashes(
                 be,
                 times,
@@ -250,7 +269,7 @@ class Fingerprinter:
             )
             parts.append((h, t, tr, xp.full(h.shape, v, dtype=xp.int8)))
         h, t, tr, var = (xp.concatenate([p[k] for p in parts]) for k in range(4))
-        order = xp.argsort(tr, kind="stable") if len(speeds) > 1 else xp.arange(tr.shape[0])
+        order = xp.argsort(tr, kind="stable") if len(variants) > 1 else xp.arange(tr.shape[0])
         h, t, tr, var = (be.to_host(a[order]) for a in (h, t, tr, var))
         bounds = np.searchsorted(tr, np.arange(len(signals) + 1))
         peak_xy = be.to_host(xp.stack([times, freqs], axis=1))  # sorted by frame, so by track

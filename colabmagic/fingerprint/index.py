@@ -280,12 +280,16 @@ class Index:
         they are a few percent of a query's hashes but half of its hits, and say little."""
         return max(32, int(100 * self.n_hashes / (1 << HASH_BITS)))
 
-    def lookup(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def lookup(
+        self, hashes: np.ndarray, *, max_postings: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All postings of *hashes* in every shard, by binary search (see :attr:`stop_postings`).
 
         Parameters
         ----------
         hashes : numpy.ndarray (uint32)
+        max_postings : int, optional
+            Skip hashes with more postings than this (default :attr:`stop_postings`).
 
         Returns
         -------
@@ -309,7 +313,7 @@ class Index:
             for s in self._shards
         ]
         total_per_hash = sum((hi - lo for _, lo, hi in found), np.zeros(len(hashes), np.int64))
-        stop = total_per_hash > self.stop_postings
+        stop = total_per_hash > (self.stop_postings if max_postings is None else max_postings)
         which, post = [], []
         for shard, lo, hi in found:
             count = np.where(stop, 0, hi - lo)

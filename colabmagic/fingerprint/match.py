@@ -43,6 +43,9 @@ HASH_WEIGHT = 0.5
 #: Candidates per query that are verified by their peaks (the right track was always among the
 #: best three by hash score on the benchmark, down to -5 dB).
 CANDIDATES = 5
+#: The other speed hypotheses skip hashes with more than ``stop_postings // SPEED_STOP``
+#: postings: six hash sets cost six times the lookups, and the common hashes say little.
+SPEED_STOP = 4
 _OFFSET_BIAS = 1 << 24
 #: Query frames per segment (1/8 s at the default rate) and the most one segment's votes count,
 #: in :func:`votes`. Tuned on the Wesnoth set (16 frames / 1.0 before: 0 dB 5 s 57 % -> 71 %).
@@ -114,18 +117,18 @@ class Votes(NamedTuple):
     peak_z: Any = None
 
 
-def _lookup(index: Index, be: Backend, qh: Any) -> tuple[Any, Any, Any]:
+def _lookup(index: Index, be: Backend, qh: Any, max_postings: int) -> tuple[Any, Any, Any]:
     """Every posting hit of the query hashes *qh*: (row in qh, track, reference time)."""
     xp = be.xp
     if not be.is_device:
-        return index.lookup(qh)
+        return index.lookup(qh, max_postings=max_postings)
     shards = index.device_arrays(be)
     found = [
         (xp.searchsorted(h, qh, side="left"), xp.searchsorted(h, qh, side="right"))
         for h, _ in shards
     ]
     per_hash = sum(hi - lo for lo, hi in found)
-    stop = per_hash > index.stop_postings
+    stop = per_hash > max_postings
     rows, posts = [], []
     for (lo, hi), (_, post) in zip(found, shards, strict=True):
         count = xp.where(stop, 0, hi - lo)
@@ -170,16 +173,26 @@ def _empty_votes(xp: Any) -> Votes:
 
 
 def _hash_votes(
-    index: Index, be: Backend, qid: Any, qh: Any, qt: Any, qv: Any, n_var: int, per_query: int
+    index: Index,
+    be: Backend,
+    qid: Any,
+    qh: Any,
+    qt: Any,
+    qv: Any,
+    n_var: int,
+    per_query: int,
+    max_postings: int | None = None,
 ) -> Votes:
     """Hash stage for a batch: the best offset of every (query, track), best first per query.
 
     Each hit of query hash ``h`` weighs ``1 / log2(2 + hits(h))``; the votes of one 1/8 s
     segment of the query count at most :data:`SEGMENT_CAP` (see :func:`votes`). Keeps the
-    *per_query* best tracks of each query (0: all).
+    *per_query* best tracks of each query (0: all). Hashes with more than *max_postings* postings
+    (default :attr:`Index.stop_postings`) are not looked up.
     """
     xp = be.xp
-    row, track, ref_time = _lookup(index, be, qh)
+    stop = index.stop_postings if max_postings is None else max_postings
+    row, track, ref_time = _lookup(index, be, qh, stop)
     if row.shape[0] == 0:
         return _empty_votes(xp)
     weight = 1.0 / xp.log2(2.0 + xp.bincount(row, minlength=qh.shape[0]).astype(xp.float64))
@@ -247,6 +260,20 @@ def _to_host(be: Backend, v: Votes) -> Votes:
     return Votes(*(be.to_host(a) for a in v))
 
 
+def _hash_arrays(fps: list[Fingerprint], numbers: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Concatenated (query number, hash, time, variant) of fingerprints of queries *numbers*."""
+    sizes = np.array([len(f.hashes) for f in fps], dtype=np.int64)
+    if not fps:
+        e = np.zeros(0, np.int64)
+        return e, np.zeros(0, np.uint32), e, e
+    return (
+        np.repeat(numbers, sizes),
+        np.concatenate([f.hashes for f in fps]),
+        np.concatenate([f.times for f in fps]).astype(np.int64),
+        np.concatenate([f.variant for f in fps]).astype(np.int64),
+    )
+
+
 def _identify(
     index: Index,
     fps: list[Fingerprint],
@@ -255,31 +282,31 @@ def _identify(
     per_query: int,
     min_score: float,
     all_speeds: bool,
+    signals: list[np.ndarray] | None = None,
 ) -> Votes:
     """Both stages for a batch of query fingerprints; host arrays, best first per query.
 
     Unless *all_speeds*, only the unchanged-speed hashes are tried first, and all speed
-    hypotheses only for the queries that found nothing at *min_score* (most queries are not sped
-    up, so most pay for one hash set instead of ``len(speeds)``).
+    hypotheses only for the queries that found nothing at *min_score*: most queries are not sped
+    up, so most pay for one hash set instead of ``len(speeds)``. Fingerprints that hold only the
+    unchanged speed are recomputed with every hypothesis from *signals* for those queries.
     """
-    n_var = len(index.fingerprinter.speeds)
-    sizes = np.array([len(f.hashes) for f in fps], dtype=np.int64)
-    qh = np.concatenate([f.hashes for f in fps]) if fps else np.zeros(0, np.uint32)
-    qt = np.concatenate([f.times for f in fps]).astype(np.int64) if fps else np.zeros(0, np.int64)
-    qv = np.concatenate([f.variant for f in fps]).astype(np.int64) if fps else qt
-    qid = np.repeat(np.arange(len(fps)), sizes)
+    fpr = index.fingerprinter
+    n_var = len(fpr.speeds)
     peaks = [f.peaks if f.peaks is not None else np.zeros((0, 2), np.float32) for f in fps]
     peak_start = be.to_device(np.concatenate([[0], np.cumsum([len(p) for p in peaks])]))
     all_peaks = np.concatenate(peaks) if peaks else np.zeros((0, 2), np.float32)
     peak_t = be.to_device(np.ascontiguousarray(all_peaks[:, 0]))
     peak_f = be.to_device(np.ascontiguousarray(all_peaks[:, 1]))
+    qid, qh, qt, qv = _hash_arrays(fps, np.arange(len(fps)))
 
-    def stage(mask: np.ndarray) -> Votes:
-        d = [be.to_device(np.ascontiguousarray(a[mask])) for a in (qid, qh, qt, qv)]
-        v = _hash_votes(index, be, *d, n_var=n_var, per_query=per_query)
+    def stage(arrays: tuple[np.ndarray, ...], mask: np.ndarray, stop: int | None) -> Votes:
+        d = [be.to_device(np.ascontiguousarray(a[mask])) for a in arrays]
+        v = _hash_votes(index, be, *d, n_var=n_var, per_query=per_query, max_postings=stop)
         return _to_host(be, _verify(index, be, v, peak_t, peak_f, peak_start))
 
-    first = stage(qv == 0 if not all_speeds else np.ones(len(qv), bool))
+    arrays = (qid, qh, qt, qv)
+    first = stage(arrays, np.ones(len(qv), bool) if all_speeds else qv == 0, None)
     if all_speeds or n_var == 1:
         return first
     best = np.full(len(fps), -np.inf)
@@ -290,11 +317,23 @@ def _identify(
     retry = best < min_score
     if not retry.any():
         return first
-    second = stage(retry[qid])
-    keep = ~retry[first.query]
-    merged = Votes(*(np.concatenate([a[keep], b]) for a, b in zip(first, second, strict=True)))
+    numbers = np.flatnonzero(retry)
+    if signals is not None and not (qv > 0).any():
+        others = range(1, n_var)
+        full = fpr.fingerprint_batch(
+            [signals[i] for i in numbers], backend=be, query=True, variants=others
+        )
+        arrays = _hash_arrays(full, numbers)
+    # the other speeds, with a shorter stop list: a no-match query pays for six hash sets
+    second = stage(arrays, retry[arrays[0]] & (arrays[3] > 0), index.stop_postings // SPEED_STOP)
+    merged = Votes(*(np.concatenate([a, b]) for a, b in zip(first, second, strict=True)))
     order = np.lexsort((-merged.score, merged.query))
-    return Votes(*(a[order] for a in merged))
+    merged = Votes(*(a[order] for a in merged))
+    pair = merged.query * (int(merged.track.max(initial=0)) + 1) + merged.track
+    _, first_of_pair = np.unique(pair, return_index=True)  # a track once, at its best speed
+    keep = np.zeros(len(pair), bool)
+    keep[first_of_pair] = True
+    return Votes(*(a[keep] for a in merged))
 
 
 def votes(index: Index, fp: Fingerprint) -> Votes:
@@ -342,13 +381,26 @@ def _matches(index: Index, v: Votes, a: int, b: int, top_k: int, min_score: floa
 
 def candidates(
     index: Index,
-    fp: Fingerprint,
+    query: np.ndarray | Fingerprint,
     *,
     top_k: int = CANDIDATES,
     min_score: float = DEFAULT_MIN_SCORE,
     all_speeds: bool = False,
+    backend: str | Backend = "numpy",
 ) -> Votes:
-    """Verified candidates of one query fingerprint, best first (host arrays; for benchmarks)."""
+    """Verified candidates of one query (samples or fingerprint), best first (host arrays).
+
+    Samples are fingerprinted at the unchanged speed first, and with every speed hypothesis
+    only when that finds nothing at *min_score* (unless *all_speeds*).
+    """
+    signals = None
+    if isinstance(query, Fingerprint):
+        fp = query
+    else:
+        signals = [query]
+        variants = None if all_speeds else [0]
+        fpr = index.fingerprinter
+        fp = fpr.fingerprint(query, backend=backend, query=True, variants=variants)
     return _identify(
         index,
         [fp],
@@ -356,6 +408,7 @@ def candidates(
         per_query=max(top_k, CANDIDATES),
         min_score=min_score,
         all_speeds=all_speeds,
+        signals=signals,
     )
 
 
@@ -394,15 +447,12 @@ def match(
     if top_k < 1:
         msg = f"top_k={top_k} must be >= 1."
         raise ParameterError(msg)
-    fpr = index.fingerprinter
-    if isinstance(query, Fingerprint):
-        fp = query
-    else:
-        y = query
-        if not isinstance(query, np.ndarray):
-            y = load_audio(query, sample_rate=fpr.sample_rate)
-        fp = fpr.fingerprint(y, backend=backend, query=True)
-    v = candidates(index, fp, top_k=top_k, min_score=min_score, all_speeds=all_speeds)
+    q = query
+    if not isinstance(query, (np.ndarray, Fingerprint)):
+        q = load_audio(query, sample_rate=index.fingerprinter.sample_rate)
+    v = candidates(
+        index, q, top_k=top_k, min_score=min_score, all_speeds=all_speeds, backend=backend
+    )
     return _matches(index, v, 0, len(v.track), top_k, min_score)
 
 
@@ -477,7 +527,7 @@ def match_many(
         msg = f"top_k={top_k} must be >= 1."
         raise ParameterError(msg)
     be = resolve_backend(backend)
-    fps = index.fingerprinter.fingerprint_batch(queries, backend=be, query=True)
+    fps = index.fingerprinter.fingerprint_batch(queries, backend=be, query=True, variants=[0])
     v = _identify(
         index,
         fps,
@@ -485,6 +535,7 @@ def match_many(
         per_query=max(top_k, CANDIDATES),
         min_score=min_score,
         all_speeds=False,
+        signals=queries,
     )
     bounds = np.searchsorted(v.query, np.arange(len(queries) + 1))
     return [
