@@ -230,7 +230,10 @@ class Index:
             msg = f"{self.path}: cannot read {MANIFEST} ({exc}); is this a fingerprint index?"
             raise FingerprintIndexError(msg) from exc
         if manifest.get("version") != FORMAT_VERSION:
-            msg = f"{self.path}: index format {manifest.get('version')!r}; rebuild it."
+            msg = (
+                f"{self.path}: index format {manifest.get('version')!r}, this colabmagic reads "
+                f"format {FORMAT_VERSION}; rebuild it with `colabmagic fp index` in a new folder."
+            )
             raise FingerprintIndexError(msg)
         return manifest
 

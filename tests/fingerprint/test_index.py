@@ -53,10 +53,14 @@ def test_incremental_add_remove_compact(index_copy, tracks, tmp_path):
     assert not index_copy.remove("extra")
     assert match(index_copy, q) == []
     assert "extra" not in index_copy
-    n_before = index_copy.n_hashes
+    n_before, peaks_before = index_copy.n_hashes, index_copy.info()["n_peaks"]
+    extra_peaks = len(index_copy._shards[1].peaks)
     index_copy.compact()
     assert len(index_copy._manifest["shards"]) == 1
     assert index_copy.n_hashes == n_before - s.n_hashes
+    assert index_copy.info()["n_peaks"] == peaks_before - extra_peaks  # its peaks went too
+    keys, _ = index_copy.peak_keys()
+    assert np.all(np.diff(keys.astype(np.int64)) > 0)
     assert len(list((index_copy.path / "shards").iterdir())) == 1  # old shards collected
     assert match(index_copy, tracks["t2"][: 5 * SR])[0].track == "t2"
 
@@ -81,6 +85,12 @@ def test_readonly_and_errors(built_index, tmp_path):
     (tmp_path / "music" / "song.wav").write_bytes(b"")
     with pytest.raises(FingerprintIndexError, match="exists and is not a fingerprint index"):
         Index(tmp_path / "music")
+    old = tmp_path / "old"  # an index of the format before peaks were stored
+    shutil.copytree(built_index, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(FingerprintIndexError, match="format 1, this colabmagic reads format 2"):
+        Index(old, readonly=True)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     with pytest.raises(FingerprintIndexError, match=r"cannot read manifest\.json"):
