@@ -125,3 +125,15 @@ def test_cupy_gives_the_numpy_hashes(tracks, fingerprinter):
         pairs_a = set(zip(a.hashes.tolist(), a.times.tolist(), strict=True))
         pairs_b = set(zip(b.hashes.tolist(), b.times.tolist(), strict=True))
         assert len(pairs_a & pairs_b) >= 0.99 * max(len(pairs_a), len(pairs_b))
+        peaks_a = {tuple(p) for p in np.round(a.peaks, 2).tolist()}
+        peaks_b = {tuple(p) for p in np.round(b.peaks, 2).tolist()}
+        assert len(peaks_a & peaks_b) >= 0.99 * max(len(peaks_a), len(peaks_b))
+    queries = fingerprinter.fingerprint_batch(sigs[:3], backend="cupy", query=True)
+    for a, b in zip(
+        fingerprinter.fingerprint_batch(sigs[:3], backend="numpy", query=True), queries, strict=True
+    ):
+        assert set(a.variant.tolist()) == set(b.variant.tolist()) == set(range(7))
+        common = set(zip(a.hashes.tolist(), a.variant.tolist(), strict=True)) & set(
+            zip(b.hashes.tolist(), b.variant.tolist(), strict=True)
+        )
+        assert len(common) >= 0.98 * len(set(a.hashes.tolist()))

@@ -111,3 +111,27 @@ def test_device_benchmark_runs_on_the_device_code_path():
     r = device_benchmark(backend=numpy_as_device(), hours=0.1, n_queries=4, seconds=5.0)
     assert r["query_recall"] == 1.0
     assert r["extract_x_realtime"] > 0
+
+
+@pytest.mark.gpu
+def test_match_many_on_cupy_agrees_with_numpy(index, tracks):
+    """The real GPU path: same tracks and offsets, scores equal up to float summation order."""
+    pytest.importorskip("cupy")
+    from colabmagic.fingerprint._xp import cupy_available
+    from colabmagic.fingerprint.match import match_many
+
+    if not cupy_available():
+        pytest.skip("CuPy is installed but sees no CUDA device")
+    qs = [
+        _noisy(tracks[n][s * SR : (s + 8) * SR], snr, seed=s)
+        for n, s, snr in (("t0", 1, 10.0), ("t5", 9, 0.0), ("n1", 3, 10.0), ("t2", 6, -3.0))
+    ]
+    host = match_many(index, qs, top_k=2, backend="numpy")
+    dev = match_many(index, qs, top_k=2, backend="cupy")
+    assert [[m.track for m in ms] for ms in dev] == [[m.track for m in ms] for ms in host]
+    for a, b in zip(host, dev, strict=True):
+        for ma, mb in zip(a, b, strict=True):
+            assert mb.offset_s == pytest.approx(ma.offset_s, abs=0.07)
+            assert mb.score == pytest.approx(ma.score, rel=0.05)
+    assert host[0][0].track == "t0"
+    assert host[2] == []
