@@ -57,8 +57,33 @@ def extract_one(job: Job, fingerprinter: Fingerprinter, decode_only: bool = Fals
     return Extracted(job.track_id, job.path, job.content_hash, duration, fp.hashes, fp.times)
 
 
-def _star(args: tuple[Job, Fingerprinter, bool]) -> Extracted:
-    return extract_one(*args)
+def _star(args: tuple[int, Job, Fingerprinter, bool]) -> tuple[int, Extracted]:
+    return args[0], extract_one(*args[1:])
+
+
+#: Jobs are started longest first within windows of this many (results come back in order, so a
+#: window bounds how many finished results wait for an earlier, shorter one).
+LPT_WINDOW = 64
+
+
+def _longest_first(jobs: list[Job], window: int = LPT_WINDOW) -> list[int]:
+    """Job positions, each window of *window* jobs sorted by file size, largest first.
+
+    Started in this order, the pool does not end on one long file while the other workers sit
+    idle (longest processing time first); the size on disk stands in for the decoding work.
+    """
+
+    def size(job: Job) -> int:
+        try:
+            return os.path.getsize(job.path)
+        except OSError:
+            return 0
+
+    sizes = [size(j) for j in jobs]
+    order: list[int] = []
+    for a in range(0, len(jobs), window):
+        order.extend(sorted(range(a, min(a + window, len(jobs))), key=lambda i: -sizes[i]))
+    return order
 
 
 def _gpu_batches(
@@ -131,8 +156,17 @@ def _pool_map(
     jobs: list[Job], fingerprinter: Fingerprinter, decode_only: bool, workers: int
 ) -> Iterator[Extracted]:
     ctx = multiprocessing.get_context(_start_method())
+    # decode-only results carry whole signals: keep them in order rather than hold any back
+    order = list(range(len(jobs))) if decode_only else _longest_first(jobs)
+    tasks = [(i, jobs[i], fingerprinter, decode_only) for i in order]
+    done: dict[int, Extracted] = {}
+    next_out = 0
     with ctx.Pool(min(workers, len(jobs))) as pool:
-        yield from pool.imap(_star, [(j, fingerprinter, decode_only) for j in jobs], chunksize=1)
+        for i, result in pool.imap_unordered(_star, tasks, chunksize=1):
+            done[i] = result
+            while next_out in done:  # back in the order of *jobs*
+                yield done.pop(next_out)
+                next_out += 1
 
 
 def _dask_map(
