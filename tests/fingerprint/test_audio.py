@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 
@@ -16,6 +17,7 @@ from colabmagic.fingerprint.audio import (
     _read_all,
     content_hash,
     find_audio,
+    load_audio_many,
 )
 from colabmagic.testing import require
 
@@ -117,3 +119,35 @@ def test_ffmpeg_decodes_into_a_writable_buffer_and_reports_corrupt_files(encoded
     (tmp_path / "junk.mp3").write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(RuntimeError):
         _load_ffmpeg(str(tmp_path / "junk.mp3"), SR)
+
+
+def test_load_audio_many_gives_load_audio_results_in_order(encoded, tmp_path):
+    require(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
+    odd = tmp_path / "it's a [mix]; 1, 2: 3\\4 =5.ogg"  # every character the filtergraph escapes
+    shutil.copy(encoded / "q.ogg", odd)
+    (tmp_path / "junk.ogg").write_bytes(np.random.default_rng(0).bytes(5000))
+    paths = [encoded / "q.mp3", odd, tmp_path / "junk.ogg", encoded / "src.wav", encoded / "q.m4a"]
+    paths += [encoded / "q.ogg", tmp_path / "missing.mp3"]
+    out = load_audio_many(paths)
+    assert len(out) == len(paths)
+    for p, y in zip(paths, out, strict=True):
+        if isinstance(y, AudioDecodeError):
+            with pytest.raises(AudioDecodeError, match=re.escape(str(y))):
+                load_audio(p)
+        else:  # one ffmpeg for several files: the samples of load_audio
+            np.testing.assert_array_equal(y, load_audio(p))
+    assert [isinstance(y, AudioDecodeError) for y in out] == [0, 0, 1, 0, 0, 0, 1]
+
+
+def test_shared_ffmpeg_runs_are_what_decodes_lossy_files(encoded, monkeypatch):
+    require(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
+    import colabmagic.fingerprint.audio as audio
+
+    calls = []
+    real = audio._ffmpeg_many
+    monkeypatch.setattr(audio, "_ffmpeg_many", lambda p, *a: calls.append(p) or real(p, *a))
+    monkeypatch.setattr(audio, "FILES_PER_FFMPEG", 2)
+    names = ["q.mp3", "q.ogg", "q.m4a", "q.flac"]
+    out = load_audio_many([encoded / n for n in names])
+    assert [len(c) for c in calls] == [2]  # the m4a left alone and the flac: load_audio
+    assert all(isinstance(y, np.ndarray) for y in out)
