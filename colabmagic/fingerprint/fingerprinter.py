@@ -206,16 +206,27 @@ class Fingerprinter:
             out.extend(self._run_batch(be, batch, query, chosen))
         return out
 
-    def _peaks(self, be: Backend, signal: Any, n_frames: int, per_block: int) -> tuple[Any, Any]:
-        """Peaks of the whole batch, computed in chunks of frames (cache-sized on the CPU)."""
+    def _peaks(
+        self, be: Backend, signals: list[np.ndarray], lay: spectrogram.Layout, per_block: int
+    ) -> tuple[Any, Any]:
+        """Peaks of the whole batch, computed in chunks of frames (cache-sized on the CPU).
+
+        Each chunk's samples are packed (and copied to the device) on their own: a few MiB
+        reused chunk after chunk rather than one buffer of the whole batch, whose fresh pages
+        cost more to fault in than the chunk's FFT.
+        """
         xp = be.xp
+        n_frames = lay.total
         window = be.to_device(np.hanning(self.n_fft + 2)[1:-1].astype(np.float32))
         chunk = self.block * (1 << 14 if be.is_device else 64)
         halo = max(self.time_radius, 1)
         times, freqs = [], []
         for start in range(0, n_frames, chunk):  # chunks of thousands of frames, not frames
             a, b = max(start - halo, 0), min(start + chunk + halo, n_frames)
-            seg = signal[a * self.hop : (b - 1) * self.hop + self.n_fft]
+            lo, hi = a * self.hop, (b - 1) * self.hop + self.n_fft
+            seg = be.to_device(
+                spectrogram.pack_signals(signals, lay, hop=self.hop, n_fft=self.n_fft, lo=lo, hi=hi)
+            )
             power = spectrogram.power_spectrogram(
                 be, seg, n_frames=b - a, n_fft=self.n_fft, hop=self.hop, window=window
             )
@@ -243,11 +254,9 @@ class Fingerprinter:
         lay = spectrogram.layout(
             [len(s) for s in signals], hop=self.hop, block=self.block, n_fft=self.n_fft
         )
-        host = spectrogram.pack_signals(signals, lay, hop=self.hop, n_fft=self.n_fft)
-        signal = be.to_device(host)
         density = self.peaks_per_second * (self.query_density if query else 1.0)
         per_block = max(1, round(density * self.block * self.frame_seconds))
-        times, freqs = self._peaks(be, signal, lay.total, per_block)
+        times, freqs = self._peaks(be, signals, lay, per_block)
         starts = be.to_device(lay.starts)
         track = xp.searchsorted(starts, xp.floor(times).astype(xp.int64), side="right") - 1
         times = times - starts[track].astype(xp.float32)

@@ -14,32 +14,6 @@ from typing import Any
 from colabmagic.fingerprint._xp import Backend
 
 
-def _max_filter_axis(backend: Backend, x: Any, radius: int, axis: int) -> Any:
-    """Running maximum over ``[i - radius, i + radius]`` along *axis* (values are >= 0).
-
-    Doubling: after step ``k`` every element holds the maximum of the next ``2**k`` elements, so
-    a window of width ``w`` costs ``log2(w) + 1`` element-wise maxima instead of ``w``.
-    """
-    xp = backend.xp
-    if radius == 0:
-        return x
-    width = 2 * radius + 1
-    n = x.shape[axis]
-
-    def cut(a: int, b: int) -> tuple[slice, ...]:
-        return (slice(None),) * axis + (slice(a, b),)
-
-    shape = list(x.shape)
-    shape[axis] += 2 * radius
-    padded = xp.zeros(tuple(shape), dtype=x.dtype)
-    padded[cut(radius, radius + n)] = x
-    span, m = 1, shape[axis]
-    while span * 2 <= width:
-        padded[cut(0, m - span)] = xp.maximum(padded[cut(0, m - span)], padded[cut(span, m)])
-        span *= 2
-    return xp.maximum(padded[cut(0, n)], padded[cut(width - span, width - span + n)])
-
-
 def pick_peaks(
     backend: Backend,
     power: Any,
@@ -77,26 +51,36 @@ def pick_peaks(
     """
     xp = backend.xp
     band = power[:, f_lo:f_hi]
-    local = _max_filter_axis(backend, band, freq_radius, 1)
-    local = _max_filter_axis(backend, local, time_radius, 0)
+    local = backend.max_filter(band, freq_radius, 1)
+    local = backend.max_filter(local, time_radius, 0)
     is_peak = (band == local) & (band > 0)
     is_peak = is_peak[first:last]
     band = band[first:last]
     n_bands = f_hi - f_lo
-    flat = xp.nonzero(is_peak.reshape(-1))[0]
-    values = band.reshape(-1)[flat]
-    frame = flat // n_bands
-    blk = frame // block
-    order = xp.lexsort(xp.stack([-values, blk]))
+    flat = xp.nonzero(is_peak.reshape(-1))[0]  # time-major; 1-D nonzero is ~5x faster than 2-D
+    rows = flat // n_bands
+    cols = flat - rows * n_bands
+    values = band[rows, cols]  # gathers from the view: no copy of the band
+    blk = rows // block
+    order = xp.argsort(_block_then_strongest(xp, blk, values), kind="stable")
     blk_sorted = blk[order]
     block_start = xp.searchsorted(blk_sorted, blk_sorted, side="left")
     rank = xp.arange(blk_sorted.shape[0]) - block_start
-    keep = order[rank < per_block]
-    keep = keep[xp.argsort(flat[keep])]  # back to time-major order
-    idx = flat[keep]
-    t = idx // n_bands + first
-    f = idx % n_bands + f_lo
+    keep = xp.sort(order[rank < per_block])  # back to time-major order
+    t = rows[keep] + first
+    f = cols[keep] + f_lo
     return _refine(backend, power, t, f)
+
+
+def _block_then_strongest(xp: Any, blk: Any, values: Any) -> Any:
+    """One ``uint64`` sort key: block ascending, then value descending (values are > 0).
+
+    The bits of a positive float32 grow with its value, so ``0xFFFFFFFF - bits`` sorts the
+    strongest first; a stable sort of this key orders exactly like ``lexsort((-values, blk))``
+    at the cost of one sort instead of two.
+    """
+    weaker = xp.uint32(0xFFFFFFFF) - values.view(xp.uint32)
+    return (blk.astype(xp.uint64) << xp.uint64(32)) | weaker.astype(xp.uint64)
 
 
 def _refine(backend: Backend, power: Any, t: Any, f: Any) -> tuple[Any, Any]:

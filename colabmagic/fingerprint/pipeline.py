@@ -1,6 +1,7 @@
 """Decode + extract many files in parallel: local processes or a Dask cluster.
 
-Each file is one task (decode, mono, resample, fingerprint) so the work spreads over every core;
+Each task is a few files (decoded by one ffmpeg process, then fingerprinted one by one), started
+largest first so the work spreads evenly over every core;
 with a GPU backend the workers only decode and the parent fingerprints large batches on the device.
 """
 
@@ -17,7 +18,12 @@ import numpy as np
 
 from colabmagic.errors import ParameterError
 from colabmagic.fingerprint._xp import Backend, resolve_backend
-from colabmagic.fingerprint.audio import AudioDecodeError, load_audio
+from colabmagic.fingerprint.audio import (
+    FILES_PER_FFMPEG,
+    AudioDecodeError,
+    load_audio,
+    load_audio_many,
+)
 from colabmagic.fingerprint.fingerprinter import Fingerprinter
 
 
@@ -50,7 +56,29 @@ def extract_one(job: Job, fingerprinter: Fingerprinter, decode_only: bool = Fals
     try:
         y = load_audio(job.path, sample_rate=fingerprinter.sample_rate)
     except AudioDecodeError as exc:
-        return Extracted(job.track_id, job.path, job.content_hash, error=str(exc))
+        return _extracted(job, exc, fingerprinter, decode_only)
+    return _extracted(job, y, fingerprinter, decode_only)
+
+
+def extract_group(
+    jobs: list[Job], fingerprinter: Fingerprinter, decode_only: bool = False
+) -> list[Extracted]:
+    """:func:`extract_one` for several files, decoded sharing ffmpeg processes.
+
+    Each signal is still fingerprinted on its own, so the hashes are those of
+    :func:`extract_one` (see :func:`~colabmagic.fingerprint.audio.load_audio_many`).
+    """
+    signals = load_audio_many([j.path for j in jobs], sample_rate=fingerprinter.sample_rate)
+    return [
+        _extracted(j, y, fingerprinter, decode_only) for j, y in zip(jobs, signals, strict=True)
+    ]
+
+
+def _extracted(
+    job: Job, y: np.ndarray | AudioDecodeError, fingerprinter: Fingerprinter, decode_only: bool
+) -> Extracted:
+    if isinstance(y, AudioDecodeError):
+        return Extracted(job.track_id, job.path, job.content_hash, error=str(y))
     duration = len(y) / fingerprinter.sample_rate
     if decode_only:
         return Extracted(job.track_id, job.path, job.content_hash, duration, signal=y)
@@ -60,8 +88,40 @@ def extract_one(job: Job, fingerprinter: Fingerprinter, decode_only: bool = Fals
     )
 
 
-def _star(args: tuple[Job, Fingerprinter, bool]) -> Extracted:
-    return extract_one(*args)
+def _star(
+    args: tuple[list[int], list[Job], Fingerprinter, bool],
+) -> tuple[list[int], list[Extracted]]:
+    return args[0], extract_group(*args[1:])
+
+
+def _group_size(n_jobs: int, workers: int) -> int:
+    """Files per task: up to FILES_PER_FFMPEG, but at least ~4 tasks per worker (balance)."""
+    return max(1, min(FILES_PER_FFMPEG, n_jobs // (4 * workers)))
+
+
+#: Jobs are started longest first within windows of this many (results come back in order, so a
+#: window bounds how many finished results wait for an earlier, shorter one).
+LPT_WINDOW = 64
+
+
+def _longest_first(jobs: list[Job], window: int = LPT_WINDOW) -> list[int]:
+    """Job positions, each window of *window* jobs sorted by file size, largest first.
+
+    Started in this order, the pool does not end on one long file while the other workers sit
+    idle (longest processing time first); the size on disk stands in for the decoding work.
+    """
+
+    def size(job: Job) -> int:
+        try:
+            return os.path.getsize(job.path)
+        except OSError:
+            return 0
+
+    sizes = [size(j) for j in jobs]
+    order: list[int] = []
+    for a in range(0, len(jobs), window):
+        order.extend(sorted(range(a, min(a + window, len(jobs))), key=lambda i: -sizes[i]))
+    return order
 
 
 def _gpu_batches(
@@ -122,7 +182,9 @@ def extract_files(
     if scheduler is not None:
         results = _dask_map(jobs, fingerprinter, decode_only, scheduler)
     elif workers == 1 or len(jobs) <= 1:
-        results = (extract_one(j, fingerprinter, decode_only) for j in jobs)
+        size = FILES_PER_FFMPEG
+        groups = (jobs[a : a + size] for a in range(0, len(jobs), size))
+        results = (r for g in groups for r in extract_group(g, fingerprinter, decode_only))
     else:
         results = _pool_map(jobs, fingerprinter, decode_only, workers)
     if decode_only:
@@ -134,8 +196,21 @@ def _pool_map(
     jobs: list[Job], fingerprinter: Fingerprinter, decode_only: bool, workers: int
 ) -> Iterator[Extracted]:
     ctx = multiprocessing.get_context(_start_method())
-    with ctx.Pool(min(workers, len(jobs))) as pool:
-        yield from pool.imap(_star, [(j, fingerprinter, decode_only) for j in jobs], chunksize=1)
+    # decode-only results carry whole signals: keep them in order rather than hold any back
+    order = list(range(len(jobs))) if decode_only else _longest_first(jobs)
+    size = _group_size(len(jobs), workers)
+    tasks = [
+        (order[a : a + size], [jobs[i] for i in order[a : a + size]], fingerprinter, decode_only)
+        for a in range(0, len(order), size)
+    ]
+    done: dict[int, Extracted] = {}
+    next_out = 0
+    with ctx.Pool(min(workers, len(tasks))) as pool:
+        for positions, results in pool.imap_unordered(_star, tasks, chunksize=1):
+            done.update(zip(positions, results, strict=True))
+            while next_out in done:  # back in the order of *jobs*
+                yield done.pop(next_out)
+                next_out += 1
 
 
 def _dask_map(

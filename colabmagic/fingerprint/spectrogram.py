@@ -48,12 +48,30 @@ def layout(lengths: list[int], *, hop: int, block: int, n_fft: int) -> Layout:
     return Layout(starts=starts, n_frames=n_frames)
 
 
-def pack_signals(signals: list[np.ndarray], lay: Layout, *, hop: int, n_fft: int) -> np.ndarray:
-    """Concatenate host signals into one zero-padded float32 buffer following *lay*."""
-    buf = np.zeros(lay.total * hop + n_fft, dtype=np.float32)
-    lead = n_fft - hop
-    for start, sig in zip(lay.starts[:-1], signals, strict=True):
-        buf[start * hop + lead : start * hop + lead + len(sig)] = sig
+def pack_signals(
+    signals: list[np.ndarray],
+    lay: Layout,
+    *,
+    hop: int,
+    n_fft: int,
+    lo: int = 0,
+    hi: int | None = None,
+) -> np.ndarray:
+    """Samples ``lo:hi`` of the batch's zero-padded float32 buffer following *lay* (default: all).
+
+    Only the signals that overlap the range are copied, so the frame chunks of a batch can be
+    packed one at a time into small buffers instead of one large buffer for the whole batch.
+    """
+    hi = lay.total * hop + n_fft if hi is None else hi
+    buf = np.zeros(hi - lo, dtype=np.float32)
+    offsets = lay.starts[:-1] * hop + (n_fft - hop)
+    ends = offsets + np.array([len(s) for s in signals], dtype=np.int64)
+    first = int(np.searchsorted(ends, lo, side="right"))  # ends never decrease
+    last = int(np.searchsorted(offsets, hi, side="left"))
+    for i in range(first, last):  # the few tracks in the range, not frames
+        a, b = max(int(offsets[i]), lo), min(int(ends[i]), hi)
+        if b > a:
+            buf[a - lo : b - lo] = signals[i][a - offsets[i] : b - offsets[i]]
     return buf
 
 

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import threading
+
 import numpy as np
 import pytest
 
 from colabmagic.fingerprint import AudioDecodeError, AudioDecodeWarning, Index, load_audio, match
-from colabmagic.fingerprint.audio import content_hash, find_audio
+from colabmagic.fingerprint.audio import (
+    _load_ffmpeg,
+    _mix_to_mono,
+    _read_all,
+    content_hash,
+    find_audio,
+    load_audio_many,
+)
+from colabmagic.testing import require
 
 from .conftest import SR, ffmpeg, write_wav
 
@@ -75,3 +88,66 @@ def test_find_audio_and_content_hash(tmp_path, tracks):
     (tmp_path / "c.txt").write_text("x")
     assert find_audio([tmp_path]) == [str(tmp_path / "a.wav"), str(tmp_path / "b.WAV")]
     assert content_hash(tmp_path / "a.wav") == content_hash(tmp_path / "b.WAV")
+
+
+@pytest.mark.parametrize("channels", range(1, 11))
+def test_mix_to_mono_is_bit_identical_to_mean(channels):
+    rng = np.random.default_rng(channels)
+    y = (rng.standard_normal((10_001, channels)) * rng.uniform(1e-3, 10, channels)).astype(
+        np.float32
+    )
+    assert np.array_equal(_mix_to_mono(y), y.mean(axis=1))
+
+
+def test_read_all_grows_its_buffer_and_keeps_every_byte():
+    data = np.random.default_rng(0).bytes(300_000)
+    r, w = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))
+    writer.start()
+    with open(r, "rb", buffering=0) as pipe:
+        got = _read_all(pipe, capacity=10)  # far too small: grows several times
+    writer.join()
+    assert got.tobytes() == data
+
+
+def test_ffmpeg_decodes_into_a_writable_buffer_and_reports_corrupt_files(encoded, tmp_path):
+    require(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
+    y = _load_ffmpeg(str(encoded / "q.flac"), SR)
+    assert y.dtype == np.float32
+    assert y.flags.writeable
+    assert len(y) == pytest.approx(10 * SR, abs=0.12 * SR)
+    (tmp_path / "junk.mp3").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(RuntimeError):
+        _load_ffmpeg(str(tmp_path / "junk.mp3"), SR)
+
+
+def test_load_audio_many_gives_load_audio_results_in_order(encoded, tmp_path):
+    require(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
+    odd = tmp_path / "it's a [mix]; 1, 2: 3\\4 =5.ogg"  # every character the filtergraph escapes
+    shutil.copy(encoded / "q.ogg", odd)
+    (tmp_path / "junk.ogg").write_bytes(np.random.default_rng(0).bytes(5000))
+    paths = [encoded / "q.mp3", odd, tmp_path / "junk.ogg", encoded / "src.wav", encoded / "q.m4a"]
+    paths += [encoded / "q.ogg", tmp_path / "missing.mp3"]
+    out = load_audio_many(paths)
+    assert len(out) == len(paths)
+    for p, y in zip(paths, out, strict=True):
+        if isinstance(y, AudioDecodeError):
+            with pytest.raises(AudioDecodeError, match=re.escape(str(y))):
+                load_audio(p)
+        else:  # one ffmpeg for several files: the samples of load_audio
+            np.testing.assert_array_equal(y, load_audio(p))
+    assert [isinstance(y, AudioDecodeError) for y in out] == [0, 0, 1, 0, 0, 0, 1]
+
+
+def test_shared_ffmpeg_runs_are_what_decodes_lossy_files(encoded, monkeypatch):
+    require(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
+    import colabmagic.fingerprint.audio as audio
+
+    calls = []
+    real = audio._ffmpeg_many
+    monkeypatch.setattr(audio, "_ffmpeg_many", lambda p, *a: calls.append(p) or real(p, *a))
+    monkeypatch.setattr(audio, "FILES_PER_FFMPEG", 2)
+    names = ["q.mp3", "q.ogg", "q.m4a", "q.flac"]
+    out = load_audio_many([encoded / n for n in names])
+    assert [len(c) for c in calls] == [2]  # the m4a left alone and the flac: load_audio
+    assert all(isinstance(y, np.ndarray) for y in out)

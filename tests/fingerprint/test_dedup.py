@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 
 import numpy as np
@@ -50,3 +51,28 @@ def test_dedup_groups_copies_with_offsets(tmp_path, tracks):
     assert d["skipped"] == 0
     assert len(d["groups"]) == 2
     assert set(d["groups"][0]["evidence"][0]) == {"a", "b", "score", "fraction", "offset_s"}
+
+
+def test_only_files_of_a_shared_size_are_content_hashed(tmp_path, tracks, monkeypatch):
+    dedup_module = importlib.import_module("colabmagic.fingerprint.dedup")  # not the function
+
+    a = write_wav(tmp_path / "a.wav", tracks["t0"][:SR])
+    shutil.copy(a, tmp_path / "a_copy.wav")
+    write_wav(tmp_path / "same_size.wav", tracks["t1"][:SR])  # same length, other content
+    write_wav(tmp_path / "other.wav", tracks["t1"][: 2 * SR])
+    hashed = []
+    real = dedup_module.content_hash
+    monkeypatch.setattr(dedup_module, "content_hash", lambda f: hashed.append(f) or real(f))
+    skipped: list[str] = []
+    files = [str(p) for p in sorted(tmp_path.glob("*.wav"))] + [str(tmp_path / "gone.wav")]
+    with pytest.warns(UserWarning, match="gone.wav"):
+        groups = dedup_module._group_identical(files, skipped)
+    assert sorted(map(sorted, groups.values())) == [
+        [str(a), str(tmp_path / "a_copy.wav")],
+        [str(tmp_path / "other.wav")],
+        [str(tmp_path / "same_size.wav")],
+    ]
+    assert sorted(hashed) == sorted(
+        [str(a), str(tmp_path / "a_copy.wav"), str(tmp_path / "same_size.wav")]
+    )
+    assert skipped == [str(tmp_path / "gone.wav")]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from colabmagic.fingerprint import Fingerprinter, Index, match
-from colabmagic.fingerprint.pipeline import Job, extract_files
+from colabmagic.fingerprint.pipeline import Job, _longest_first, extract_files
 
-from .conftest import SR
+from .conftest import SR, write_wav
 
 
 def _jobs(library):
@@ -23,6 +23,18 @@ def test_worker_processes_match_in_process(library, fingerprinter):
     assert [r.track_id for r in two] == [r.track_id for r in one]
     for a, b in zip(one, two, strict=True):
         np.testing.assert_array_equal(a.hashes, b.hashes)
+
+
+def test_longest_files_start_first_and_results_keep_job_order(tmp_path, tracks, fingerprinter):
+    paths = [write_wav(tmp_path / f"{i}.wav", tracks["t0"][: (i + 1) * SR]) for i in range(5)]
+    jobs = [Job(p.stem, str(p), p.stem) for p in paths]
+    jobs.append(Job("missing", str(tmp_path / "missing.wav"), "missing"))  # size unknown: last
+    assert _longest_first(jobs) == [4, 3, 2, 1, 0, 5]
+    assert _longest_first(jobs, window=2) == [1, 0, 3, 2, 4, 5]
+    out = list(extract_files(jobs, fingerprinter=fingerprinter, workers=2, backend="numpy"))
+    assert [r.track_id for r in out] == [j.track_id for j in jobs]
+    assert out[-1].error is not None
+    assert [r.duration for r in out[:-1]] == pytest.approx([1, 2, 3, 4, 5])
 
 
 def test_dask_local_cluster(library, tmp_path, tracks, fingerprinter):
