@@ -64,8 +64,9 @@ class Fingerprinter:
         which makes them find the reference's pairs despite noise.
     speeds : tuple of float
         Playback-speed hypotheses tried for queries (1.0 first); each adds one hash set.
-    batch_seconds : float
-        Tracks are processed in batches of about this much audio.
+    batch_seconds, device_batch_seconds : float
+        Tracks are processed in batches of about this much audio, on the host and on a device
+        (larger there: fixed costs per batch, ~1 GB of device memory per hour of audio).
 
     Examples
     --------
@@ -91,6 +92,7 @@ class Fingerprinter:
     query_fanout: int = 10
     speeds: tuple[float, ...] = DEFAULT_SPEEDS
     batch_seconds: float = 900.0
+    device_batch_seconds: float = 7200.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -195,7 +197,8 @@ class Fingerprinter:
                 msg = f"signals[{i}] has shape {np.shape(s)}; pass 1-D mono audio (mix first)."
                 raise ParameterError(msg)
         out: list[Fingerprint] = []
-        limit = self.batch_seconds * self.sample_rate
+        seconds = self.device_batch_seconds if be.is_device else self.batch_seconds
+        limit = seconds * self.sample_rate
         batch: list[np.ndarray] = []
         for s in signals:
             if batch and sum(map(len, batch)) + len(s) > limit:
@@ -224,8 +227,8 @@ class Fingerprinter:
         for start in range(0, n_frames, chunk):  # chunks of thousands of frames, not frames
             a, b = max(start - halo, 0), min(start + chunk + halo, n_frames)
             lo, hi = a * self.hop, (b - 1) * self.hop + self.n_fft
-            seg = be.to_device(
-                spectrogram.pack_signals(signals, lay, hop=self.hop, n_fft=self.n_fft, lo=lo, hi=hi)
+            seg = spectrogram.pack_signals(
+                signals, lay, hop=self.hop, n_fft=self.n_fft, lo=lo, hi=hi, backend=be
             )
             power = spectrogram.power_spectrogram(
                 be, seg, n_frames=b - a, n_fft=self.n_fft, hop=self.hop, window=window
@@ -278,18 +281,19 @@ class Fingerprinter:
             )
             parts.append((h, t, tr, xp.full(h.shape, v, dtype=xp.int8)))
         h, t, tr, var = (xp.concatenate([p[k] for p in parts]) for k in range(4))
-        order = xp.argsort(tr, kind="stable") if len(variants) > 1 else xp.arange(tr.shape[0])
-        h, t, tr, var = (be.to_host(a[order]) for a in (h, t, tr, var))
-        bounds = np.searchsorted(tr, np.arange(len(signals) + 1))
-        peak_xy = be.to_host(xp.stack([times, freqs], axis=1))  # sorted by frame, so by track
-        peak_bounds = np.searchsorted(be.to_host(track), np.arange(len(signals) + 1))
+        if len(variants) > 1:
+            order = xp.argsort(tr, kind="stable")
+            h, t, tr, var = h[order], t[order], tr[order], var[order]
+        # bounds are found where the arrays live; only what the caller keeps crosses back
+        numbers = xp.arange(len(signals) + 1)
+        bounds = be.to_host(xp.searchsorted(tr, numbers))
+        peak_bounds = be.to_host(xp.searchsorted(track, numbers))  # peaks are sorted by frame
+        h = be.to_host(h)
+        t = be.to_host(xp.maximum(t, 0).astype(xp.int32))
+        var = be.to_host(var)
+        peak_xy = be.to_host(xp.stack([times, freqs], axis=1))
         return [
-            Fingerprint(
-                h[a:b],
-                np.maximum(t[a:b], 0).astype(np.int32),
-                var[a:b].astype(np.int8),
-                peak_xy[pa:pb],
-            )
+            Fingerprint(h[a:b], t[a:b], var[a:b], peak_xy[pa:pb])
             for (a, b), (pa, pb) in zip(
                 itertools.pairwise(bounds), itertools.pairwise(peak_bounds), strict=True
             )

@@ -127,9 +127,9 @@ def _longest_first(jobs: list[Job], window: int = LPT_WINDOW) -> list[int]:
 def _gpu_batches(
     results: Iterable[Extracted], fingerprinter: Fingerprinter, backend: Backend
 ) -> Iterator[Extracted]:
-    """Group decoded signals into batches of ~``batch_seconds`` and fingerprint them together."""
+    """Group decoded signals into batches of ~``device_batch_seconds``; fingerprint each at once."""
     pending: list[Extracted] = []
-    limit = fingerprinter.batch_seconds
+    limit = fingerprinter.device_batch_seconds
 
     def flush() -> Iterator[Extracted]:
         fps = fingerprinter.fingerprint_batch([e.signal for e in pending], backend=backend)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from colabmagic.fingerprint._xp import Backend
+from colabmagic.fingerprint._xp import NUMPY, Backend
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,17 @@ def pack_signals(
     n_fft: int,
     lo: int = 0,
     hi: int | None = None,
-) -> np.ndarray:
+    backend: Backend = NUMPY,
+) -> Any:
     """Samples ``lo:hi`` of the batch's zero-padded float32 buffer following *lay* (default: all).
 
     Only the signals that overlap the range are copied, so the frame chunks of a batch can be
-    packed one at a time into small buffers instead of one large buffer for the whole batch.
+    packed one at a time into small buffers instead of one large buffer for the whole batch. The
+    buffer is made on *backend*: on a device each signal is copied straight into its slot (no
+    host buffer of the whole batch to fill first).
     """
     hi = lay.total * hop + n_fft if hi is None else hi
-    buf = np.zeros(hi - lo, dtype=np.float32)
+    buf = backend.xp.zeros(hi - lo, dtype=np.float32)
     offsets = lay.starts[:-1] * hop + (n_fft - hop)
     ends = offsets + np.array([len(s) for s in signals], dtype=np.int64)
     first = int(np.searchsorted(ends, lo, side="right"))  # ends never decrease
@@ -71,7 +74,8 @@ def pack_signals(
     for i in range(first, last):  # the few tracks in the range, not frames
         a, b = max(int(offsets[i]), lo), min(int(ends[i]), hi)
         if b > a:
-            buf[a - lo : b - lo] = signals[i][a - offsets[i] : b - offsets[i]]
+            piece = signals[i][a - offsets[i] : b - offsets[i]]
+            buf[a - lo : b - lo] = backend.to_device(piece, dtype=np.float32)
     return buf
 
 
