@@ -349,6 +349,9 @@ def device_benchmark(
         out = match_many(index, qs, backend=backend)
         res["queries"] = n_queries
         res["queries_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()  # of which: fingerprinting the queries (unchanged speed)
+        fpr.fingerprint_batch(qs, backend=backend, query=True, variants=[0])
+        res["queries_fingerprint_seconds"] = time.perf_counter() - t0
         res["query_recall"] = float(
             np.mean([bool(m) and m[0].track == str(k) for m, k in zip(out, which, strict=True)])
         )
