@@ -44,6 +44,8 @@ Pending = tuple[Any, ...]
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
 TIME_MASK = np.uint64(0xFFFFFFFF)
+#: Most postings a query hash may have and still be looked up (see :attr:`Index.stop_postings`).
+MAX_POSTINGS = 256
 
 
 class FingerprintIndexError(ColabMagicError):
@@ -279,9 +281,17 @@ class Index:
 
     @property
     def stop_postings(self) -> int:
-        """Hashes with more postings than this (100x the mean, at least 32) are not looked up:
-        they are a few percent of a query's hashes but half of its hits, and say little."""
-        return max(32, int(100 * self.n_hashes / (1 << HASH_BITS)))
+        """Hashes with more postings than this are not looked up: 100x the mean, at least 32
+        and at most :data:`MAX_POSTINGS`.
+
+        They are a few percent of a query's hashes but half of its hits, and say little (a hit
+        weighs ``1 / log2(2 + postings)``). The upper bound keeps a query's work bounded however
+        large the library: with 21-bit hashes the chance hits per hash grow with the number of
+        stored hashes, until the bound is reached (about 8 hours of audio); past it, query time
+        grows only with the binary searches (logarithmically), and ever more common hashes are
+        skipped.
+        """
+        return max(32, min(MAX_POSTINGS, int(100 * self.n_hashes / (1 << HASH_BITS))))
 
     def lookup(
         self, hashes: np.ndarray, *, max_postings: int | None = None

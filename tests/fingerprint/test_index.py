@@ -180,3 +180,22 @@ def test_auto_compaction_bounds_shards(tmp_path, tracks):
         idx.add([(name, tmp_path / f"{name}.wav")])
     assert len(idx._manifest["shards"]) <= 2
     assert len(idx) == 3
+
+
+def test_common_hashes_are_skipped_and_query_work_is_bounded(tmp_path, monkeypatch):
+    from colabmagic.fingerprint.index import MAX_POSTINGS
+
+    idx = Index(tmp_path / "db")
+    common = np.full(MAX_POSTINGS + 1, 7, np.uint32)  # one hash in every frame
+    rare = np.full(10, 9, np.uint32)
+    hashes = np.concatenate([common, rare])
+    times = np.arange(len(hashes), dtype=np.int32)
+    idx.add_fingerprints([({"id": "a", "path": "a", "duration": 9.0, "content_hash": "a"},
+                           hashes, times)])  # fmt: skip
+    which, track, time = idx.lookup(np.array([7, 9], np.uint32))
+    assert idx.stop_postings == 32  # a small index: the floor
+    assert set(which.tolist()) == {1}  # the common hash is skipped, the rare one found
+    np.testing.assert_array_equal(np.sort(time), times[-10:])
+    assert set(track.tolist()) == {0}
+    monkeypatch.setattr(Index, "n_hashes", property(lambda self: 10**10))
+    assert idx.stop_postings == MAX_POSTINGS  # however large the library
