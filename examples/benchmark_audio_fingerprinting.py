@@ -95,7 +95,10 @@ def main() -> None:
             t0 = time.perf_counter()
             out = match_many(index, qs, backend=be)
             dt = time.perf_counter() - t0
-            ok = sum(bool(m) and m[0].track == index.tracks[k].id for m, k in zip(out, which, strict=True))
+            ok = sum(
+                bool(m) and m[0].track == index.tracks[k].id
+                for m, k in zip(out, which, strict=True)
+            )
             print(
                 f"{be:6s} match_many: {len(qs)} queries of 10 s in {dt:.2f} s "
                 f"({1000 * dt / len(qs):.1f} ms each), recall {ok / len(qs):.0%}"
