@@ -71,7 +71,9 @@ class Backend:
     def max_filter(self, x: Any, radius: int, axis: int) -> Any:
         """Running maximum over ``[i - radius, i + radius]`` along *axis*, zeros beyond the edges.
 
-        CuPy: ``cupyx.scipy.ndimage.maximum_filter1d`` (one kernel instead of ~10 launches).
+        CuPy: ``cupyx.scipy.ndimage.maximum_filter1d`` (one kernel instead of ~10 launches;
+        on an H200 with CuPy 14, 0.16 ms against 0.47 ms for both passes over a 900 s batch,
+        and the same array as the doubling).
         NumPy and stand-in modules: :func:`max_filter_doubling` -- on the CPU it is 5-10x faster
         than ``scipy.ndimage.maximum_filter1d`` for these windows (9 and 13 wide, measured on
         2048 x 218 float32 blocks: 0.4-0.8 ms against 4.5 ms). Maxima are exact, so every route
