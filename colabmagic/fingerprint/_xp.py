@@ -71,7 +71,9 @@ class Backend:
     def max_filter(self, x: Any, radius: int, axis: int) -> Any:
         """Running maximum over ``[i - radius, i + radius]`` along *axis*, zeros beyond the edges.
 
-        CuPy: ``cupyx.scipy.ndimage.maximum_filter1d`` (one kernel instead of ~10 launches).
+        CuPy: ``cupyx.scipy.ndimage.maximum_filter1d`` (one kernel instead of ~10 launches;
+        on an H200 with CuPy 14, 0.16 ms against 0.47 ms for both passes over a 900 s batch,
+        and the same array as the doubling).
         NumPy and stand-in modules: :func:`max_filter_doubling` -- on the CPU it is 5-10x faster
         than ``scipy.ndimage.maximum_filter1d`` for these windows (9 and 13 wide, measured on
         2048 x 218 float32 blocks: 0.4-0.8 ms against 4.5 ms). Maxima are exact, so every route
@@ -99,31 +101,40 @@ def max_filter_doubling(xp: Any, x: Any, radius: int, axis: int) -> Any:
 
     Doubling: after step ``k`` every element holds the maximum of the next ``2**k`` elements, so
     a window of width ``w`` costs ``log2(w) + 1`` element-wise maxima instead of ``w``. Steps
-    alternate between two buffers (``out=``: one pass each, no temporary to copy back). Needs
-    nothing but slicing and ``maximum``, which every array namespace has.
+    alternate between two buffers (``out=``: one pass each, no temporary to copy back). Along
+    the last axis the steps run on the flat buffer: a window that would run past the end of a
+    line mixes in the next line, but only windows inside a line are ever read (each line is
+    padded by ``radius`` on both sides), and one long contiguous pass is ~4x faster than
+    thousands of short ones. Needs nothing but slicing, ``reshape`` and ``maximum``, which
+    every array namespace has.
     """
     if radius == 0:
         return x
     width = 2 * radius + 1
     n = x.shape[axis]
 
-    def cut(a: int, b: int) -> tuple[slice, ...]:
-        return (slice(None),) * axis + (slice(a, b),)
+    def cut(ax: int, a: int, b: int) -> tuple[slice, ...]:
+        return (slice(None),) * ax + (slice(a, b),)
 
     shape = list(x.shape)
     m = shape[axis] = n + 2 * radius
     cur = xp.empty(tuple(shape), dtype=x.dtype)
-    cur[cut(0, radius)] = 0
-    cur[cut(radius + n, m)] = 0
-    cur[cut(radius, radius + n)] = x
+    cur[cut(axis, 0, radius)] = 0
+    cur[cut(axis, radius + n, m)] = 0
+    cur[cut(axis, radius, radius + n)] = x
     nxt = xp.empty_like(cur)
+    flat = axis == x.ndim - 1
+    step_axis, length = (0, cur.size) if flat else (axis, m)
+    a, b = (cur.reshape(-1), nxt.reshape(-1)) if flat else (cur, nxt)
     span = 1
     while span * 2 <= width:
-        xp.maximum(cur[cut(0, m - span)], cur[cut(span, m)], out=nxt[cut(0, m - span)])
-        nxt[cut(m - span, m)] = cur[cut(m - span, m)]  # windows cut short by the end
-        cur, nxt = nxt, cur
+        head, shifted = cut(step_axis, 0, length - span), cut(step_axis, span, length)
+        tail = cut(step_axis, length - span, length)
+        xp.maximum(a[head], a[shifted], out=b[head])
+        b[tail] = a[tail]  # windows cut short by the end
+        a, b, cur, nxt = b, a, nxt, cur
         span *= 2
-    return xp.maximum(cur[cut(0, n)], cur[cut(width - span, width - span + n)])
+    return xp.maximum(cur[cut(axis, 0, n)], cur[cut(axis, width - span, width - span + n)])
 
 
 def cupy_available() -> bool:

@@ -255,7 +255,7 @@ def load_audio_many(
         One per path, in order: the signal, or the error that :func:`load_audio` raised.
     """
     names = [os.fspath(p) for p in paths]
-    out: list[np.ndarray | AudioDecodeError | None] = [None] * len(names)
+    out: list[np.ndarray | None] = [None] * len(names)
     shared = [
         i
         for i, p in enumerate(names)
@@ -273,13 +273,15 @@ def load_audio_many(
                     continue
                 for i, y in zip(group, signals, strict=True):
                     out[i] = _finish(y) if y.size else None
-    for i, p in enumerate(names):
-        if out[i] is None:
-            try:
-                out[i] = load_audio(p, sample_rate=sample_rate)
-            except AudioDecodeError as exc:
-                out[i] = exc
-    return out  # type: ignore[return-value]
+    pairs = zip(names, out, strict=True)
+    return [_load_or_error(p, sample_rate) if y is None else y for p, y in pairs]
+
+
+def _load_or_error(path: str, sample_rate: int) -> np.ndarray | AudioDecodeError:
+    try:
+        return load_audio(path, sample_rate=sample_rate)
+    except AudioDecodeError as exc:
+        return exc
 
 
 def _scratch_dir() -> str | None:

@@ -84,25 +84,25 @@ def _group_identical(files: list[str], skipped: list[str]) -> dict[str, list[str
     Only files whose size another file shares are hashed (BLAKE2b reads every byte: ~1 s of
     one core per 4 h of audio); a file of a size of its own is its own group.
     """
+
+    def unreadable(f: str, exc: OSError) -> None:
+        msg = f"{f}: cannot read ({exc.strerror}); skipped."
+        warnings.warn(msg, AudioDecodeWarning, stacklevel=4)
+        skipped.append(f)
+
     sizes: dict[str, int] = {}
     for f in files:
         try:
             sizes[f] = os.path.getsize(f)
         except OSError as exc:
-            warnings.warn(
-                f"{f}: cannot read ({exc.strerror}); skipped.", AudioDecodeWarning, stacklevel=3
-            )
-            skipped.append(f)
+            unreadable(f, exc)
     shared = Counter(sizes.values())
     groups: dict[str, list[str]] = {}
     for f, size in sizes.items():
         try:
             key = content_hash(f) if shared[size] > 1 else f"size-{size}:{f}"
         except OSError as exc:
-            warnings.warn(
-                f"{f}: cannot read ({exc.strerror}); skipped.", AudioDecodeWarning, stacklevel=3
-            )
-            skipped.append(f)
+            unreadable(f, exc)
             continue
         groups.setdefault(key, []).append(f)
     return groups

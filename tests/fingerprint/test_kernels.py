@@ -34,6 +34,15 @@ def test_max_filter_is_exactly_the_windowed_maximum(shape, axis):
         assert np.array_equal(numpy_as_device().max_filter(x, radius, axis), want)
 
 
+def test_max_filter_along_every_axis_of_1d_and_3d_arrays():
+    rng = np.random.default_rng(4)
+    for x in (rng.random(37).astype(np.float32), rng.random((4, 9, 23)).astype(np.float32)):
+        for axis in range(x.ndim):
+            for radius in (1, 3, 6):
+                want = brute_max_filter(x, radius, axis)
+                assert np.array_equal(max_filter_doubling(np, x, radius, axis), want)
+
+
 def test_max_filter_of_a_strided_view():
     x = np.random.default_rng(1).random((50, 257)).astype(np.float32)
     band = x[:, 6:224]  # what pick_peaks filters
