@@ -211,8 +211,10 @@ class Fingerprinter:
 
     def _peaks(
         self, be: Backend, signals: list[np.ndarray], lay: spectrogram.Layout, per_block: int
-    ) -> tuple[Any, Any]:
-        """Peaks of the whole batch, computed in chunks of frames (cache-sized on the CPU).
+    ) -> tuple[Any, Any, Any]:
+        """Peaks of the whole batch (frame, sub-frame offset, bin), in chunks of frames.
+
+        Chunks are cache-sized on the CPU and hours long on a device.
 
         Each chunk's samples are packed (and copied to the device) on their own: a few MiB
         reused chunk after chunk rather than one buffer of the whole batch, whose fresh pages
@@ -223,7 +225,7 @@ class Fingerprinter:
         window = be.to_device(np.hanning(self.n_fft + 2)[1:-1].astype(np.float32))
         chunk = self.block * (1 << 14 if be.is_device else 64)
         halo = max(self.time_radius, 1)
-        times, freqs = [], []
+        frames, offsets, freqs = [], [], []
         for start in range(0, n_frames, chunk):  # chunks of thousands of frames, not frames
             a, b = max(start - halo, 0), min(start + chunk + halo, n_frames)
             lo, hi = a * self.hop, (b - 1) * self.hop + self.n_fft
@@ -233,7 +235,7 @@ class Fingerprinter:
             power = spectrogram.power_spectrogram(
                 be, seg, n_frames=b - a, n_fft=self.n_fft, hop=self.hop, window=window
             )
-            t, f = peaks.pick_peaks(
+            t, dt, f = peaks.pick_peaks(
                 be,
                 power,
                 freq_radius=self.freq_radius,
@@ -245,9 +247,10 @@ class Fingerprinter:
                 first=start - a,
                 last=min(start + chunk, n_frames) - a,
             )
-            times.append(t + xp.float32(a))
+            frames.append(t + a)
+            offsets.append(dt)
             freqs.append(f)
-        return xp.concatenate(times), xp.concatenate(freqs)
+        return xp.concatenate(frames), xp.concatenate(offsets), xp.concatenate(freqs)
 
     # -- the pipeline --------------------------------------------------------------------------
     def _run_batch(
@@ -259,10 +262,10 @@ class Fingerprinter:
         )
         density = self.peaks_per_second * (self.query_density if query else 1.0)
         per_block = max(1, round(density * self.block * self.frame_seconds))
-        times, freqs = self._peaks(be, signals, lay, per_block)
+        frames, offsets, freqs = self._peaks(be, signals, lay, per_block)
         starts = be.to_device(lay.starts)
-        track = xp.searchsorted(starts, xp.floor(times).astype(xp.int64), side="right") - 1
-        times = times - starts[track].astype(xp.float32)
+        track = xp.searchsorted(starts, frames, side="right") - 1
+        times = (frames - starts[track]).astype(xp.float32) + offsets  # exact up to the track
         fanout = self.query_fanout if query else self.fanout
         parts = []
         for v in variants:  # a handful of speed hypotheses, each fully vectorised

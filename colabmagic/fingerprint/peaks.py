@@ -26,7 +26,7 @@ def pick_peaks(
     f_hi: int,
     first: int = 0,
     last: int | None = None,
-) -> tuple[Any, Any]:
+) -> tuple[Any, Any, Any]:
     """Peaks of a power spectrogram as sub-bin positions, sorted by time.
 
     Parameters
@@ -46,8 +46,12 @@ def pick_peaks(
 
     Returns
     -------
-    times, freqs : array (float32)
-        Frame and bin of every peak, refined by parabolic interpolation, sorted by frame.
+    frames : array (int64)
+        Frame of every peak, sorted.
+    offsets, freqs : array (float32)
+        Sub-frame offset (in [-0.5, 0.5]) and bin of every peak, refined by parabolic
+        interpolation. Frame and offset stay apart so that frames far into a long batch keep
+        their precision (float32 has a 1/64 frame step at 2**18 frames).
     """
     xp = backend.xp
     band = power[:, f_lo:f_hi]
@@ -83,7 +87,7 @@ def _block_then_strongest(xp: Any, blk: Any, values: Any) -> Any:
     return (blk.astype(xp.uint64) << xp.uint64(32)) | weaker.astype(xp.uint64)
 
 
-def _refine(backend: Backend, power: Any, t: Any, f: Any) -> tuple[Any, Any]:
+def _refine(backend: Backend, power: Any, t: Any, f: Any) -> tuple[Any, Any, Any]:
     """Parabolic interpolation of each peak along frequency and time on the log power."""
     xp = backend.xp
     eps = xp.float32(1e-12)
@@ -101,4 +105,4 @@ def _refine(backend: Backend, power: Any, t: Any, f: Any) -> tuple[Any, Any]:
 
     df = offset(xp.log(power[t, f - 1] + eps), xp.log(power[t, f + 1] + eps))
     dt = offset(xp.log(before + eps), xp.log(after + eps))
-    return t.astype(xp.float32) + dt, f.astype(xp.float32) + df
+    return t, dt, f.astype(xp.float32) + df

@@ -32,6 +32,19 @@ def test_batch_gives_the_same_hashes_as_one_by_one(tracks, fingerprinter):
         np.testing.assert_array_equal(one.hashes, b.hashes)
         np.testing.assert_array_equal(one.times, b.times)
         np.testing.assert_array_equal(one.hashes, c.hashes)
+        np.testing.assert_array_equal(one.peaks, b.peaks)
+
+
+def test_a_track_late_in_a_long_batch_keeps_its_exact_hashes(tracks, fingerprinter):
+    """Peak frames stay integers until they are made relative to their track: a track that
+    starts an hour into a batch (float32 steps of 1/64 frame there) hashes as it does alone."""
+    hour = np.tile(tracks["n0"], 180)  # one hour of audio ahead of it
+    sigs = [hour, tracks["t3"]]
+    batched = Fingerprinter(batch_seconds=7200.0).fingerprint_batch(sigs, backend="numpy")
+    one = fingerprinter.fingerprint(tracks["t3"], backend="numpy")
+    np.testing.assert_array_equal(one.hashes, batched[1].hashes)
+    np.testing.assert_array_equal(one.times, batched[1].times)
+    np.testing.assert_array_equal(one.peaks, batched[1].peaks)
 
 
 def test_device_code_path_matches_numpy(tracks, fingerprinter):
