@@ -31,6 +31,9 @@ AUDIO_EXTENSIONS = frozenset(
 #: on OGG Vorbis: about 530x realtime per core against 400x.
 LOSSY_EXTENSIONS = frozenset(".ogg .oga .opus .mp3 .m4a .aac .mp4 .wma .webm".split())
 
+#: Name prefix of the scratch directories of :func:`load_audio_many` (then the owner's pid).
+SCRATCH_PREFIX = "fpdecode-"
+
 
 class AudioDecodeError(ColabMagicError):
     """An audio file is corrupt, empty or in a format no decoder here can read."""
@@ -237,7 +240,11 @@ def _ffmpeg_many(paths: list[str], sample_rate: int, tmp: str) -> list[np.ndarra
     if proc.returncode != 0:
         msg = proc.stderr.decode(errors="replace").strip()[-200:]
         raise RuntimeError(msg or f"ffmpeg exited with {proc.returncode}")
-    return [np.fromfile(out, dtype=np.float32) for out in outs]
+    signals = []
+    for out in outs:  # read and delete at once: RAM-backed files should not pile up
+        signals.append(np.fromfile(out, dtype=np.float32))
+        os.unlink(out)
+    return signals
 
 
 def load_audio_many(
@@ -262,7 +269,10 @@ def load_audio_many(
         if Path(p).suffix.lower() in LOSSY_EXTENSIONS and Path(p).is_file()
     ]
     if len(shared) > 1 and shutil.which("ffmpeg"):
-        with tempfile.TemporaryDirectory(prefix="fpdecode-", dir=_scratch_dir()) as tmp:
+        scratch = _scratch_dir()
+        _remove_orphans(scratch)
+        prefix = f"{SCRATCH_PREFIX}{os.getpid()}-"
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=scratch) as tmp:
             for a in range(0, len(shared), FILES_PER_FFMPEG):
                 group = shared[a : a + FILES_PER_FFMPEG]
                 if len(group) < 2:  # alone: load_audio's pipe is cheaper than a file
@@ -282,6 +292,32 @@ def _load_or_error(path: str, sample_rate: int) -> np.ndarray | AudioDecodeError
         return load_audio(path, sample_rate=sample_rate)
     except AudioDecodeError as exc:
         return exc
+
+
+def _remove_orphans(scratch: str | None) -> None:
+    """Delete scratch directories of decoders that died without cleaning up (``kill -9``).
+
+    Their names carry the owner's process id; a directory whose owner is gone is removed, so
+    RAM-backed ``/dev/shm`` does not keep a killed run's decoded audio until the next reboot.
+    """
+    root = Path(scratch or tempfile.gettempdir())
+    for d in root.glob(f"{SCRATCH_PREFIX}*-*"):
+        try:
+            pid = int(d.name[len(SCRATCH_PREFIX) :].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _scratch_dir() -> str | None:

@@ -151,3 +151,27 @@ def test_shared_ffmpeg_runs_are_what_decodes_lossy_files(encoded, monkeypatch):
     out = load_audio_many([encoded / n for n in names])
     assert [len(c) for c in calls] == [2]  # the m4a left alone and the flac: load_audio
     assert all(isinstance(y, np.ndarray) for y in out)
+
+
+def test_scratch_left_by_a_killed_decoder_is_removed(encoded, monkeypatch, tmp_path):
+    """A decoder killed with -9 leaves its RAM-backed scratch; the next run removes it."""
+    require(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
+    import os
+    import subprocess
+    import sys
+
+    import colabmagic.fingerprint.audio as audio
+
+    monkeypatch.setattr(audio, "_scratch_dir", lambda: str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"fpdecode-{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "0.f32").write_bytes(b"\0" * 4096)
+    mine = tmp_path / f"fpdecode-{os.getpid()}-xyz"  # a live owner (this process)
+    mine.mkdir()
+    other = tmp_path / "fpdecode-notapid-x"  # not ours to judge
+    other.mkdir()
+    out = load_audio_many([encoded / "q.mp3", encoded / "q.ogg"])
+    assert all(isinstance(y, np.ndarray) for y in out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name])
