@@ -108,7 +108,10 @@ def run_benchmark(
     say = log or (lambda _line: None)
     files = find_audio([music_dir])
     if len(files) < 8:
-        msg = f"music_dir={music_dir!r} holds {len(files)} audio files; point it at >= 8 tracks."
+        msg = (
+            f"music_dir={music_dir!r} holds {len(files)} audio files, the benchmark needs >= 8: "
+            "apt-get install wesnoth-1.16-music, or pass another directory (--music-dir)."
+        )
         raise ParameterError(msg)
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:

@@ -310,10 +310,7 @@ def _identify(
     if all_speeds or n_var == 1:
         return first
     best = np.full(len(fps), -np.inf)
-    starts = np.searchsorted(first.query, np.arange(len(fps)))
-    has = starts < len(first.query)
-    has[has] &= first.query[starts[has]] == np.arange(len(fps))[has]
-    best[has] = first.score[starts[has]]
+    np.maximum.at(best, first.query, first.score)
     retry = best < min_score
     if not retry.any():
         return first

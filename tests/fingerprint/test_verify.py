@@ -11,7 +11,6 @@ from colabmagic.fingerprint import match
 from colabmagic.fingerprint._xp import NUMPY, resolve_backend
 from colabmagic.fingerprint.verify import (
     MIN_PEAKS,
-    NULL_SHIFTS,
     UNITS,
     pack_peaks,
     peak_evidence,
@@ -117,13 +116,12 @@ def test_device_code_path_gives_the_same_evidence(two_tracks):
     _, keys, frames = two_tracks
     q = _reference(9, n=300, frames=400)
     cands = [(0, 0, 1.0), (1, 700, 0.96), (0, 2500, 1.06)]
-    for a, b in zip(
-        _evidence(NUMPY, keys, frames, cands, q),
-        _evidence(numpy_as_device(), keys, frames, cands, q),
-        strict=True,
-    ):
+    host = _evidence(NUMPY, keys, frames, cands, q)
+    for a, b in zip(host, _evidence(numpy_as_device(), keys, frames, cands, q), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert max(abs(s) for s in NULL_SHIFTS) < 400
+    _, hits, inside = host
+    assert inside.min() > 0  # every candidate had peaks to test...
+    assert hits.sum() > 0  # ...and some hit: the arrays compared are not all zeros
 
 
 def test_verification_finds_what_the_hash_votes_alone_miss(built_index, tracks):
