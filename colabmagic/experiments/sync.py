@@ -31,7 +31,7 @@ from colabmagic.experiments.spec import (
     Experiment,
     atomic_write_text,
     load_experiments,
-    parse_entries,
+    read_entries,
     set_fields_text,
 )
 from colabmagic.experiments.state import (
@@ -147,16 +147,8 @@ def _save_state(project: Project, state: dict[str, Any]) -> None:
     write_json(_state_path(project), state)
 
 
-def _read_spec(project: Project) -> tuple[str, list[dict[str, Any]]]:
-    try:
-        text = project.spec_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return "", []
-    return text, parse_entries(text, source=project.spec_path.name)
-
-
 def _apply_view(project: Project, state: dict[str, Any]) -> dict[str, str]:
-    text, entries = _read_spec(project)
+    text, entries = read_entries(project.spec_path)
     statuses = project.read_statuses()
     updates: dict[str, dict[str, Any]] = {}
     written: dict[str, list[Any]] = {}
@@ -177,7 +169,7 @@ def _revert_view(project: Project, state: dict[str, Any], git: Git | None) -> li
 
     Returns the names whose ``rerun`` was bumped.
     """
-    text, entries = _read_spec(project)
+    text, entries = read_entries(project.spec_path)
     written: dict[str, list[Any]] = state.get("written", {})
     updates: dict[str, dict[str, Any]] = {}
     bumped = []
