@@ -105,6 +105,7 @@ class Daemon:
         self._stopping = False
         self._spec_ok = False
         self._loaded_head: str | None = None
+        self._spec_text: str | None = None
         self._error: str | None = None
         self._unpushed = False
         self._health: dict[str, Any] = {}
@@ -255,6 +256,12 @@ class Daemon:
         return res.ok
 
     def _load_spec(self) -> None:
+        """Follow HEAD; re-parse ``experiments.json`` (and reload the queue) only when it changed.
+
+        Most new HEADs are the daemon's own commits, which touch only ``outputs/``: parsing the
+        file and re-reading every status file after each of them would make every finished
+        experiment cost O(queue length) in I/O.
+        """
         head = self.git.rev("HEAD")
         if head == self._loaded_head and self._spec_ok:
             return
@@ -262,15 +269,18 @@ class Daemon:
         self.queue.git_commit = head
         try:
             text = self.project.spec_path.read_text(encoding="utf-8")
-            experiments = parse_experiments(text, source=self.project.spec_path.name)
         except FileNotFoundError:
-            experiments = []
-        except ExperimentSpecError as exc:
-            self._spec_ok = False
-            self._record_error(str(exc))
-            return
-        self._spec_ok = True
-        self.queue.load(experiments)
+            text = ""
+        if not self._spec_ok or text != self._spec_text:
+            try:
+                experiments = parse_experiments(text, source=self.project.spec_path.name)
+            except ExperimentSpecError as exc:
+                self._spec_ok = False
+                self._record_error(str(exc))
+                return
+            self._spec_ok = True
+            self._spec_text = text
+            self.queue.load(experiments)
         if self._error is not None:
             log.info("experiments.json is valid again at %s", (head or "")[:10])
             self._error = None
