@@ -20,6 +20,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,30 @@ log = logging.getLogger("colabmagic.experiments.daemon")
 def runner_lock(project: Project) -> FileLock:
     """Held by whoever runs this project's experiments (one daemon or one ``exp run``)."""
     return FileLock(str(project.lock_path("runner")), timeout=0)
+
+
+@contextmanager
+def hold_runner_lock(project: Project) -> Iterator[None]:
+    """Hold :func:`runner_lock` for the ``with`` block.
+
+    Raises
+    ------
+    ColabMagicError
+        Another runner (a daemon or ``exp run``) already holds it.
+    """
+    lock = runner_lock(project)
+    try:
+        lock.acquire()
+    except Timeout:
+        msg = (
+            f"another colabmagic runner (a daemon or `exp run`) is active in {project.root}; "
+            "stop it or wait for it to finish, then retry"
+        )
+        raise ColabMagicError(msg) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class Daemon:
@@ -132,18 +158,12 @@ class Daemon:
             Another daemon (or ``exp run``) holds this repository, or the branch cannot be
             checked out.
         """
-        lock = runner_lock(self.project)
-        try:
-            lock.acquire()
-        except Timeout:
-            msg = f"another colabmagic runner is active in {self.project.root} ({lock.lock_file})"
-            raise ColabMagicError(msg) from None
-        try:
-            self._prepare()
-            self._loop()
-        finally:
-            self.queue.close()
-            lock.release()
+        with hold_runner_lock(self.project):
+            try:
+                self._prepare()
+                self._loop()
+            finally:
+                self.queue.close()
 
     def _prepare(self) -> None:
         git = self.git
