@@ -244,9 +244,7 @@ class Daemon:
 
     # -- git -----------------------------------------------------------------------------------
     def _fetch(self) -> bool:
-        res = self.git.run(
-            "fetch", "-q", self.remote, f"+refs/heads/{self.branch}:{self.remote_ref}"
-        )
+        res = self.git.fetch_branch(self.remote, self.branch)
         if not res.ok:
             log.warning("fetch %s/%s failed: %s", self.remote, self.branch, res.stderr.strip())
         return res.ok

@@ -246,9 +246,12 @@ def _upstream(git: Git) -> tuple[str, str] | None:
 
 def _integrate(git: Git, remote: str, branch: str) -> int:
     """Fetch and bring in the remote's commits when no file changed on both sides."""
-    fetched = git.run("fetch", "-q", remote, f"+refs/heads/{branch}:refs/remotes/{remote}/{branch}")
+    fetched = git.fetch_branch(remote, branch)
     if not fetched.ok:
-        msg = f"could not fetch {remote}/{branch}: {fetched.stderr.strip().splitlines()[-1:]}"
+        msg = (
+            f"could not fetch {remote}/{branch}: {fetched.error_line}; check the network and "
+            "your git access to the remote, then rerun `exp sync`"
+        )
         raise ColabMagicError(msg)
     up = git.rev(f"refs/remotes/{remote}/{branch}")
     head = git.rev("HEAD")
@@ -276,8 +279,10 @@ def _integrate(git: Git, remote: str, branch: str) -> int:
         if not res.ok:
             git.run("rebase", "--abort")
     if not res.ok:
-        detail = (res.stderr or res.stdout).strip().splitlines()
-        msg = f"could not bring in {remote}/{branch}: {detail[-1] if detail else 'git failed'}"
+        msg = (
+            f"could not bring in {remote}/{branch}: {res.error_line}; "
+            "run `git pull` to merge by hand, then rerun `exp sync`"
+        )
         raise ColabMagicError(msg)
     return count
 
@@ -337,10 +342,13 @@ def _push(project: Project, git: Git, remote: str, branch: str) -> bool:
             return False
         res = git.run("push", "-q", remote, f"HEAD:refs/heads/{branch}")
         if res.ok:
-            git.run("fetch", "-q", remote, f"+refs/heads/{branch}:refs/remotes/{remote}/{branch}")
+            git.fetch_branch(remote, branch)
             return True
         _integrate(git, remote, branch)
-    msg = f"could not push to {remote}/{branch}: {res.stderr.strip().splitlines()[-1:]}"
+    msg = (
+        f"could not push to {remote}/{branch}: {res.error_line}; check your push access to "
+        "the remote, then rerun `exp sync --push`"
+    )
     raise ColabMagicError(msg)
 
 
