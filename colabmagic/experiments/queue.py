@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from colabmagic.errors import ParameterError
+from colabmagic.errors import ExperimentSpecError, ParameterError
 from colabmagic.experiments.backends import Backend, Handle
 from colabmagic.experiments.backends.local import LocalBackend
 from colabmagic.experiments.runner import (
@@ -27,7 +27,7 @@ from colabmagic.experiments.runner import (
     RunResult,
     kill_group,
 )
-from colabmagic.experiments.spec import Experiment
+from colabmagic.experiments.spec import Experiment, load_experiments
 from colabmagic.experiments.state import (
     HOST,
     Project,
@@ -73,13 +73,20 @@ def git_head(root: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _mtime(path: Path | None) -> int | None:
+    """``st_mtime_ns`` of *path*, ``None`` when it is missing (or no path)."""
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except FileNotFoundError:
+        return None
+
+
 @dataclass
 class _Running:
     exp: Experiment
     handle: Handle
     attempt: int
     gpu_ids: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
 
 
 class Queue:
@@ -298,12 +305,10 @@ class Queue:
             grace=self.grace,
             log_limit=self.log_limit,
         )
-        started = time.time()
-        self._set_status(exp.name, exp, "running", attempt=attempt, started=now_iso(started),
-                         gpus=cvd)  # fmt: skip
+        self._set_status(exp.name, exp, "running", attempt=attempt, started=now_iso(), gpus=cvd)
         self.project.cancel_path(exp.name).unlink(missing_ok=True)
         handle = self.backend.submit(req, self._on_done, gpus=exp.gpus)
-        self.running[exp.name] = _Running(exp, handle, attempt, gpu_ids, started)
+        self.running[exp.name] = _Running(exp, handle, attempt, gpu_ids)
 
     def _on_done(self, name: str, result: RunResult, files: dict[str, bytes] | None) -> None:
         self._done.put((name, result, files))
@@ -418,13 +423,11 @@ class Queue:
         reload : path, optional
             ``experiments.json`` to re-read when it changes (cancels made meanwhile).
         """
-        from colabmagic.errors import ExperimentSpecError
-        from colabmagic.experiments.spec import load_experiments
-
-        mtime = reload.stat().st_mtime_ns if reload is not None and reload.exists() else None
+        mtime = _mtime(reload)
         while True:
-            if reload is not None and reload.exists() and reload.stat().st_mtime_ns != mtime:
-                mtime = reload.stat().st_mtime_ns
+            now = _mtime(reload)
+            if now is not None and now != mtime:  # a missing file keeps the list
+                mtime = now
                 with contextlib.suppress(ExperimentSpecError):
                     self.experiments = load_experiments(reload)
             self.schedule()
