@@ -29,10 +29,17 @@ from filelock import FileLock, Timeout
 
 from colabmagic.errors import ColabMagicError, ExperimentSpecError, ParameterError
 from colabmagic.experiments.backends import Backend
-from colabmagic.experiments.gitutil import Git
-from colabmagic.experiments.queue import MAX_COMMIT_BYTES, Queue
+from colabmagic.experiments.gitutil import Git, is_git_repo
+from colabmagic.experiments.queue import Queue
 from colabmagic.experiments.spec import parse_experiments
-from colabmagic.experiments.state import HOST, OUTPUTS, Project, now_iso, write_json
+from colabmagic.experiments.state import (
+    HOST,
+    MAX_COMMIT_BYTES,
+    OUTPUTS,
+    Project,
+    now_iso,
+    write_json,
+)
 
 log = logging.getLogger("colabmagic.experiments.daemon")
 
@@ -114,7 +121,7 @@ class Daemon:
             msg = f"poll={poll} must be a positive number of seconds"
             raise ParameterError(msg)
         self.project = Project(repo)
-        if not (self.project.root / ".git").exists():
+        if not is_git_repo(self.project.root):
             msg = f"{self.project.root} is not a git clone; clone the experiments repository first"
             raise ColabMagicError(msg)
         self.git = Git(self.project.root)

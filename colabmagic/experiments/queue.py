@@ -20,6 +20,7 @@ from typing import Any
 from colabmagic.errors import ExperimentSpecError, ParameterError
 from colabmagic.experiments.backends import Backend, Handle
 from colabmagic.experiments.backends.local import LocalBackend
+from colabmagic.experiments.gitutil import Git
 from colabmagic.experiments.runner import (
     DEFAULT_GRACE,
     DEFAULT_LOG_LIMIT,
@@ -30,6 +31,7 @@ from colabmagic.experiments.runner import (
 from colabmagic.experiments.spec import Experiment, load_experiments
 from colabmagic.experiments.state import (
     HOST,
+    MAX_COMMIT_BYTES,
     Project,
     effective_status,
     is_final,
@@ -37,8 +39,6 @@ from colabmagic.experiments.state import (
     read_json,
     write_json,
 )
-
-MAX_COMMIT_BYTES = 50 * 1024 * 1024
 
 
 def detect_gpu_ids() -> list[str] | None:
@@ -62,15 +62,11 @@ def detect_gpu_ids() -> list[str] | None:
 
 
 def git_head(root: Path) -> str | None:
-    """The commit checked out in *root*, or ``None`` outside git."""
+    """The commit checked out in *root*, or ``None`` outside git (or without git installed)."""
     try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True, text=True, check=False, timeout=30,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
+        return Git(root, timeout=30).rev("HEAD")
+    except OSError:
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _mtime(path: Path | None) -> int | None:
@@ -130,12 +126,10 @@ class Queue:
             raise ParameterError(msg)
         self.project = project
         self.slots = slots
-        self.backend: Backend = backend or LocalBackend(
-            project.state_dir / "running", project.state_dir / "cancel"
-        )
+        self.backend: Backend = backend or LocalBackend(project.run_record_dir, project.cancel_dir)
         if self.backend.local:
-            (project.state_dir / "running").mkdir(parents=True, exist_ok=True)
-            (project.state_dir / "cancel").mkdir(parents=True, exist_ok=True)
+            project.run_record_dir.mkdir(parents=True, exist_ok=True)
+            project.cancel_dir.mkdir(parents=True, exist_ok=True)
             self.gpu_pool = list(gpu_ids) if gpu_ids is not None else detect_gpu_ids()
         else:
             self.gpu_pool = None  # the cluster's GPU resources decide
@@ -170,7 +164,7 @@ class Queue:
             Names whose status changed.
         """
         killed: dict[str, list[int]] = {}
-        record_dir = self.project.state_dir / "running"
+        record_dir = self.project.run_record_dir
         if record_dir.is_dir():
             for path in record_dir.glob("*.json"):
                 record = read_json(path)

@@ -20,8 +20,9 @@ from typing import Any
 
 from colabmagic.experiments.backends import Done
 from colabmagic.experiments.runner import RunRequest, RunResult, run_process
+from colabmagic.experiments.state import MAX_COMMIT_BYTES
 
-MAX_RETURN_BYTES = 50 * 1024 * 1024
+MAX_RETURN_BYTES = MAX_COMMIT_BYTES
 CANCEL_POLL = 0.5
 
 
