@@ -20,10 +20,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from filelock import Timeout
-
-from colabmagic.errors import ColabMagicError
-from colabmagic.experiments.daemon import Daemon, runner_lock
+from colabmagic.experiments.backends import make_backend
+from colabmagic.experiments.daemon import Daemon, hold_runner_lock
 from colabmagic.experiments.edit import add_experiments, cancel_experiment, rerun_experiment
 from colabmagic.experiments.grid import expand_grid, parse_param
 from colabmagic.experiments.queue import Queue, detect_gpu_ids, git_head
@@ -43,9 +41,6 @@ __all__ = [
     "expand_grid", "grid", "load_experiments", "parse_experiments", "parse_param", "rerun",
     "run", "run_process", "status_rows", "sync",
 ]  # fmt: skip
-
-
-_project = as_project
 
 
 def add(
@@ -94,7 +89,7 @@ def add(
         depends_on=tuple(depends_on),
         tags=tuple(tags),
     )
-    add_experiments(_project(project), [exp])
+    add_experiments(as_project(project), [exp])
     return exp
 
 
@@ -106,18 +101,18 @@ def grid(
 ) -> list[Experiment]:
     """Append a parameter sweep (see :func:`~colabmagic.experiments.grid.expand_grid`)."""
     exps = expand_grid(template, params, **kw)
-    add_experiments(_project(project), exps)
+    add_experiments(as_project(project), exps)
     return exps
 
 
 def cancel(project: Project | str | os.PathLike[str], name: str) -> None:
     """Cancel *name*: mark it in ``experiments.json``; stop it if it runs on this machine."""
-    cancel_experiment(_project(project), name)
+    cancel_experiment(as_project(project), name)
 
 
 def rerun(project: Project | str | os.PathLike[str], name: str) -> int:
     """Ask for a new run of *name* (bumps its ``rerun`` counter); returns the new counter."""
-    return rerun_experiment(_project(project), name)
+    return rerun_experiment(as_project(project), name)
 
 
 def run(
@@ -157,41 +152,23 @@ def run(
     Raises
     ------
     ColabMagicError
-        Another runner (daemon or ``exp run``) is active in this project.
+        Another runner (daemon or ``exp run``) is active in this project, or *backend* is
+        unknown (or ``dask`` without *scheduler*).
     """
-    proj = _project(project)
-    if backend == "dask":
-        from colabmagic.experiments.backends.dask import DaskBackend
-
-        if not scheduler:
-            msg = "--backend dask needs --scheduler tcp://HOST:8786"
-            raise ColabMagicError(msg)
-        back: Any = DaskBackend(scheduler)
-    elif backend == "local":
-        back = None
-    else:
-        msg = f"backend={backend!r} must be 'local' or 'dask'"
-        raise ColabMagicError(msg)
-    queue = Queue(proj, slots=slots, gpu_ids=gpu_ids, backend=back, grace=grace,
-                  retry_backoff=retry_backoff)  # fmt: skip
-    lock = runner_lock(proj)
-    try:
-        lock.acquire()
-    except Timeout:
-        queue.close()
-        msg = f"another colabmagic runner (a daemon or `exp run`) is active in {proj.root}"
-        raise ColabMagicError(msg) from None
-    try:
-        queue.recover()
-        queue.git_commit = git_head(proj.root)
-        queue.load(load_experiments(proj.spec_path))
-        queue.run_until_idle(reload=proj.spec_path)
-    finally:
-        queue.stop(kill=True)
-        while queue.running:
-            queue.wait(None)
-        queue.close()
-        lock.release()
+    proj = as_project(project)
+    with hold_runner_lock(proj):
+        queue = Queue(proj, slots=slots, gpu_ids=gpu_ids, backend=make_backend(backend, scheduler),
+                      grace=grace, retry_backoff=retry_backoff)  # fmt: skip
+        try:
+            queue.recover()
+            queue.git_commit = git_head(proj.root)
+            queue.load(load_experiments(proj.spec_path))
+            queue.run_until_idle(reload=proj.spec_path)
+        finally:
+            queue.stop(kill=True)
+            while queue.running:
+                queue.wait(None)
+            queue.close()
     if update_view:
         apply_view(proj)
     return status_rows(proj)

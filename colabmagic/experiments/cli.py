@@ -60,6 +60,11 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _gpu_ids(value: str | None) -> list[str] | None:
+    """``--gpu-ids 0,1`` as a list; ``None`` (not given) lets the queue detect them."""
+    return None if value is None else [x for x in value.split(",") if x]
+
+
 @exp.command("add")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True)
@@ -217,10 +222,10 @@ def run_cmd(
     """Run the pending experiments here and now, then exit (status 1 if any did not complete)."""
     from colabmagic import experiments as ex
 
-    ids = [x for x in gpu_ids.split(",") if x] if gpu_ids is not None else None
     with _errors():
         rows = ex.run(_project(ctx), slots=slots, backend=backend, scheduler=scheduler,
-                      gpu_ids=ids, grace=grace, retry_backoff=retry_backoff)  # fmt: skip
+                      gpu_ids=_gpu_ids(gpu_ids), grace=grace,
+                      retry_backoff=retry_backoff)  # fmt: skip
     _print_rows(rows, as_json)
     if any(r.status in ("failed", "timeout", "interrupted") for r in rows):
         ctx.exit(1)
@@ -250,6 +255,7 @@ def daemon_cmd(
     SIGTERM/SIGINT stop it cleanly: running experiments finish (--on-stop wait) or are
     stopped and marked interrupted (--on-stop kill).
     """
+    from colabmagic.experiments.backends import make_backend
     from colabmagic.experiments.daemon import Daemon
 
     handler: logging.Handler = (
@@ -259,19 +265,10 @@ def daemon_cmd(
     logger = logging.getLogger("colabmagic.experiments")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    ids = [x for x in gpu_ids.split(",") if x] if gpu_ids is not None else None
     with _errors():
-        back = None
-        if backend == "dask":
-            from colabmagic.experiments.backends.dask import DaskBackend
-
-            if not scheduler:
-                msg = "--backend dask needs --scheduler tcp://HOST:8786"
-                raise ColabMagicError(msg)
-            back = DaskBackend(scheduler)
         daemon = Daemon(repo, branch, remote=remote, poll=poll, slots=slots, on_stop=on_stop,
-                        gpu_ids=ids, grace=grace, retry_backoff=retry_backoff, backend=back,
-                        push=not no_push)  # fmt: skip
+                        gpu_ids=_gpu_ids(gpu_ids), grace=grace, retry_backoff=retry_backoff,
+                        backend=make_backend(backend, scheduler), push=not no_push)  # fmt: skip
 
         def stop(signum: int, frame: Any) -> None:
             logger.info("received %s", signal.Signals(signum).name)

@@ -20,6 +20,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,17 @@ from filelock import FileLock, Timeout
 
 from colabmagic.errors import ColabMagicError, ExperimentSpecError, ParameterError
 from colabmagic.experiments.backends import Backend
-from colabmagic.experiments.gitutil import Git
-from colabmagic.experiments.queue import MAX_COMMIT_BYTES, Queue
+from colabmagic.experiments.gitutil import Git, is_git_repo
+from colabmagic.experiments.queue import Queue
 from colabmagic.experiments.spec import parse_experiments
-from colabmagic.experiments.state import HOST, OUTPUTS, Project, now_iso, write_json
+from colabmagic.experiments.state import (
+    HOST,
+    MAX_COMMIT_BYTES,
+    OUTPUTS,
+    Project,
+    now_iso,
+    write_json,
+)
 
 log = logging.getLogger("colabmagic.experiments.daemon")
 
@@ -38,6 +47,30 @@ log = logging.getLogger("colabmagic.experiments.daemon")
 def runner_lock(project: Project) -> FileLock:
     """Held by whoever runs this project's experiments (one daemon or one ``exp run``)."""
     return FileLock(str(project.lock_path("runner")), timeout=0)
+
+
+@contextmanager
+def hold_runner_lock(project: Project) -> Iterator[None]:
+    """Hold :func:`runner_lock` for the ``with`` block.
+
+    Raises
+    ------
+    ColabMagicError
+        Another runner (a daemon or ``exp run``) already holds it.
+    """
+    lock = runner_lock(project)
+    try:
+        lock.acquire()
+    except Timeout:
+        msg = (
+            f"another colabmagic runner (a daemon or `exp run`) is active in {project.root}; "
+            "stop it or wait for it to finish, then retry"
+        )
+        raise ColabMagicError(msg) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class Daemon:
@@ -88,7 +121,7 @@ class Daemon:
             msg = f"poll={poll} must be a positive number of seconds"
             raise ParameterError(msg)
         self.project = Project(repo)
-        if not (self.project.root / ".git").exists():
+        if not is_git_repo(self.project.root):
             msg = f"{self.project.root} is not a git clone; clone the experiments repository first"
             raise ColabMagicError(msg)
         self.git = Git(self.project.root)
@@ -105,6 +138,7 @@ class Daemon:
         self._stopping = False
         self._spec_ok = False
         self._loaded_head: str | None = None
+        self._spec_text: str | None = None
         self._error: str | None = None
         self._unpushed = False
         self._health: dict[str, Any] = {}
@@ -131,18 +165,12 @@ class Daemon:
             Another daemon (or ``exp run``) holds this repository, or the branch cannot be
             checked out.
         """
-        lock = runner_lock(self.project)
-        try:
-            lock.acquire()
-        except Timeout:
-            msg = f"another colabmagic runner is active in {self.project.root} ({lock.lock_file})"
-            raise ColabMagicError(msg) from None
-        try:
-            self._prepare()
-            self._loop()
-        finally:
-            self.queue.close()
-            lock.release()
+        with hold_runner_lock(self.project):
+            try:
+                self._prepare()
+                self._loop()
+            finally:
+                self.queue.close()
 
     def _prepare(self) -> None:
         git = self.git
@@ -223,9 +251,7 @@ class Daemon:
 
     # -- git -----------------------------------------------------------------------------------
     def _fetch(self) -> bool:
-        res = self.git.run(
-            "fetch", "-q", self.remote, f"+refs/heads/{self.branch}:{self.remote_ref}"
-        )
+        res = self.git.fetch_branch(self.remote, self.branch)
         if not res.ok:
             log.warning("fetch %s/%s failed: %s", self.remote, self.branch, res.stderr.strip())
         return res.ok
@@ -255,6 +281,12 @@ class Daemon:
         return res.ok
 
     def _load_spec(self) -> None:
+        """Follow HEAD; re-parse ``experiments.json`` (and reload the queue) only when it changed.
+
+        Most new HEADs are the daemon's own commits, which touch only ``outputs/``: parsing the
+        file and re-reading every status file after each of them would make every finished
+        experiment cost O(queue length) in I/O.
+        """
         head = self.git.rev("HEAD")
         if head == self._loaded_head and self._spec_ok:
             return
@@ -262,15 +294,18 @@ class Daemon:
         self.queue.git_commit = head
         try:
             text = self.project.spec_path.read_text(encoding="utf-8")
-            experiments = parse_experiments(text, source=self.project.spec_path.name)
         except FileNotFoundError:
-            experiments = []
-        except ExperimentSpecError as exc:
-            self._spec_ok = False
-            self._record_error(str(exc))
-            return
-        self._spec_ok = True
-        self.queue.load(experiments)
+            text = ""
+        if not self._spec_ok or text != self._spec_text:
+            try:
+                experiments = parse_experiments(text, source=self.project.spec_path.name)
+            except ExperimentSpecError as exc:
+                self._spec_ok = False
+                self._record_error(str(exc))
+                return
+            self._spec_ok = True
+            self._spec_text = text
+            self.queue.load(experiments)
         if self._error is not None:
             log.info("experiments.json is valid again at %s", (head or "")[:10])
             self._error = None

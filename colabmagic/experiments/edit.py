@@ -16,7 +16,7 @@ from colabmagic.experiments.spec import (
     Experiment,
     append_entries_text,
     atomic_write_text,
-    parse_entries,
+    read_entries,
     set_fields_text,
     validate_entries,
 )
@@ -28,14 +28,6 @@ def spec_lock(project: Project) -> FileLock:
     return FileLock(str(project.lock_path("spec")), timeout=30)
 
 
-def _read(project: Project) -> tuple[str, list[dict[str, Any]]]:
-    try:
-        text = project.spec_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        text = ""
-    return text, parse_entries(text, source=project.spec_path.name)
-
-
 def add_experiments(project: Project, experiments: Sequence[Experiment]) -> None:
     """Append *experiments* to ``experiments.json`` (created if missing).
 
@@ -45,7 +37,7 @@ def add_experiments(project: Project, experiments: Sequence[Experiment]) -> None
         A name already exists, or an entry is invalid.
     """
     with spec_lock(project):
-        text, entries = _read(project)
+        text, entries = read_entries(project.spec_path)
         names = {e["name"] for e in entries}
         for exp in experiments:
             if exp.name in names:
@@ -62,7 +54,7 @@ def add_experiments(project: Project, experiments: Sequence[Experiment]) -> None
 
 def _update(project: Project, name: str, make: Any) -> dict[str, Any]:
     with spec_lock(project):
-        text, entries = _read(project)
+        text, entries = read_entries(project.spec_path)
         entry = next((e for e in entries if e["name"] == name), None)
         if entry is None:
             known = ", ".join(e["name"] for e in entries[:10]) or "none"

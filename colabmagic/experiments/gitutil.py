@@ -25,6 +25,19 @@ class GitResult:
         """True on exit code 0."""
         return self.returncode == 0
 
+    @property
+    def error_line(self) -> str:
+        """Git's own error in one line: its first ``fatal:``/``error:`` line, else its last line.
+
+        Git ends many errors with advice (``hint: ...``, ``Please make sure you have the correct
+        access rights``); the first ``fatal:`` line is the one that says what went wrong.
+        """
+        lines = [ln.strip() for ln in (self.stderr or self.stdout).splitlines() if ln.strip()]
+        for line in lines:
+            if line.startswith(("fatal:", "error:")):
+                return line
+        return lines[-1] if lines else f"exit code {self.returncode}"
+
 
 class Git:
     """Run git in one repository.
@@ -69,15 +82,19 @@ class Git:
         else:
             result = GitResult(proc.returncode, proc.stdout, proc.stderr)
         if check and not result.ok:
-            detail = (result.stderr or result.stdout).strip().splitlines()
-            last = detail[-1] if detail else result.returncode
-            msg = f"git {' '.join(args)} failed in {self.root}: {last}"
+            msg = f"git {' '.join(args)} failed in {self.root}: {result.error_line}"
             raise ColabMagicError(msg)
         return result
 
     def out(self, *args: str) -> str:
         """Stripped stdout of a command that must succeed."""
         return self.run(*args, check=True).stdout.strip()
+
+    def fetch_branch(self, remote: str, branch: str) -> GitResult:
+        """Fetch only *branch* of *remote* into ``refs/remotes/<remote>/<branch>``."""
+        return self.run(
+            "fetch", "-q", remote, f"+refs/heads/{branch}:refs/remotes/{remote}/{branch}"
+        )
 
     def rev(self, ref: str) -> str | None:
         """The commit *ref* names, or ``None``."""

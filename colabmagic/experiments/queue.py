@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from colabmagic.errors import ParameterError
+from colabmagic.errors import ExperimentSpecError, ParameterError
 from colabmagic.experiments.backends import Backend, Handle
 from colabmagic.experiments.backends.local import LocalBackend
+from colabmagic.experiments.gitutil import Git
 from colabmagic.experiments.runner import (
     DEFAULT_GRACE,
     DEFAULT_LOG_LIMIT,
@@ -27,9 +28,10 @@ from colabmagic.experiments.runner import (
     RunResult,
     kill_group,
 )
-from colabmagic.experiments.spec import Experiment
+from colabmagic.experiments.spec import Experiment, load_experiments
 from colabmagic.experiments.state import (
     HOST,
+    MAX_COMMIT_BYTES,
     Project,
     effective_status,
     is_final,
@@ -37,8 +39,6 @@ from colabmagic.experiments.state import (
     read_json,
     write_json,
 )
-
-MAX_COMMIT_BYTES = 50 * 1024 * 1024
 
 
 def detect_gpu_ids() -> list[str] | None:
@@ -62,15 +62,19 @@ def detect_gpu_ids() -> list[str] | None:
 
 
 def git_head(root: Path) -> str | None:
-    """The commit checked out in *root*, or ``None`` outside git."""
+    """The commit checked out in *root*, or ``None`` outside git (or without git installed)."""
     try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True, text=True, check=False, timeout=30,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
+        return Git(root, timeout=30).rev("HEAD")
+    except OSError:
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _mtime(path: Path | None) -> int | None:
+    """``st_mtime_ns`` of *path*, ``None`` when it is missing (or no path)."""
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except FileNotFoundError:
+        return None
 
 
 @dataclass
@@ -79,7 +83,6 @@ class _Running:
     handle: Handle
     attempt: int
     gpu_ids: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
 
 
 class Queue:
@@ -123,12 +126,10 @@ class Queue:
             raise ParameterError(msg)
         self.project = project
         self.slots = slots
-        self.backend: Backend = backend or LocalBackend(
-            project.state_dir / "running", project.state_dir / "cancel"
-        )
+        self.backend: Backend = backend or LocalBackend(project.run_record_dir, project.cancel_dir)
         if self.backend.local:
-            (project.state_dir / "running").mkdir(parents=True, exist_ok=True)
-            (project.state_dir / "cancel").mkdir(parents=True, exist_ok=True)
+            project.run_record_dir.mkdir(parents=True, exist_ok=True)
+            project.cancel_dir.mkdir(parents=True, exist_ok=True)
             self.gpu_pool = list(gpu_ids) if gpu_ids is not None else detect_gpu_ids()
         else:
             self.gpu_pool = None  # the cluster's GPU resources decide
@@ -163,7 +164,7 @@ class Queue:
             Names whose status changed.
         """
         killed: dict[str, list[int]] = {}
-        record_dir = self.project.state_dir / "running"
+        record_dir = self.project.run_record_dir
         if record_dir.is_dir():
             for path in record_dir.glob("*.json"):
                 record = read_json(path)
@@ -298,12 +299,10 @@ class Queue:
             grace=self.grace,
             log_limit=self.log_limit,
         )
-        started = time.time()
-        self._set_status(exp.name, exp, "running", attempt=attempt, started=now_iso(started),
-                         gpus=cvd)  # fmt: skip
+        self._set_status(exp.name, exp, "running", attempt=attempt, started=now_iso(), gpus=cvd)
         self.project.cancel_path(exp.name).unlink(missing_ok=True)
         handle = self.backend.submit(req, self._on_done, gpus=exp.gpus)
-        self.running[exp.name] = _Running(exp, handle, attempt, gpu_ids, started)
+        self.running[exp.name] = _Running(exp, handle, attempt, gpu_ids)
 
     def _on_done(self, name: str, result: RunResult, files: dict[str, bytes] | None) -> None:
         self._done.put((name, result, files))
@@ -418,13 +417,11 @@ class Queue:
         reload : path, optional
             ``experiments.json`` to re-read when it changes (cancels made meanwhile).
         """
-        from colabmagic.errors import ExperimentSpecError
-        from colabmagic.experiments.spec import load_experiments
-
-        mtime = reload.stat().st_mtime_ns if reload is not None and reload.exists() else None
+        mtime = _mtime(reload)
         while True:
-            if reload is not None and reload.exists() and reload.stat().st_mtime_ns != mtime:
-                mtime = reload.stat().st_mtime_ns
+            now = _mtime(reload)
+            if now is not None and now != mtime:  # a missing file keeps the list
+                mtime = now
                 with contextlib.suppress(ExperimentSpecError):
                     self.experiments = load_experiments(reload)
             self.schedule()

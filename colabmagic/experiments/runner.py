@@ -2,8 +2,8 @@
 
 The command runs in a new session (``start_new_session``), so the whole group can be signalled:
 on timeout or cancel it gets SIGTERM, then SIGKILL after a grace period. When the main process
-exits, whatever it left behind in its group is killed too, and the main process is reaped with
-``wait4`` (its peak memory comes from that rusage) — no orphans, no zombies.
+exits, whatever it left behind in its group is killed too, and the main process is reaped — no
+orphans, no zombies. Peak memory is sampled from ``/proc`` (see :class:`_PeakMemory`).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def run_process(
         for log in logs.values():
             log.close()
     _killpg(pid, signal.SIGKILL)  # leftovers of a finished run: the zombie leader holds the pgid
-    _, wait_status, _rusage = os.wait4(pid, 0)
+    _, wait_status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(wait_status)
     proc.returncode = code
     end = time.time()
@@ -227,9 +227,8 @@ def run_process(
         reason = "" if code == 0 else (f"killed by {sig}" if sig else f"exit code {code}")
     else:
         status = reason
-        reason = {
-            "timeout": f"timed out after {req.timeout:g}s" if req.timeout else "timed out",
-        }.get(reason, reason)
+        if reason == "timeout":
+            reason = f"timed out after {req.timeout:g}s" if req.timeout else "timed out"
     return RunResult(status, code, sig, start, end, pid, peak.value, reason=reason)
 
 
@@ -394,12 +393,17 @@ def kill_group(pgid: int, *, grace: float = DEFAULT_GRACE, not_before: int = 0) 
     if not found:
         return []
     _killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while group_members(pgid, not_before=not_before) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if group_members(pgid, not_before=not_before):
+    if not _group_gone(pgid, not_before, grace):
         _killpg(pgid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while group_members(pgid, not_before=not_before) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _group_gone(pgid, not_before, 5.0)
     return found
+
+
+def _group_gone(pgid: int, not_before: int, timeout: float) -> bool:
+    """Wait up to *timeout* seconds for group *pgid* to have no live member; True if it has none."""
+    deadline = time.monotonic() + timeout
+    while group_members(pgid, not_before=not_before):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -325,14 +325,19 @@ def parse_entries(text: str, *, source: str = "experiments.json") -> list[dict[s
     return entries
 
 
-def load_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read and validate *path*; a missing file is an empty list."""
+def read_entries(path: str | os.PathLike[str]) -> tuple[str, list[dict[str, Any]]]:
+    """Read and validate *path*: its text and entries; a missing file is ``("", [])``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return []
-    return parse_entries(text, source=path.name)
+        return "", []
+    return text, parse_entries(text, source=path.name)
+
+
+def load_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read and validate *path*; a missing file is an empty list."""
+    return read_entries(path)[1]
 
 
 def load_experiments(path: str | os.PathLike[str]) -> list[Experiment]:

@@ -28,6 +28,8 @@ SPEC_FILE = "experiments.json"
 OUTPUTS = "outputs"
 DAEMON_DIR = ".daemon"
 HOST = socket.gethostname()
+#: Output files larger than this are not committed (git hosts reject them) nor sent back by Dask.
+MAX_COMMIT_BYTES = 50 * 1024 * 1024
 
 
 def now_iso(ts: float | None = None) -> str:
@@ -119,13 +121,23 @@ class Project:
         return self.outputs / DAEMON_DIR / "status.json"
 
     # -- state directory (never committed) ----------------------------------------------------
+    @property
+    def run_record_dir(self) -> Path:
+        """Run records (pid/pgid of running groups, for crash recovery)."""
+        return self.state_dir / "running"
+
+    @property
+    def cancel_dir(self) -> Path:
+        """Cancel requests for experiments running on this machine."""
+        return self.state_dir / "cancel"
+
     def run_record_path(self, name: str) -> Path:
         """Where the pid/pgid of a running experiment is kept (for crash recovery)."""
-        return self.state_dir / "running" / f"{name}.json"
+        return self.run_record_dir / f"{name}.json"
 
     def cancel_path(self, name: str) -> Path:
         """A cancel request for an experiment running on this machine."""
-        return self.state_dir / "cancel" / name
+        return self.cancel_dir / name
 
     def lock_path(self, what: str) -> Path:
         """A lock file in the state directory."""

@@ -31,7 +31,7 @@ from colabmagic.experiments.spec import (
     Experiment,
     atomic_write_text,
     load_experiments,
-    parse_entries,
+    read_entries,
     set_fields_text,
 )
 from colabmagic.experiments.state import (
@@ -147,16 +147,8 @@ def _save_state(project: Project, state: dict[str, Any]) -> None:
     write_json(_state_path(project), state)
 
 
-def _read_spec(project: Project) -> tuple[str, list[dict[str, Any]]]:
-    try:
-        text = project.spec_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return "", []
-    return text, parse_entries(text, source=project.spec_path.name)
-
-
 def _apply_view(project: Project, state: dict[str, Any]) -> dict[str, str]:
-    text, entries = _read_spec(project)
+    text, entries = read_entries(project.spec_path)
     statuses = project.read_statuses()
     updates: dict[str, dict[str, Any]] = {}
     written: dict[str, list[Any]] = {}
@@ -177,7 +169,7 @@ def _revert_view(project: Project, state: dict[str, Any], git: Git | None) -> li
 
     Returns the names whose ``rerun`` was bumped.
     """
-    text, entries = _read_spec(project)
+    text, entries = read_entries(project.spec_path)
     written: dict[str, list[Any]] = state.get("written", {})
     updates: dict[str, dict[str, Any]] = {}
     bumped = []
@@ -254,9 +246,12 @@ def _upstream(git: Git) -> tuple[str, str] | None:
 
 def _integrate(git: Git, remote: str, branch: str) -> int:
     """Fetch and bring in the remote's commits when no file changed on both sides."""
-    fetched = git.run("fetch", "-q", remote, f"+refs/heads/{branch}:refs/remotes/{remote}/{branch}")
+    fetched = git.fetch_branch(remote, branch)
     if not fetched.ok:
-        msg = f"could not fetch {remote}/{branch}: {fetched.stderr.strip().splitlines()[-1:]}"
+        msg = (
+            f"could not fetch {remote}/{branch}: {fetched.error_line}; check the network and "
+            "your git access to the remote, then rerun `exp sync`"
+        )
         raise ColabMagicError(msg)
     up = git.rev(f"refs/remotes/{remote}/{branch}")
     head = git.rev("HEAD")
@@ -284,8 +279,10 @@ def _integrate(git: Git, remote: str, branch: str) -> int:
         if not res.ok:
             git.run("rebase", "--abort")
     if not res.ok:
-        detail = (res.stderr or res.stdout).strip().splitlines()
-        msg = f"could not bring in {remote}/{branch}: {detail[-1] if detail else 'git failed'}"
+        msg = (
+            f"could not bring in {remote}/{branch}: {res.error_line}; "
+            "run `git pull` to merge by hand, then rerun `exp sync`"
+        )
         raise ColabMagicError(msg)
     return count
 
@@ -345,10 +342,13 @@ def _push(project: Project, git: Git, remote: str, branch: str) -> bool:
             return False
         res = git.run("push", "-q", remote, f"HEAD:refs/heads/{branch}")
         if res.ok:
-            git.run("fetch", "-q", remote, f"+refs/heads/{branch}:refs/remotes/{remote}/{branch}")
+            git.fetch_branch(remote, branch)
             return True
         _integrate(git, remote, branch)
-    msg = f"could not push to {remote}/{branch}: {res.stderr.strip().splitlines()[-1:]}"
+    msg = (
+        f"could not push to {remote}/{branch}: {res.error_line}; check your push access to "
+        "the remote, then rerun `exp sync --push`"
+    )
     raise ColabMagicError(msg)
 
 

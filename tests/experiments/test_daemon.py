@@ -104,8 +104,10 @@ def test_kill9_recovery_bad_json_and_sigterm(repos, start_daemon, tmp_path, clea
     status = json.loads(repos.remote_file("outputs/victim/status.json"))
     assert status["attempt"] == 2
     assert repos.remote_file("outputs/victim/stdout.log") == "attempt 2\n"
-    log = git(repos.remote.parent / "host", "log", "--format=%s")
-    assert "victim interrupted" in log or "victim pending" in log or "start on" in log
+    # the restarted daemon recorded (and pushed) the interrupted attempt before rerunning it
+    history = git(repos.host, "log", "-p", "--format=%s", "--", "outputs/victim/status.json")
+    assert '"status": "interrupted"' in history
+    assert "killed its leftover processes" in history
 
     # a bad experiments.json: logged, recorded, the daemon keeps running and resumes when fixed
     (repos.user / "experiments.json").write_text('[{"name": "x", "command": "true",}]')

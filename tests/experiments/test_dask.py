@@ -9,16 +9,19 @@ import pytest
 from colabmagic import experiments as ex
 from colabmagic.experiments.backends.dask import DaskBackend
 from colabmagic.experiments.queue import Queue
-from colabmagic.testing import require
+from colabmagic.testing import require, wait_until
 
 from .conftest import read_pids, wait_pids_gone, write_spec
 
-distributed = pytest.importorskip("distributed", reason="install colabmagic[dask]")
+try:
+    import distributed
+except ImportError:  # skipped by the fixture, or failed under COLABMAGIC_REQUIRE_ALL=1
+    distributed = None
 
 
 @pytest.fixture(scope="module")
 def client():
-    require(distributed is not None, "dask.distributed is not installed")
+    require(distributed is not None, "dask.distributed is not installed (colabmagic[dask])")
     with distributed.LocalCluster(
         n_workers=1, threads_per_worker=2, processes=False, resources={"GPU": 2},
         dashboard_address=None,
@@ -50,8 +53,6 @@ def test_dask_runs_timeouts_and_collects_outputs(tmp_path, client, cleanup_pids)
 
 
 def test_dask_cancel_kills_the_group_on_the_worker(tmp_path, client, cleanup_pids):
-    from colabmagic.testing import wait_until
-
     pids = tmp_path / "pids"
     write_spec(tmp_path / "experiments.json",
                [{"name": "long", "command": f"sleep 60 & echo $! > {pids}; wait", "timeout": 60}])  # fmt: skip  # noqa: E501

@@ -36,3 +36,15 @@ def test_sync_without_remote_changes_reports_nothing(repos: Repos):
     again = ex.sync(repos.user)
     assert again.pulled == 0
     assert again.changes == []
+
+
+def test_sync_with_an_unreachable_remote_says_so_in_one_line(repos: Repos):
+    git(repos.user, "remote", "set-url", "origin", str(repos.remote.parent / "gone.git"))
+    with pytest.raises(ColabMagicError) as info:
+        ex.sync(repos.user)
+    message = str(info.value)
+    assert message.startswith("could not fetch origin/gpu-experiments: fatal: ")
+    assert "gone.git" in message
+    assert "rerun `exp sync`" in message
+    assert "\n" not in message
+    assert "['" not in message

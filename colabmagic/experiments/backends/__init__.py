@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from colabmagic.errors import ParameterError
 from colabmagic.experiments.runner import RunRequest, RunResult
 
 #: Called (from any thread) when a run ends: ``(name, result, files)``. *files* maps relative
@@ -30,3 +31,31 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release resources."""
+
+
+def make_backend(name: str, scheduler: str | None = None) -> Backend | None:
+    """The backend chosen by ``--backend NAME`` (``exp run``, ``exp daemon``).
+
+    Parameters
+    ----------
+    name : {"local", "dask"}
+        ``local`` returns ``None`` (the queue's own :class:`~.local.LocalBackend`).
+    scheduler : str, optional
+        ``tcp://HOST:8786``; required for ``dask``.
+
+    Raises
+    ------
+    ParameterError
+        An unknown name, or ``dask`` without a scheduler address.
+    """
+    if name == "local":
+        return None
+    if name != "dask":
+        msg = f"backend={name!r} is unknown; use 'local' or 'dask'"
+        raise ParameterError(msg)
+    if not scheduler:
+        msg = "--backend dask needs --scheduler tcp://HOST:8786 (the Dask scheduler's address)"
+        raise ParameterError(msg)
+    from colabmagic.experiments.backends.dask import DaskBackend
+
+    return DaskBackend(scheduler)

@@ -13,22 +13,21 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from colabmagic.experiments.backends import Done
 from colabmagic.experiments.runner import RunRequest, RunResult, run_process
+from colabmagic.experiments.state import MAX_COMMIT_BYTES
 
-MAX_RETURN_BYTES = 50 * 1024 * 1024
+MAX_RETURN_BYTES = MAX_COMMIT_BYTES
 CANCEL_POLL = 0.5
 
 
 def _run_on_worker(req: RunRequest, event_name: str, max_bytes: int) -> dict[str, Any]:
     """Task body: run *req* in a scratch dir on the worker; return the result and the files."""
-    import time
-
     from distributed import Event
 
     scratch = Path(tempfile.mkdtemp(prefix=f"colabmagic-{req.name}-"))
@@ -101,7 +100,6 @@ class DaskBackend:
             self.client = Client(scheduler, set_as_default=False)
             self._own = True
         self.max_return_bytes = max_return_bytes
-        self._lock = threading.Lock()
 
     def submit(self, req: RunRequest, done: Done, *, gpus: int = 0, **kw: Any) -> DaskHandle:
         """Submit *req* as a task needing ``GPU=gpus`` resources."""
@@ -118,8 +116,6 @@ class DaskBackend:
             try:
                 payload = fut.result()
             except BaseException as exc:  # noqa: BLE001 - a lost worker or a cancelled future
-                import time
-
                 now = time.time()
                 result = RunResult("failed", None, None, now, now, 0, None, reason=f"dask: {exc!r}")
                 done(req.name, result, {"stderr.log": f"dask task failed: {exc!r}\n".encode()})
