@@ -164,7 +164,10 @@ class Proxy:
         self._thread.start()
         if not self._welcomed.wait(timeout):
             self.close()
-            msg = f"the agent for {self.name} did not answer within {timeout:g}s"
+            msg = (
+                f"the agent for {self.name} did not answer within {timeout:g}s; the host may be "
+                "overloaded: retry, or give it longer with --connect-timeout"
+            )
             raise ConnectError(msg)
         if self.state == "dead" and not self.connection_info:
             reason = self.dead_reason
@@ -204,7 +207,10 @@ class Proxy:
         self._post("agent", {"op": op, "id": call_id, **kwargs})
         if not slot["event"].wait(timeout):
             self._calls.pop(call_id, None)
-            msg = f"{self.name}: the agent did not answer {op!r} within {timeout:g}s"
+            msg = (
+                f"{self.name}: the agent did not answer {op!r} within {timeout:g}s; "
+                "check the link with %colab_status and retry"
+            )
             raise ConnectError(msg)
         return slot["reply"]
 

@@ -185,7 +185,11 @@ class Session:
                 self._check_alive()
             if got_reply and got_iopub:
                 return
-        msg = f"kernel {self.kernel_id} on {self.transport.target} did not answer in {timeout:g}s"
+        msg = (
+            f"kernel {self.kernel_id} on {self.transport.target} did not answer in {timeout:g}s; "
+            "it may still be starting (slow imports, a busy host): give it longer with "
+            "--connect-timeout"
+        )
         raise ConnectError(msg)
 
     # -- state -------------------------------------------------------------------------------
@@ -442,7 +446,10 @@ class Session:
             deadline = time.monotonic() + timeout
             while self.proxy.state != "up":
                 if time.monotonic() > deadline:
-                    msg = f"the restarted kernel of {self.name!r} did not come up in {timeout:g}s"
+                    msg = (
+                        f"the restarted kernel of {self.name!r} did not come up in {timeout:g}s; "
+                        f"try again with %colab_connect --name {self.name} --restart"
+                    )
                     raise ConnectError(msg)
                 time.sleep(0.01)  # the proxy thread flips the state; bounded by the deadline
             self._comm_id = None
