@@ -555,10 +555,10 @@ class Proxy:
 
     def _deliver(self, channel: int, parts) -> None:
         if channel == wire.IOPUB:
-            tap = self.tap
-            if tap is not None and len(parts) > 7 and not wire.small(parts) and tap(parts):
+            small, tap = wire.small(parts), self.tap
+            if tap is not None and len(parts) > 7 and not small and tap(parts):
                 return  # a bulk reply for the in-process session, handed over without a copy
-            self._iopub.send_multipart(parts, copy=wire.small(parts))
+            self._iopub.send_multipart(parts, copy=small)
         elif channel in (wire.SHELL, wire.CONTROL):
             ident = self._route_back(parts, pop=True)
             if ident is not None:
