@@ -11,11 +11,13 @@ from typing import Any
 from colabmagic.errors import ParameterError
 from colabmagic.session import Session, registry
 
+_LOCAL_TARGETS = (None, "", "local")  # targets that mean "this machine"
+
 
 def make_transport(target: str | None, *, local: bool = False, **options: Any):
     """The transport for *target*: local for ``--local``/``"local"``, else SSH."""
-    if local or target in (None, "", "local"):
-        if target not in (None, "", "local"):
+    if local or target in _LOCAL_TARGETS:
+        if target not in _LOCAL_TARGETS:
             msg = f"--local and a target ({target!r}) exclude each other; give one of them"
             raise ParameterError(msg)
         from colabmagic.transport.local import LocalTransport
@@ -57,7 +59,7 @@ def connect(
         raise ParameterError(msg)
     if python is not None:
         transport_options["python"] = python
-    if not local and target not in (None, "", "local"):
+    if not local and target not in _LOCAL_TARGETS:
         transport_options.setdefault("connect_timeout", connect_timeout)
     transport = make_transport(target, local=local, **transport_options)
     session = Session.start(

@@ -8,6 +8,13 @@ Genuine bugs are anything else and keep their traceback.
 from __future__ import annotations
 
 
+class _OneLine:
+    """Mixin: IPython shows ``Name: message`` instead of a traceback through our own code."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
 class ColabMagicError(Exception):
     """Base class of every error colabmagic raises on purpose."""
 
@@ -28,16 +35,13 @@ class NotConnectedError(ColabMagicError):
     """A command needs a session and there is none with that name."""
 
 
-class RemoteKernelDied(ColabMagicError):
+class RemoteKernelDied(_OneLine, ColabMagicError):
     """The remote kernel process exited (crash, ``os._exit``, SIGKILL, OOM killer)."""
 
     def __init__(self, message: str, *, exit_code: int | None = None, signal: str | None = None):
         super().__init__(message)
         self.exit_code = exit_code
         self.signal = signal
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"{type(self).__name__}: {self}"]
 
 
 class TransferError(ColabMagicError):
@@ -65,13 +69,6 @@ class RemoteError(ColabMagicError):
         if self.traceback:
             return [*self.traceback]
         return [f"{self.ename}: {self.evalue}"]
-
-
-class _OneLine:
-    """Mixin: IPython shows ``Name: message`` instead of a traceback through our own code."""
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"{type(self).__name__}: {self}"]
 
 
 class CellTimeoutError(_OneLine, ColabMagicError, TimeoutError):

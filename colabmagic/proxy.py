@@ -34,8 +34,8 @@ from colabmagic.errors import ConnectError
 
 log = logging.getLogger("colabmagic.proxy")
 
-DELIM = b"<IDS|MSG>"
 _ROUTE_LIMIT = 20000
+_HEADER, _PARENT = 2, 3  # positions of the header and parent header after the delimiter
 
 
 class Pipe(Protocol):
@@ -130,13 +130,10 @@ class Proxy:
         self._iopub = ctx.socket(zmq.PUB)
         self._hb = ctx.socket(zmq.REP)
         self._iopub.setsockopt(zmq.SNDHWM, 0)
+        self._sockets = (self._shell, self._control, self._stdin, self._iopub, self._hb)
         ports = {}
-        for name, sock in (
-            ("shell", self._shell),
-            ("control", self._control),
-            ("stdin", self._stdin),
-            ("iopub", self._iopub),
-            ("hb", self._hb),
+        for name, sock in zip(
+            ("shell", "control", "stdin", "iopub", "hb"), self._sockets, strict=True
         ):
             sock.linger = 0
             if sock.type == zmq.ROUTER:
@@ -149,7 +146,7 @@ class Proxy:
                 else:
                     ports[key] = sock.bind_to_random_port("tcp://127.0.0.1")
             except zmq.ZMQError:
-                for s in (self._shell, self._control, self._stdin, self._iopub, self._hb):
+                for s in self._sockets:
                     s.close(linger=0)
                 ctx.term()
                 os.close(self._wake_r)
@@ -167,7 +164,10 @@ class Proxy:
         self._thread.start()
         if not self._welcomed.wait(timeout):
             self.close()
-            msg = f"the agent for {self.name} did not answer within {timeout:g}s"
+            msg = (
+                f"the agent for {self.name} did not answer within {timeout:g}s; the host may be "
+                "overloaded: retry, or give it longer with --connect-timeout"
+            )
             raise ConnectError(msg)
         if self.state == "dead" and not self.connection_info:
             reason = self.dead_reason
@@ -207,7 +207,10 @@ class Proxy:
         self._post("agent", {"op": op, "id": call_id, **kwargs})
         if not slot["event"].wait(timeout):
             self._calls.pop(call_id, None)
-            msg = f"{self.name}: the agent did not answer {op!r} within {timeout:g}s"
+            msg = (
+                f"{self.name}: the agent did not answer {op!r} within {timeout:g}s; "
+                "check the link with %colab_status and retry"
+            )
             raise ConnectError(msg)
         return slot["reply"]
 
@@ -272,7 +275,7 @@ class Proxy:
         self._post("close")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        for sock in (self._shell, self._control, self._stdin, self._iopub, self._hb):
+        for sock in self._sockets:
             sock.close(linger=0)
         for listener in list(self._listeners):
             listener.close()
@@ -293,27 +296,20 @@ class Proxy:
     def _attach(self, pipe: Pipe) -> None:
         self._pipe = pipe
         self._stream = wire.FramedStream(pipe.read_fd, pipe.write_fd)
-        self._stream.send_json(wire.HELLO, 0, {"resume_from": self._last_down, "version": 1})
+        hello = {"resume_from": self._last_down, "version": wire.PROTOCOL_VERSION}
+        self._stream.send_json(wire.HELLO, 0, hello)
         self._hello_pending = True
 
-    def _detach(self, *, close: bool = True) -> Pipe | None:
+    def _detach(self) -> Pipe | None:
+        """Forget the current pipe and return it (the caller closes it)."""
         pipe, self._pipe, self._stream = self._pipe, None, None
         self._hello_pending = False
-        if pipe is not None and close:
-            try:
-                pipe.close()
-            except OSError:
-                pass
         return pipe
 
     def _link_lost(self, why: str) -> None:
-        pipe = self._detach(close=False)
+        pipe = self._detach()
         permanent, reason = pipe.failure() if pipe is not None else (False, why)
-        if pipe is not None:
-            try:
-                pipe.close()
-            except OSError:
-                pass
+        _close_pipe(pipe)
         if self._closing or self.state == "closed":
             return
         if self.state == "dead" and self.kernel_exit is None:
@@ -372,7 +368,7 @@ class Proxy:
             log.exception("%s: proxy loop crashed", self.name)
             self._die(f"internal error in the proxy: {exc!r}")
         finally:
-            self._detach()
+            _close_pipe(self._detach())
 
     def _loop(self) -> None:
         local = {
@@ -501,10 +497,8 @@ class Proxy:
     def _up(self, sock, channel: int, frames) -> None:
         ident = frames[0].bytes
         parts = [f.buffer for f in frames[1:]]
-        try:
-            i = next(n for n, p in enumerate(parts[:4]) if p == DELIM)
-            msg_id = json.loads(bytes(parts[i + 2]))["msg_id"]
-        except (StopIteration, IndexError, KeyError, ValueError):
+        msg_id = _msg_id(parts, _HEADER)
+        if msg_id is None:
             log.warning("%s: dropping a malformed message from a client", self.name)
             return
         if channel != wire.STDIN:
@@ -514,11 +508,7 @@ class Proxy:
         self._send_up(channel, parts)
 
     def _route_back(self, parts, *, pop: bool) -> bytes | None:
-        try:
-            i = next(n for n, p in enumerate(parts[:4]) if p == DELIM)
-            parent = json.loads(bytes(parts[i + 3])).get("msg_id")
-        except (StopIteration, IndexError, ValueError):
-            return None
+        parent = _msg_id(parts, _PARENT)
         if pop:
             return self._route.pop(parent, None)
         return self._route.get(parent)
@@ -565,10 +555,10 @@ class Proxy:
 
     def _deliver(self, channel: int, parts) -> None:
         if channel == wire.IOPUB:
-            tap = self.tap
-            if tap is not None and len(parts) > 7 and not wire.small(parts) and tap(parts):
+            small, tap = wire.small(parts), self.tap
+            if tap is not None and len(parts) > 7 and not small and tap(parts):
                 return  # a bulk reply for the in-process session, handed over without a copy
-            self._iopub.send_multipart(parts, copy=wire.small(parts))
+            self._iopub.send_multipart(parts, copy=small)
         elif channel in (wire.SHELL, wire.CONTROL):
             ident = self._route_back(parts, pop=True)
             if ident is not None:
@@ -610,6 +600,20 @@ class Proxy:
                 log.exception("kernel listener failed")
         if self.on_event is not None:
             self.on_event(event)
+
+
+def _close_pipe(pipe: Pipe | None) -> None:
+    if pipe is not None:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def _msg_id(parts, which: int) -> str | None:
+    """The ``msg_id`` of a client message's header (``_HEADER``) or parent header (``_PARENT``)."""
+    i = wire.delim_index(parts, 4)
+    return None if i is None else wire.header_msg_id(parts, i + which)
 
 
 def _death_message(exit_info: dict | None) -> str:

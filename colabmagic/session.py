@@ -185,7 +185,11 @@ class Session:
                 self._check_alive()
             if got_reply and got_iopub:
                 return
-        msg = f"kernel {self.kernel_id} on {self.transport.target} did not answer in {timeout:g}s"
+        msg = (
+            f"kernel {self.kernel_id} on {self.transport.target} did not answer in {timeout:g}s; "
+            "it may still be starting (slow imports, a busy host): give it longer with "
+            "--connect-timeout"
+        )
         raise ConnectError(msg)
 
     # -- state -------------------------------------------------------------------------------
@@ -442,7 +446,10 @@ class Session:
             deadline = time.monotonic() + timeout
             while self.proxy.state != "up":
                 if time.monotonic() > deadline:
-                    msg = f"the restarted kernel of {self.name!r} did not come up in {timeout:g}s"
+                    msg = (
+                        f"the restarted kernel of {self.name!r} did not come up in {timeout:g}s; "
+                        f"try again with %colab_connect --name {self.name} --restart"
+                    )
                     raise ConnectError(msg)
                 time.sleep(0.01)  # the proxy thread flips the state; bounded by the deadline
             self._comm_id = None
@@ -471,7 +478,7 @@ class Session:
 
             def tap(parts: list) -> bool:
                 try:
-                    i = next(n for n, p in enumerate(parts[:4]) if p == b"<IDS|MSG>") + 1
+                    i = wire.delim_index(parts, 4) + 1
                     frames = [bytes(p) for p in parts[i : i + 5]] + list(parts[i + 5 :])
                     msg = session.deserialize(frames, content=True, copy=True)
                 except Exception:  # noqa: BLE001 - not ours: let the proxy publish it
@@ -517,12 +524,7 @@ class Session:
             if not iopub.poll(_POLL_MS):
                 continue
             _, msg = session.recv(iopub, zmq.NOBLOCK)
-            if (
-                msg is not None
-                and msg["header"]["msg_type"] == "status"
-                and msg["parent_header"].get("msg_id") == msg_id
-                and msg["content"].get("execution_state") == "idle"
-            ):
+            if msg is not None and _is_idle_after(msg, msg_id):
                 return True
         return False
 
@@ -540,11 +542,7 @@ class Session:
             _, reply = session.recv(iopub, zmq.NOBLOCK, copy=False)
             if reply is None:
                 continue
-            if (
-                reply["header"]["msg_type"] == "status"
-                and reply["parent_header"].get("msg_id") == sent
-                and reply["content"].get("execution_state") == "idle"
-            ):
+            if _is_idle_after(reply, sent):
                 box["idle"] = True  # the tap took the reply; this idle must not be waited for
                 continue
             if reply["header"]["msg_type"] != "comm_msg":
@@ -639,6 +637,15 @@ class Session:
         return (
             f"<Session {self.name!r} {self.transport.target} kernel={self.kernel_id} {self.state}>"
         )
+
+
+def _is_idle_after(msg: dict, msg_id: str) -> bool:
+    """True when *msg* is the kernel's ``idle`` status after the request *msg_id*."""
+    return (
+        msg["header"]["msg_type"] == "status"
+        and msg["parent_header"].get("msg_id") == msg_id
+        and msg["content"].get("execution_state") == "idle"
+    )
 
 
 def _gpu_text(gpu: dict | None) -> str:

@@ -30,7 +30,6 @@ messages at once cannot deadlock.
 
 from __future__ import annotations
 
-import errno
 import json
 import mmap
 import os
@@ -46,11 +45,20 @@ WELCOME = 2
 MSG = 3
 ACK = 4
 
-# Channels carried in MSG frames.
-SHELL, CONTROL, STDIN, IOPUB, AGENT = 0, 1, 2, 3, 4
-CHANNEL_NAMES = {SHELL: "shell", CONTROL: "control", STDIN: "stdin", IOPUB: "iopub", AGENT: "agent"}
+# Channels carried in MSG frames. TCP carries forwarded TCP streams: parts = [stream id
+# (8 bytes), data]; b"" = closed.
+SHELL, CONTROL, STDIN, IOPUB, AGENT, TCP = 0, 1, 2, 3, 4, 5
+CHANNEL_NAMES = {
+    SHELL: "shell",
+    CONTROL: "control",
+    STDIN: "stdin",
+    IOPUB: "iopub",
+    AGENT: "agent",
+    TCP: "tcp",
+}
 
 PROTOCOL_VERSION = 1
+DELIM = b"<IDS|MSG>"  # separates ZeroMQ routing identities from a Jupyter message's frames
 _READ_CHUNK = 1 << 20
 _MAX_FRAME = 1 << 40  # 1 TiB: anything larger is a corrupt header, not a message
 
@@ -94,6 +102,26 @@ def decode_msg(body) -> tuple:
         msg = "message body length does not match its parts"
         raise ProtocolError(msg)
     return channel, parts
+
+
+def delim_index(parts, limit: int):
+    """Index of the ``<IDS|MSG>`` delimiter among the first *limit* parts of a Jupyter message.
+
+    None when it is not there (a malformed message).
+    """
+    return next((n for n, p in enumerate(parts[:limit]) if p == DELIM), None)
+
+
+def header_msg_id(parts, index: int):
+    """The ``msg_id`` of the JSON header (or parent header) at ``parts[index]``.
+
+    None when that part is missing, is not a JSON object, or has no ``msg_id``.
+    """
+    try:
+        header = json.loads(bytes(parts[index]))
+    except (IndexError, ValueError):
+        return None
+    return header.get("msg_id") if isinstance(header, dict) else None
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
@@ -152,12 +180,9 @@ class FramedStream:
         if self.closed:
             msg = "stream is closed"
             raise StreamClosed(msg)
-        length = sum(len(p) if isinstance(p, bytes) else memoryview(p).nbytes for p in pieces)
-        self._out.append(HEADER.pack(kind, seq, length))
-        for p in pieces:
-            mv = memoryview(p).cast("B")
-            if mv.nbytes:
-                self._out.append(mv)
+        views = [memoryview(p).cast("B") for p in pieces]
+        self._out.append(HEADER.pack(kind, seq, sum(v.nbytes for v in views)))
+        self._out.extend(v for v in views if v.nbytes)
 
     def send_json(self, kind: int, seq: int, obj) -> None:
         self.send_frame(kind, seq, [json_body(obj)])
@@ -226,56 +251,44 @@ class FramedStream:
     def read_frames(self) -> list:
         """Read what is available; return the complete frames as ``(kind, seq, body)``.
 
-        Raises :class:`StreamClosed` on end of stream (after returning nothing pending).
+        Raises :class:`StreamClosed` on end of stream or a read error (after returning the
+        frames completed before it).
         """
         frames = []
         while True:
-            if self._header is None:
-                try:
+            in_frame = self._header is not None
+            try:
+                if in_frame:
+                    n = os.readv(self.read_fd, [self._body_view[self._body_got :]])
+                else:
                     chunk = os.read(self.read_fd, _READ_CHUNK)
-                except BlockingIOError:
-                    return frames
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.EBADF):
-                        self.closed = True
-                        if frames:
-                            return frames
-                        raise StreamClosed(str(exc)) from exc
-                    raise
-                if not chunk:
-                    self.closed = True
-                    if frames:
-                        return frames
-                    msg = "end of stream"
-                    raise StreamClosed(msg)
+                    n = len(chunk)
+            except BlockingIOError:
+                return frames
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                return self._ended(frames, str(exc), exc)
+            if n == 0:
+                return self._ended(
+                    frames, "end of stream inside a frame" if in_frame else "end of stream"
+                )
+            if not in_frame:
                 self._hbuf += chunk
                 self._split(frames)
-            else:
-                kind, seq, length = self._header
-                try:
-                    n = os.readv(self.read_fd, [self._body_view[self._body_got :]])
-                except BlockingIOError:
-                    return frames
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    self.closed = True
-                    if frames:
-                        return frames
-                    raise StreamClosed(str(exc)) from exc
-                if n == 0:
-                    self.closed = True
-                    if frames:
-                        return frames
-                    msg = "end of stream inside a frame"
-                    raise StreamClosed(msg)
-                self._body_got += n
-                if self._body_got == length:
-                    body = self._body
-                    self._header = self._body = self._body_view = None
-                    frames.append((kind, seq, body))
+                continue
+            self._body_got += n
+            if self._body_got == self._header[2]:
+                kind, seq, _ = self._header
+                frames.append((kind, seq, self._body))
+                self._header = self._body = self._body_view = None
+
+    def _ended(self, frames: list, why: str, cause: OSError | None = None) -> list:
+        """Mark the stream closed; hand back *frames* first, or raise when there are none."""
+        self.closed = True
+        if frames:
+            return frames
+        raise StreamClosed(why) from cause
 
 
 class OutLog:
@@ -315,10 +328,6 @@ class OutLog:
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-TCP = 5  # channel of forwarded TCP streams: parts = [stream id (8 bytes), data]; b"" = closed
-CHANNEL_NAMES[TCP] = "tcp"
 
 
 class TcpStreams:

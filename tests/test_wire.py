@@ -58,12 +58,38 @@ def test_large_frame_crosses_a_small_socket_buffer_without_blocking(pair):
     assert bytes(parts[1]) == payload
 
 
+def shut_write(stream: wire.FramedStream) -> None:
+    """End the stream's sending side (the peer then reads end of stream)."""
+    with socket.socket(fileno=os.dup(stream.write_fd)) as sock:
+        sock.shutdown(socket.SHUT_WR)
+
+
 def test_end_of_stream_is_reported(pair):
     a, b = pair
-    os.close(os.dup(a.read_fd))
-    socket.socket(fileno=os.dup(a.read_fd)).shutdown(socket.SHUT_WR)
+    shut_write(a)
     select.select([b.read_fd], [], [], 5)
-    with pytest.raises(wire.StreamClosed):
+    with pytest.raises(wire.StreamClosed, match="end of stream"):
+        b.read_frames()
+
+
+def test_frames_completed_before_the_end_come_out_first(pair):
+    a, b = pair
+    a.send_frame(wire.ACK, 5, [])
+    assert a.flush()
+    shut_write(a)
+    select.select([b.read_fd], [], [], 5)
+    assert [f[:2] for f in b.read_frames()] == [(wire.ACK, 5)]
+    assert b.closed
+    with pytest.raises(wire.StreamClosed, match="end of stream"):
+        b.read_frames()
+
+
+def test_end_of_stream_inside_a_frame_is_reported(pair):
+    a, b = pair
+    os.write(a.write_fd, wire.HEADER.pack(wire.MSG, 1, 100) + b"x" * 10)
+    shut_write(a)
+    select.select([b.read_fd], [], [], 5)
+    with pytest.raises(wire.StreamClosed, match="inside a frame"):
         b.read_frames()
 
 
@@ -93,3 +119,15 @@ def test_many_small_frames_in_one_read_come_out_in_order(pair):
     frames = pump(a, b, 5000)
     assert [seq for _, seq, _ in frames] == list(range(1, 5001))
     assert bytes(wire.decode_msg(frames[-1][2])[1][0]) == b"line 4999\n"
+
+
+def test_msg_id_helpers_find_the_delimiter_and_tolerate_garbage():
+    parts = [b"ident", wire.DELIM, b"sig", b'{"msg_id": "h"}', b'{"msg_id": "p"}', b"{}"]
+    i = wire.delim_index(parts, 4)
+    assert i == 1
+    assert (wire.header_msg_id(parts, i + 2), wire.header_msg_id(parts, i + 3)) == ("h", "p")
+    assert wire.delim_index([b"a", b"b", wire.DELIM], 2) is None, "only the first parts count"
+    assert wire.header_msg_id([b"not json"], 0) is None
+    assert wire.header_msg_id([b"[1, 2]"], 0) is None
+    assert wire.header_msg_id([b"{}"], 0) is None
+    assert wire.header_msg_id([], 3) is None

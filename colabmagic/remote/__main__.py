@@ -92,7 +92,8 @@ def cmd_start(args) -> int:
             print(json.dumps({"error": f"agent exited with {proc.returncode}", "log": tail}))
             return 1
         if time.monotonic() > deadline:
-            print(json.dumps({"error": "agent did not start listening in time"}))
+            why = f"the agent did not start listening within {args.timeout:g}s"
+            print(json.dumps({"error": f"{why}; its log: {directory}/agent.log"}))
             return 1
         time.sleep(0.005)  # polling a file the child creates; bounded by the deadline above
     print(json.dumps({"id": agent_id, "agent_pid": proc.pid, "dir": directory}))

@@ -39,7 +39,6 @@ from colabmagic import wire
 log = logging.getLogger("colabmagic.agent")
 
 IDENTITY = b"colabmagic-agent"
-DELIM = b"<IDS|MSG>"
 POLL_MS = 200
 READY_TIMEOUT = 60.0
 
@@ -186,7 +185,7 @@ class Agent:
         self.boot_replied = False
         self.ready_deadline = time.monotonic() + READY_TIMEOUT
         self._own_request(
-            "shell",
+            wire.SHELL,
             "execute_request",
             {
                 "code": _bootstrap_source(self.mock_gpu),
@@ -206,23 +205,21 @@ class Agent:
             s.close(linger=0)
         info = self.conn_info
         url = f"tcp://{info['ip']}:"
-        socks = {}
-        for name, kind in (("shell", zmq.DEALER), ("control", zmq.DEALER), ("stdin", zmq.DEALER)):
-            s = self.ctx.socket(kind)
-            s.setsockopt(zmq.IDENTITY, IDENTITY)
-            s.linger = 0
-            s.connect(url + str(info[f"{name}_port"]))
-            socks[name] = s
         sub = self.ctx.socket(zmq.SUB)
-        sub.linger = 0
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.RCVHWM, 0)
-        sub.connect(url + str(info["iopub_port"]))
         # IOPub first: when several sockets are ready, output printed before an input_request
         # or an execute_reply is forwarded before it, as the kernel sent it.
-        self.kernel_sockets = {"iopub": sub, **socks}
+        socks = {wire.IOPUB: sub}
+        for channel in (wire.SHELL, wire.CONTROL, wire.STDIN):
+            socks[channel] = self.ctx.socket(zmq.DEALER)
+            socks[channel].setsockopt(zmq.IDENTITY, IDENTITY)
+        for channel, s in socks.items():
+            s.linger = 0
+            s.connect(url + str(info[wire.CHANNEL_NAMES[channel] + "_port"]))
+        self.kernel_sockets = socks
 
-    def _own_request(self, channel: str, msg_type: str, content: dict) -> str:
+    def _own_request(self, channel: int, msg_type: str, content: dict) -> str:
         msg = self.session.msg(msg_type, content)
         if len(self.own_ids) > 256:
             self.own_ids.clear()
@@ -243,7 +240,7 @@ class Agent:
         if k is None or k.poll() is not None:
             return
         if graceful:
-            self._own_request("control", "shutdown_request", {"restart": False})
+            self._own_request(wire.CONTROL, "shutdown_request", {"restart": False})
             try:
                 k.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -270,18 +267,8 @@ class Agent:
 
     # -- state -------------------------------------------------------------------------------
     def write_state(self) -> None:
-        state = {
-            "id": self.id,
-            "started": self.started,
-            "agent_pid": os.getpid(),
-            "kernel_pid": self.kernel.pid if self.kernel else None,
-            "state": self.kernel_state,
-            "attached": self.stream is not None,
-            "cwd": self.cwd,
-            "python": self.python,
-            "mock_gpu": self.mock_gpu,
-            "exit": self.exit_info,
-        }
+        """Write what ``list`` shows: :meth:`info`, whether a bridge is attached, the Python."""
+        state = dict(self.info(), attached=self.stream is not None, python=self.python)
         _atomic_write(self.state_path, json.dumps(state))
 
     def info(self) -> dict:
@@ -305,39 +292,27 @@ class Agent:
     def _event(self, obj: dict) -> None:
         self._down(wire.AGENT, [wire.json_body(obj)])
 
-    def _on_kernel(self, name: str, sock) -> None:
+    def _on_kernel(self, channel: int, sock) -> None:
         frames = sock.recv_multipart(copy=False)
         parts = [f.buffer for f in frames]
-        try:
-            i = next(n for n, p in enumerate(parts[:8]) if p == DELIM)
-        except StopIteration:
-            log.warning("dropping a malformed %s message", name)
+        i = wire.delim_index(parts, 8)
+        if i is None:
+            log.warning("dropping a malformed %s message", wire.CHANNEL_NAMES[channel])
             return
         if not self.ready:
             # Until the bootstrap is done, everything the kernel says answers our own requests.
-            if name == "shell" and self._parent_id(parts, i) in self.own_ids:
+            if channel == wire.SHELL and wire.header_msg_id(parts, i + 3) in self.own_ids:
                 self.boot_replied = True
-            elif name == "iopub" and self.boot_replied:
+            elif channel == wire.IOPUB and self.boot_replied:
                 self._mark_ready()  # an iopub message proves the subscription is live
             return
-        if self.own_ids and self._parent_id(parts, i) in self.own_ids:
+        if self.own_ids and wire.header_msg_id(parts, i + 3) in self.own_ids:
             return
-        if name == "iopub":
-            if b'"status"' in bytes(parts[i + 2]):
-                state = json.loads(bytes(parts[i + 5])).get("execution_state")
-                if state in ("idle", "busy"):
-                    self.kernel_state = state
-            self._down(wire.IOPUB, parts)
-            return
-        channel = {"shell": wire.SHELL, "control": wire.CONTROL, "stdin": wire.STDIN}[name]
+        if channel == wire.IOPUB and b'"status"' in bytes(parts[i + 2]):
+            state = json.loads(bytes(parts[i + 5])).get("execution_state")
+            if state in ("idle", "busy"):
+                self.kernel_state = state
         self._down(channel, parts)
-
-    @staticmethod
-    def _parent_id(parts, i: int) -> str | None:
-        try:
-            return json.loads(bytes(parts[i + 3])).get("msg_id")
-        except (IndexError, ValueError):
-            return None
 
     def _mark_ready(self) -> None:
         self.ready = True
@@ -361,11 +336,10 @@ class Agent:
         if not self.ready:
             self.held.append((channel, [bytes(p) for p in parts]))
             return
-        name = {wire.SHELL: "shell", wire.CONTROL: "control", wire.STDIN: "stdin"}.get(channel)
-        if name is None:
+        if channel not in (wire.SHELL, wire.CONTROL, wire.STDIN):
             log.warning("dropping message on unknown channel %s", channel)
             return
-        self.kernel_sockets[name].send_multipart(parts, copy=wire.small(parts))
+        self.kernel_sockets[channel].send_multipart(parts, copy=wire.small(parts))
 
     def _on_op(self, op: dict) -> None:
         name = op.get("op")
@@ -433,27 +407,7 @@ class Agent:
     def _on_frames(self, frames) -> None:
         for kind, seq, body in frames:
             if kind == wire.HELLO:
-                hello = json.loads(bytes(body))
-                resume_from = int(hello.get("resume_from", 0))
-                self.log.ack(resume_from)
-                welcome = {
-                    "version": wire.PROTOCOL_VERSION,
-                    "id": self.id,
-                    "last_up": self.last_up,
-                    "resume_from": resume_from,
-                    "gap": max(0, self.log.dropped),
-                    "connection": {k: v for k, v in self.conn_info.items()},
-                    "info": self.info(),
-                }
-                welcome["connection"]["key"] = (
-                    self.conn_info["key"].decode()
-                    if isinstance(self.conn_info["key"], bytes)
-                    else self.conn_info["key"]
-                )
-                self.stream.send_json(wire.WELCOME, 0, welcome)
-                for s, channel, parts in self.log.after(resume_from):
-                    self.stream.send_msg(s, channel, parts)
-                self.hello_done = True
+                self._welcome(int(json.loads(bytes(body)).get("resume_from", 0)))
             elif kind == wire.ACK:
                 self.log.ack(seq)
             elif kind == wire.MSG:
@@ -462,6 +416,26 @@ class Agent:
                 self.last_up = seq
                 channel, parts = wire.decode_msg(body)
                 self._to_kernel(channel, parts)
+
+    def _welcome(self, resume_from: int) -> None:
+        """Answer a bridge's HELLO, then resend what the proxy has not processed."""
+        self.log.ack(resume_from)
+        connection = dict(self.conn_info)
+        if isinstance(connection["key"], bytes):  # JSON needs str, whatever the version gives
+            connection["key"] = connection["key"].decode()
+        welcome = {
+            "version": wire.PROTOCOL_VERSION,
+            "id": self.id,
+            "last_up": self.last_up,
+            "resume_from": resume_from,
+            "gap": self.log.dropped,
+            "connection": connection,
+            "info": self.info(),
+        }
+        self.stream.send_json(wire.WELCOME, 0, welcome)
+        for seq, channel, parts in self.log.after(resume_from):
+            self.stream.send_msg(seq, channel, parts)
+        self.hello_done = True
 
     # -- main loop ---------------------------------------------------------------------------
     def serve(self) -> int:
@@ -512,12 +486,12 @@ class Agent:
             if listener in events or listener.fileno() in events:
                 self._accept(listener)
                 continue
-            for name, s in list(self.kernel_sockets.items()):
+            for channel, s in list(self.kernel_sockets.items()):
                 if s in events:
                     for _ in range(256):
                         if not s.poll(0):
                             break
-                        self._on_kernel(name, s)
+                        self._on_kernel(channel, s)
             if self.stream is not None and self.conn.fileno() in events:
                 try:
                     if events[self.conn.fileno()] & zmq.POLLIN:
@@ -549,7 +523,7 @@ class Agent:
         if not self.ready and self.kernel_state != "dead":
             if self.boot_replied and time.monotonic() - self.boot_sent > 0.2:
                 self.boot_sent = time.monotonic()
-                self._own_request("shell", "kernel_info_request", {})
+                self._own_request(wire.SHELL, "kernel_info_request", {})
             if time.monotonic() > self.ready_deadline:
                 log.error("kernel did not become ready in %ss", READY_TIMEOUT)
                 self.stop_kernel(graceful=False)
