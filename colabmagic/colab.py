@@ -38,6 +38,8 @@ KEY_TYPES = (
     "sk-ssh-ed25519@openssh.com",
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
+SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
+SFTP_CANDIDATES = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
 CLOUDFLARED_URL = "https://github.com/cloudflare/cloudflared/releases/latest/download/"
 _TUNNEL_RE = re.compile(r"https://([-a-z0-9]+\.trycloudflare\.com)")
 
@@ -132,14 +134,40 @@ def authorize_key(public_key: str, authorized_keys: str = "~/.ssh/authorized_key
     return True
 
 
+def sshd_path() -> str | None:
+    """The ``sshd`` binary, or None when OpenSSH's server is not installed."""
+    return shutil.which("sshd") or next((p for p in SSHD_CANDIDATES if os.path.exists(p)), None)
+
+
+def sftp_server() -> str:
+    """OpenSSH's ``sftp-server``, or sshd's built-in ``internal-sftp`` when it is absent."""
+    return next((p for p in SFTP_CANDIDATES if os.path.exists(p)), "internal-sftp")
+
+
+def keygen(path: str, comment: str) -> None:
+    """Write a new unencrypted ed25519 key pair to *path* and *path*.pub."""
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path],
+        check=True,
+        capture_output=True,
+    )
+
+
+def answers_ssh(port: int, host: str = "127.0.0.1") -> bool:
+    """True when *host*:*port* accepts a connection and greets with an SSH banner."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as s:
+            return s.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
 def sshd_binary(*, install: bool = True) -> str:
     """Path of ``sshd``, installing ``openssh-server`` with apt when missing (and allowed)."""
-    from colabmagic.testing_sshd import sshd_path
-
     found = sshd_path()
-    if found or not install:
-        if found:
-            return found
+    if found:
+        return found
+    if not install:
         msg = "sshd is not installed; install openssh-server (or run serve with install=True)"
         raise ConnectError(msg)
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
@@ -172,14 +200,6 @@ def sshd_config_text(
     options: dict[str, str] | None = None,
 ) -> str:
     """Our private sshd's configuration: key authentication only, loopback-only when tunnelled."""
-    sftp = next(
-        (
-            p
-            for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
-            if os.path.exists(p)
-        ),
-        "internal-sftp",
-    )
     return "\n".join(
         [
             f"Port {port}",
@@ -196,19 +216,11 @@ def sshd_config_text(
             "X11Forwarding no",
             "ClientAliveInterval 15",
             "ClientAliveCountMax 4",
-            f"Subsystem sftp {sftp}",
+            f"Subsystem sftp {sftp_server()}",
             *(f"{k} {v}" for k, v in (options or {}).items()),
             "",
         ]
     )
-
-
-def _listening(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0) as s:
-            return s.recv(4) == b"SSH-"
-    except OSError:
-        return False
 
 
 def _read_pid(path: str) -> int | None:
@@ -233,23 +245,22 @@ def start_sshd(
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     key = os.path.join(state_dir, "ssh_host_ed25519_key")
     if not os.path.exists(key):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "colabmagic-host", "-f", key],
-            check=True,
-            capture_output=True,
-        )
+        keygen(key, "colabmagic-host")
     cfg = os.path.join(state_dir, "sshd_config")
-    keys = authorized_keys
     with open(cfg, "w") as f:
         f.write(
             sshd_config_text(
-                state_dir, port=port, listen=listen, authorized_keys=keys, options=options
+                state_dir,
+                port=port,
+                listen=listen,
+                authorized_keys=authorized_keys,
+                options=options,
             )
         )
     pidfile = os.path.join(state_dir, "sshd.pid")
     pid = _read_pid(pidfile)
     check = "127.0.0.1" if listen in ("0.0.0.0", "::") else listen  # noqa: S104
-    if pid and _alive(pid) and _listening(port, check):
+    if pid and _alive(pid) and answers_ssh(port, check):
         os.kill(pid, signal.SIGHUP)  # re-read the config
         return pid
     if os.geteuid() == 0:
@@ -263,7 +274,7 @@ def start_sshd(
         msg = f"sshd did not start on port {port}: {proc.stderr.strip()}"
         raise ConnectError(msg)
     deadline = time.monotonic() + 10
-    while not _listening(port, check):
+    while not answers_ssh(port, check):
         if time.monotonic() > deadline:
             msg = f"sshd started but does not answer on {check}:{port}; is the port taken?"
             raise ConnectError(msg)
@@ -277,7 +288,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # it exists, owned by another user
     return True
 
 
@@ -407,7 +418,6 @@ def serve(
     if not 0 < port < 65536:
         msg = f"port={port} must be between 1 and 65535"
         raise ParameterError(msg)
-    check_public_key(public_key)
     state = os.path.expanduser(state_dir)
     listen = listen or ("127.0.0.1" if tunnel != "none" else "0.0.0.0")  # noqa: S104
     keys_file = os.path.expanduser(authorized_keys)

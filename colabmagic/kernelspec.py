@@ -25,7 +25,7 @@ from typing import Any
 
 from colabmagic.errors import ColabMagicError, ParameterError
 
-PROVISIONER_NAME = "colabmagic-provisioner"  # the entry point; also in provisioner.py
+PROVISIONER_NAME = "colabmagic-provisioner"  # the entry point of provisioner.ColabProvisioner
 _NAME_RE = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LOGOS = ("logo-32x32.png", "logo-64x64.png")
@@ -193,7 +193,9 @@ def install(
             raise ColabMagicError(msg) from None
 
 
-def _is_ours(spec: dict) -> bool:
+def _is_ours(entry: dict) -> bool:
+    """Whether a ``get_all_specs()`` entry is a colabmagic kernelspec."""
+    spec = entry.get("spec") or {}
     prov = (spec.get("metadata") or {}).get("kernel_provisioner") or {}
     return prov.get("provisioner_name") == PROVISIONER_NAME
 
@@ -203,9 +205,9 @@ def list_kernelspecs(kernel_spec_manager=None) -> list[dict[str, Any]]:
     out = []
     specs = _manager(kernel_spec_manager).get_all_specs()
     for name, entry in sorted(specs.items()):
-        spec = entry.get("spec") or {}
-        if not _is_ours(spec):
+        if not _is_ours(entry):
             continue
+        spec = entry["spec"]
         config = spec["metadata"]["kernel_provisioner"].get("config") or {}
         out.append(
             {
@@ -229,10 +231,10 @@ def remove(name: str, kernel_spec_manager=None) -> str:
     ksm = _manager(kernel_spec_manager)
     specs = ksm.get_all_specs()
     if name not in specs:
-        ours = ", ".join(k for k, v in sorted(specs.items()) if _is_ours(v.get("spec") or {}))
+        ours = ", ".join(k for k, v in sorted(specs.items()) if _is_ours(v))
         msg = f"no kernelspec named {name!r}; colabmagic kernelspecs: {ours or 'none'}"
         raise ParameterError(msg)
-    if not _is_ours(specs[name].get("spec") or {}):
+    if not _is_ours(specs[name]):
         msg = (
             f"kernelspec {name!r} is not a colabmagic kernelspec; "
             f"remove it with: jupyter kernelspec remove {name}"

@@ -24,7 +24,7 @@ from colabmagic.errors import (
     RemoteKernelDied,
 )
 from colabmagic.relay import CellRelay
-from colabmagic.session import registry
+from colabmagic.session import Session, registry
 
 
 def _user_errors(fn):
@@ -60,11 +60,14 @@ class _Table:
         self.rows = rows
         self.columns = columns
 
-    def __repr__(self) -> str:
-        cells = [
-            [str(r.get(c, "") if r.get(c) is not None else "-") for c in self.columns]
-            for r in self.rows
+    def _cells(self) -> list[list[str]]:
+        """The rows as strings, ``-`` for a missing value."""
+        return [
+            [str(r[c]) if r.get(c) is not None else "-" for c in self.columns] for r in self.rows
         ]
+
+    def __repr__(self) -> str:
+        cells = self._cells()
         widths = [
             max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(self.columns)
         ]
@@ -75,13 +78,8 @@ class _Table:
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
         body = "".join(
-            "<tr>"
-            + "".join(
-                f"<td>{html.escape(str(r.get(c)) if r.get(c) is not None else '-')}</td>"
-                for c in self.columns
-            )
-            + "</tr>"
-            for r in self.rows
+            "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>"
+            for row in self._cells()
         )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -233,8 +231,7 @@ class ColabMagics(Magics):
         result = session.run(code, timeout=timeout, relay=CellRelay())
         pull = _names(args.pull)
         if pull:
-            values = session.pull(*pull)
-            self.shell.user_ns.update(values if len(pull) > 1 else {pull[0]: values})
+            self._pull(session, pull)
         return result.result
 
     def _local_values(self, names: list[str]) -> dict[str, Any]:
@@ -244,6 +241,11 @@ class ColabMagics(Magics):
             msg = f"name {missing[0]!r} is not defined locally"
             raise UsageError(msg)
         return {n: ns[n] for n in names}
+
+    def _pull(self, session: Session, names: list[str]) -> None:
+        """Fetch remote *names* into the local namespace."""
+        values = session.pull(*names)
+        self.shell.user_ns.update(values if len(names) > 1 else {names[0]: values})
 
     # -- variables ---------------------------------------------------------------------------
     @magic_arguments()
@@ -271,9 +273,7 @@ class ColabMagics(Magics):
         Example: ``%colab_pull losses model_state``
         """
         args = parse_argstring(self.colab_pull, line)
-        names = _names(" ".join(args.names))
-        values = registry.get(args.on).pull(*names)
-        self.shell.user_ns.update(values if len(names) > 1 else {names[0]: values})
+        self._pull(registry.get(args.on), _names(" ".join(args.names)))
 
     # -- files -------------------------------------------------------------------------------
     @magic_arguments()

@@ -37,9 +37,10 @@ from traitlets import Bool, Dict, Float, Unicode
 
 from colabmagic.connection import make_transport
 from colabmagic.errors import ColabMagicError, ConnectError, ParameterError
+from colabmagic.kernelspec import PROVISIONER_NAME
 from colabmagic.proxy import Proxy
 
-PROVISIONER_NAME = "colabmagic-provisioner"
+__all__ = ["PROVISIONER_NAME", "ColabProvisioner", "KernelLaunchError"]
 _PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
 
@@ -241,9 +242,7 @@ class ColabProvisioner(KernelProvisionerBase):
             raise
 
     def _make_transport(self) -> Any:
-        if self.local:
-            return make_transport(None, local=True, **self.transport_options)
-        return make_transport(self.target or None, **self.transport_options)
+        return make_transport(None if self.local else self.target, **self.transport_options)
 
     def _attach(
         self, transport: Any, agent_id: str, ports: dict[str, int] | None, *, starting: bool
@@ -389,7 +388,7 @@ class ColabProvisioner(KernelProvisionerBase):
         if isinstance(stored_key, str):
             stored_key = stored_key.encode()
         if stored_key and self.connection_info["key"] != stored_key:
-            await asyncio.to_thread(self._detach)
+            await asyncio.to_thread(self.detach)
             msg = f"kernel {agent_id} on {self.where} has a different key than the stored one"
             raise ConnectError(msg)
 
@@ -404,9 +403,6 @@ class ColabProvisioner(KernelProvisionerBase):
 
     def detach(self) -> None:
         """Stop serving locally and leave the remote kernel running (to re-attach later)."""
-        self._detach()
-
-    def _detach(self) -> None:
         proxy, transport = self._proxy, self._transport
         self._proxy = self._transport = None
         self._running = False

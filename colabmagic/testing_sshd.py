@@ -18,26 +18,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
-SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
-SFTP_CANDIDATES = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
+from colabmagic.colab import answers_ssh, keygen, sftp_server, sshd_path
+from colabmagic.testing import wait_until
 
-
-def sshd_path() -> str | None:
-    """The ``sshd`` binary, or None when OpenSSH's server is not installed."""
-    found = shutil.which("sshd")
-    if found:
-        return found
-    return next((p for p in SSHD_CANDIDATES if os.path.exists(p)), None)
-
-
-def _keygen(path: str, comment: str) -> None:
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path],
-        check=True,
-        capture_output=True,
-    )
+__all__ = ["SSHServer", "python_without_colabmagic", "sshd_path"]
 
 
 def _free_port() -> int:
@@ -116,9 +101,9 @@ class SSHServer:
             msg = "OpenSSH sshd is not installed (apt-get install openssh-server)"
             raise FileNotFoundError(msg)
         if not os.path.exists(self.host_key):
-            _keygen(self.host_key, f"colabmagic-test-host-{self.name}")
+            keygen(self.host_key, f"colabmagic-test-host-{self.name}")
         if not os.path.exists(self.client_key):
-            _keygen(self.client_key, "colabmagic-test-client")
+            keygen(self.client_key, "colabmagic-test-client")
         with open(self.client_key + ".pub") as f:
             pub = f.read().strip()
         with open(os.path.join(self.dir, "authorized_keys"), "w") as f:
@@ -149,18 +134,17 @@ class SSHServer:
         raise RuntimeError(msg)
 
     def _wait_banner(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
-                    if s.recv(64).startswith(b"SSH-"):
-                        return True
-            except OSError:
-                pass
-            time.sleep(0.02)  # polling a server that is starting, bounded by the deadline
-        return False
+        """True once sshd greets on its port; False if it exits or stays silent."""
+        try:
+            wait_until(
+                lambda: self.proc.poll() is not None or answers_ssh(self.port),
+                timeout=timeout,
+                interval=0.02,
+                what=f"sshd's banner on port {self.port}",
+            )
+        except TimeoutError:
+            return False
+        return self.proc.poll() is None
 
     def _log_tail(self) -> str:
         try:
@@ -170,7 +154,6 @@ class SSHServer:
             return ""
 
     def _write_configs(self) -> None:
-        sftp = next((p for p in SFTP_CANDIDATES if os.path.exists(p)), "internal-sftp")
         root_login = "yes" if os.geteuid() == 0 else "no"
         lines = [
             f"Port {self.port}",
@@ -188,7 +171,7 @@ class SSHServer:
             "MaxSessions 64",
             "MaxStartups 64",
             "LogLevel ERROR",
-            f"Subsystem sftp {sftp}",
+            f"Subsystem sftp {sftp_server()}",
             self.extra_config,
         ]
         with open(self.sshd_config, "w") as f:
@@ -286,12 +269,7 @@ def python_without_colabmagic(dest: str, *, base: str | None = None) -> str:
     if os.path.exists(python):
         return python
     base = base or sys.executable
-    site = subprocess.run(
-        [base, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    site = _purelib(base)
     farm = os.path.join(dest, "site")
     os.makedirs(farm, exist_ok=True)
     for name in os.listdir(site):
@@ -306,12 +284,16 @@ def python_without_colabmagic(dest: str, *, base: str | None = None) -> str:
         check=True,
         capture_output=True,
     )
-    purelib = subprocess.run(
+    with open(os.path.join(_purelib(python), "zz_colabmagic_test_site.pth"), "w") as f:
+        f.write(farm + "\n")
+    return python
+
+
+def _purelib(python: str) -> str:
+    """The site-packages directory of the interpreter *python*."""
+    return subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout.strip()
-    with open(os.path.join(purelib, "zz_colabmagic_test_site.pth"), "w") as f:
-        f.write(farm + "\n")
-    return python

@@ -17,7 +17,6 @@ from colabmagic import debug
 from colabmagic.errors import ColabMagicError, ParameterError, RemoteError
 from colabmagic.relay import Relay
 from colabmagic.session import Session
-from colabmagic.testing import require
 from colabmagic.transport.local import LocalTransport
 
 MODULE = """\
@@ -185,7 +184,6 @@ def test_cell_under_pdb_and_breakpoint_in_gpu_run(session, monkeypatch):
 
 
 def test_vscode_breakpoint_in_uploaded_module(session, tmp_path, remote_dir):
-    require(True, "debugpy is a dependency of ipykernel")
     local_dir = tmp_path / "project"
     local_dir.mkdir()
     (local_dir / "dbgmod.py").write_text(MODULE)

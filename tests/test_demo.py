@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from colabmagic.cli import main
 from colabmagic.demo import notebook_path, run_notebook
+from colabmagic.testing import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,8 +31,8 @@ def test_quickstart_notebook_executes_with_outputs(tmp_path, monkeypatch):
 
 def test_repository_notebook_is_the_packaged_one():
     repo_nb = os.path.join(REPO, "notebooks", "quickstart.ipynb")
-    if os.path.exists(repo_nb):  # absent when tests run from an sdist without notebooks/
-        assert filecmp.cmp(repo_nb, notebook_path(), shallow=False)
+    require(os.path.exists(repo_nb), "notebooks/ is absent (tests run from an sdist)")
+    assert filecmp.cmp(repo_nb, notebook_path(), shallow=False)
 
 
 def test_failing_notebook_cell_fails_nbclient(tmp_path):

@@ -3,8 +3,8 @@ real browser.
 
 (a) jupyter_client ``KernelManager`` drives the installed kernelspec through the provisioner:
 start, execute, interrupt, restart, kernel death, kill, a dropped link, ``debug_request``, launch
-failures and re-attaching from another manager — over ``local`` and, when the SSH branch's
-``colabmagic.testing_sshd`` is present, a real sshd. (b) A real ``jupyter lab`` server on 127.0.0.1
+failures and re-attaching from another manager — over ``local`` and a real sshd (the shared
+``sshd_server`` fixture). (b) A real ``jupyter lab`` server on 127.0.0.1
 with a token lists, starts, runs (over the websocket) and deletes the kernel. (c) Headless Debian
 Chromium, driven by Playwright, picks the kernel in the launcher and runs ``print(6*7)``.
 
@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 import urllib.error
 import urllib.request
 import uuid
@@ -91,12 +90,17 @@ def wait_for_stdout(kc, parent: str, text: str, *, timeout: float = 30.0) -> Non
     raise TimeoutError(f"no {text!r} on stdout within {timeout}s")
 
 
-def shell_reply(kc, parent: str, *, timeout: float = 30.0) -> dict:
+def channel_reply(get_msg, parent: str, *, timeout: float = 30.0) -> dict:
+    """The first message that *get_msg* (``kc.get_shell_msg``...) returns in reply to *parent*."""
     deadline = time.monotonic() + timeout
     while True:
-        msg = kc.get_shell_msg(timeout=max(0.01, deadline - time.monotonic()))
+        msg = get_msg(timeout=max(0.01, deadline - time.monotonic()))
         if msg["parent_header"].get("msg_id") == parent:
-            return msg["content"]
+            return msg
+
+
+def shell_reply(kc, parent: str, *, timeout: float = 30.0) -> dict:
+    return channel_reply(kc.get_shell_msg, parent, timeout=timeout)["content"]
 
 
 @contextlib.contextmanager
@@ -148,43 +152,26 @@ def ksm(jupyter_env):
     return KernelSpecManager(kernel_dirs=[str(jupyter_env["kernels"])])
 
 
-@contextlib.contextmanager
-def _sshd_target(tmp_path_factory):
-    """A real OpenSSH sshd on 127.0.0.1 (``colabmagic.testing_sshd``) as a kernelspec target."""
-    from colabmagic.testing_sshd import SSHServer, sshd_path
-
-    require(sshd_path() is not None, "OpenSSH sshd is not installed (apt install openssh-server)")
-    server = SSHServer("labbox", directory=str(tmp_path_factory.mktemp("sshd"))).start()
-    try:
-        yield types.SimpleNamespace(
-            target=server.name,
-            transport_options={
-                "ssh_config": server.ssh_config,
-                "python": sys.executable,
-                "root": os.environ["COLABMAGIC_ROOT"],
-                "connect_timeout": 10,
-            },
-        )
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module", params=["local", "ssh"])
-def remote_spec(request, jupyter_env, tmp_path_factory):
-    """An installed kernelspec per target kind; yields its name."""
+def remote_spec(request, jupyter_env):
+    """An installed kernelspec per target kind (ssh: the shared ``sshd_server``); its name."""
     name = f"cm-{request.param}"
-    with contextlib.ExitStack() as stack:
-        if request.param == "local":
-            kernelspec.install(name, local=True, prefix=str(jupyter_env["prefix"]))
-        else:
-            server = stack.enter_context(_sshd_target(tmp_path_factory))
-            kernelspec.install(
-                name,
-                target=server.target,
-                transport_options=dict(server.transport_options),
-                prefix=str(jupyter_env["prefix"]),
-            )
-        yield name
+    if request.param == "local":
+        kernelspec.install(name, local=True, prefix=str(jupyter_env["prefix"]))
+        return name
+    server = request.getfixturevalue("sshd_server")
+    kernelspec.install(
+        name,
+        target=server.name,
+        transport_options={
+            "ssh_config": server.ssh_config,
+            "python": sys.executable,
+            "root": os.environ["COLABMAGIC_ROOT"],
+            "connect_timeout": 10,
+        },
+        prefix=str(jupyter_env["prefix"]),
+    )
+    return name
 
 
 @pytest.fixture(scope="module")
@@ -389,11 +376,7 @@ def test_debug_request_passes_through(ksm, local_spec):
         }
         msg = kc.session.msg("debug_request", content)
         kc.control_channel.send(msg)
-        deadline = time.monotonic() + 30
-        while True:
-            reply = kc.control_channel.get_msg(timeout=max(0.01, deadline - time.monotonic()))
-            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
-                break
+        reply = channel_reply(kc.control_channel.get_msg, msg["header"]["msg_id"])
         assert reply["header"]["msg_type"] == "debug_reply"
         assert reply["content"]["success"] is True
         assert reply["content"]["command"] == "initialize"

@@ -48,6 +48,7 @@ def test_every_magic_has_help_with_an_example(ip):
         "colab_disconnect",
         "colab_upload",
         "colab_download",
+        "colab_debug",
     ):
         doc = ip.find_line_magic(name).__doc__
         assert "usage" in doc.lower() or "%" in doc, name

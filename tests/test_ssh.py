@@ -387,7 +387,9 @@ def bare_python(tmp_path_factory):
 
 
 def test_zero_install_ships_the_agent_code(sshd_server, bare_python, tmp_path, colabmagic_root):
-    probe = subprocess.run([bare_python, "-c", "import colabmagic"], capture_output=True)
+    # sshd gives the remote command a fresh environment: probe without this run's PYTHONPATH.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([bare_python, "-c", "import colabmagic"], capture_output=True, env=env)
     assert probe.returncode != 0, "the bare interpreter must not see colabmagic"
     lib = tmp_path / "lib"
     t = transport(sshd_server, colabmagic_root, python=bare_python, lib_dir=str(lib))

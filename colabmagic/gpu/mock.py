@@ -53,11 +53,7 @@ class ndarray(numpy.ndarray):
     """``cupy.ndarray`` of the mock: a NumPy array with CuPy's device-transfer methods."""
 
     def get(self, stream=None, order="C", out=None, blocking=True):
-        host = numpy.array(self, order=order).view(numpy.ndarray)
-        if out is not None:
-            out[...] = host
-            return out
-        return host
+        return asnumpy(self, stream, order, out)
 
     def set(self, arr, stream=None):
         self[...] = arr

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 
+from colabmagic.errors import TransferError
 from colabmagic.proxy import PermanentLinkError
 from colabmagic.transport import agent_start_args, parse_agent_reply
 
@@ -155,13 +157,9 @@ class LocalTransport:
 
 def _copy_tree(src: str, dest: str | None, cwd: str | None) -> int:
     """Copy a file or a directory tree, verifying sizes; returns the bytes copied."""
-    import shutil
-
-    from colabmagic.errors import TransferError
-
     src = os.path.abspath(os.path.expanduser(src))
     if not os.path.exists(src):
-        msg = f"{src} does not exist"
+        msg = f"{src} does not exist; give an existing file or directory"
         raise TransferError(msg)
     dest = dest or os.path.basename(src.rstrip("/"))
     dest = os.path.join(cwd or os.getcwd(), os.path.expanduser(dest))
@@ -177,6 +175,6 @@ def _copy_tree(src: str, dest: str | None, cwd: str | None) -> int:
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     shutil.copyfile(src, dest)
     if os.path.getsize(dest) != os.path.getsize(src):
-        msg = f"copy of {src} to {dest} is incomplete"
+        msg = f"copy of {src} to {dest} is incomplete; check the free disk space and retry"
         raise TransferError(msg)
     return os.path.getsize(dest)

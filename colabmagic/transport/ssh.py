@@ -19,6 +19,7 @@ connection, and resumes the stream where it stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -109,8 +110,12 @@ _main()
 """
 
 
+@functools.cache
 def code_hash() -> str:
-    """sha256 of the agent code this side would ship (and expects the remote to run)."""
+    """sha256 of the agent code this side would ship (and expects the remote to run).
+
+    Read once per process: every transport (each connect, reconnect and CLI call) needs it.
+    """
     h = hashlib.sha256()
     for rel in sorted(SHIPPED):
         with open(os.path.join(_PKG, rel), "rb") as f:
@@ -296,7 +301,10 @@ class SSHTransport:
             return conn.transport.open_session(timeout=timeout or self.connect_timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             conn.close()
-            msg = f"ssh to {self.target}: cannot open a channel ({exc}); the connection is closed"
+            msg = (
+                f"ssh to {self.target}: cannot open a channel ({exc}); the connection was closed, "
+                "run the command again to reconnect"
+            )
             raise ConnectError(msg) from None
 
     def _command(self, args: list[str]) -> str:
@@ -356,7 +364,10 @@ class SSHTransport:
                 self._ready = True
                 return rc, out, err
             self._provide(info)
-        msg = f"the agent code shipped to {self.target} still does not run there"
+        msg = (
+            f"the agent code shipped to {self.target} still does not run there; remove "
+            f"{posixpath.join('~', self.lib_path)} on the host and retry, or give --python PATH"
+        )
         raise ConnectError(msg)
 
     def prepare(self) -> None:
@@ -434,7 +445,10 @@ class SSHTransport:
                         max_packet_size=ssh_connect.MAX_PACKET,
                     )
                 except (paramiko.SSHException, OSError, EOFError) as exc:
-                    msg = f"ssh to {self.target}: SFTP is not available ({exc})"
+                    msg = (
+                        f"ssh to {self.target}: SFTP is not available ({exc}); enable the "
+                        "'Subsystem sftp' line in the host's sshd_config"
+                    )
                     raise ConnectError(msg) from None
             return self._sftp
 

@@ -71,13 +71,16 @@ class Hop:
         return f"{self.user}@{self.hostname}:{self.port}"
 
 
+def _invalid_target(target: str) -> ParameterError:
+    return ParameterError(
+        f"ssh target {target!r} is not valid; give [user@]host[:port] or a ~/.ssh/config alias"
+    )
+
+
 def split_target(target: str) -> tuple[str | None, str, int | None]:
     """``[user@]host[:port]`` (or ``[user@][v6addr]:port``) -> ``(user, host, port)``."""
     if not target or any(c.isspace() for c in target) or target.startswith("-"):
-        msg = (
-            f"ssh target {target!r} is not valid; give [user@]host[:port] or a ~/.ssh/config alias"
-        )
-        raise ParameterError(msg)
+        raise _invalid_target(target)
     if target.startswith("ssh://"):
         target = target[len("ssh://") :].rstrip("/")
     user, _, hostport = target.rpartition("@")
@@ -90,10 +93,7 @@ def split_target(target: str) -> tuple[str | None, str, int | None]:
     else:
         host = hostport
     if not host or (port is not None and not port.isdigit()):
-        msg = (
-            f"ssh target {target!r} is not valid; give [user@]host[:port] or a ~/.ssh/config alias"
-        )
-        raise ParameterError(msg)
+        raise _invalid_target(target)
     return user or None, host, int(port) if port else None
 
 
@@ -412,7 +412,10 @@ def _tcp(hop: Hop, timeout: float) -> socket.socket:
         )
         raise ConnectError(msg) from None
     except OSError as exc:
-        msg = f"Cannot reach {hop.hostname}:{hop.port}: {exc.strerror or exc}."
+        msg = (
+            f"Cannot reach {hop.hostname}:{hop.port}: {exc.strerror or exc}; check the network "
+            "and the host name (try ssh -v TARGET)."
+        )
         raise ConnectError(msg) from None
     _nodelay(sock)
     return sock
