@@ -415,17 +415,19 @@ class Proxy:
             stream = self._stream
             if stream is not None and stream.read_fd in events:
                 try:
-                    frames = stream.read_frames()
+                    self._down(stream.read_frames())
                 except (wire.StreamClosed, wire.ProtocolError) as exc:
                     self._link_lost(str(exc))
                     continue
-                self._down(frames)
+                if stream.closed:  # it ended right after the frames just handled
+                    self._link_lost("end of stream")
+                    continue
             stream = self._stream
             if stream is not None:
-                if self._last_down > self._acked_down and not self._hello_pending:
-                    stream.send_frame(wire.ACK, self._last_down, [])
-                    self._acked_down = self._last_down
-                try:
+                try:  # a stream that closed under us is a lost link, whatever we were sending
+                    if self._last_down > self._acked_down and not self._hello_pending:
+                        stream.send_frame(wire.ACK, self._last_down, [])
+                        self._acked_down = self._last_down
                     stream.flush()
                 except wire.StreamClosed as exc:
                     self._link_lost(str(exc))

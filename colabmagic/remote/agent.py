@@ -502,11 +502,14 @@ class Agent:
                 except wire.ProtocolError:
                     log.exception("protocol error; dropping the bridge")
                     self._detach()
+                if self.stream is not None and self.stream.closed:  # ended after its last frames
+                    log.info("bridge disconnected")
+                    self._detach()
             if self.stream is not None:
-                if self.last_up > self.ack_sent and self.hello_done:
-                    self.stream.send_frame(wire.ACK, self.last_up, [])
-                    self.ack_sent = self.last_up
-                try:
+                try:  # a stream that closed under us means the bridge is gone
+                    if self.last_up > self.ack_sent and self.hello_done:
+                        self.stream.send_frame(wire.ACK, self.last_up, [])
+                        self.ack_sent = self.last_up
                     self.stream.flush()
                 except wire.StreamClosed:
                     self._detach()
