@@ -43,16 +43,16 @@ def parse_agent_reply(stdout: str, stderr: str, *, command: str, host: str) -> A
 
     *host* names the machine in messages: ``"a local kernel"``, ``"gpu-box"``.
     """
+    verb = "start" if command == "start" else f"run {command!r} for"
     try:
         result = json.loads(stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         tail = stderr.strip().splitlines()[-1:] or ["no output"]
-        verb = "start" if command == "start" else f"run {command!r} for"
         msg = f"could not {verb} {host}: {tail[0]}"
         raise ConnectError(msg) from None
     if isinstance(result, dict) and result.get("error"):
         detail = (result.get("log") or "").strip().splitlines()[-1:] or [""]
-        msg = f"could not start {host}: {result['error']} {detail[0]}".strip()
+        msg = f"could not {verb} {host}: {result['error']} {detail[0]}".strip()
         raise ConnectError(msg)
     return result
 
