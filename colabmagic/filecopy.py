@@ -1,0 +1,484 @@
+"""Files to and from the host: resumable, sha256-verified, atomic, compressed where it pays.
+
+``%colab_upload`` / ``%colab_download`` and ``Session.upload`` / ``Session.download`` land here
+(through the transport). Each file streams over one exec channel of the SSH connection (or a
+local subprocess for ``--local``) to a small stdlib helper on the host,
+``colabmagic/remote/files.py``: a stream of frames, each a chunk of the file, raw or zstd
+(:mod:`colabmagic.compress` decides per chunk), then the file's sha256.
+
+- **Atomic**: a file is written as ``.NAME.colabmagic-part`` beside its target and renamed only
+  when its sha256 matches the source's; a target never holds half a file.
+- **Resumable**: after a drop the partial file stays; the next attempt (automatic, with a new
+  connection, up to ``retries`` times without progress; or the next call) hashes the partial
+  file on both sides and continues from its end when the hashes match, or starts that file
+  again when they do not (a corrupted partial file is redone, never trusted).
+- **Progress**: a tqdm bar in bytes, with rate and ETA.
+- Directories are copied recursively, each file atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import struct
+import subprocess
+import time
+from typing import Any
+
+from colabmagic import compress as _compress
+from colabmagic.errors import ColabMagicError, TransferError
+
+FRAME = struct.Struct("!BQ")
+END = 255
+CHUNK = 4 << 20
+RETRIES = 8
+PART = ".colabmagic-part"
+_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote", "files.py")
+
+
+class _Dropped(Exception):
+    """The helper's stream broke (the link dropped, the process died)."""
+
+
+def _source() -> str:
+    with open(_HELPER) as f:
+        return f.read()
+
+
+class _Helper:
+    """One run of the host-side helper: a byte stream each way and an exit status."""
+
+    def __init__(self, transport: Any, args: list[str]):
+        self.target = transport.target
+        self._buf = bytearray()
+        if hasattr(transport, "_session_channel"):  # SSH: an exec channel on the connection
+            self.chan = transport._session_channel()
+            self.proc = None
+            try:
+                self.chan.exec_command(transport._command(["-c", _source(), *args]))
+            except Exception as exc:  # noqa: BLE001 - paramiko raises several kinds
+                self.chan.close()
+                raise _Dropped(str(exc)) from None
+        else:  # the same helper as a local subprocess
+            self.chan = None
+            self.proc = subprocess.Popen(
+                [transport.python, "-c", _source(), *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+
+    def write(self, data) -> None:
+        try:
+            if self.chan is not None:
+                self.chan.sendall(data)
+            else:
+                self.proc.stdin.write(data)
+        except Exception as exc:  # noqa: BLE001 - OSError, EOFError, paramiko.SSHException
+            msg = f"write failed: {exc}"
+            raise _Dropped(msg) from None
+
+    def close_write(self) -> None:
+        try:
+            if self.chan is not None:
+                self.chan.shutdown_write()
+            else:
+                self.proc.stdin.close()
+        except Exception as exc:  # noqa: BLE001
+            msg = f"close failed: {exc}"
+            raise _Dropped(msg) from None
+
+    def _more(self, n: int) -> None:
+        try:
+            if self.chan is not None:
+                data = self.chan.recv(max(n, 1 << 20))
+            else:
+                data = self.proc.stdout.read1(max(n, 1 << 20))
+        except Exception as exc:  # noqa: BLE001
+            msg = f"read failed: {exc}"
+            raise _Dropped(msg) from None
+        if not data:
+            raise _Dropped(self._why())
+        self._buf += data
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._more(n - len(self._buf))
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def readline(self) -> bytes:
+        while b"\n" not in self._buf:
+            self._more(1)
+        i = self._buf.index(b"\n") + 1
+        out = bytes(self._buf[:i])
+        del self._buf[:i]
+        return out
+
+    def read_all(self) -> bytes:
+        with contextlib.suppress(_Dropped):
+            while True:
+                self._more(1 << 16)
+        out, self._buf = bytes(self._buf), bytearray()
+        return out
+
+    def _why(self) -> str:
+        err = b""
+        with contextlib.suppress(Exception):
+            if self.chan is not None:
+                while self.chan.recv_stderr_ready():
+                    err += self.chan.recv_stderr(65536)
+            else:
+                self.proc.wait(5)
+                err = self.proc.stderr.read()
+        lines = err.decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "the stream ended early"
+
+    def close(self) -> None:
+        if self.chan is not None:
+            with contextlib.suppress(Exception):
+                self.chan.close()
+            return
+        for s in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            with contextlib.suppress(OSError):
+                s.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def _ask(transport: Any, cmd: str, req: dict) -> dict:
+    helper = _Helper(transport, [cmd])
+    try:
+        helper.write(json.dumps(req).encode())
+        helper.close_write()
+        out = helper.read_all()
+        try:
+            return json.loads(out.decode())
+        except ValueError:
+            raise _Dropped(helper._why()) from None
+    finally:
+        helper.close()
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=None if enabled is None else not enabled,
+        leave=False,
+    )
+
+
+class _Attempts:
+    """Retry a step after a drop, with backoff, until *retries* attempts make no progress."""
+
+    def __init__(self, what: str, retries: int):
+        self.what, self.retries = what, retries
+        self.failures = 0
+        self.drops = 0
+
+    def failed(self, exc: BaseException, progressed: bool) -> None:
+        self.drops += 1
+        self.failures = 1 if progressed else self.failures + 1
+        if self.failures > self.retries:
+            msg = (
+                f"{self.what} failed {self.failures} times in a row ({exc}); run it again to "
+                "resume from the last verified offset"
+            )
+            raise TransferError(msg) from None
+        time.sleep(min(0.1 * 2**self.failures, 5.0))
+
+
+def _retrying(what: str, retries: int, step):
+    attempts = _Attempts(what, retries)
+    while True:
+        try:
+            return step()
+        except (_Dropped, ColabMagicError, OSError) as exc:
+            if isinstance(exc, TransferError):
+                raise
+            attempts.failed(exc, progressed=False)
+
+
+def _hash_prefix(f, n: int):
+    h = hashlib.sha256()
+    f.seek(0)
+    left = n
+    while left > 0:
+        block = f.read(min(CHUNK, left))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h, n - left
+
+
+def _local_files(src: str) -> list[tuple[str, str, int]]:
+    """(path, path relative to *src* with ``/``, size) of every file under *src* (or *src*)."""
+    if os.path.isfile(src):
+        return [(src, "", os.path.getsize(src))]
+    out = []
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        for name in sorted(files):
+            p = os.path.join(root, name)
+            if os.path.isfile(p):
+                out.append((p, os.path.relpath(p, src).replace(os.sep, "/"), os.path.getsize(p)))
+    return out
+
+
+def _base(transport: Any, cwd: str | None) -> str | None:
+    if cwd is None and not hasattr(transport, "_session_channel"):
+        return os.getcwd()  # a local kernel: relative paths are this process's
+    return cwd
+
+
+# -- upload --------------------------------------------------------------------------------
+def upload(
+    transport: Any,
+    local: str,
+    remote: str | None = None,
+    *,
+    cwd: str | None = None,
+    compress: str | None = None,
+    progress: bool | None = None,
+    retries: int = RETRIES,
+) -> int:
+    """Copy *local* (a file or a directory, recursively) to *remote* on the host.
+
+    Parameters
+    ----------
+    transport
+        An SSH or local transport.
+    remote
+        Target path; relative to *cwd* (the kernel's directory) or the remote home. An existing
+        remote directory receives a file under its own name. Default: the source's name.
+    compress
+        ``auto`` (default: zstd on the chunks where it pays at the link's rate), ``zstd`` or
+        ``none``.
+    progress
+        tqdm bar: None = when attached to a terminal or notebook, True/False = always/never.
+    retries
+        Attempts after a drop that make no progress before giving up (the partial files stay,
+        so running it again resumes).
+
+    Returns
+    -------
+    int
+        The bytes of file content copied (the whole size, resumed parts included).
+    """
+    mode = _check(compress)
+    src = os.path.abspath(os.path.expanduser(local))
+    if not os.path.exists(src):
+        msg = f"{local} does not exist here; give an existing file or directory"
+        raise TransferError(msg)
+    files = _local_files(src)
+    req = {
+        "dest": remote,
+        "base": _base(transport, cwd),
+        "name": os.path.basename(src.rstrip("/")),
+        "is_dir": os.path.isdir(src),
+        "files": [{"rel": rel, "size": n} for _, rel, n in files],
+    }
+    what = f"upload of {local} to {transport.target}"
+    plan = _retrying(what, retries, lambda: _ask(transport, "plan-put", req))
+    total = sum(n for _, _, n in files)
+    peer = bool(plan.get("zstd"))
+    meter = _compress.RateMeter()
+    with _progress(total, f"upload {req['name']}", progress) as bar:
+        done = 0
+        for (path, _, size), info in zip(files, plan["files"], strict=True):
+            _put_file(transport, path, size, info, mode, peer, bar, done, retries, meter)
+            done += size
+    return total
+
+
+def _check(mode: str | None) -> str:
+    mode = _compress.check_mode(mode)
+    return "none" if (mode == "auto" and not _compress.available()) else mode
+
+
+def _put_file(transport, path, size, info, mode, peer, bar, done, retries, meter) -> None:
+    target, part = info["target"], int(info["part"])
+    attempts = _Attempts(f"upload of {path} to {transport.target}:{target}", retries)
+    while True:
+        reached = [part]
+        try:
+            _put_once(transport, path, size, target, part, mode, peer, bar, done, meter, reached)
+            return
+        except (_Dropped, ColabMagicError, OSError) as exc:
+            if isinstance(exc, TransferError):
+                raise
+            attempts.failed(exc, progressed=reached[0] > part)
+        single = {
+            "dest": target,
+            "base": None,
+            "name": posixpath.basename(target),
+            "is_dir": False,
+            "files": [{"rel": "", "size": size}],
+        }
+        replan = _retrying(attempts.what, retries, lambda q=single: _ask(transport, "plan-put", q))
+        part = int(replan["files"][0]["part"])
+
+
+def _put_once(transport, path, size, target, offset, mode, peer, bar, done, meter, reached):
+    with open(path, "rb") as f:
+        h, got = _hash_prefix(f, offset)
+        if got != offset:
+            h, offset = hashlib.sha256(), 0
+        helper = _Helper(transport, ["put", target, str(size), str(offset), h.hexdigest()])
+        try:
+            start = int(json.loads(helper.readline())["offset"])
+            if start != offset:
+                h = hashlib.sha256()
+            f.seek(start)
+            bar.n = done + start
+            bar.refresh()
+            chooser = _compress.Chooser(mode, meter, peer_zstd=peer)
+            meter.start()
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            pos = start
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                h.update(view[:n])
+                codec, payload = chooser.encode(view[:n])
+                helper.write(FRAME.pack(codec, memoryview(payload).nbytes))
+                helper.write(payload)
+                meter.delivered(memoryview(payload).nbytes)
+                pos += n
+                reached[0] = pos
+                bar.update(n)
+            digest = h.hexdigest().encode()
+            helper.write(FRAME.pack(END, len(digest)) + digest)
+            helper.close_write()
+            result = json.loads(helper.readline().decode())
+        finally:
+            helper.close()
+    if not result.get("ok"):
+        msg = (
+            f"{transport.target}:{target} did not match {path} after the upload (sha256 there "
+            f"{str(result.get('sha256'))[:12]}, {result.get('size')} bytes); the file changed "
+            "while it was being sent, or the copy was corrupted: run the upload again"
+        )
+        raise TransferError(msg)
+
+
+# -- download ------------------------------------------------------------------------------
+def download(
+    transport: Any,
+    remote: str,
+    local: str | None = None,
+    *,
+    cwd: str | None = None,
+    compress: str | None = None,
+    progress: bool | None = None,
+    retries: int = RETRIES,
+) -> int:
+    """Copy *remote* (a file or a directory, recursively) from the host to *local*.
+
+    The mirror of :func:`upload` (same parameters); *local* defaults to the source's name in
+    the current directory, and an existing local directory receives a file under its own name.
+    """
+    mode = _check(compress)
+    req = {"src": remote, "base": _base(transport, cwd)}
+    what = f"download of {transport.target}:{remote}"
+    plan = _retrying(what, retries, lambda: _ask(transport, "plan-get", req))
+    if plan.get("missing"):
+        msg = f"{remote} does not exist on {transport.target} (looked for {plan['src']})"
+        raise TransferError(msg)
+    name = posixpath.basename(plan["src"].rstrip("/"))
+    dest = os.path.abspath(os.path.expanduser(local or name))
+    if plan["is_dir"]:
+        targets = [os.path.join(dest, *f["rel"].split("/")) for f in plan["files"]]
+        os.makedirs(dest, exist_ok=True)
+    else:
+        if os.path.isdir(dest):
+            dest = os.path.join(dest, name)
+        targets = [dest]
+    total = sum(int(f["size"]) for f in plan["files"])
+    meter = _compress.RateMeter()
+    with _progress(total, f"download {name}", progress) as bar:
+        done = 0
+        for f, target in zip(plan["files"], targets, strict=True):
+            _get_file(transport, f["path"], int(f["size"]), target, mode, bar, done, retries, meter)
+            done += int(f["size"])
+    return total
+
+
+def part_path(target: str) -> str:
+    """Where a file is written until it is verified: ``.NAME.colabmagic-part`` beside it."""
+    head, tail = os.path.split(target)
+    return os.path.join(head, f".{tail}{PART}")
+
+
+def _get_file(transport, rpath, size, target, mode, bar, done, retries, meter) -> None:
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    attempts = _Attempts(f"download of {transport.target}:{rpath}", retries)
+    part = part_path(target)
+    while True:
+        before = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            _get_once(transport, rpath, target, part, mode, bar, done, meter)
+            return
+        except (_Dropped, ColabMagicError, OSError) as exc:
+            if isinstance(exc, TransferError):
+                raise
+            after = os.path.getsize(part) if os.path.exists(part) else 0
+            attempts.failed(exc, progressed=after > before)
+
+
+def _get_once(transport, rpath, target, part, mode, bar, done, meter) -> None:
+    offset = os.path.getsize(part) if os.path.exists(part) else 0
+    with open(part, "r+b" if offset else "w+b") as f:
+        h, got = _hash_prefix(f, offset)
+        rate = str(meter.rate or 0)
+        helper = _Helper(transport, ["get", rpath, str(got), h.hexdigest(), mode, rate])
+        try:
+            head = json.loads(helper.readline())
+            start, size = int(head["offset"]), int(head["size"])
+            if start != got:
+                h = hashlib.sha256()
+            f.truncate(start)
+            f.seek(start)
+            bar.n = done + start
+            bar.refresh()
+            meter.start()
+            written = start
+            while True:
+                codec, n = FRAME.unpack(helper.read_exact(FRAME.size))
+                payload = helper.read_exact(n)
+                if codec == END:
+                    expected = payload.decode()
+                    break
+                raw = _compress.decode(codec, payload, CHUNK)
+                f.write(raw)
+                h.update(raw)
+                written += len(raw)
+                meter.delivered(n)
+                bar.update(len(raw))
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            helper.close()
+    if h.hexdigest() != expected or written != size:
+        os.unlink(part)
+        msg = (
+            f"{target} did not match {transport.target}:{rpath} after the download (sha256 "
+            f"here {h.hexdigest()[:12]}, there {expected[:12]}); the copy was corrupted: run "
+            "the download again"
+        )
+        raise TransferError(msg)
+    os.replace(part, target)

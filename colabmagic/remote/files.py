@@ -1,0 +1,220 @@
+"""The host side of ``%colab_upload`` / ``%colab_download``: one short-lived process per step.
+
+``colabmagic/filecopy.py`` runs this file's source with ``python -c SOURCE COMMAND ...`` over an
+SSH exec channel (or as a local subprocess), so it must stay self-contained: standard library,
+plus zstandard when the host has it. Commands:
+
+``plan-put``  stdin JSON ``{"dest", "base", "name", "is_dir", "files": [{"rel", "size"}]}``:
+              resolve where each file goes and report the size of any partial file left by an
+              earlier, interrupted upload (``.NAME.colabmagic-part`` beside the target).
+``plan-get``  stdin JSON ``{"src", "base"}``: resolve the source; list its files with sizes.
+``put TARGET SIZE OFFSET PREFIX_SHA``
+              verify the partial file's first OFFSET bytes against PREFIX_SHA (else start from 0),
+              print the offset it continues from, then write the frames read from stdin
+              (``!BQ`` codec + length, then the payload; codec 1 = zstd) while hashing; a frame
+              with codec 255 carries the expected sha256: on a match the partial file is renamed
+              to TARGET (atomic) and ``{"ok": true}`` printed, else it is deleted. A stream that
+              ends early keeps the partial file for the next resume.
+``get SOURCE OFFSET PREFIX_SHA MODE RATE``
+              the same, the other way: a JSON line ``{"offset", "size"}``, then frames of the
+              file from that offset (compressed per MODE: none, zstd or auto at RATE bytes/s),
+              then a codec-255 frame with the whole file's sha256.
+"""
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import time
+
+try:
+    import zstandard
+except ImportError:
+    zstandard = None
+
+FRAME = struct.Struct("!BQ")
+END = 255
+CHUNK = 4 << 20
+PART = ".colabmagic-part"
+
+
+def _resolve(path, base):
+    path = os.path.expanduser(path)
+    return os.path.normpath(os.path.join(base or os.path.expanduser("~"), path))
+
+
+def part_path(target):
+    head, tail = os.path.split(target)
+    return os.path.join(head, "." + tail + PART)
+
+
+def plan_put(req):
+    dest = _resolve(req["dest"] or req["name"], req.get("base"))
+    if not req["is_dir"] and os.path.isdir(dest):
+        dest = os.path.join(dest, req["name"])
+    if req["is_dir"]:
+        os.makedirs(dest, exist_ok=True)
+    out = []
+    for f in req["files"]:
+        target = os.path.join(dest, *f["rel"].split("/")) if req["is_dir"] else dest
+        try:
+            part = os.path.getsize(part_path(target))
+        except OSError:
+            part = 0
+        out.append({"target": target, "part": part if part <= f["size"] else 0})
+    return {"dest": dest, "files": out, "zstd": zstandard is not None}
+
+
+def plan_get(req):
+    src = _resolve(req["src"], req.get("base"))
+    if os.path.isfile(src):
+        return {
+            "src": src,
+            "is_dir": False,
+            "files": [{"path": src, "rel": "", "size": _size(src)}],
+        }
+    if not os.path.isdir(src):
+        return {"src": src, "missing": True}
+    files = []
+    for root, dirs, names in os.walk(src):
+        dirs.sort()
+        for name in sorted(names):
+            p = os.path.join(root, name)
+            if os.path.isfile(p):
+                rel = os.path.relpath(p, src).replace(os.sep, "/")
+                files.append({"path": p, "rel": rel, "size": _size(p)})
+    return {"src": src, "is_dir": True, "files": files, "zstd": zstandard is not None}
+
+
+def _size(path):
+    return os.path.getsize(path)
+
+
+def _hash_prefix(f, n):
+    h = hashlib.sha256()
+    f.seek(0)
+    left = n
+    while left > 0:
+        block = f.read(min(CHUNK, left))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h, n - left
+
+
+def _read_exact(stream, n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = stream.readinto(view[got:])
+        if not k:
+            return None
+        got += k
+    return buf
+
+
+def put(target, size, offset, prefix_sha):
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    part = part_path(target)
+    mode = "r+b" if os.path.exists(part) else "w+b"
+    with open(part, mode) as f:
+        h, got = _hash_prefix(f, offset)
+        if got != offset or h.hexdigest() != prefix_sha:
+            h, offset = hashlib.sha256(), 0  # the partial file is not what we sent: redo it
+        f.truncate(offset)
+        f.seek(offset)
+        sys.stdout.write(json.dumps({"offset": offset}) + "\n")
+        sys.stdout.flush()
+        stdin = sys.stdin.buffer
+        dctx = zstandard.ZstdDecompressor() if zstandard is not None else None
+        written = offset
+        while True:
+            head = _read_exact(stdin, FRAME.size)
+            if head is None:
+                return 1  # the link dropped: keep what was written for the next resume
+            codec, n = FRAME.unpack(head)
+            payload = _read_exact(stdin, n)
+            if payload is None:
+                return 1
+            if codec == END:
+                break
+            if codec == 1:
+                payload = dctx.decompress(payload)
+            f.write(payload)
+            h.update(payload)
+            written += len(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    digest = h.hexdigest()
+    if digest == payload.decode() and written == size:
+        os.replace(part, target)
+        print(json.dumps({"ok": True}))
+    else:
+        os.unlink(part)
+        print(json.dumps({"ok": False, "sha256": digest, "size": written}))
+    return 0
+
+
+def _pays(view, rate, cctx):
+    mid = max(0, len(view) // 2 - 32768)
+    sample = view[mid : mid + 65536]
+    t0 = time.perf_counter()
+    size = len(cctx.compress(sample))
+    per_byte = max(time.perf_counter() - t0, 1e-7) / len(sample)
+    rate = rate or 1e9
+    return per_byte + size / len(sample) / rate + per_byte / 3 < 0.9 / rate
+
+
+def get(source, offset, prefix_sha, mode, rate):
+    out = sys.stdout.buffer
+    cctx = zstandard.ZstdCompressor(level=1) if (zstandard and mode != "none") else None
+    skip = 0
+    with open(source, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h, got = _hash_prefix(f, offset)
+        if got != offset or h.hexdigest() != prefix_sha:
+            h, offset = hashlib.sha256(), 0
+        f.seek(offset)
+        out.write((json.dumps({"offset": offset, "size": size}) + "\n").encode())
+        while True:
+            block = f.read(CHUNK)
+            if not block:
+                break
+            h.update(block)
+            codec, payload = 0, block
+            if cctx is not None and len(block) >= 4096:
+                if mode == "zstd" or (not skip and _pays(memoryview(block), rate, cctx)):
+                    z = cctx.compress(block)
+                    if len(z) < len(block):
+                        codec, payload = 1, z
+                elif skip:
+                    skip -= 1
+                else:
+                    skip = 7
+            out.write(FRAME.pack(codec, len(payload)))
+            out.write(payload)
+        end = h.hexdigest().encode()
+        out.write(FRAME.pack(END, len(end)) + end)
+        out.flush()
+    return 0
+
+
+def main(argv):
+    cmd = argv[0]
+    if cmd in ("plan-put", "plan-get"):
+        req = json.load(sys.stdin)
+        print(json.dumps(plan_put(req) if cmd == "plan-put" else plan_get(req)))
+        return 0
+    if cmd == "put":
+        return put(argv[1], int(argv[2]), int(argv[3]), argv[4])
+    if cmd == "get":
+        return get(argv[1], int(argv[2]), argv[3], argv[4], float(argv[5]) or None)
+    sys.stderr.write("unknown command " + repr(cmd) + "\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
