@@ -25,6 +25,7 @@ SAMPLE = 64 * 1024
 LEVEL = 1
 _MARGIN = 0.9
 _RESAMPLE = 8  # after a chunk that did not pay, sample only every 8th chunk
+PRIOR = 3e7  # bytes/s assumed until measured: a good WAN; loopback is measured within a chunk
 
 
 def available() -> bool:
@@ -49,10 +50,15 @@ def check_mode(mode: str | None) -> str:
 
 
 class RateMeter:
-    """The link's rate in bytes per second, from bytes delivered over time (None until known)."""
+    """The link's rate in bytes per second, from bytes delivered over time (None until known).
 
-    def __init__(self, initial: float | None = None):
+    *slack* is what the path buffers before it pushes back (socket buffers, the SSH window):
+    a writer that counts bytes as written would otherwise see the buffers fill at memory speed.
+    """
+
+    def __init__(self, initial: float | None = None, *, slack: int = 0):
         self.rate = initial
+        self.slack = slack
         self._t0: float | None = None
         self._bytes = 0
 
@@ -60,14 +66,13 @@ class RateMeter:
         self._t0, self._bytes = time.perf_counter(), 0
 
     def delivered(self, nbytes: int) -> None:
-        """Record *nbytes* of wire data acknowledged by the other side."""
+        """Record *nbytes* of wire data acknowledged by (or written toward) the other side."""
         if self._t0 is None:
             self.start()
-            return
         self._bytes += nbytes
         elapsed = time.perf_counter() - self._t0
-        if elapsed > 0.02 and self._bytes > 0:
-            self.rate = self._bytes / elapsed
+        if elapsed > 0.02 and self._bytes > 2 * self.slack:
+            self.rate = (self._bytes - self.slack) / elapsed
 
 
 class Chooser:
@@ -78,7 +83,7 @@ class Chooser:
     mode
         ``auto``, ``zstd`` or ``none`` (already validated).
     meter
-        The link rate; ``auto`` assumes a fast link (1 GB/s) until it knows.
+        The link rate; ``auto`` assumes :data:`PRIOR` until it is measured.
     peer_zstd
         Whether the other side can decompress.
     """
@@ -120,14 +125,14 @@ class Chooser:
         size = len(self._cctx.compress(sample))
         spent = max(time.perf_counter() - t0, 1e-7)
         ok = pays(sample.nbytes, size, spent, self.meter.rate)
-        if not ok:
+        if not ok and self.meter.rate is not None:
             self._skip = _RESAMPLE - 1
         return ok
 
 
 def pays(n: int, compressed: int, seconds: float, link_rate: float | None) -> bool:
     """True when sending *n* bytes compressed to *compressed* (taking *seconds*) beats raw."""
-    rate = link_rate or 1e9
+    rate = link_rate or PRIOR
     ratio = compressed / n
     per_byte_c = seconds / n
     raw = 1.0 / rate

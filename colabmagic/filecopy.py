@@ -35,6 +35,7 @@ FRAME = struct.Struct("!BQ")
 END = 255
 CHUNK = 4 << 20
 RETRIES = 8
+SLACK = 4 << 20  # what the SSH window and socket buffers take before a writer feels the link
 PART = ".colabmagic-part"
 _HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote", "files.py")
 
@@ -294,7 +295,7 @@ def upload(
     plan = _retrying(what, retries, lambda: _ask(transport, "plan-put", req))
     total = sum(n for _, _, n in files)
     peer = bool(plan.get("zstd"))
-    meter = _compress.RateMeter()
+    meter = _compress.RateMeter(slack=SLACK)
     with _progress(total, f"upload {req['name']}", progress) as bar:
         done = 0
         for (path, _, size), info in zip(files, plan["files"], strict=True):

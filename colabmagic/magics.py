@@ -242,15 +242,20 @@ class ColabMagics(Magics):
             raise UsageError(msg)
         return {n: ns[n] for n in names}
 
-    def _pull(self, session: Session, names: list[str]) -> None:
+    def _pull(self, session: Session, names: list[str], compress: str | None = None) -> None:
         """Fetch remote *names* into the local namespace."""
-        values = session.pull(*names)
+        values = session.pull(*names, compress=compress)
         self.shell.user_ns.update(values if len(names) > 1 else {names[0]: values})
 
     # -- variables ---------------------------------------------------------------------------
     @magic_arguments()
     @argument("names", nargs="+", help="local variable names")
     @argument("--on", metavar="NAME", help="session name")
+    @argument(
+        "--compress",
+        choices=("auto", "zstd", "none"),
+        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
+    )
     @line_magic
     @_user_errors
     def colab_push(self, line: str = ""):
@@ -260,11 +265,16 @@ class ColabMagics(Magics):
         """
         args = parse_argstring(self.colab_push, line)
         names = _names(" ".join(args.names))
-        registry.get(args.on).push(self._local_values(names))
+        registry.get(args.on).push(self._local_values(names), compress=args.compress)
 
     @magic_arguments()
     @argument("names", nargs="+", help="remote variable names")
     @argument("--on", metavar="NAME", help="session name")
+    @argument(
+        "--compress",
+        choices=("auto", "zstd", "none"),
+        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
+    )
     @line_magic
     @_user_errors
     def colab_pull(self, line: str = ""):
@@ -273,28 +283,41 @@ class ColabMagics(Magics):
         Example: ``%colab_pull losses model_state``
         """
         args = parse_argstring(self.colab_pull, line)
-        self._pull(registry.get(args.on), _names(" ".join(args.names)))
+        self._pull(registry.get(args.on), _names(" ".join(args.names)), args.compress)
 
     # -- files -------------------------------------------------------------------------------
     @magic_arguments()
     @argument("local", help="local file or directory")
     @argument("remote", nargs="?", help="remote path (default: same name in the kernel's cwd)")
     @argument("--on", metavar="NAME", help="session name")
+    @argument(
+        "--compress",
+        choices=("auto", "zstd", "none"),
+        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
+    )
     @line_magic
     @_user_errors
     def colab_upload(self, line: str = ""):
         """Copy a local file or directory (recursively) to the remote host.
 
+        Resumes after a dropped link (and when run again), verifies sha256, and renames each
+        file into place only once it is complete.
+
         Example: ``%colab_upload data/ /content/data``
         """
         args = parse_argstring(self.colab_upload, line)
-        n = registry.get(args.on).upload(args.local, args.remote)
+        n = registry.get(args.on).upload(args.local, args.remote, compress=args.compress)
         print(f"uploaded {n} bytes")
 
     @magic_arguments()
     @argument("remote", help="remote file or directory")
     @argument("local", nargs="?", help="local path (default: same name here)")
     @argument("--on", metavar="NAME", help="session name")
+    @argument(
+        "--compress",
+        choices=("auto", "zstd", "none"),
+        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
+    )
     @line_magic
     @_user_errors
     def colab_download(self, line: str = ""):
@@ -303,7 +326,7 @@ class ColabMagics(Magics):
         Example: ``%colab_download runs/model.pt``
         """
         args = parse_argstring(self.colab_download, line)
-        n = registry.get(args.on).download(args.remote, args.local)
+        n = registry.get(args.on).download(args.remote, args.local, compress=args.compress)
         print(f"downloaded {n} bytes")
 
     # -- debugging ---------------------------------------------------------------------------

@@ -116,11 +116,27 @@ def _read_exact(stream, n):
     return buf
 
 
+def _lock(f, timeout=60.0):
+    """Wait until no earlier ``put`` (from before a drop, not yet told) writes this file."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def put(target, size, offset, prefix_sha):
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     part = part_path(target)
     mode = "r+b" if os.path.exists(part) else "w+b"
     with open(part, mode) as f:
+        _lock(f)
         h, got = _hash_prefix(f, offset)
         if got != offset or h.hexdigest() != prefix_sha:
             h, offset = hashlib.sha256(), 0  # the partial file is not what we sent: redo it
@@ -164,7 +180,7 @@ def _pays(view, rate, cctx):
     t0 = time.perf_counter()
     size = len(cctx.compress(sample))
     per_byte = max(time.perf_counter() - t0, 1e-7) / len(sample)
-    rate = rate or 1e9
+    rate = rate or 3e7
     return per_byte + size / len(sample) / rate + per_byte / 3 < 0.9 / rate
 
 
@@ -192,7 +208,7 @@ def get(source, offset, prefix_sha, mode, rate):
                         codec, payload = 1, z
                 elif skip:
                     skip -= 1
-                else:
+                elif rate:
                     skip = 7
             out.write(FRAME.pack(codec, len(payload)))
             out.write(payload)

@@ -60,7 +60,7 @@ def _pays(view, rate, cctx):
     t0 = time.perf_counter()
     size = len(cctx.compress(sample))
     per_byte = max(time.perf_counter() - t0, 1e-7) / len(sample)
-    rate = rate or 1e9
+    rate = rate or 3e7
     return per_byte + size / len(sample) / rate + per_byte / 3 < 0.9 / rate
 
 
@@ -125,7 +125,7 @@ def _encode(state, view):
             state["skip"] -= 1
             return 0, view
         if not _pays(view, state["rate"], cctx):
-            state["skip"] = 7
+            state["skip"] = 7 if state["rate"] else 0
             return 0, view
     out = cctx.compress(view)
     return (1, out) if len(out) < len(view) else (0, view)

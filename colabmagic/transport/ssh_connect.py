@@ -19,6 +19,7 @@ import getpass
 import hashlib
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -427,6 +428,26 @@ def _nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
+class _ProxyCommand(paramiko.ProxyCommand):
+    """paramiko's ProxyCommand, except that the command's exit ends the stream.
+
+    paramiko's own ``recv`` loops forever once the command's stdout is at EOF (a tunnel that
+    died, a relay that reset), so a connection with nothing to send would hang instead of failing
+    over to a reconnect. Here EOF is an empty read, which paramiko treats as a closed socket.
+    """
+
+    def recv(self, size: int) -> bytes:
+        try:
+            ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
+            if not ready:
+                raise TimeoutError
+            return os.read(self.process.stdout.fileno(), size)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise paramiko.ProxyCommandFailure(" ".join(self.cmd), exc.strerror) from None
+
+
 class Connection:
     """An authenticated SSH connection to the last hop of a chain (see :func:`open_connection`).
 
@@ -506,7 +527,7 @@ def open_connection(
                 left = min(left, hop.connect_timeout)
             if i == 0 and hop.proxy_command:
                 try:
-                    conn.proxy = paramiko.ProxyCommand(hop.proxy_command)
+                    conn.proxy = _ProxyCommand(hop.proxy_command)
                 except (OSError, paramiko.SSHException) as exc:
                     msg = f"ProxyCommand {hop.proxy_command!r} for {hop.alias} failed: {exc}"
                     raise ConnectError(msg) from None
