@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -89,7 +90,14 @@ def forwarded_client(srv: SSHServer, cf_path: str) -> tuple[BlockingKernelClient
     return client, proc
 
 
-def ssh_cat_throughput(srv: SSHServer, path: str, size: int) -> tuple[float, float]:
+def _tmpfs() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def ssh_cat_throughput(
+    srv: SSHServer, path: str, size: int, to_dir: str | None = None
+) -> tuple[float, float]:
+    """``cat | ssh`` payload rates up and down; into files in *to_dir* (else /dev/null)."""
     base = ["ssh", "-F", srv.ssh_config, "-o", "BatchMode=yes", srv.name]
 
     def timed(cmd, **kw) -> float:
@@ -98,9 +106,16 @@ def ssh_cat_throughput(srv: SSHServer, path: str, size: int) -> tuple[float, flo
         return time.perf_counter() - t
 
     hs = statistics.median(timed([*base, "true"]) for _ in range(3))
+    sink = os.path.join(to_dir, "cat-up.bin") if to_dir else "/dev/null"
     with open(path, "rb") as f:
-        up = timed([*base, "cat > /dev/null"], stdin=f) - hs
-    down = timed([*base, f"cat {path}"], stdout=subprocess.DEVNULL) - hs
+        up = timed([*base, f"cat > {sink}"], stdin=f) - hs
+    if to_dir:
+        with open(os.path.join(to_dir, "cat-down.bin"), "wb") as f:
+            down = timed([*base, f"cat {path}"], stdout=f) - hs
+        for name in ("cat-up.bin", "cat-down.bin"):
+            os.unlink(os.path.join(to_dir, name))
+    else:
+        down = timed([*base, f"cat {path}"], stdout=subprocess.DEVNULL) - hs
     return size / up / 1e6, size / down / 1e6
 
 
@@ -130,18 +145,25 @@ def bulk_rows(s: Session, srv: SSHServer, root: str, arr: np.ndarray) -> dict:
         out[f"sparse_push_{mode}"] = [timed_call(lambda m=mode: s.push(sp=sp, compress=m))]
         out[f"sparse_pull_{mode}"] = [timed_call(lambda m=mode: s.pull("sp", compress=m))]
     s.run("del big, sp", relay=QuietRelay())
-    path = os.path.join(root, "payload.bin")
-    arr.tofile(path)
-    out["cat_up"], out["cat_down"] = ssh_cat_throughput(srv, path, size)
-    remote_dir = tempfile.mkdtemp(prefix="colabmagic-bench-remote-")
-    for mode in ("none", "auto"):
-        up, down = remote_dir + f"/up-{mode}.bin", os.path.join(root, f"down-{mode}.bin")
-        out[f"upload_{mode}"] = [
-            timed_call(lambda u=up, m=mode: s.transport.upload(path, u, compress=m))
-        ]
-        out[f"download_{mode}"] = [
-            timed_call(lambda u=up, d=down, m=mode: s.transport.download(u, d, compress=m))
-        ]
+    # Files live on tmpfs when there is one, so the disk (shared, throttled) is not measured.
+    fdir = tempfile.mkdtemp(prefix="colabmagic-bench-files-", dir=_tmpfs())
+    try:
+        path = os.path.join(fdir, "payload.bin")
+        arr.tofile(path)
+        out["cat_up"], out["cat_down"] = ssh_cat_throughput(srv, path, size)
+        out["cat_file_up"], out["cat_file_down"] = ssh_cat_throughput(srv, path, size, fdir)
+        for mode in ("none", "auto"):
+            up, down = os.path.join(fdir, f"up-{mode}.bin"), os.path.join(fdir, "down.bin")
+            out[f"upload_{mode}"] = [
+                timed_call(lambda u=up, m=mode: s.transport.upload(path, u, compress=m))
+            ]
+            out[f"download_{mode}"] = [
+                timed_call(lambda u=up, d=down, m=mode: s.transport.download(u, d, compress=m))
+            ]
+            os.unlink(up)
+            os.unlink(down)
+    finally:
+        shutil.rmtree(fdir, ignore_errors=True)
     return out
 
 
@@ -152,6 +174,8 @@ def print_bulk(b: dict, mib: int) -> None:
     print(f"bulk {mib} MiB over ssh (median of 3; files and sparse: 1), load {load:.1f}:")
     print(f"  cat | ssh 'cat >/dev/null'     : {b['cat_up']:7.0f} MB/s")
     print(f"  ssh 'cat file' >/dev/null      : {b['cat_down']:7.0f} MB/s")
+    print(f"  cat | ssh 'cat > file' (tmpfs) : {b['cat_file_up']:7.0f} MB/s")
+    print(f"  ssh 'cat file' > file (tmpfs)  : {b['cat_file_down']:7.0f} MB/s")
     rows = [
         ("push random, compress none", "push_none", "cat_up", "target >= 1.0x"),
         ("push random, compress auto", "push_auto", "cat_up", "auto >= 0.95x none"),
@@ -165,9 +189,11 @@ def print_bulk(b: dict, mib: int) -> None:
         ("upload random file, auto", "upload_auto", "cat_up", ""),
         ("download random file, none", "download_none", "cat_down", "target >= 0.9x"),
         ("download random file, auto", "download_auto", "cat_down", ""),
+        ("upload, vs cat | ssh 'cat > file'", "upload_none", "cat_file_up", ""),
+        ("download, vs ssh 'cat file' > file", "download_none", "cat_file_down", ""),
     ]
     for label, key, ref, note in rows:
-        print(f"  {label:<31}: {rate(key):7.0f} MB/s  ratio {rate(key) / b[ref]:.2f}x  {note}")
+        print(f"  {label:<35}: {rate(key):7.0f} MB/s  ratio {rate(key) / b[ref]:.2f}x  {note}")
     for kind in ("push", "pull"):
         r = rate(f"{kind}_auto") / rate(f"{kind}_none")
         print(f"  {kind} random auto / none         : {r:7.2f}x  (target >= 0.95x)")

@@ -92,25 +92,34 @@ class _Helper:
             msg = f"close failed: {exc}"
             raise _Dropped(msg) from None
 
-    def _more(self, n: int) -> None:
+    def _recv(self, n: int) -> bytes:
         try:
             if self.chan is not None:
-                data = self.chan.recv(max(n, 1 << 20))
+                data = self.chan.recv(n)
             else:
-                data = self.proc.stdout.read1(max(n, 1 << 20))
+                data = self.proc.stdout.read1(n)
         except Exception as exc:  # noqa: BLE001
             msg = f"read failed: {exc}"
             raise _Dropped(msg) from None
         if not data:
             raise _Dropped(self._why())
-        self._buf += data
+        return data
+
+    def _more(self, n: int) -> None:
+        self._buf += self._recv(max(n, 1 << 20))
 
     def read_exact(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            self._more(n - len(self._buf))
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+        if len(self._buf) >= n:
+            out = bytes(self._buf[:n])
+            del self._buf[:n]
+            return out
+        parts, got = [bytes(self._buf)], len(self._buf)
+        self._buf = bytearray()
+        while got < n:  # a large payload: gather the pieces, join them once
+            data = self._recv(n - got)
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
 
     def readline(self) -> bytes:
         while b"\n" not in self._buf:
