@@ -56,8 +56,9 @@ def noise(nbytes: int) -> np.ndarray:
 class Bench:
     """The session through the link and what the rows share."""
 
-    def __init__(self, s: Session, root: str, size: int, link_rate: float):
+    def __init__(self, s: Session, root: str, size: int, link_rate: float, file_size: int):
         self.s, self.root, self.size, self.link = s, root, size, link_rate / 1e6
+        self.file_size = file_size
         self.cache: dict = {}
 
     def mbs(self, secs: float) -> float:
@@ -86,12 +87,12 @@ def row_pull_noise(b: Bench):
 def _files(b: Bench) -> tuple[float, float]:
     if "files" not in b.cache:
         path = os.path.join(b.root, "noise.bin")
-        noise(b.size).tofile(path)
+        noise(b.file_size).tofile(path)
         remote = os.path.join(b.root, "remote-noise.bin")
         up = _timed(lambda: b.s.transport.upload(path, remote, progress=False))
         back = os.path.join(b.root, "back.bin")
         down = _timed(lambda: b.s.transport.download(remote, back, progress=False))
-        b.cache["files"] = (b.mbs(up), b.mbs(down))
+        b.cache["files"] = (b.file_size / up / 1e6, b.file_size / down / 1e6)
     return b.cache["files"]
 
 
@@ -143,6 +144,7 @@ ROWS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mib", type=int, default=32, help="payload of each transfer")
+    ap.add_argument("--file-mib", type=int, default=64, help="file size for upload/download")
     ap.add_argument("--rate", type=float, default=6.25e6, help="link cap, bytes/s (50 Mbit/s)")
     ap.add_argument("--delay", type=float, default=0.025, help="one-way delay, s (50 ms RTT)")
     args = ap.parse_args()
@@ -158,12 +160,15 @@ def main() -> None:
         )
         s = Session.start(t, name="wan-bench")
         try:
-            b = Bench(s, root, args.mib << 20, args.rate)
+            b = Bench(s, root, args.mib << 20, args.rate, args.file_mib << 20)
             rows = [row(b) for row in ROWS]
         finally:
             s.close()
     rtt = 2 * args.delay * 1000
-    print(f"WAN link {args.rate * 8 / 1e6:.0f} Mbit/s, {rtt:.0f} ms RTT; {args.mib} MiB each")
+    print(
+        f"WAN link {args.rate * 8 / 1e6:.0f} Mbit/s, {rtt:.0f} ms RTT; {args.mib} MiB arrays, "
+        f"{args.file_mib} MiB files; the first row is the session's first transfer"
+    )
     print(f"(load {os.getloadavg()[0]:.1f})")
     for label, value, ref_label, ref, target in rows:
         print(
