@@ -78,6 +78,7 @@ class _Helper:
                 self.chan.sendall(data)
             else:
                 self.proc.stdin.write(data)
+                self.proc.stdin.flush()
         except Exception as exc:  # noqa: BLE001 - OSError, EOFError, paramiko.SSHException
             msg = f"write failed: {exc}"
             raise _Dropped(msg) from None
@@ -129,13 +130,6 @@ class _Helper:
         del self._buf[:i]
         return out
 
-    def read_all(self) -> bytes:
-        with contextlib.suppress(_Dropped):
-            while True:
-                self._more(1 << 16)
-        out, self._buf = bytes(self._buf), bytearray()
-        return out
-
     def _why(self) -> str:
         err = b""
         with contextlib.suppress(Exception):
@@ -159,20 +153,6 @@ class _Helper:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-
-
-def _ask(transport: Any, cmd: str, req: dict) -> dict:
-    helper = _Helper(transport, [cmd])
-    try:
-        helper.write(json.dumps(req).encode())
-        helper.close_write()
-        out = helper.read_all()
-        try:
-            return json.loads(out.decode())
-        except ValueError:
-            raise _Dropped(helper._why()) from None
-    finally:
-        helper.close()
 
 
 def _progress(total: int, desc: str, enabled: bool | None):
@@ -209,15 +189,16 @@ class _Attempts:
         time.sleep(min(0.1 * 2**self.failures, 5.0))
 
 
-def _retrying(what: str, retries: int, step):
-    attempts = _Attempts(what, retries)
-    while True:
-        try:
-            return step()
-        except (_Dropped, ColabMagicError, OSError) as exc:
-            if isinstance(exc, TransferError):
-                raise
-            attempts.failed(exc, progressed=False)
+def _send_line(helper: _Helper, obj: dict) -> None:
+    helper.write(json.dumps(obj).encode() + b"\n")
+
+
+def _read_line(helper: _Helper) -> dict:
+    raw = helper.readline()
+    try:
+        return json.loads(raw.decode())
+    except ValueError:
+        raise _Dropped(helper._why()) from None
 
 
 def _hash_prefix(f, n: int):
@@ -300,16 +281,34 @@ def upload(
         "is_dir": os.path.isdir(src),
         "files": [{"rel": rel, "size": n} for _, rel, n in files],
     }
-    what = f"upload of {local} to {transport.target}"
-    plan = _retrying(what, retries, lambda: _ask(transport, "plan-put", req))
     total = sum(n for _, _, n in files)
-    peer = bool(plan.get("zstd"))
+    attempts = _Attempts(f"upload of {local} to {transport.target}", retries)
     meter = _compress.RateMeter(slack=SLACK)
+    remaining = list(range(len(files)))
+    moved = [0]  # bytes streamed, to tell a retry that made progress from one that did not
     with _progress(total, f"upload {req['name']}", progress) as bar:
-        done = 0
-        for (path, _, size), info in zip(files, plan["files"], strict=True):
-            _put_file(transport, path, size, info, mode, peer, bar, done, retries, meter)
-            done += size
+        while remaining:
+            before = (len(remaining), moved[0])
+            helper = None
+            try:
+                helper = _Helper(transport, ["put"])
+                _send_line(helper, req)
+                plan = _read_line(helper)
+                peer = bool(plan.get("zstd"))
+                for i in list(remaining):
+                    done = sum(files[j][2] for j in range(i) if j not in remaining)
+                    _put_one(
+                        helper, i, files[i], plan["files"][i], mode, peer, bar, done, meter, moved
+                    )
+                    remaining.remove(i)
+                helper.close_write()
+            except (_Dropped, ColabMagicError, OSError) as exc:
+                if isinstance(exc, TransferError):
+                    raise
+                attempts.failed(exc, progressed=(len(remaining), moved[0]) != before)
+            finally:
+                if helper is not None:
+                    helper.close()
     return total
 
 
@@ -318,70 +317,41 @@ def _check(mode: str | None) -> str:
     return "none" if (mode == "auto" and not _compress.available()) else mode
 
 
-def _put_file(transport, path, size, info, mode, peer, bar, done, retries, meter) -> None:
-    target, part = info["target"], int(info["part"])
-    attempts = _Attempts(f"upload of {path} to {transport.target}:{target}", retries)
-    while True:
-        reached = [part]
-        try:
-            _put_once(transport, path, size, target, part, mode, peer, bar, done, meter, reached)
-            return
-        except (_Dropped, ColabMagicError, OSError) as exc:
-            if isinstance(exc, TransferError):
-                raise
-            attempts.failed(exc, progressed=reached[0] > part)
-        single = {
-            "dest": target,
-            "base": None,
-            "name": posixpath.basename(target),
-            "is_dir": False,
-            "files": [{"rel": "", "size": size}],
-        }
-        replan = _retrying(attempts.what, retries, lambda q=single: _ask(transport, "plan-put", q))
-        part = int(replan["files"][0]["part"])
-
-
-def _put_once(transport, path, size, target, offset, mode, peer, bar, done, meter, reached):
+def _put_one(helper, i, file, info, mode, peer, bar, done, meter, moved) -> None:
+    path = file[0]
     with open(path, "rb") as f:
-        h, got = _hash_prefix(f, offset)
-        if got != offset:
-            h, offset = hashlib.sha256(), 0
-        helper = _Helper(transport, ["put", target, str(size), str(offset), h.hexdigest()])
-        try:
-            start = int(json.loads(helper.readline())["offset"])
-            if start != offset:
-                h = hashlib.sha256()
-            f.seek(start)
-            bar.n = done + start
-            bar.refresh()
-            chooser = _compress.Chooser(mode, meter, peer_zstd=peer)
-            meter.start()
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
-            pos = start
-            while True:
-                n = f.readinto(buf)
-                if not n:
-                    break
-                h.update(view[:n])
-                codec, payload = chooser.encode(view[:n])
-                helper.write(FRAME.pack(codec, memoryview(payload).nbytes))
-                helper.write(payload)
-                meter.delivered(memoryview(payload).nbytes)
-                pos += n
-                reached[0] = pos
-                bar.update(n)
-            digest = h.hexdigest().encode()
-            helper.write(FRAME.pack(END, len(digest)) + digest)
-            helper.close_write()
-            result = json.loads(helper.readline().decode())
-        finally:
-            helper.close()
+        h, offset = _hash_prefix(f, int(info["part"]))
+        _send_line(helper, {"i": i, "offset": offset, "sha": h.hexdigest()})
+        start = int(_read_line(helper)["offset"])
+        if start != offset:
+            h = hashlib.sha256()  # the partial file there did not match: it is redone
+        f.seek(start)
+        bar.n = done + start
+        bar.refresh()
+        chooser = _compress.Chooser(mode, meter, peer_zstd=peer)
+        meter.start()
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            codec, payload = chooser.encode(view[:n])
+            wire = memoryview(payload).nbytes
+            helper.write(FRAME.pack(codec, wire))
+            helper.write(payload)
+            meter.delivered(wire)
+            moved[0] += n
+            bar.update(n)
+        digest = h.hexdigest().encode()
+        helper.write(FRAME.pack(END, len(digest)) + digest)
+        result = _read_line(helper)
     if not result.get("ok"):
         msg = (
-            f"{transport.target}:{target} did not match {path} after the upload (sha256 there "
-            f"{str(result.get('sha256'))[:12]}, {result.get('size')} bytes); the file changed "
-            "while it was being sent, or the copy was corrupted: run the upload again"
+            f"{helper.target}:{info['target']} did not match {path} after the upload (sha256 "
+            f"there {str(result.get('sha256'))[:12]}, {result.get('size')} bytes); the file "
+            "changed while it was being sent, or the copy was corrupted: run the upload again"
         )
         raise TransferError(msg)
 
@@ -404,27 +374,67 @@ def download(
     """
     mode = _check(compress)
     req = {"src": remote, "base": _base(transport, cwd)}
-    what = f"download of {transport.target}:{remote}"
-    plan = _retrying(what, retries, lambda: _ask(transport, "plan-get", req))
-    if plan.get("missing"):
-        msg = f"{remote} does not exist on {transport.target} (looked for {plan['src']})"
-        raise TransferError(msg)
+    attempts = _Attempts(f"download of {transport.target}:{remote}", retries)
+    meter = _compress.RateMeter()
+    plan: dict | None = None
+    targets: list[str] = []
+    remaining: list[int] = []
+    bar = None
+    try:
+        while plan is None or remaining:
+            before = (len(remaining), _sizes(targets))
+            helper = None
+            try:
+                helper = _Helper(transport, ["get", mode])
+                _send_line(helper, req)
+                answer = _read_line(helper)
+                if answer.get("missing"):
+                    where = answer["src"]
+                    msg = f"{remote} does not exist on {transport.target} (looked for {where})"
+                    raise TransferError(msg)
+                if plan is None:
+                    plan = answer
+                    targets = _targets(plan, local)
+                    remaining = list(range(len(targets)))
+                    total = sum(int(f["size"]) for f in plan["files"])
+                    name = posixpath.basename(plan["src"].rstrip("/"))
+                    bar = _progress(total, f"download {name}", progress)
+                sizes = [int(f["size"]) for f in plan["files"]]
+                for i in list(remaining):
+                    done = sum(sizes[j] for j in range(i) if j not in remaining)
+                    _get_one(helper, i, targets[i], plan["files"][i]["path"], bar, done, meter)
+                    remaining.remove(i)
+                helper.close_write()
+            except (_Dropped, ColabMagicError, OSError) as exc:
+                if isinstance(exc, TransferError):
+                    raise
+                attempts.failed(exc, progressed=(len(remaining), _sizes(targets)) != before)
+            finally:
+                if helper is not None:
+                    helper.close()
+    finally:
+        if bar is not None:
+            bar.close()
+    return sum(int(f["size"]) for f in plan["files"])
+
+
+def _targets(plan: dict, local: str | None) -> list[str]:
     name = posixpath.basename(plan["src"].rstrip("/"))
     dest = os.path.abspath(os.path.expanduser(local or name))
     if plan["is_dir"]:
-        targets = [os.path.join(dest, *f["rel"].split("/")) for f in plan["files"]]
         os.makedirs(dest, exist_ok=True)
-    else:
-        if os.path.isdir(dest):
-            dest = os.path.join(dest, name)
-        targets = [dest]
-    total = sum(int(f["size"]) for f in plan["files"])
-    meter = _compress.RateMeter()
-    with _progress(total, f"download {name}", progress) as bar:
-        done = 0
-        for f, target in zip(plan["files"], targets, strict=True):
-            _get_file(transport, f["path"], int(f["size"]), target, mode, bar, done, retries, meter)
-            done += int(f["size"])
+        return [os.path.join(dest, *f["rel"].split("/")) for f in plan["files"]]
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, name)
+    return [dest]
+
+
+def _sizes(targets: list[str]) -> int:
+    """Bytes in the partial files so far (a retry that grew them made progress)."""
+    total = 0
+    for t in targets:
+        with contextlib.suppress(OSError):
+            total += os.path.getsize(part_path(t))
     return total
 
 
@@ -434,61 +444,43 @@ def part_path(target: str) -> str:
     return os.path.join(head, f".{tail}{PART}")
 
 
-def _get_file(transport, rpath, size, target, mode, bar, done, retries, meter) -> None:
+def _get_one(helper, i, target, rpath, bar, done, meter) -> None:
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    attempts = _Attempts(f"download of {transport.target}:{rpath}", retries)
     part = part_path(target)
-    while True:
-        before = os.path.getsize(part) if os.path.exists(part) else 0
-        try:
-            _get_once(transport, rpath, target, part, mode, bar, done, meter)
-            return
-        except (_Dropped, ColabMagicError, OSError) as exc:
-            if isinstance(exc, TransferError):
-                raise
-            after = os.path.getsize(part) if os.path.exists(part) else 0
-            attempts.failed(exc, progressed=after > before)
-
-
-def _get_once(transport, rpath, target, part, mode, bar, done, meter) -> None:
     offset = os.path.getsize(part) if os.path.exists(part) else 0
     with open(part, "r+b" if offset else "w+b") as f:
         h, got = _hash_prefix(f, offset)
-        rate = str(meter.rate or 0)
-        helper = _Helper(transport, ["get", rpath, str(got), h.hexdigest(), mode, rate])
-        try:
-            head = json.loads(helper.readline())
-            start, size = int(head["offset"]), int(head["size"])
-            if start != got:
-                h = hashlib.sha256()
-            f.truncate(start)
-            f.seek(start)
-            bar.n = done + start
-            bar.refresh()
-            meter.start()
-            written = start
-            while True:
-                codec, n = FRAME.unpack(helper.read_exact(FRAME.size))
-                payload = helper.read_exact(n)
-                if codec == END:
-                    expected = payload.decode()
-                    break
-                raw = _compress.decode(codec, payload, CHUNK)
-                f.write(raw)
-                h.update(raw)
-                written += len(raw)
-                meter.delivered(n)
-                bar.update(len(raw))
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            helper.close()
+        _send_line(helper, {"i": i, "offset": got, "sha": h.hexdigest(), "rate": meter.rate or 0})
+        head = _read_line(helper)
+        start, size = int(head["offset"]), int(head["size"])
+        if start != got:
+            h = hashlib.sha256()  # our partial file did not match theirs: redone from 0
+        f.truncate(start)
+        f.seek(start)
+        bar.n = done + start
+        bar.refresh()
+        meter.start()
+        written = start
+        while True:
+            codec, n = FRAME.unpack(helper.read_exact(FRAME.size))
+            payload = helper.read_exact(n)
+            if codec == END:
+                expected = payload.decode()
+                break
+            raw = _compress.decode(codec, payload, CHUNK)
+            f.write(raw)
+            h.update(raw)
+            written += len(raw)
+            meter.delivered(n)
+            bar.update(len(raw))
+        f.flush()
+        os.fsync(f.fileno())
     if h.hexdigest() != expected or written != size:
         os.unlink(part)
         msg = (
-            f"{target} did not match {transport.target}:{rpath} after the download (sha256 "
-            f"here {h.hexdigest()[:12]}, there {expected[:12]}); the copy was corrupted: run "
-            "the download again"
+            f"{target} did not match {helper.target}:{rpath} after the "
+            f"download (sha256 here {h.hexdigest()[:12]}, there {expected[:12]}); the copy was "
+            "corrupted: run the download again"
         )
         raise TransferError(msg)
     os.replace(part, target)

@@ -2,23 +2,24 @@
 
 ``colabmagic/filecopy.py`` runs this file's source with ``python -c SOURCE COMMAND ...`` over an
 SSH exec channel (or as a local subprocess), so it must stay self-contained: standard library,
-plus zstandard when the host has it. Commands:
+plus zstandard when the host has it. Two commands, each a session over stdin/stdout that
+carries a whole tree, so a directory costs one exec and a few round trips per file (JSON lines
+for the dialogue, frames for the data):
 
-``plan-put``  stdin JSON ``{"dest", "base", "name", "is_dir", "files": [{"rel", "size"}]}``:
-              resolve where each file goes and report the size of any partial file left by an
-              earlier, interrupted upload (``.NAME.colabmagic-part`` beside the target).
-``plan-get``  stdin JSON ``{"src", "base"}``: resolve the source; list its files with sizes.
-``put TARGET SIZE OFFSET PREFIX_SHA``
-              verify the partial file's first OFFSET bytes against PREFIX_SHA (else start from 0),
-              print the offset it continues from, then write the frames read from stdin
-              (``!BQ`` codec + length, then the payload; codec 1 = zstd) while hashing; a frame
-              with codec 255 carries the expected sha256: on a match the partial file is renamed
-              to TARGET (atomic) and ``{"ok": true}`` printed, else it is deleted. A stream that
-              ends early keeps the partial file for the next resume.
-``get SOURCE OFFSET PREFIX_SHA MODE RATE``
-              the same, the other way: a JSON line ``{"offset", "size"}``, then frames of the
-              file from that offset (compressed per MODE: none, zstd or auto at RATE bytes/s),
-              then a codec-255 frame with the whole file's sha256.
+``put``   in: the plan request ``{"dest", "base", "name", "is_dir", "files": [{"rel", "size"}]}``;
+          out: where each file goes and the size of any partial file left by an interrupted
+          upload (``.NAME.colabmagic-part`` beside the target). Then per file, in:
+          ``{"i", "offset", "sha"}`` (the sender's sha256 of its first *offset* bytes); the
+          partial file is checked against it (else redone from 0) and the offset used comes
+          back; then frames (``!BQ`` codec + length, payload; codec 1 = zstd) while hashing; a
+          codec-255 frame carries the expected sha256: on a match the partial file is renamed
+          to its target (atomic) and ``{"ok": true}`` comes back, else it is deleted. A stream
+          that ends early keeps the partial file for the next resume.
+``get MODE``
+          in: ``{"src", "base"}``; out: the files under it with sizes. Then per file, in:
+          ``{"i", "offset", "sha", "rate"}``; out: ``{"offset", "size"}`` (0 when the
+          receiver's partial file does not match), the frames from there (compressed per MODE:
+          none, zstd, or auto at *rate* bytes/s), and a codec-255 frame with the file's sha256.
 """
 
 import hashlib
@@ -131,7 +132,34 @@ def _lock(f, timeout=60.0):
             time.sleep(0.05)
 
 
-def put(target, size, offset, prefix_sha):
+def _line(stdin):
+    raw = stdin.readline()
+    return json.loads(raw) if raw.strip() else None
+
+
+def _reply(out, obj):
+    out.write((json.dumps(obj) + "\n").encode())
+    out.flush()
+
+
+def serve_put():
+    stdin, out = sys.stdin.buffer, sys.stdout.buffer
+    req = _line(stdin)
+    plan = plan_put(req)
+    _reply(out, plan)
+    while True:
+        cmd = _line(stdin)
+        if cmd is None:
+            return 0
+        i = int(cmd["i"])
+        size = int(req["files"][i]["size"])
+        result = put(stdin, out, plan["files"][i]["target"], size, int(cmd["offset"]), cmd["sha"])
+        if result is None:
+            return 1  # the link dropped: what was written stays for the next resume
+        _reply(out, result)
+
+
+def put(stdin, out, target, size, offset, prefix_sha):
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     part = part_path(target)
     mode = "r+b" if os.path.exists(part) else "w+b"
@@ -142,19 +170,17 @@ def put(target, size, offset, prefix_sha):
             h, offset = hashlib.sha256(), 0  # the partial file is not what we sent: redo it
         f.truncate(offset)
         f.seek(offset)
-        sys.stdout.write(json.dumps({"offset": offset}) + "\n")
-        sys.stdout.flush()
-        stdin = sys.stdin.buffer
+        _reply(out, {"offset": offset})
         dctx = zstandard.ZstdDecompressor() if zstandard is not None else None
         written = offset
         while True:
             head = _read_exact(stdin, FRAME.size)
             if head is None:
-                return 1  # the link dropped: keep what was written for the next resume
+                return None
             codec, n = FRAME.unpack(head)
             payload = _read_exact(stdin, n)
             if payload is None:
-                return 1
+                return None
             if codec == END:
                 break
             if codec == 1:
@@ -167,11 +193,9 @@ def put(target, size, offset, prefix_sha):
     digest = h.hexdigest()
     if digest == payload.decode() and written == size:
         os.replace(part, target)
-        print(json.dumps({"ok": True}))
-    else:
-        os.unlink(part)
-        print(json.dumps({"ok": False, "sha256": digest, "size": written}))
-    return 0
+        return {"ok": True}
+    os.unlink(part)
+    return {"ok": False, "sha256": digest, "size": written}
 
 
 def _pays(view, rate, cctx):
@@ -184,8 +208,21 @@ def _pays(view, rate, cctx):
     return per_byte + size / len(sample) / rate + per_byte / 3 < 0.9 / rate
 
 
-def get(source, offset, prefix_sha, mode, rate):
-    out = sys.stdout.buffer
+def serve_get(mode):
+    stdin, out = sys.stdin.buffer, sys.stdout.buffer
+    plan = plan_get(_line(stdin))
+    _reply(out, plan)
+    if plan.get("missing"):
+        return 0
+    while True:
+        cmd = _line(stdin)
+        if cmd is None:
+            return 0
+        path = plan["files"][int(cmd["i"])]["path"]
+        get(out, path, int(cmd["offset"]), cmd["sha"], mode, float(cmd.get("rate") or 0))
+
+
+def get(out, source, offset, prefix_sha, mode, rate):
     cctx = zstandard.ZstdCompressor(level=1) if (zstandard and mode != "none") else None
     skip = 0
     with open(source, "rb") as f:
@@ -194,7 +231,7 @@ def get(source, offset, prefix_sha, mode, rate):
         if got != offset or h.hexdigest() != prefix_sha:
             h, offset = hashlib.sha256(), 0
         f.seek(offset)
-        out.write((json.dumps({"offset": offset, "size": size}) + "\n").encode())
+        _reply(out, {"offset": offset, "size": size})
         while True:
             block = f.read(CHUNK)
             if not block:
@@ -215,20 +252,14 @@ def get(source, offset, prefix_sha, mode, rate):
         end = h.hexdigest().encode()
         out.write(FRAME.pack(END, len(end)) + end)
         out.flush()
-    return 0
 
 
 def main(argv):
-    cmd = argv[0]
-    if cmd in ("plan-put", "plan-get"):
-        req = json.load(sys.stdin)
-        print(json.dumps(plan_put(req) if cmd == "plan-put" else plan_get(req)))
-        return 0
-    if cmd == "put":
-        return put(argv[1], int(argv[2]), int(argv[3]), argv[4])
-    if cmd == "get":
-        return get(argv[1], int(argv[2]), argv[3], argv[4], float(argv[5]) or None)
-    sys.stderr.write("unknown command " + repr(cmd) + "\n")
+    if argv[0] == "put":
+        return serve_put()
+    if argv[0] == "get":
+        return serve_get(argv[1])
+    sys.stderr.write("unknown command " + repr(argv[0]) + "\n")
     return 2
 
 
