@@ -40,7 +40,7 @@ DEFAULT_PORT = 22
 _USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,63}$")
 _HOST_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
-)  # noqa: E501
+)
 _FP_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 _EXAMPLE = "colab://root@NAME.trycloudflare.com?via=cloudflared&fp=SHA256:..."
 

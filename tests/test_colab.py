@@ -405,3 +405,69 @@ def test_save_writes_a_host_block_that_plain_targets_use(
     (home / ".ssh" / "config").write_text("Host other\n    HostName x\n")
     with pytest.raises(ParameterError, match="already has a 'Host other'"):
         routes.save(routes.parse(rt.line), "other", rt.info.host_keys[0])
+
+
+# -- snapshots: torch state, damage, names ---------------------------------------------------
+def test_snapshot_of_torch_state_dict_and_tensors(home, colabmagic_root):
+    from colabmagic.session import Session
+    from colabmagic.transport.local import LocalTransport
+
+    a = Session.start(LocalTransport(root=str(colabmagic_root)), name="snap-a")
+    try:
+        a.run(
+            "import torch\ntorch.manual_seed(0)\nnet = torch.nn.Linear(4, 3)\n"
+            "state = net.state_dict()\nw = torch.arange(6.0).reshape(2, 3)\n"
+            "mixed = {'step': 7, 'moments': [torch.ones(2), (torch.zeros(1), 'x')]}"
+        )
+        meta = snapshot.save(a, "torchy", ["state", "w", "mixed"])
+        assert meta["names"] == ["state", "w", "mixed"]
+        assert meta["bytes"] > 6 * 4
+        expected = a.run("print(repr(net.weight.detach().tolist()))", relay=QuietRelay()).stdout
+    finally:
+        a.close()
+    b = Session.start(LocalTransport(root=str(colabmagic_root)), name="snap-b")
+    try:
+        assert snapshot.load(b, "torchy") == ["state", "w", "mixed"]
+        out = b.run(
+            "import torch\nnet = torch.nn.Linear(4, 3)\nprint(net.load_state_dict(state))\n"
+            "print(hasattr(state, '_metadata'), type(state).__name__)\n"
+            "print(repr(net.weight.detach().tolist()))\n"
+            "print(w.sum().item(), mixed['step'], mixed['moments'][0].tolist(),"
+            " mixed['moments'][1][1])",
+            relay=QuietRelay(),
+        ).stdout.splitlines()
+        assert out[0] == "<All keys matched successfully>"
+        assert out[1] == "True OrderedDict"
+        assert out[2] + "\n" == expected
+        assert out[3] == "15.0 7 [1.0, 1.0] x"
+    finally:
+        b.close()
+
+
+def test_snapshot_errors_are_one_line_and_nothing_half_written(home, colabmagic_root, ip):
+    with pytest.raises(ParameterError, match=r"snapshot name '\.\./x' must be"):
+        snapshot.info("../x")
+    with pytest.raises(ParameterError, match=r"no snapshot 'nope' .*there are: none"):
+        snapshot.info("nope")
+    with pytest.raises(UsageError, match="use %colab_snapshot save NAME VAR"):
+        ip.run_line_magic("colab_snapshot", "save")
+    with pytest.raises(UsageError, match="use %colab_snapshot save NAME VAR"):
+        ip.run_line_magic("colab_snapshot", "load a b")
+    from colabmagic.session import Session
+    from colabmagic.transport.local import LocalTransport
+
+    s = Session.start(LocalTransport(root=str(colabmagic_root)), name="snap-err")
+    try:
+        s.run("x = 1\nimport threading\nlock = threading.Lock()")
+        snapshot.save(s, "good", ["x"])
+        with pytest.raises(Exception, match="lock"):  # cannot be pickled: nothing written
+            snapshot.save(s, "good", ["x", "lock"])
+        with pytest.raises(Exception, match="not defined"):
+            snapshot.save(s, "other", ["missing"])
+        assert [r["name"] for r in snapshot.list_snapshots()] == ["good"]
+        frames = home / ".colabmagic" / "snapshots" / "good" / "frames.bin"
+        frames.write_bytes(frames.read_bytes()[:-1])
+        with pytest.raises(Exception, match="truncated"):
+            snapshot.load(s, "good")
+    finally:
+        s.close()

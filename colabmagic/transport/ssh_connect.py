@@ -524,7 +524,7 @@ class ProxyCommand(paramiko.ProxyCommand):
         while True:
             wait = None if self.timeout is None else self.timeout - (time.monotonic() - start)
             if wait is not None and wait <= 0:
-                raise socket.timeout()
+                raise TimeoutError()
             try:
                 ready, _, _ = select.select([out], [], [], wait)
                 if ready:
