@@ -471,3 +471,37 @@ def test_snapshot_errors_are_one_line_and_nothing_half_written(home, colabmagic_
             snapshot.load(s, "good")
     finally:
         s.close()
+
+
+def test_cli_serve_prints_the_one_line_and_stops(home):
+    from click.testing import CliRunner
+
+    from colabmagic.cli import main as cli
+
+    require(sshd_path() is not None, "OpenSSH sshd is not installed (apt install openssh-server)")
+    pub = userkey.create_key()
+    port = _free_port()
+    args = ["serve", "--public-key", pub, "--port", str(port), "--listen", "127.0.0.1"]
+    result = CliRunner().invoke(cli, [*args, "--host", "127.0.0.1", "--no-install"])
+    try:
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert len(lines) == 1
+        route = routes.parse(lines[0])
+        assert (route.via, route.host, route.port) == ("direct", "127.0.0.1", port)
+        assert (
+            list(route.fingerprints)
+            == colab.ServeInfo(
+                alias="x",
+                host="h",
+                port=1,
+                user="u",
+                host_keys=colab.host_keys(str(home / ".colabmagic" / "sshd")),
+            ).fingerprints
+        )
+    finally:
+        stopped = CliRunner().invoke(cli, ["serve", "--stop"])
+    assert stopped.exit_code == 0
+    assert "stopped: [" in stopped.output
+    bad = CliRunner().invoke(cli, ["serve", "--public-key", pub, "--tunnel", "frp"])
+    assert bad.exit_code != 0
