@@ -417,31 +417,52 @@ def test_snapshot_of_torch_state_dict_and_tensors(home, colabmagic_root):
         a.run(
             "import torch\ntorch.manual_seed(0)\nnet = torch.nn.Linear(4, 3)\n"
             "state = net.state_dict()\nw = torch.arange(6.0).reshape(2, 3)\n"
-            "mixed = {'step': 7, 'moments': [torch.ones(2), (torch.zeros(1), 'x')]}"
+            "mixed = {'step': 7, 'moments': [torch.ones(2), (torch.zeros(1), 'x')]}\n"
+            "out = net(torch.ones(1, 4))  # a non-leaf tensor that requires grad"
         )
-        meta = snapshot.save(a, "torchy", ["state", "w", "mixed"])
-        assert meta["names"] == ["state", "w", "mixed"]
+        meta = snapshot.save(a, "torchy", ["state", "w", "mixed", "out"])
+        assert meta["names"] == ["state", "w", "mixed", "out"]
         assert meta["bytes"] > 6 * 4
         expected = a.run("print(repr(net.weight.detach().tolist()))", relay=QuietRelay()).stdout
     finally:
         a.close()
     b = Session.start(LocalTransport(root=str(colabmagic_root)), name="snap-b")
     try:
-        assert snapshot.load(b, "torchy") == ["state", "w", "mixed"]
+        assert snapshot.load(b, "torchy") == ["state", "w", "mixed", "out"]
         out = b.run(
             "import torch\nnet = torch.nn.Linear(4, 3)\nprint(net.load_state_dict(state))\n"
             "print(hasattr(state, '_metadata'), type(state).__name__)\n"
             "print(repr(net.weight.detach().tolist()))\n"
             "print(w.sum().item(), mixed['step'], mixed['moments'][0].tolist(),"
-            " mixed['moments'][1][1])",
+            " mixed['moments'][1][1], out.requires_grad, out.shape == (1, 3))",
             relay=QuietRelay(),
         ).stdout.splitlines()
         assert out[0] == "<All keys matched successfully>"
         assert out[1] == "True OrderedDict"
         assert out[2] + "\n" == expected
-        assert out[3] == "15.0 7 [1.0, 1.0] x"
+        assert out[3] == "15.0 7 [1.0, 1.0] x False True"
     finally:
         b.close()
+
+
+def test_snapshot_moves_cupy_arrays_to_host_memory(home, colabmagic_root):
+    from colabmagic.session import Session
+    from colabmagic.transport.local import LocalTransport
+
+    gpu = Session.start(LocalTransport(root=str(colabmagic_root)), name="snap-gpu", mock_gpu=True)
+    try:
+        gpu.run("import cupy as cp\ng = cp.arange(5) * 2")
+        assert gpu.run("print(type(g).__module__)", relay=QuietRelay()).stdout != "numpy\n"
+        snapshot.save(gpu, "from-gpu", ["g"])
+    finally:
+        gpu.close()
+    cpu = Session.start(LocalTransport(root=str(colabmagic_root)), name="snap-cpu")
+    try:  # a runtime without CuPy gets a NumPy array
+        snapshot.load(cpu, "from-gpu")
+        got = cpu.run("print(type(g).__module__, g.tolist())", relay=QuietRelay()).stdout
+        assert got == "numpy [0, 2, 4, 6, 8]\n"
+    finally:
+        cpu.close()
 
 
 def test_snapshot_errors_are_one_line_and_nothing_half_written(home, colabmagic_root, ip):
