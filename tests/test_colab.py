@@ -230,6 +230,23 @@ def test_print_key_offers_to_create_one(ip, home, capsys):
     assert userkey.public_key() == printed
 
 
+def test_print_key_in_a_notebook_asks_before_creating(ip, home, capsys, monkeypatch):
+    class NotebookKernel:  # stands for ipykernel's kernel when the frontend accepts input()
+        _allow_stdin = True
+
+    asked = []
+    monkeypatch.setattr(ip, "kernel", NotebookKernel(), raising=False)
+    monkeypatch.setattr("builtins.input", lambda prompt: asked.append(prompt) or "n")
+    with pytest.raises(UsageError, match="no SSH key"):
+        ip.run_line_magic("colab_connect", "--print-key")
+    assert asked == ["No SSH key in ~/.ssh. Create ~/.ssh/id_ed25519 (no passphrase)? [y/N] "]
+    assert not (home / ".ssh" / "id_ed25519").exists()
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    ip.run_line_magic("colab_connect", "--print-key")
+    assert capsys.readouterr().out.startswith("ssh-ed25519 ")
+    assert (home / ".ssh" / "id_ed25519").exists()
+
+
 # -- the paste path --------------------------------------------------------------------------------
 def test_paste_path_one_line_connects_and_writes_nothing_to_ssh(
     home, runtimes, colabmagic_root, ip, capsys
