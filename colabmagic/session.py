@@ -36,7 +36,7 @@ from colabmagic.errors import (
 )
 from colabmagic.proxy import Proxy
 from colabmagic.relay import Relay, RemoteDisplay
-from colabmagic.transfer import Channel, TransferStats
+from colabmagic.transfer import COMM_TARGET, Channel, TransferStats  # noqa: F401 - COMM_TARGET: re-exported
 
 log = logging.getLogger("colabmagic.session")
 
@@ -454,6 +454,11 @@ class Session:
             self._refresh_remote_info()
 
     # -- variables (colabmagic.transfer does the work) ----------------------------------------
+    @property
+    def _comm_id(self) -> str | None:
+        """The id of the ``colabmagic`` comm (:data:`COMM_TARGET`) open in the kernel, if any."""
+        return self.bulk.comm_id
+
     def _comm_request(self, op: str, *, buffers=None, timeout: float = 600.0, **data) -> tuple:
         """One request to the kernel-side helper: :meth:`colabmagic.transfer.Channel.request`."""
         return self.bulk.request(op, buffers=buffers, timeout=timeout, **data)
