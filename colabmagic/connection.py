@@ -15,7 +15,8 @@ _LOCAL_TARGETS = (None, "", "local")  # targets that mean "this machine"
 
 
 def make_transport(target: str | None, *, local: bool = False, **options: Any):
-    """The transport for *target*: local for ``--local``/``"local"``, else SSH."""
+    """The transport for *target*: local for ``--local``/``"local"``, a Jupyter server for
+    ``https://...``, else SSH."""
     if local or target in _LOCAL_TARGETS:
         if target not in _LOCAL_TARGETS:
             msg = f"--local and a target ({target!r}) exclude each other; give one of them"
@@ -23,6 +24,15 @@ def make_transport(target: str | None, *, local: bool = False, **options: Any):
         from colabmagic.transport.local import LocalTransport
 
         return LocalTransport(root=options.pop("root", None), python=options.pop("python", None))
+    from colabmagic.transport.jupyter import is_server_url
+
+    if is_server_url(target):
+        from colabmagic.transport.jupyter import JupyterTransport
+
+        if options.pop("python", None):
+            msg = "--python does not apply to a Jupyter server; it runs its kernelspec's Python"
+            raise ParameterError(msg)
+        return JupyterTransport(target, **options)
     from colabmagic.transport.ssh import SSHTransport
 
     return SSHTransport(target, **options)
