@@ -123,7 +123,7 @@ def resolve_token(url: str, *, token_env: str | None = None, prompt: bool = True
             value = keyring.get_password(KEYRING_SERVICE, url)
         except Exception:  # noqa: BLE001 - no keyring, or no backend: fall through
             value = None
-    if not value and prompt:
+    if not value and prompt and _can_prompt():
         import getpass
 
         try:
@@ -137,6 +137,19 @@ def resolve_token(url: str, *, token_env: str | None = None, prompt: bool = True
         )
         raise ConnectError(msg)
     return Token(value.strip())
+
+
+def _can_prompt() -> bool:
+    """A person can answer: a terminal, or an IPython kernel (its getpass asks the frontend)."""
+    import getpass
+    import sys
+
+    if getpass.getpass.__module__ != "getpass":
+        return True
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 class _Rest:
@@ -155,6 +168,7 @@ class _Rest:
         *,
         headers: dict | None = None,
         raw: bool = False,
+        timeout: float | None = None,
     ) -> Any:
         url = self.base + path.lstrip("/")
         data = None if body is None else json.dumps(body).encode()
@@ -166,7 +180,7 @@ class _Rest:
             req.add_header(k, v)
         shown = f"{method} {self.base}{path.lstrip('/').split('?')[0]}"
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:  # noqa: S310
                 payload = resp.read()
         except urllib.error.HTTPError as exc:
             exc.close()
@@ -189,8 +203,8 @@ class _Rest:
             return payload
         return json.loads(payload) if payload else None
 
-    def kernel_model(self, kernel_id: str) -> dict:
-        return self.request("GET", f"api/kernels/{kernel_id}")
+    def kernel_model(self, kernel_id: str, timeout: float | None = None) -> dict:
+        return self.request("GET", f"api/kernels/{kernel_id}", timeout=timeout)
 
     def interrupt(self, kernel_id: str) -> None:
         self.request("POST", f"api/kernels/{kernel_id}/interrupt", {})
@@ -253,8 +267,8 @@ class LinkPipe:
     def failure(self) -> tuple[bool, str]:
         link = self._transport.links.get(self._kernel_id)
         reason = link.reason if link is not None else "the link ended"
-        try:
-            self._transport.rest.kernel_model(self._kernel_id)
+        try:  # quick: the proxy waits for this answer before it reconnects
+            self._transport.rest.kernel_model(self._kernel_id, timeout=3.0)
         except FileNotFoundError:
             return True, f"kernel {self._kernel_id} no longer exists on {self._transport.target}"
         except ConnectError:

@@ -443,10 +443,13 @@ class KernelLink:
                 "idle": False,
                 "seen": False,
                 "resent": False,
+                "att": self.attachments,
             }
             if len(self.outstanding) > _OUTSTANDING_LIMIT:
                 del self.outstanding[next(iter(self.outstanding))]
-        self.upq.append((NAMES[channel], msg))
+        self.upq.append(
+            (NAMES[channel], msg, header.get("msg_id") if channel != wire.STDIN else None)
+        )
         if self._wake is not None:
             self._wake.set()
 
@@ -463,7 +466,7 @@ class KernelLink:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            channel, parts = self.upq[0]
+            channel, parts, msg_id = self.upq[0]
             try:
                 data = att.encode(channel, parts)
                 await att.ws.write_message(data, binary=isinstance(data, bytes))
@@ -472,6 +475,9 @@ class KernelLink:
                 return
             if self.upq and self.upq[0][1] is parts:
                 self.upq.popleft()
+            out = self.outstanding.get(msg_id)
+            if out is not None:
+                out["att"] = self.attachments  # the connection its reply is routed to
 
     async def _send_own(self, att: Attachment, channel: str, msg_type: str, content: dict):
         """Send a request of our own; returns a future for its reply ``(header, content, bufs)``."""
@@ -514,10 +520,27 @@ class KernelLink:
                 log.warning("kernel %s: dropping a malformed websocket message", self.kernel_id)
                 continue
             item = (header.get(SEQ), channel, parts, header, parent)
-            if att.recovering:
+            if att.recovering and parent.get("msg_id") not in self.own_ids:
+                att.buffered.append(item)  # held until the journal's answer is merged
+            elif self._reply_went_astray(channel, header, parent, parts):
+                # A request sent on a websocket that is gone finished: the server routed its
+                # reply to that dead connection. The journal has it: fetch, then deliver in order.
                 att.buffered.append(item)
+                att.recovering = True
+                self._spawn(self._guard(att, self._fetch_journal(att)))
             else:
                 self._accept(*item)
+
+    def _reply_went_astray(self, channel: str, header: dict, parent: dict, parts: list) -> bool:
+        if self.mode != "journal" or channel != "iopub" or header.get("msg_type") != "status":
+            return False
+        out = self.outstanding.get(parent.get("msg_id"))
+        return (
+            out is not None
+            and not out["replied"]
+            and out["att"] < self.attachments
+            and b'"idle"' in bytes(parts[3])
+        )
 
     def _accept(self, seq, channel: str, parts: list, header: dict, parent: dict) -> None:
         """One message from the kernel: drop duplicates, answer our own, deliver the rest."""
@@ -623,9 +646,16 @@ class KernelLink:
         """After a reconnect: fetch what the dropped websocket lost, then resume delivery."""
         pending = [k for k, v in self.outstanding.items() if not v["replied"] or not v["idle"]]
         if self.mode == "journal":
+            await self._fetch_journal(att)
+        if pending:
+            await self._settle(att, pending)
+
+    async def _fetch_journal(self, att: Attachment) -> None:
+        """Ask the journal for every message we lack; merge it with what arrived meanwhile."""
+        if self.mode == "journal":
             att.recovering = True
             try:
-                request = {"after": self.low, "have": ranges(self.seen), "parents": pending}
+                request = {"after": self.low, "have": ranges(self.seen), "parents": []}
                 _, reply, bufs = await self._ask(att, "control", JOURNAL_REQUEST, request, 30.0)
             except asyncio.TimeoutError:
                 log.warning("kernel %s: the journal did not answer", self.kernel_id)
@@ -656,8 +686,6 @@ class KernelLink:
             last = int(reply.get("last", self.low))
             self.low = max(self.low, last)
             self.seen = {s for s in self.seen if s > self.low}
-        if pending:
-            await self._settle(att, pending)
 
     async def _settle(self, att: Attachment, pending: list) -> None:
         """Requests sent before the drop and still unanswered: make sure none waits forever."""
@@ -690,22 +718,23 @@ class KernelLink:
             # request itself was lost on the way: send it again (the kernel is idle).
             out["resent"] = True
             self.outstanding[msg_id] = out
-            self.upq.append((out["channel"], out["parts"]))
+            self.upq.append((out["channel"], out["parts"], msg_id))
             self._wake.set()
             return
         if not out["replied"]:
             reply_type = header.get("msg_type", "execute_request").replace("_request", "_reply")
-            content = {
-                "status": "error",
+            error = {
                 "ename": "OutputLost",
                 "evalue": (
                     "the link to the Jupyter server dropped and the server did not keep this "
                     "request's output; the kernel has finished it (rerun it if needed)"
                 ),
                 "traceback": [],
-                "execution_count": None,
             }
             self.lost += 1
+            if reply_type == "execute_reply":
+                self._synth("iopub", "error", error, header)
+            content = {"status": "error", **error, "execution_count": None}
             self._synth(out["channel"], reply_type, content, header)
         if not out["idle"] and out["channel"] == "shell":
             self._synth("iopub", "status", {"execution_state": "idle"}, header)
