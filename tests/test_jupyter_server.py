@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import colabmagic
-from colabmagic.errors import ConnectError, ParameterError
+from colabmagic.errors import ConnectError, ParameterError, TransferError
 from colabmagic.relay import Relay
 from colabmagic.testing import require, wait_until
 from colabmagic.testing_jupyter import jupyter_server
@@ -254,6 +254,37 @@ def test_output_across_a_drop(case, journal, server, token_env):
             assert s.run("print('after')").stdout == "after\n"
             mode = s.transport.delivery(s.kernel_id)
             assert mode.startswith("exactly-once" if journal else "server buffer")
+
+
+# -- files ----------------------------------------------------------------------------------
+def test_upload_and_download_resume_after_drops(server, token_env, tmp_path):
+    rng = np.random.default_rng(7)
+    data = rng.bytes((20 << 20) + 12345)  # three 8 MiB chunks
+    src = tmp_path / "data.bin"
+    src.write_bytes(data)
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_text("alpha")
+    (tree / "sub" / "b.txt").write_text("beta")
+    with WanRelay(("127.0.0.1", server.port)) as wan:
+        with session(f"http://127.0.0.1:{wan.port}/", ping_interval=0.5) as s:
+            wan.cut_after(14 << 20)  # inside the second chunk's request
+            assert s.upload(str(src), "up/data.bin") == len(data)
+            assert (server.root / "up" / "data.bin").read_bytes() == data
+            assert s.run("print(len(open('up/data.bin', 'rb').read()))").stdout == f"{len(data)}\n"
+            wan.cut_after(10 << 20)  # inside the second range of the download
+            back = tmp_path / "back.bin"
+            assert s.download("up/data.bin", str(back)) == len(data)
+            assert back.read_bytes() == data
+            assert not (tmp_path / "back.bin.part").exists()
+            assert s.upload(str(tree), "t") == 9
+            assert (server.root / "t" / "sub" / "b.txt").read_text() == "beta"
+            assert s.download("t", str(tmp_path / "t2")) == 9
+            assert (tmp_path / "t2" / "sub" / "b.txt").read_text() == "beta"
+            with pytest.raises(TransferError, match="relative to the Jupyter server's root"):
+                s.upload(str(src), "/etc/data.bin")
+            with pytest.raises(TransferError, match="does not exist on the server"):
+                s.download("nothing/here", str(tmp_path / "x"))
 
 
 # -- the token stays secret ---------------------------------------------------------------------

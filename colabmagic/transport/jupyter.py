@@ -480,6 +480,10 @@ class JupyterTransport:
                 link._end(link.current, "the transport was closed")
         for _ in range(3):
             await asyncio.sleep(0)
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def close(self) -> None:
         if self._loop is not None:

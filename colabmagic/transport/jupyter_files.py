@@ -83,6 +83,9 @@ def upload(rest, local: str, remote: str | None, *, chunk: int = CHUNK) -> int:
     existing = _retrying("checking the destination", _model, rest, dest) if dest else None
     if dest == "" or (existing and existing.get("type") == "directory"):
         dest = posixpath.join(dest, os.path.basename(src.rstrip("/")))
+    parent = posixpath.dirname(dest)
+    if parent:
+        _makedirs(rest, parent)
     if os.path.isfile(src):
         return upload_file(rest, src, dest, chunk=chunk)
     total = 0
@@ -94,6 +97,13 @@ def upload(rest, local: str, remote: str | None, *, chunk: int = CHUNK) -> int:
         for name in sorted(files):
             total += upload_file(rest, os.path.join(root, name), posixpath.join(base, name))
     return total
+
+
+def _makedirs(rest, path: str) -> None:
+    """Create *path* and its missing parents on the server."""
+    parts = path.split("/")
+    for i in range(1, len(parts) + 1):
+        _mkdir(rest, "/".join(parts[:i]))
 
 
 def _mkdir(rest, path: str) -> None:
