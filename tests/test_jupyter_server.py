@@ -114,6 +114,11 @@ def test_run_push_pull_and_subprotocol(which, server, request, monkeypatch):
         s.push(a=a)
         s.run("b = a * 2")
         np.testing.assert_array_equal(s.pull("b"), a * 2)
+        # Over the server's 10 MiB websocket message limit: sent in parts, reassembled there.
+        big = np.arange(3 << 20, dtype=np.float64)  # 24 MiB
+        s.push(big=big)
+        assert s.run("print(int(big.sum()))").stdout == f"{int(big.sum())}\n"
+        np.testing.assert_array_equal(s.pull("big"), big)
         assert s.transport.delivery(s.kernel_id).startswith("exactly-once")
         # A client-side error: the remote traceback comes back as usual.
         r = s.run("1/0", raise_on_error=False)
@@ -271,11 +276,13 @@ def test_upload_and_download_resume_after_drops(server, token_env, tmp_path):
             wan.cut_after(14 << 20)  # inside the second chunk's request
             assert s.upload(str(src), "up/data.bin") == len(data)
             assert (server.root / "up" / "data.bin").read_bytes() == data
+            wait_until(lambda: s.proxy.reconnects >= 1, timeout=60, what="the cut to happen")
             assert s.run("print(len(open('up/data.bin', 'rb').read()))").stdout == f"{len(data)}\n"
             wan.cut_after(10 << 20)  # inside the second range of the download
             back = tmp_path / "back.bin"
             assert s.download("up/data.bin", str(back)) == len(data)
             assert back.read_bytes() == data
+            wait_until(lambda: s.proxy.reconnects >= 2, timeout=60, what="the second cut")
             assert not (tmp_path / "back.bin.part").exists()
             assert s.upload(str(tree), "t") == 9
             assert (server.root / "t" / "sub" / "b.txt").read_text() == "beta"

@@ -55,6 +55,8 @@ _SEEN_LIMIT = 20000
 _IDS_LIMIT = 50000
 _OUTSTANDING_LIMIT = 10000
 NO_REPLY = ("comm_open", "comm_msg", "comm_close")  # shell messages answered by status only
+PART = "colabmagic_part"
+PART_BYTES = 8 << 20  # a server refuses websocket messages over 10 MiB unless configured
 
 
 # -- websocket message codecs -------------------------------------------------------------------
@@ -172,6 +174,7 @@ def bootstrap_source(*, mock_gpu: bool, journal: bool, env: dict | None) -> str:
     code = ["def __colabmagic_boot():", "    import os, sys, types"]
     code.append(f"    os.environ.update({extra!r})")
     code += module("_colabmagic_kernel", "remote/kernel_ext.py", "install")
+    code += module("_colabmagic_reassembly", "remote/reassembly.py", "install")
     if journal:
         code += module("_colabmagic_journal", "remote/journal.py", "install")
     if mock_gpu:
@@ -262,6 +265,7 @@ class KernelLink:
         self.attachments = 0
         self.current: Attachment | None = None
         self.restarting = False
+        self.reassembly = False  # the kernel takes large messages in parts
         self._wake: asyncio.Event | None = None
         self._tasks: set = set()
 
@@ -468,8 +472,9 @@ class KernelLink:
                 continue
             channel, parts, msg_id = self.upq[0]
             try:
-                data = att.encode(channel, parts)
-                await att.ws.write_message(data, binary=isinstance(data, bytes))
+                for piece in self._split(channel, parts):
+                    data = att.encode(channel, piece)
+                    await att.ws.write_message(data, binary=isinstance(data, bytes))
             except Exception as exc:  # noqa: BLE001 - a closed websocket: keep it queued
                 self._end(att, f"websocket write failed ({type(exc).__name__})")
                 return
@@ -478,6 +483,44 @@ class KernelLink:
             out = self.outstanding.get(msg_id)
             if out is not None:
                 out["att"] = self.attachments  # the connection its reply is routed to
+
+    def _split(self, channel: str, parts: list) -> list[list]:
+        """A large shell message as ``colabmagic_part`` messages the kernel reassembles."""
+        sizes = [memoryview(b).nbytes for b in parts[4:]]
+        if channel != "shell" or sum(sizes) <= PART_BYTES or not self.reassembly:
+            return [parts]
+        groups: list[list] = [[]]
+        room = PART_BYTES
+        for buf in parts[4:]:
+            view = memoryview(buf).cast("B")
+            while len(view):
+                if not room:
+                    groups.append([])
+                    room = PART_BYTES
+                take = view[:room]
+                groups[-1].append(take)
+                view = view[len(take) :]
+                room -= len(take)
+        header = json.loads(bytes(parts[0]))
+        pieces = []
+        for i, group in enumerate(groups):
+            last = i == len(groups) - 1
+            content = {"id": header.get("msg_id"), "first": i == 0, "last": last}
+            if last:  # it answers for the original request: same msg_id
+                head = dict(header, msg_type=PART)
+                content.update(
+                    header=header,
+                    metadata=json.loads(bytes(parts[2])),
+                    content=json.loads(bytes(parts[3])),
+                    sizes=sizes,
+                )
+            else:
+                head = new_header(PART, header.get("session", self.session_id))
+                self.own_ids[head["msg_id"]] = None
+            pieces.append([_dumps(head), bytes(parts[1]), b"{}", _dumps(content), *group])
+        while len(self.own_ids) > 512 + len(groups):
+            self.own_ids.popitem(last=False)
+        return pieces
 
     async def _send_own(self, att: Attachment, channel: str, msg_type: str, content: dict):
         """Send a request of our own; returns a future for its reply ``(header, content, bufs)``."""
@@ -631,6 +674,7 @@ class KernelLink:
             _, reply, _ = await self._ask(att, "shell", "execute_request", content, 120.0)
             if reply.get("status") != "ok":
                 log.error("kernel %s: bootstrap failed: %s", self.kernel_id, reply.get("evalue"))
+            self.reassembly = reply.get("status") == "ok"
             last = (reply.get("user_expressions") or {}).get("last") or {}
             if last.get("status") == "ok":
                 journal = True
