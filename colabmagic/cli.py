@@ -153,9 +153,13 @@ def kernels(target: str, as_json: bool, **ssh: object) -> None:
     They outlive disconnects: attach with %colab_connect TARGET --attach ID.
     """
     from colabmagic.connection import make_transport
+    from colabmagic.transport.jupyter import is_server_url
 
     if target == "local":
         transport = make_transport(None, local=True, root=ssh.get("root"))
+    elif is_server_url(target):
+        keep = ("token_env", "connect_timeout")
+        transport = make_transport(target, **{k: ssh[k] for k in keep if ssh.get(k) is not None})
     else:
         transport = make_transport(target, **{k: v for k, v in ssh.items() if v is not None})
     try:

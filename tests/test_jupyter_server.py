@@ -168,6 +168,29 @@ def test_attach_to_a_running_kernel(server, token_env):
         assert s.run("print(kept)").stdout == "yes\n"
 
 
+def test_cli_kernels_and_status_show_the_server_kernel(server, token_env, capsys):
+    from click.testing import CliRunner
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from colabmagic.cli import main
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "colabmagic")
+    ip.run_line_magic("colab_connect", f"{server.url} --name js")
+    try:
+        session = colabmagic.session.registry.get("js")
+        result = CliRunner().invoke(main, ["kernels", server.url, "--json"])
+        assert result.exit_code == 0, result.output
+        assert session.kernel_id in [k["id"] for k in json.loads(result.output)]
+        capsys.readouterr()
+        ip.run_line_magic("colab_status", "js --json")
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["target"] == server.url
+        assert row["delivery"] == "exactly-once (kernel journal)"
+    finally:
+        ip.run_line_magic("colab_disconnect", "js")
+
+
 def test_missing_kernel_and_bad_token_are_one_line_errors(server, monkeypatch):
     monkeypatch.setenv("JUPYTER_TOKEN", "not-the-token")
     with pytest.raises(ConnectError, match="refused the token"):
