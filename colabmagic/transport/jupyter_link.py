@@ -266,6 +266,7 @@ class KernelLink:
         self.current: Attachment | None = None
         self.restarting = False
         self.reassembly = False  # the kernel takes large messages in parts
+        self._writing = False
         self._wake: asyncio.Event | None = None
         self._tasks: set = set()
 
@@ -451,9 +452,10 @@ class KernelLink:
             }
             if len(self.outstanding) > _OUTSTANDING_LIMIT:
                 del self.outstanding[next(iter(self.outstanding))]
-        self.upq.append(
-            (NAMES[channel], msg, header.get("msg_id") if channel != wire.STDIN else None)
-        )
+        item = (NAMES[channel], msg, header.get("msg_id") if channel != wire.STDIN else None)
+        if self._write_now(item):
+            return
+        self.upq.append(item)
         if self._wake is not None:
             self._wake.set()
 
@@ -471,6 +473,7 @@ class KernelLink:
                 await self._wake.wait()
                 continue
             channel, parts, msg_id = self.upq[0]
+            self._writing = True
             try:
                 for piece in self._split(channel, parts):
                     data = att.encode(channel, piece)
@@ -478,11 +481,37 @@ class KernelLink:
             except Exception as exc:  # noqa: BLE001 - a closed websocket: keep it queued
                 self._end(att, f"websocket write failed ({type(exc).__name__})")
                 return
+            finally:
+                self._writing = False
             if self.upq and self.upq[0][1] is parts:
                 self.upq.popleft()
             out = self.outstanding.get(msg_id)
             if out is not None:
                 out["att"] = self.attachments  # the connection its reply is routed to
+
+    def _write_now(self, item: tuple) -> bool:
+        """Write a small message at once when nothing is queued (saves a loop turn per cell)."""
+        att = self.current
+        if att is None or att.done.done() or not self.ready or self.upq or self._writing:
+            return False
+        channel, parts, msg_id = item
+        if channel == "shell" and sum(memoryview(p).nbytes for p in parts) > PART_BYTES:
+            return False
+        try:
+            data = att.encode(channel, parts)
+            fut = att.ws.write_message(data, binary=isinstance(data, bytes))
+        except Exception:  # noqa: BLE001 - a closed websocket: the queue path reports it
+            return False
+
+        def written(f) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                self._end(att, f"websocket write failed ({type(f.exception()).__name__})")
+
+        fut.add_done_callback(written)
+        out = self.outstanding.get(msg_id)
+        if out is not None:
+            out["att"] = self.attachments
+        return True
 
     def _split(self, channel: str, parts: list) -> list[list]:
         """A large shell message as ``colabmagic_part`` messages the kernel reassembles."""
