@@ -144,6 +144,8 @@ class ColabMagics(Magics):
     @argument("--proxy", metavar="CMD", help="ssh ProxyCommand")
     @argument("--accept-new-host-key", action="store_true", help="record an unknown host key")
     @argument("--connect-timeout", type=float, help="seconds (default: config)")
+    @argument("--token-env", metavar="VAR", help="Jupyter server: token variable (JUPYTER_TOKEN)")
+    @argument("--kernel-name", metavar="SPEC", help="Jupyter server: kernelspec to start")
     @argument("--save", metavar="ALIAS", help="colab:// line: also write ~/.ssh/config")
     @argument("--print-key", action="store_true", help="print your public key to paste in Colab")
     @argument("--create", action="store_true", help="with --print-key: create a key if none")
@@ -163,6 +165,7 @@ class ColabMagics(Magics):
             %colab_connect user@10.0.0.5:2222 --name big
             %colab_connect --restart               # fresh kernel, same session
             %colab_connect gpu-box --attach 20261128-101500-ab12cd
+            %colab_connect https://hub.example.org/user/me/   # a Jupyter server, no SSH
         """
         args = parse_argstring(self.colab_connect, line)
         if args.print_key:
@@ -184,6 +187,8 @@ class ColabMagics(Magics):
                 "identity": args.identity,
                 "proxy_command": args.proxy,
                 "accept_new_host_key": args.accept_new_host_key or None,
+                "token_env": args.token_env,
+                "kernel_name": args.kernel_name,
             }.items()
             if v is not None
         }
@@ -479,12 +484,14 @@ class ColabMagics(Magics):
         from colabmagic import linkstate
 
         rows = [linkstate.status(s) for s in sessions]
-        for r in rows:
+        for r, s in zip(rows, sessions, strict=True):
             r["current"] = "*" if r["name"] == registry.current else ""
+            r["delivery"] = _delivery(s)
         if args.json:
             print(json.dumps(rows, indent=1))
             return None
         cols = ["current", "name", "target", "state", "kernel_pid", "python", "gpu", "latency_ms"]
+        cols.append("delivery")
         return _Table(rows, cols)
 
     @magic_arguments()
@@ -531,3 +538,11 @@ class ColabMagics(Magics):
         self.started.discard(session.name)
         kept = f" (kernel {session.kernel_id} keeps running)" if args.keep else ""
         print(f"disconnected {session.name!r}{kept}")
+
+
+def _delivery(session) -> str:
+    """How output survives drops for *session*: the agent's log, or a Jupyter server's mode."""
+    delivery = getattr(session.transport, "delivery", None)
+    if delivery is None:
+        return "exactly-once (agent log)"
+    return delivery(session.kernel_id) or "starting"
