@@ -1,0 +1,701 @@
+"""Project sync: mirror a local directory into the remote kernel's host, changed files only.
+
+::
+
+    from colabmagic import sync
+    s = colabmagic.connect("gpu-box")
+    sync.sync(s, "~/proj", "proj", autoreload=True)   # up: edits, new files, renames, deletes
+    sync.sync(s, "~/proj", "proj", down=True)         # down: the host's outputs come back
+
+**What is compared.** The local side lists the project (``git ls-files --cached --others
+--exclude-standard`` in a git work tree, so ``.gitignore``, ``.git/info/exclude`` and the global
+excludes apply exactly as git applies them; elsewhere ``.gitignore`` files through ``pathspec``),
+drops ``--exclude`` patterns (gitignore syntax) and ``.git``/``__pycache__``/``*.pyc``, and sends
+one request carrying ``(path, size, mtime_ns)`` for every file. The kernel answers with what
+differs: files whose size or mtime moved since the last sync, hashed (sha256) only when the sizes
+agree. A sync where nothing changed is that one request and its answer, with no file data.
+
+**What is owned.** ``REMOTE_DIR/.colabmagic-sync.json`` records each file a sync wrote (see
+:mod:`colabmagic.remote.sync_kernel`). Only those are deleted when they disappear locally, and only
+if nobody changed them on the host since; files the user made on the host are never deleted. A
+rename is a delete plus a new file with the same hash: the host moves the file, nothing is sent.
+
+**How data moves.** Through the session's own paths: up to 512 KiB of changed files inline with
+the request that applies them, more in pushed batches of up to 32 MiB (``Session.push``), and files
+of 32 MiB or more one by one through ``Session.upload``/``Session.download`` (verified by sha256).
+Every write is atomic (temporary name, then rename) on both sides.
+
+**Down.** ``down=True`` lists REMOTE_DIR, applies the same ignore rules, and fetches files that are
+new or changed on the host, except the ones an up-sync put there unchanged. A local file is
+overwritten only when it has not changed since sync last wrote it (here or there); otherwise it is
+kept and reported as a conflict. Files a previous ``down`` brought are deleted here when they are
+gone there and unchanged here; the record lives in ``~/.colabmagic/sync``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import weakref
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from colabmagic.errors import ParameterError, TransferError
+from colabmagic.relay import QuietRelay
+from colabmagic.remote import sync_kernel as _kernel
+
+INLINE_LIMIT = 512 * 1024
+BATCH_LIMIT = 32 * 1024 * 1024
+BIG_FILE = 32 * 1024 * 1024
+STATE_DIR = "~/.colabmagic/sync"
+ALWAYS_EXCLUDED = (".git/", "__pycache__/", "*.py[co]", ".ipynb_checkpoints/", ".colabmagic-sync*")
+
+_SOURCE = Path(_kernel.__file__).read_bytes()
+_MODULE = "_colabmagic_sync_" + hashlib.sha256(_SOURCE).hexdigest()[:12]
+_PACKED = base64.b64encode(zlib.compress(_SOURCE, 9)).decode()
+_BOOT = (
+    "import sys, types, zlib, base64\n"
+    "m = sys.modules.get(NAME)\n"
+    "if m is None:\n"
+    "    m = types.ModuleType(NAME)\n"
+    "    exec(compile(zlib.decompress(base64.b64decode(SRC)), '<colabmagic sync>', 'exec'),"
+    " m.__dict__)\n"
+    "    sys.modules[NAME] = m\n"
+    "m.main(OP, PAYLOAD)\n"
+)
+
+
+@dataclass
+class SyncResult:
+    """What one sync did. ``requests`` counts the session calls it made (each one round trip)."""
+
+    direction: str
+    local_dir: str
+    remote_dir: str
+    files: int = 0
+    sent: list[str] = field(default_factory=list)
+    renamed: list[tuple[str, str]] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    touched: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    bytes: int = 0
+    requests: int = 0
+    same_dir: bool = False
+
+    @property
+    def changed(self) -> bool:
+        """True when a file was written, renamed or deleted."""
+        return bool(self.sent or self.renamed or self.deleted)
+
+    def summary(self) -> str:
+        """One line for people, e.g. ``synced ./proj -> /srv/proj: 2 sent (1.2 kB), ...``."""
+        arrow = "->" if self.direction == "up" else "<-"
+        head = f"synced {self.local_dir} {arrow} {self.remote_dir}"
+        if self.same_dir:
+            return f"{head}: the same directory (a kernel on this machine); nothing to do"
+        verb = "sent" if self.direction == "up" else "fetched"
+        parts = [f"{len(self.sent)} {verb} ({_size(self.bytes)})"]
+        parts += [f"{len(self.renamed)} renamed"] if self.renamed else []
+        parts += [f"{len(self.deleted)} deleted"] if self.deleted else []
+        unchanged = self.files - len(self.sent) - len(self.renamed)
+        parts.append(f"{max(unchanged, 0)} unchanged")
+        if self.kept:
+            where = "on the host" if self.direction == "up" else "here"
+            parts.append(f"{len(self.kept)} not deleted (changed {where}: {_few(self.kept)})")
+        if self.conflicts:
+            parts.append(
+                f"{len(self.conflicts)} kept here (changed on both sides: {_few(self.conflicts)})"
+            )
+        return f"{head}: {', '.join(parts)}"
+
+
+def _few(paths: list[str]) -> str:
+    return ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class _File:
+    path: str
+    size: int
+    mtime_ns: int
+    mode: int
+
+
+def _stat(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns] if os.path.isfile(path) else None
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class IgnoreRules:
+    """Which paths under *root* a sync skips: ``.gitignore`` (git's own rules), *exclude*, junk.
+
+    Parameters
+    ----------
+    root
+        The local project directory.
+    exclude
+        Extra patterns in gitignore syntax (``data/``, ``*.ckpt``, ``/notes.md``).
+    gitignore
+        Honour ``.gitignore`` (default).
+    """
+
+    def __init__(self, root: str, exclude: tuple[str, ...] = (), *, gitignore: bool = True):
+        import pathspec
+
+        self.root = root
+        self.gitignore = gitignore
+        self._exclude = pathspec.GitIgnoreSpec.from_lines([*ALWAYS_EXCLUDED, *exclude])
+        self.git = gitignore and _in_git(root)
+
+    def excluded(self, rel: str) -> bool:
+        """True for a path the exclude patterns (or the always-excluded junk) name."""
+        return self._exclude.match_file(rel)
+
+    def files(self) -> dict[str, _File]:
+        """The project's files, keyed by POSIX path relative to *root*."""
+        if self.git:
+            out = subprocess.run(
+                [
+                    "git",
+                    "-C",
+                    self.root,
+                    "ls-files",
+                    "-z",
+                    "--cached",
+                    "--others",
+                    "--exclude-standard",
+                ],
+                capture_output=True,
+                check=True,
+            ).stdout
+            rels = sorted({r for r in out.decode("utf-8", "surrogateescape").split("\0") if r})
+        else:
+            rels = self._walk()
+        found = {}
+        for rel in rels:
+            if self.excluded(rel):
+                continue
+            path = os.path.join(self.root, rel)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # deleted but still in git's index, or a broken symlink
+            if os.path.isfile(path):
+                found[rel] = _File(path, st.st_size, st.st_mtime_ns, st.st_mode & 0o777)
+        return found
+
+    def _walk(self) -> list[str]:
+        specs: list[tuple[str, Any]] = []
+        rels = []
+        for top, dirs, names in os.walk(self.root):
+            rel_top = os.path.relpath(top, self.root).replace(os.sep, "/")
+            rel_top = "" if rel_top == "." else rel_top + "/"
+            if self.gitignore and ".gitignore" in names:
+                specs.append((rel_top, _spec(os.path.join(top, ".gitignore"))))
+            keep = []
+            for d in sorted(dirs):
+                rel = rel_top + d + "/"
+                if not self.excluded(rel) and not _ignored_by(specs, rel):
+                    keep.append(d)
+            dirs[:] = keep
+            rels += [rel_top + n for n in names if not _ignored_by(specs, rel_top + n)]
+        return rels
+
+    def ignored(self, rels: list[str]) -> set[str]:
+        """The subset of *rels* (paths that need not exist here) the rules skip."""
+        out = {r for r in rels if self.excluded(r)}
+        rest = [r for r in rels if r not in out]
+        if not self.gitignore or not rest:
+            return out
+        if self.git:
+            proc = subprocess.run(
+                ["git", "-C", self.root, "check-ignore", "--stdin", "-z"],
+                input="\0".join(rest).encode("utf-8", "surrogateescape"),
+                capture_output=True,
+                check=False,
+            )
+            if proc.returncode not in (0, 1):
+                msg = f"git check-ignore failed in {self.root}: {proc.stderr.decode().strip()}"
+                raise TransferError(msg)
+            return out | {
+                r for r in proc.stdout.decode("utf-8", "surrogateescape").split("\0") if r
+            }
+        specs = []
+        for top, _, names in os.walk(self.root):
+            if ".gitignore" in names:
+                rel_top = os.path.relpath(top, self.root).replace(os.sep, "/")
+                specs.append(("" if rel_top == "." else rel_top + "/", _spec(f"{top}/.gitignore")))
+        return out | {r for r in rest if _ignored_by(specs, r, parents=True)}
+
+
+def _spec(path: str):
+    import pathspec
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return pathspec.GitIgnoreSpec.from_lines(f)
+
+
+def _ignored_by(specs: list, rel: str, *, parents: bool = False) -> bool:
+    """gitignore semantics over nested ``.gitignore`` files: the deepest decision wins."""
+    candidates = [rel]
+    if parents:  # a path that need not exist here: an ignored parent directory ignores it
+        parts = rel.split("/")
+        candidates = ["/".join(parts[:i]) + "/" for i in range(1, len(parts))] + [rel]
+    for cand in candidates:
+        verdict = None
+        for base, spec in specs:
+            if cand.startswith(base) and cand != base:
+                result = spec.check_file(cand[len(base) :])
+                if result.include is not None:
+                    verdict = result.include
+        if verdict:
+            return True
+    return False
+
+
+def _in_git(root: str) -> bool:
+    try:
+        proc = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--is-inside-work-tree"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:  # git is not installed: .gitignore through pathspec
+        return False
+    return proc.returncode == 0 and proc.stdout.strip() == "true"
+
+
+class Syncer:
+    """Sync one local directory with one directory on the session's host.
+
+    Parameters
+    ----------
+    session
+        A connected :class:`~colabmagic.session.Session`.
+    local_dir
+        The project here (default: the current directory).
+    remote_dir
+        Where it goes on the host; relative paths are relative to the kernel's working directory
+        (default: the kernel's working directory itself). It is put on the kernel's ``sys.path``.
+    exclude
+        Extra patterns to skip, in gitignore syntax.
+    gitignore
+        Honour ``.gitignore`` (default True).
+    autoreload
+        Enable IPython's autoreload (``%autoreload 2``) in the kernel, so modules that changed are
+        reloaded before the next cell runs.
+    state_dir
+        Where ``down`` records what it brought here (default ``~/.colabmagic/sync``).
+    """
+
+    def __init__(
+        self,
+        session,
+        local_dir: str = ".",
+        remote_dir: str | None = None,
+        *,
+        exclude: tuple[str, ...] | list[str] = (),
+        gitignore: bool = True,
+        autoreload: bool = False,
+        state_dir: str | None = None,
+    ):
+        local = os.path.abspath(os.path.expanduser(local_dir))
+        if not os.path.isdir(local):
+            what = "is not a directory" if os.path.exists(local) else "does not exist"
+            msg = f"LOCAL_DIR {local} {what}; give the project directory, e.g. %colab_sync . proj"
+            raise ParameterError(msg)
+        if remote_dir is not None and not remote_dir.strip():
+            msg = "REMOTE_DIR is empty; give a directory on the host, e.g. proj or ~/proj"
+            raise ParameterError(msg)
+        bad = [p for p in exclude if not str(p).strip()]
+        if bad:
+            msg = "--exclude needs a pattern in gitignore syntax, e.g. --exclude 'data/'"
+            raise ParameterError(msg)
+        self.session = session
+        self.local_dir = local
+        self.remote_dir = remote_dir
+        self.exclude = tuple(exclude)
+        self.gitignore = gitignore
+        self.autoreload = autoreload
+        self.state_dir = os.path.expanduser(state_dir or STATE_DIR)
+        st = os.stat(local)
+        self._local_id = {"host": socket.gethostname(), "id": [st.st_dev, st.st_ino]}
+        self._requests = 0
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _call(self, op: str, payload: dict) -> dict:
+        """One request to the kernel-side helper: one ``Session.run``, one round trip."""
+        packed = base64.b64encode(zlib.compress(json.dumps(payload).encode(), 6)).decode()
+        names = {"NAME": _MODULE, "SRC": _PACKED, "OP": op, "PAYLOAD": packed}
+        code = f"exec({_BOOT!r}, {names!r})"
+        self._requests += 1
+        result = self.session.run(code, silent=True, store_history=False, relay=QuietRelay())
+        for line in result.stdout.splitlines():
+            if line.startswith(_kernel.MARKER):
+                reply = json.loads(zlib.decompress(base64.b64decode(line[len(_kernel.MARKER) :])))
+                break
+        else:
+            msg = f"the kernel gave no answer to sync's {op!r} request; is it a Python kernel?"
+            raise TransferError(msg)
+        if "error" in reply:
+            raise TransferError(reply["error"])
+        return reply
+
+    def _rules(self) -> IgnoreRules:
+        return IgnoreRules(self.local_dir, self.exclude, gitignore=self.gitignore)
+
+    def _result(self, direction: str, root: str) -> SyncResult:
+        return SyncResult(direction, self.local_dir, root)
+
+    # -- up ----------------------------------------------------------------------------------
+    def up(self) -> SyncResult:
+        """Mirror the local project onto the host; returns what was done."""
+        self._requests = 0
+        files = self._rules().files()
+        rep = self._call(
+            "plan",
+            {
+                "dir": self.remote_dir or "",
+                "local": self._local_id,
+                "autoreload": self.autoreload,
+                "files": [[rel, f.size, f.mtime_ns] for rel, f in files.items()],
+            },
+        )
+        res = self._result("up", rep["root"])
+        res.files = len(files)
+        if rep["same"]:
+            res.same_dir, res.requests = True, self._requests
+            return res
+        gone = {rel: tuple(v) for rel, v in rep["gone"].items()}
+        gone_sizes = {size for _, size in gone.values()}
+        renames, touches, writes = [], [], []
+        used: set[str] = set()
+        for rel, remote_hash in sorted(rep["changed"].items()):
+            f = files[rel]
+            digest = None
+            if remote_hash:  # same size there: compare content
+                digest = _sha256(f.path)
+                if digest == remote_hash:
+                    touches.append([rel, [f.size, f.mtime_ns]])
+                    continue
+            elif f.size in gone_sizes:  # maybe a rename: a vanished file with this content
+                digest = _sha256(f.path)
+                src = next((g for g, (h, _) in gone.items() if h == digest and g not in used), None)
+                if src is not None:
+                    used.add(src)
+                    renames.append([src, rel, [f.size, f.mtime_ns]])
+                    continue
+            writes.append(rel)
+        res.touched = [t[0] for t in touches]
+        res.renamed = [(r[0], r[1]) for r in renames]
+        deletes = sorted(g for g in gone if g not in used)
+        res.kept = list(rep["kept"])
+        final = {"root": res.remote_dir, "renames": renames, "deletes": deletes, "touches": touches}
+        final["writes"], final["inline"] = [], {}
+        small = [r for r in writes if files[r].size < BIG_FILE]
+        if sum(files[r].size for r in small) <= INLINE_LIMIT:
+            for rel in small:
+                data, entry = self._read(files[rel], rel)
+                final["inline"][rel] = base64.b64encode(data).decode()
+                final["writes"].append(entry)
+                res.bytes += len(data)
+        else:
+            self._push_batches(small, files, res)
+        for rel in writes:
+            if files[rel].size >= BIG_FILE:
+                final["writes"].append(self._upload_big(files[rel], rel, res))
+        res.sent = sorted(writes)
+        if writes or renames or deletes or touches:
+            done = self._call("apply", final)
+            res.deleted, res.kept = done["deleted"], sorted(res.kept + done["kept"])
+        res.requests = self._requests
+        return res
+
+    def _read(self, f: _File, rel: str) -> tuple[bytes, list]:
+        with open(f.path, "rb") as fh:
+            data = fh.read()
+            st = os.fstat(fh.fileno())
+        entry = [rel, [st.st_size, st.st_mtime_ns], hashlib.sha256(data).hexdigest(), f.mode]
+        return data, entry
+
+    def _push_batches(self, rels: list[str], files: dict[str, _File], res: SyncResult) -> None:
+        batch: dict[str, bytes] = {}
+        entries: list = []
+
+        def flush() -> None:
+            self._requests += 1
+            self.session.push({_kernel.DATA_VAR: dict(batch)})
+            self._call("apply", {"root": res.remote_dir, "writes": list(entries)})
+            batch.clear()
+            entries.clear()
+
+        for rel in rels:
+            data, entry = self._read(files[rel], rel)
+            batch[rel] = data
+            entries.append(entry)
+            res.bytes += len(data)
+            if sum(len(b) for b in batch.values()) >= BATCH_LIMIT:
+                flush()
+        if batch:
+            flush()
+
+    def _upload_big(self, f: _File, rel: str, res: SyncResult) -> list:
+        st = os.stat(f.path)
+        digest = _sha256(f.path)
+        staged = f"{res.remote_dir}/{_kernel.STAGING}/{digest}"
+        self._requests += 1
+        res.bytes += self.session.upload(f.path, staged)
+        return [rel, [st.st_size, st.st_mtime_ns], digest, f.mode]
+
+    # -- down --------------------------------------------------------------------------------
+    def down(self) -> SyncResult:
+        """Fetch files that are new or changed on the host; returns what was done."""
+        self._requests = 0
+        rep = self._call("listing", {"dir": self.remote_dir or "", "local": self._local_id})
+        res = self._result("down", rep["root"])
+        if rep["same"]:
+            res.same_dir, res.requests = True, self._requests
+            return res
+        rules = self._rules()
+        remote = {rel: [size, mtime] for rel, size, mtime in rep["files"]}
+        skipped = rules.ignored(sorted(remote))
+        remote = {rel: st for rel, st in remote.items() if rel not in skipped}
+        res.files = len(remote)
+        owned = rep["owned"]
+        state_path, state = self._load_state(res.remote_dir)
+        todo: list[tuple[str, str | None, bool, bool]] = []  # rel, local hash, big, may write
+        for rel, rs in sorted(remote.items()):
+            rec, mine = owned.get(rel), state.get(rel)
+            if rec and rec["r"] == rs:
+                continue  # an up-sync put it there and it is unchanged: not an output
+            path = os.path.join(self.local_dir, *rel.split("/"))
+            ls = _stat(path)
+            if mine and mine["r"] == rs and ls == mine["l"]:
+                continue
+            if ls is None:
+                if os.path.lexists(path):
+                    res.conflicts.append(rel)  # a directory (or odd file) is in the way here
+                else:
+                    todo.append((rel, None, rs[0] >= BIG_FILE, True))
+                continue
+            safe = bool((mine and ls == mine["l"]) or (rec and ls == rec["l"]))
+            local_hash = _sha256(path) if ls[0] == rs[0] else None
+            if not safe and local_hash is None:
+                res.conflicts.append(rel)
+                continue
+            todo.append((rel, local_hash, rs[0] >= BIG_FILE, safe))
+        try:
+            self._fetch(todo, remote, state, res)
+        finally:
+            self._delete_gone(remote, rules, state, res)
+            _save_state(state_path, state)
+        res.requests = self._requests
+        return res
+
+    def _fetch(self, todo: list, remote: dict, state: dict, res: SyncResult) -> None:
+        groups: list[list] = [[]]
+        total = 0
+        for item in todo:
+            size = remote[item[0]][0]
+            if groups[-1] and total + size > BATCH_LIMIT:
+                groups.append([])
+                total = 0
+            groups[-1].append(item)
+            total += 0 if item[2] else size
+        info = {rel: (local_hash, safe) for rel, local_hash, _, safe in todo}
+        for group in groups:
+            if not group:
+                continue
+            req = [[rel, h, big or not safe] for rel, h, big, safe in group]
+            rep = self._call(
+                "fetch", {"root": res.remote_dir, "files": req, "inline_limit": INLINE_LIMIT}
+            )
+            data = {rel: base64.b64decode(b) for rel, b in rep["inline"].items()}
+            if rep["stashed"]:
+                self._requests += 1
+                data.update(self.session.pull(_kernel.OUT_VAR))
+                self._call("drop", {})
+            for rel, got in rep["files"].items():
+                if got is None:
+                    continue  # gone since the listing
+                digest, rs = got
+                local_hash, safe = info[rel]
+                path = os.path.join(self.local_dir, *rel.split("/"))
+                if digest == local_hash:
+                    state[rel] = {"r": rs, "l": _stat(path), "h": digest}
+                    continue
+                if not safe:
+                    res.conflicts.append(rel)
+                    continue
+                if rel in data:
+                    _write_local(path, data[rel])
+                else:
+                    self._download_big(rel, digest, path, res)
+                res.bytes += rs[0]
+                res.sent.append(rel)
+                state[rel] = {"r": rs, "l": _stat(path), "h": digest}
+        res.conflicts.sort()
+
+    def _download_big(self, rel: str, digest: str, path: str, res: SyncResult) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".colabmagic-sync-", dir=os.path.dirname(path))
+        os.close(fd)
+        try:
+            self._requests += 1
+            self.session.download(f"{res.remote_dir}/{rel}", tmp)
+            if _sha256(tmp) != digest:
+                msg = f"{rel} changed on the host while it was fetched; sync again"
+                raise TransferError(msg)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+    def _delete_gone(self, remote: dict, rules: IgnoreRules, state: dict, res: SyncResult) -> None:
+        for rel in sorted(set(state) - set(remote)):
+            rec = state.pop(rel)
+            if rules.excluded(rel):
+                continue
+            path = os.path.join(self.local_dir, *rel.split("/"))
+            ls = _stat(path)
+            if ls is not None and ls == rec["l"]:
+                os.remove(path)
+                res.deleted.append(rel)
+                _prune(self.local_dir, os.path.dirname(path))
+            elif ls is not None:
+                res.kept.append(rel)
+
+    def _load_state(self, root: str) -> tuple[str, dict]:
+        key = json.dumps([self.session.transport.target, root, self.local_dir])
+        path = os.path.join(self.state_dir, hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+        try:
+            with open(path) as f:
+                return path, json.load(f).get("files", {})
+        except (OSError, ValueError):
+            return path, {}
+
+
+def _save_state(path: str, files: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".state-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        json.dump({"version": 1, "files": files}, f)
+    os.replace(tmp, path)
+
+
+def _write_local(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".colabmagic-sync-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _prune(root: str, directory: str) -> None:
+    while directory != root and directory.startswith(root + os.sep):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+        directory = os.path.dirname(directory)
+
+
+_last: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def sync(
+    session,
+    local_dir: str | None = None,
+    remote_dir: str | None = None,
+    *,
+    down: bool = False,
+    exclude: tuple[str, ...] | list[str] | None = None,
+    gitignore: bool | None = None,
+    autoreload: bool | None = None,
+) -> SyncResult:
+    """Sync *local_dir* with *remote_dir* on *session*'s host (see the module docstring).
+
+    Without directories, the arguments left out repeat the session's previous sync (so
+    ``%%gpu_run --sync`` syncs what ``%colab_sync`` synced last); otherwise they default to:
+    the current directory, the kernel's working directory, no extra excludes, ``.gitignore``
+    honoured, no autoreload.
+
+    Returns
+    -------
+    SyncResult
+        What was sent, renamed, deleted, kept, and how many requests it took.
+
+    Examples
+    --------
+    >>> sync(session, "proj", "proj", exclude=["data/"]).summary()  # doctest: +SKIP
+    'synced /home/me/proj -> /content/proj: 3 sent (12.0 kB), 41 unchanged'
+    """
+    prev = _last.get(session) if local_dir is None and remote_dir is None else None
+    base = dataclasses.asdict(prev) if prev is not None else {}
+    spec = _Spec(
+        local_dir=os.path.abspath(
+            os.path.expanduser(local_dir if local_dir is not None else base.get("local_dir", "."))
+        ),
+        remote_dir=remote_dir if remote_dir is not None else base.get("remote_dir"),
+        exclude=tuple(exclude) if exclude is not None else base.get("exclude", ()),
+        gitignore=gitignore if gitignore is not None else base.get("gitignore", True),
+        autoreload=autoreload if autoreload is not None else base.get("autoreload", False),
+    )
+    syncer = Syncer(
+        session,
+        spec.local_dir,
+        spec.remote_dir,
+        exclude=spec.exclude,
+        gitignore=spec.gitignore,
+        autoreload=spec.autoreload,
+    )
+    result = syncer.down() if down else syncer.up()
+    _last[session] = spec
+    return result
+
+
+@dataclass(frozen=True)
+class _Spec:
+    local_dir: str
+    remote_dir: str | None
+    exclude: tuple[str, ...]
+    gitignore: bool
+    autoreload: bool
