@@ -240,6 +240,7 @@ def apply(req):
             os.makedirs(os.path.dirname(d), exist_ok=True)
             os.replace(s, d)
             _drop_bytecode(d)
+            _prune(root, os.path.dirname(s))
             owned[dst] = {"l": lst, "r": _stat(d), "h": rec["h"]}
         for rel, lst, digest, mode in req.get("writes", []):
             if rel in data:
