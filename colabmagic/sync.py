@@ -41,15 +41,15 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
+import stat
 import tempfile
 import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from colabmagic.errors import ParameterError, TransferError
+from colabmagic.ignore import IgnoreRules, ProjectFile
 from colabmagic.relay import QuietRelay
 from colabmagic.remote import sync_kernel as _kernel
 
@@ -57,7 +57,6 @@ INLINE_LIMIT = 512 * 1024
 BATCH_LIMIT = 32 * 1024 * 1024
 BIG_FILE = 32 * 1024 * 1024
 STATE_DIR = "~/.colabmagic/sync"
-ALWAYS_EXCLUDED = (".git/", "__pycache__/", "*.py[co]", ".ipynb_checkpoints/", ".colabmagic-sync*")
 
 _SOURCE = Path(_kernel.__file__).read_bytes()
 _MODULE = "_colabmagic_sync_" + hashlib.sha256(_SOURCE).hexdigest()[:12]
@@ -131,20 +130,12 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-@dataclass(frozen=True)
-class _File:
-    path: str
-    size: int
-    mtime_ns: int
-    mode: int
-
-
 def _stat(path: str) -> list[int] | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns] if os.path.isfile(path) else None
+    return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
 
 
 def _sha256(path: str) -> str:
@@ -153,146 +144,6 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-class IgnoreRules:
-    """Which paths under *root* a sync skips: ``.gitignore`` (git's own rules), *exclude*, junk.
-
-    Parameters
-    ----------
-    root
-        The local project directory.
-    exclude
-        Extra patterns in gitignore syntax (``data/``, ``*.ckpt``, ``/notes.md``).
-    gitignore
-        Honour ``.gitignore`` (default).
-    """
-
-    def __init__(self, root: str, exclude: tuple[str, ...] = (), *, gitignore: bool = True):
-        import pathspec
-
-        self.root = root
-        self.gitignore = gitignore
-        self._exclude = pathspec.GitIgnoreSpec.from_lines([*ALWAYS_EXCLUDED, *exclude])
-        self.git = gitignore and _in_git(root)
-
-    def excluded(self, rel: str) -> bool:
-        """True for a path the exclude patterns (or the always-excluded junk) name."""
-        return self._exclude.match_file(rel)
-
-    def files(self) -> dict[str, _File]:
-        """The project's files, keyed by POSIX path relative to *root*."""
-        if self.git:
-            out = subprocess.run(
-                [
-                    "git",
-                    "-C",
-                    self.root,
-                    "ls-files",
-                    "-z",
-                    "--cached",
-                    "--others",
-                    "--exclude-standard",
-                ],
-                capture_output=True,
-                check=True,
-            ).stdout
-            rels = sorted({r for r in out.decode("utf-8", "surrogateescape").split("\0") if r})
-        else:
-            rels = self._walk()
-        found = {}
-        for rel in rels:
-            if self.excluded(rel):
-                continue
-            path = os.path.join(self.root, rel)
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue  # deleted but still in git's index, or a broken symlink
-            if os.path.isfile(path):
-                found[rel] = _File(path, st.st_size, st.st_mtime_ns, st.st_mode & 0o777)
-        return found
-
-    def _walk(self) -> list[str]:
-        specs: list[tuple[str, Any]] = []
-        rels = []
-        for top, dirs, names in os.walk(self.root):
-            rel_top = os.path.relpath(top, self.root).replace(os.sep, "/")
-            rel_top = "" if rel_top == "." else rel_top + "/"
-            if self.gitignore and ".gitignore" in names:
-                specs.append((rel_top, _spec(os.path.join(top, ".gitignore"))))
-            keep = []
-            for d in sorted(dirs):
-                rel = rel_top + d + "/"
-                if not self.excluded(rel) and not _ignored_by(specs, rel):
-                    keep.append(d)
-            dirs[:] = keep
-            rels += [rel_top + n for n in names if not _ignored_by(specs, rel_top + n)]
-        return rels
-
-    def ignored(self, rels: list[str]) -> set[str]:
-        """The subset of *rels* (paths that need not exist here) the rules skip."""
-        out = {r for r in rels if self.excluded(r)}
-        rest = [r for r in rels if r not in out]
-        if not self.gitignore or not rest:
-            return out
-        if self.git:
-            proc = subprocess.run(
-                ["git", "-C", self.root, "check-ignore", "--stdin", "-z"],
-                input="\0".join(rest).encode("utf-8", "surrogateescape"),
-                capture_output=True,
-                check=False,
-            )
-            if proc.returncode not in (0, 1):
-                msg = f"git check-ignore failed in {self.root}: {proc.stderr.decode().strip()}"
-                raise TransferError(msg)
-            return out | {
-                r for r in proc.stdout.decode("utf-8", "surrogateescape").split("\0") if r
-            }
-        specs = []
-        for top, _, names in os.walk(self.root):
-            if ".gitignore" in names:
-                rel_top = os.path.relpath(top, self.root).replace(os.sep, "/")
-                specs.append(("" if rel_top == "." else rel_top + "/", _spec(f"{top}/.gitignore")))
-        return out | {r for r in rest if _ignored_by(specs, r, parents=True)}
-
-
-def _spec(path: str):
-    import pathspec
-
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return pathspec.GitIgnoreSpec.from_lines(f)
-
-
-def _ignored_by(specs: list, rel: str, *, parents: bool = False) -> bool:
-    """gitignore semantics over nested ``.gitignore`` files: the deepest decision wins."""
-    candidates = [rel]
-    if parents:  # a path that need not exist here: an ignored parent directory ignores it
-        parts = rel.split("/")
-        candidates = ["/".join(parts[:i]) + "/" for i in range(1, len(parts))] + [rel]
-    for cand in candidates:
-        verdict = None
-        for base, spec in specs:
-            if cand.startswith(base) and cand != base:
-                result = spec.check_file(cand[len(base) :])
-                if result.include is not None:
-                    verdict = result.include
-        if verdict:
-            return True
-    return False
-
-
-def _in_git(root: str) -> bool:
-    try:
-        proc = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--is-inside-work-tree"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    except OSError:  # git is not installed: .gitignore through pathspec
-        return False
-    return proc.returncode == 0 and proc.stdout.strip() == "true"
 
 
 class Syncer:
@@ -441,14 +292,16 @@ class Syncer:
         res.requests = self._requests
         return res
 
-    def _read(self, f: _File, rel: str) -> tuple[bytes, list]:
+    def _read(self, f: ProjectFile, rel: str) -> tuple[bytes, list]:
         with open(f.path, "rb") as fh:
             data = fh.read()
             st = os.fstat(fh.fileno())
         entry = [rel, [st.st_size, st.st_mtime_ns], hashlib.sha256(data).hexdigest(), f.mode]
         return data, entry
 
-    def _push_batches(self, rels: list[str], files: dict[str, _File], res: SyncResult) -> None:
+    def _push_batches(
+        self, rels: list[str], files: dict[str, ProjectFile], res: SyncResult
+    ) -> None:
         batch: dict[str, bytes] = {}
         entries: list = []
 
@@ -469,7 +322,7 @@ class Syncer:
         if batch:
             flush()
 
-    def _upload_big(self, f: _File, rel: str, res: SyncResult) -> list:
+    def _upload_big(self, f: ProjectFile, rel: str, res: SyncResult) -> list:
         st = os.stat(f.path)
         digest = _sha256(f.path)
         staged = f"{res.remote_dir}/{_kernel.STAGING}/{digest}"

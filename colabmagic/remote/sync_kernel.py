@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import socket
+import stat
 import sys
 import tempfile
 import zlib
@@ -62,9 +63,7 @@ def _stat(path):
         st = os.stat(path)
     except OSError:
         return None
-    if not os.path.isfile(path):
-        return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
 
 
 def _root(directory, local_id):
