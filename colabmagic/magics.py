@@ -233,7 +233,7 @@ class ColabMagics(Magics):
             from colabmagic.sync import sync
 
             result = sync(session)
-            if result.changed or result.kept or result.conflicts:
+            if result.changed or result.kept or result.skipped or result.conflicts:
                 print(result.summary())
         push = _names(args.push)
         if push:
@@ -324,6 +324,7 @@ class ColabMagics(Magics):
     @argument("--exclude", action="append", metavar="PATTERN", help="skip (gitignore syntax)")
     @argument("--no-gitignore", action="store_true", help="do not honour .gitignore")
     @argument("--autoreload", action="store_true", help="reload changed modules in the kernel")
+    @argument("--force", action="store_true", help="overwrite files changed on both sides")
     @argument("--on", metavar="NAME", help="session name")
     @line_magic
     @_user_errors
@@ -351,6 +352,7 @@ class ColabMagics(Magics):
             exclude=args.exclude,
             gitignore=False if args.no_gitignore else None,
             autoreload=True if args.autoreload else None,
+            force=args.force,
         )
         print(result.summary())
 

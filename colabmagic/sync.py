@@ -57,6 +57,7 @@ INLINE_LIMIT = 512 * 1024
 BATCH_LIMIT = 32 * 1024 * 1024
 BIG_FILE = 32 * 1024 * 1024
 STATE_DIR = "~/.colabmagic/sync"
+MAX_FILES = 50_000
 
 _SOURCE = Path(_kernel.__file__).read_bytes()
 _MODULE = "_colabmagic_sync_" + hashlib.sha256(_SOURCE).hexdigest()[:12]
@@ -86,6 +87,7 @@ class SyncResult:
     deleted: list[str] = field(default_factory=list)
     touched: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
     bytes: int = 0
     requests: int = 0
@@ -111,9 +113,15 @@ class SyncResult:
         if self.kept:
             where = "on the host" if self.direction == "up" else "here"
             parts.append(f"{len(self.kept)} not deleted (changed {where}: {_few(self.kept)})")
-        if self.conflicts:
+        if self.skipped:
             parts.append(
-                f"{len(self.conflicts)} kept here (changed on both sides: {_few(self.conflicts)})"
+                f"{len(self.skipped)} not overwritten (newer on the host: {_few(self.skipped)})"
+            )
+        if self.conflicts:
+            where = "on the host" if self.direction == "up" else "here"
+            parts.append(
+                f"{len(self.conflicts)} kept {where} (changed on both sides: "
+                f"{_few(self.conflicts)}; --force overwrites)"
             )
         return f"{head}: {', '.join(parts)}"
 
@@ -165,6 +173,9 @@ class Syncer:
     autoreload
         Enable IPython's autoreload (``%autoreload 2``) in the kernel, so modules that changed are
         reloaded before the next cell runs.
+    force
+        Overwrite files changed on both sides (up: the host's copy; down: the local one), and
+        files changed only on the host (up). Without it they are kept and reported.
     state_dir
         Where ``down`` records what it brought here (default ``~/.colabmagic/sync``).
     """
@@ -178,12 +189,16 @@ class Syncer:
         exclude: tuple[str, ...] | list[str] = (),
         gitignore: bool = True,
         autoreload: bool = False,
+        force: bool = False,
         state_dir: str | None = None,
     ):
         local = os.path.abspath(os.path.expanduser(local_dir))
         if not os.path.isdir(local):
             what = "is not a directory" if os.path.exists(local) else "does not exist"
             msg = f"LOCAL_DIR {local} {what}; give the project directory, e.g. %colab_sync . proj"
+            raise ParameterError(msg)
+        if local == os.path.expanduser("~"):
+            msg = f"LOCAL_DIR {local} is your home directory; give a project directory instead"
             raise ParameterError(msg)
         if remote_dir is not None and not remote_dir.strip():
             msg = "REMOTE_DIR is empty; give a directory on the host, e.g. proj or ~/proj"
@@ -198,6 +213,7 @@ class Syncer:
         self.exclude = tuple(exclude)
         self.gitignore = gitignore
         self.autoreload = autoreload
+        self.force = force
         self.state_dir = os.path.expanduser(state_dir or STATE_DIR)
         st = os.stat(local)
         self._local_id = {"host": socket.gethostname(), "id": [st.st_dev, st.st_ino]}
@@ -233,6 +249,16 @@ class Syncer:
         """Mirror the local project onto the host; returns what was done."""
         self._requests = 0
         files = self._rules().files()
+        if len(files) > MAX_FILES:
+            msg = (
+                f"LOCAL_DIR {self.local_dir} has {len(files)} files after .gitignore and --exclude "
+                f"(the limit is {MAX_FILES}); sync a subdirectory or --exclude the bulk, e.g. data/"
+            )
+            raise ParameterError(msg)
+        _, fetched = self._load_state()
+        for rel, rec in fetched.items():  # outputs --down brought here, unchanged: not ours to send
+            if rel in files and [files[rel].size, files[rel].mtime_ns] == rec["l"]:
+                del files[rel]
         rep = self._call(
             "plan",
             {
@@ -251,15 +277,20 @@ class Syncer:
         gone_sizes = {size for _, size in gone.values()}
         renames, touches, writes = [], [], []
         used: set[str] = set()
-        for rel, remote_hash in sorted(rep["changed"].items()):
+        for rel, (remote_hash, who) in sorted(rep["changed"].items()):
             f = files[rel]
-            digest = None
             if remote_hash:  # same size there: compare content
                 digest = _sha256(f.path)
                 if digest == remote_hash:
-                    touches.append([rel, [f.size, f.mtime_ns]])
+                    touches.append([rel, [f.size, f.mtime_ns], digest])
                     continue
-            elif f.size in gone_sizes:  # maybe a rename: a vanished file with this content
+            if who == "host" and not self.force:
+                res.skipped.append(rel)  # only the host's copy changed: it is newer
+                continue
+            if who == "both" and not self.force:
+                res.conflicts.append(rel)
+                continue
+            if remote_hash is None and f.size in gone_sizes:  # a rename: same content vanished
                 digest = _sha256(f.path)
                 src = next((g for g, (h, _) in gone.items() if h == digest and g not in used), None)
                 if src is not None:
@@ -269,7 +300,12 @@ class Syncer:
             writes.append(rel)
         res.touched = [t[0] for t in touches]
         res.renamed = [(r[0], r[1]) for r in renames]
-        deletes = sorted(g for g in gone if g not in used)
+        # Gone from the listing but still here (newly excluded or ignored): not a delete.
+        deletes = sorted(
+            g
+            for g in gone
+            if g not in used and not os.path.lexists(os.path.join(self.local_dir, *g.split("/")))
+        )
         res.kept = list(rep["kept"])
         final = {"root": res.remote_dir, "renames": renames, "deletes": deletes, "touches": touches}
         final["writes"], final["inline"] = [], {}
@@ -345,7 +381,7 @@ class Syncer:
         remote = {rel: st for rel, st in remote.items() if rel not in skipped}
         res.files = len(remote)
         owned = rep["owned"]
-        state_path, state = self._load_state(res.remote_dir)
+        state_path, state = self._load_state()
         todo: list[tuple[str, str | None, bool, bool]] = []  # rel, local hash, big, may write
         for rel, rs in sorted(remote.items()):
             rec, mine = owned.get(rel), state.get(rel)
@@ -361,7 +397,7 @@ class Syncer:
                 else:
                     todo.append((rel, None, rs[0] >= BIG_FILE, True))
                 continue
-            safe = bool((mine and ls == mine["l"]) or (rec and ls == rec["l"]))
+            safe = self.force or bool((mine and ls == mine["l"]) or (rec and ls == rec["l"]))
             local_hash = _sha256(path) if ls[0] == rs[0] else None
             if not safe and local_hash is None:
                 res.conflicts.append(rel)
@@ -448,8 +484,9 @@ class Syncer:
             elif ls is not None:
                 res.kept.append(rel)
 
-    def _load_state(self, root: str) -> tuple[str, dict]:
-        key = json.dumps([self.session.transport.target, root, self.local_dir])
+    def _load_state(self) -> tuple[str, dict]:
+        """What ``down`` brought here: ``{path: {"r": host stat, "l": local stat, "h": hash}}``."""
+        key = json.dumps([self.session.transport.target, self.remote_dir or "", self.local_dir])
         path = os.path.join(self.state_dir, hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
         try:
             with open(path) as f:
@@ -503,6 +540,7 @@ def sync(
     exclude: tuple[str, ...] | list[str] | None = None,
     gitignore: bool | None = None,
     autoreload: bool | None = None,
+    force: bool = False,
 ) -> SyncResult:
     """Sync *local_dir* with *remote_dir* on *session*'s host (see the module docstring).
 
@@ -539,6 +577,7 @@ def sync(
         exclude=spec.exclude,
         gitignore=spec.gitignore,
         autoreload=spec.autoreload,
+        force=force,
     )
     result = syncer.down() if down else syncer.up()
     _last[session] = spec

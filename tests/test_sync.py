@@ -113,6 +113,37 @@ def test_files_made_on_the_host_are_never_deleted(session, tmp_path):
     ]
 
 
+def test_up_never_overwrites_newer_host_copies_unless_forced(session, tmp_path):
+    local, remote = tmp_path / "proj", tmp_path / "remote"
+    project(local, {"cfg.txt": "lr=1\n", "model.py": "v1\n"})
+    sync.Syncer(session, str(local), str(remote)).up()
+    write(remote / "cfg.txt", "lr=0.5, tuned on the host\n")  # only the host changed it
+    write(remote / "model.py", "host edit\n")
+    write(local / "model.py", "local edit\n")  # both sides changed it
+    res = sync.Syncer(session, str(local), str(remote)).up()
+    assert (res.sent, res.skipped, res.conflicts) == ([], ["cfg.txt"], ["model.py"])
+    assert "changed on both sides: model.py; --force overwrites" in res.summary()
+    assert (remote / "cfg.txt").read_text() == "lr=0.5, tuned on the host\n"
+    assert (remote / "model.py").read_text() == "host edit\n"
+    res = sync.Syncer(session, str(local), str(remote), force=True).up()
+    assert res.sent == ["cfg.txt", "model.py"]
+    assert tree(remote) == tree(local)
+
+
+def test_newly_excluded_and_adopted_files_are_not_deleted_on_the_host(session, tmp_path):
+    local, remote = tmp_path / "proj", tmp_path / "remote"
+    project(local, {"a.py": "a\n", "data/x.bin": "x", "same.py": "identical\n"})
+    write(remote / "same.py", "identical\n")  # the user's own copy, already there
+    first = sync.Syncer(session, str(local), str(remote)).up()
+    assert (first.touched, sorted(first.sent)) == (["same.py"], ["a.py", "data/x.bin"])
+    res = sync.Syncer(session, str(local), str(remote), exclude=["data/"]).up()
+    assert res.deleted == []
+    assert (remote / "data/x.bin").exists()
+    os.remove(local / "same.py")
+    assert sync.Syncer(session, str(local), str(remote)).up().deleted == []
+    assert (remote / "same.py").read_text() == "identical\n"
+
+
 def test_gitignore_is_honoured_in_a_real_git_repo(session, tmp_path):
     local, remote = tmp_path / "repo", tmp_path / "remote"
     project(
@@ -206,6 +237,21 @@ def test_down_fetches_outputs_and_never_clobbers_local_edits(session, tmp_path):
     assert res.kept == ["runs/metrics.json"]
     assert (local / "train.py").exists()
     session.run(f"os.chdir({session.remote_info['cwd']!r})", relay=QuietRelay())
+
+
+def test_outputs_fetched_down_are_not_pushed_back_up(session, tmp_path):
+    local, remote = tmp_path / "proj", tmp_path / "remote"
+    project(local, {"train.py": "t\n"})
+    s = sync.Syncer(session, str(local), str(remote))
+    s.up()
+    write(remote / "metrics.json", "epoch 1")
+    assert s.down().sent == ["metrics.json"]
+    write(remote / "metrics.json", "epoch 2 -- longer")  # the run goes on
+    res = s.up()
+    assert (res.sent, res.skipped, res.conflicts) == ([], [], [])
+    assert (remote / "metrics.json").read_text() == "epoch 2 -- longer"
+    assert s.down().sent == ["metrics.json"]
+    assert (local / "metrics.json").read_text() == "epoch 2 -- longer"
 
 
 def test_large_files_go_through_the_file_path_and_batches_through_push(

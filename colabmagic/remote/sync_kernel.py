@@ -190,12 +190,19 @@ def _enable_autoreload():
 
 
 def plan(req):
-    """Compare the local manifest with REMOTE_DIR; answer what differs."""
+    """Compare the local manifest with REMOTE_DIR; answer what differs.
+
+    ``changed`` maps a path to ``[hash, who]``: ``hash`` is None when the file is absent here,
+    ``""`` when the sizes differ, else the host copy's sha256; ``who`` says which side changed
+    since the last sync: ``new`` (not written by sync), ``local``, ``host`` or ``both``.
+    """
     root, same = _root(req["dir"], req.get("local"))
-    if same:
-        return {"root": root, "same": True}
     if req.get("autoreload"):
         _enable_autoreload()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if same:
+        return {"root": root, "same": True}
     owned = _load(root) if os.path.isdir(root) else {}
     changed, local = {}, set()
     for rel, size, mtime in req["files"]:
@@ -206,14 +213,18 @@ def plan(req):
         if rec and st and rec["l"] == [size, mtime] and rec["r"] == st:
             continue
         if st is None:
-            changed[rel] = None
-        elif st[0] != size:
-            changed[rel] = ""
+            changed[rel] = [None, "local"]
+            continue
+        host = rec is not None and rec["r"] != st
+        mine = rec is None or rec["l"] != [size, mtime]
+        who = "new" if rec is None else "both" if host and mine else "host" if host else "local"
+        if st[0] != size:
+            changed[rel] = ["", who]
         else:
-            changed[rel] = rec["h"] if rec and rec["r"] == st else _sha256(path)
+            changed[rel] = [rec["h"] if rec and not host else _sha256(path), who]
     gone, kept = {}, []
     for rel, rec in owned.items():
-        if rel in local:
+        if rel in local or rec.get("adopted"):
             continue
         st = _stat(os.path.join(root, rel))
         if st is not None and st == rec["r"]:
@@ -266,11 +277,12 @@ def apply(req):
             elif _stat(path) is not None:
                 kept.append(rel)
             owned.pop(rel, None)
-        for rel, lst in req.get("touches", []):
-            path = _safe(root, rel)
-            owned[rel] = {"l": lst, "r": _stat(path), "h": owned.get(rel, {}).get("h")}
-            if owned[rel]["h"] is None:
-                owned[rel]["h"] = _sha256(path)
+        for rel, lst, digest in req.get("touches", []):
+            # Equal content: re-stamp. A file sync did not write is adopted, never deleted.
+            rec = {"l": lst, "r": _stat(_safe(root, rel)), "h": digest}
+            if rel not in owned or owned[rel].get("adopted"):
+                rec["adopted"] = True
+            owned[rel] = rec
     finally:
         _save(root, owned)
         try:
@@ -278,8 +290,6 @@ def apply(req):
         except OSError:
             pass
     importlib.invalidate_caches()
-    if root not in sys.path:
-        sys.path.insert(0, root)
     return {"deleted": deleted, "kept": kept}
 
 
