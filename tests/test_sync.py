@@ -370,7 +370,7 @@ def test_colab_sync_magic_down_exclude_and_errors(ip, tmp_path, capsys):
 # -- over SSH, through the emulated WAN ------------------------------------------------------
 @pytest.mark.ssh
 def test_over_ssh_a_no_change_sync_is_at_most_two_round_trips(
-    sshd_server, tmp_path, colabmagic_root
+    sshd_server, tmp_path, colabmagic_root, monkeypatch
 ):
     from colabmagic.testing_wan import WanRelay
     from colabmagic.transport.ssh import SSHTransport
@@ -408,5 +408,15 @@ def test_over_ssh_a_no_change_sync_is_at_most_two_round_trips(
             assert (res.sent, res.deleted, res.requests) == (["pkg7/m700.py"], ["pkg0/m1.py"], 2)
             assert tree(remote) == tree(local)
             assert down < 64_000
+
+            # Big files go through SFTP both ways (threshold lowered to keep the test small).
+            monkeypatch.setattr(sync, "BIG_FILE", 4096)
+            weights, out = os.urandom(40_000), os.urandom(30_000)
+            write(local / "weights.bin", weights)
+            assert sync.Syncer(s, str(local), remote).up().sent == ["weights.bin"]
+            write(os.path.join(remote, "out.bin"), out)
+            assert sync.Syncer(s, str(local), remote).down().sent == ["out.bin"]
+            assert (local / "out.bin").read_bytes() == out
+            assert tree(remote) == tree(local)
         finally:
             s.close()
