@@ -17,6 +17,16 @@ from typing import Any
 from colabmagic.errors import TransferError
 
 ALWAYS_EXCLUDED = (".git/", "__pycache__/", "*.py[co]", ".ipynb_checkpoints/", ".colabmagic-sync*")
+_JUNK_DIRS = frozenset({".git", "__pycache__", ".ipynb_checkpoints"})
+
+
+def _junk(rel: str) -> bool:
+    """:data:`ALWAYS_EXCLUDED`, by string tests (pattern matching costs ~30 us a path)."""
+    parts = rel.rstrip("/").split("/")
+    name = parts[-1]
+    if name.startswith(".colabmagic-sync") or name.endswith((".pyc", ".pyo")):
+        return True
+    return not _JUNK_DIRS.isdisjoint(parts if rel.endswith("/") else parts[:-1])
 
 
 @dataclass(frozen=True)
@@ -47,12 +57,12 @@ class IgnoreRules:
 
         self.root = root
         self.gitignore = gitignore
-        self._exclude = pathspec.GitIgnoreSpec.from_lines([*ALWAYS_EXCLUDED, *exclude])
+        self._exclude = pathspec.GitIgnoreSpec.from_lines(exclude) if exclude else None
         self.git = gitignore and _in_git(root)
 
     def excluded(self, rel: str) -> bool:
         """True for a path the exclude patterns (or the always-excluded junk) name."""
-        return self._exclude.match_file(rel)
+        return _junk(rel) or (self._exclude is not None and self._exclude.match_file(rel))
 
     def files(self) -> dict[str, ProjectFile]:
         """The project's files, keyed by POSIX path relative to *root*."""
@@ -75,10 +85,11 @@ class IgnoreRules:
         else:
             rels = self._walk()
         found = {}
+        base = self.root.rstrip("/") + "/"
         for rel in rels:
             if self.excluded(rel):
                 continue
-            path = os.path.join(self.root, rel)
+            path = base + rel
             try:
                 st = os.stat(path)
             except OSError:

@@ -222,7 +222,7 @@ class Syncer:
     # -- plumbing ----------------------------------------------------------------------------
     def _call(self, op: str, payload: dict) -> dict:
         """One request to the kernel-side helper: one ``Session.run``, one round trip."""
-        packed = base64.b64encode(zlib.compress(json.dumps(payload).encode(), 6)).decode()
+        packed = base64.b64encode(zlib.compress(json.dumps(payload).encode(), 1)).decode()
         names = {"NAME": _MODULE, "SRC": _PACKED, "OP": op, "PAYLOAD": packed}
         code = f"exec({_BOOT!r}, {names!r})"
         self._requests += 1

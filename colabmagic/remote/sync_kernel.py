@@ -42,7 +42,7 @@ def _ip():
 
 
 def _encode(obj):
-    return base64.b64encode(zlib.compress(json.dumps(obj).encode(), 6)).decode()
+    return base64.b64encode(zlib.compress(json.dumps(obj).encode(), 1)).decode()
 
 
 def _decode(text):
@@ -113,20 +113,42 @@ def _safe(root, rel):
     return path
 
 
-def _load(root):
+_cache = {}  # manifest path -> (its stat, the parsed files): a no-change sync parses nothing
+
+
+def _key(path):
     try:
-        with open(os.path.join(root, MANIFEST)) as f:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _load(root, cached=False):
+    """The manifest's files (read-only when *cached*: the parsed copy is shared)."""
+    path = os.path.join(root, MANIFEST)
+    key = _key(path)
+    hit = _cache.get(path)
+    if cached and hit is not None and key is not None and hit[0] == key:
+        return hit[1]
+    try:
+        with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
-    return data.get("files", {}) if isinstance(data, dict) else {}
+    files = data.get("files", {}) if isinstance(data, dict) else {}
+    if cached:
+        _cache[path] = (key, files)
+    return files
 
 
 def _save(root, files):
     fd, tmp = tempfile.mkstemp(prefix=".colabmagic-sync-", dir=root)
     with os.fdopen(fd, "w") as f:
         json.dump({"version": 1, "files": files}, f)
-    os.replace(tmp, os.path.join(root, MANIFEST))
+    path = os.path.join(root, MANIFEST)
+    os.replace(tmp, path)
+    _cache[path] = (_key(path), files)
 
 
 def _drop_bytecode(path):
@@ -203,11 +225,11 @@ def plan(req):
         sys.path.insert(0, root)
     if same:
         return {"root": root, "same": True}
-    owned = _load(root) if os.path.isdir(root) else {}
-    changed, local = {}, set()
+    owned = _load(root, cached=True) if os.path.isdir(root) else {}
+    changed, local, base = {}, set(), root.rstrip("/") + "/"
     for rel, size, mtime in req["files"]:
         local.add(rel)
-        path = os.path.join(root, rel)
+        path = base + rel
         st = _stat(path)
         rec = owned.get(rel)
         if rec and st and rec["l"] == [size, mtime] and rec["r"] == st:
@@ -322,7 +344,7 @@ def listing(req):
             if st is not None:
                 rel = name if rel_top == "." else f"{rel_top.replace(os.sep, '/')}/{name}"
                 files.append([rel, st[0], st[1]])
-    return {"root": root, "same": False, "files": files, "owned": _load(root)}
+    return {"root": root, "same": False, "files": files, "owned": _load(root, cached=True)}
 
 
 def fetch(req):
