@@ -376,7 +376,8 @@ class Syncer:
             res.same_dir, res.requests = True, self._requests
             return res
         rules = self._rules()
-        remote = {rel: [size, mtime] for rel, size, mtime in rep["files"]}
+        remote = {_checked(rel): [size, mtime] for rel, size, mtime in rep["files"]}
+        listed = set(remote)
         skipped = rules.ignored(sorted(remote))
         remote = {rel: st for rel, st in remote.items() if rel not in skipped}
         res.files = len(remote)
@@ -406,7 +407,7 @@ class Syncer:
         try:
             self._fetch(todo, remote, state, res)
         finally:
-            self._delete_gone(remote, rules, state, res)
+            self._delete_gone(listed, state, res)
             _save_state(state_path, state)
         res.requests = self._requests
         return res
@@ -446,10 +447,14 @@ class Syncer:
                 if not safe:
                     res.conflicts.append(rel)
                     continue
-                if rel in data:
-                    _write_local(path, data[rel])
-                else:
-                    self._download_big(rel, digest, path, res)
+                try:
+                    if rel in data:
+                        _write_local(path, data[rel])
+                    else:
+                        self._download_big(rel, digest, path, res)
+                except OSError:  # e.g. a file here where the host has a directory
+                    res.conflicts.append(rel)
+                    continue
                 res.bytes += rs[0]
                 res.sent.append(rel)
                 state[rel] = {"r": rs, "l": _stat(path), "h": digest}
@@ -470,11 +475,10 @@ class Syncer:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
 
-    def _delete_gone(self, remote: dict, rules: IgnoreRules, state: dict, res: SyncResult) -> None:
-        for rel in sorted(set(state) - set(remote)):
+    def _delete_gone(self, listed: set[str], state: dict, res: SyncResult) -> None:
+        """Delete here what ``down`` brought and the host no longer has (if unchanged here)."""
+        for rel in sorted(set(state) - listed):
             rec = state.pop(rel)
-            if rules.excluded(rel):
-                continue
             path = os.path.join(self.local_dir, *rel.split("/"))
             ls = _stat(path)
             if ls is not None and ls == rec["l"]:
@@ -493,6 +497,15 @@ class Syncer:
                 return path, json.load(f).get("files", {})
         except (OSError, ValueError):
             return path, {}
+
+
+def _checked(rel: str) -> str:
+    """A relative POSIX path from the host, refused if it would leave LOCAL_DIR."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        msg = f"the host listed {rel!r}, a path outside REMOTE_DIR; refusing to sync it"
+        raise TransferError(msg)
+    return rel
 
 
 def _save_state(path: str, files: dict) -> None:

@@ -254,6 +254,19 @@ def test_outputs_fetched_down_are_not_pushed_back_up(session, tmp_path):
     assert (local / "metrics.json").read_text() == "epoch 2 -- longer"
 
 
+def test_down_keeps_fetched_files_that_became_ignored(session, tmp_path):
+    local, remote = tmp_path / "proj", tmp_path / "remote"
+    project(local, {"train.py": "t\n"})
+    s = sync.Syncer(session, str(local), str(remote))
+    s.up()
+    write(remote / "logs/run.log", "log")
+    assert s.down().sent == ["logs/run.log"]
+    write(local / ".gitignore", "logs/\n")  # ignored from now on, but still on the host
+    res = s.down()
+    assert (res.sent, res.deleted) == ([], [])
+    assert (local / "logs/run.log").read_text() == "log"
+
+
 def test_large_files_go_through_the_file_path_and_batches_through_push(
     session, tmp_path, monkeypatch
 ):
