@@ -12,7 +12,8 @@ run:
   file data, hashing of changed candidates only);
 - **1 changed**: one file edited (same size, so it is also hashed on both sides), then synced;
 - **first**: the initial sync of all N files (once);
-- **upload**: ``Session.upload`` of the whole directory (what a user did by hand before), once.
+- **upload**: ``Session.upload`` of the whole directory (what a user did by hand before), once;
+- **list**: the local part alone (``git ls-files`` and a stat of every file), once per run.
 
 Prints medians, the ratio to **cell**, the request count, and (through the relay) the turns and
 bytes the link carried. Record ``uptime`` with the figures: the machine is shared.
@@ -30,6 +31,7 @@ import tempfile
 import time
 
 from colabmagic import sync
+from colabmagic.ignore import IgnoreRules
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
 from colabmagic.testing_sshd import SSHServer
@@ -71,6 +73,7 @@ def measure(label: str, session: Session, project: str, remote: str, args, wan=N
     assert res.bytes == 0, res
     none_ms = median_ms(s.up, args.repeat)
 
+    list_ms = median_ms(lambda: IgnoreRules(project).files(), args.repeat)
     target = os.path.join(project, "pkg3", "mod300.py")
     flip = [0]
 
@@ -87,7 +90,7 @@ def measure(label: str, session: Session, project: str, remote: str, args, wan=N
     upload_ms = (time.perf_counter() - t) * 1000
     print(
         f"{label:<22} {cell:8.1f} {none_ms:10.1f} ({none_ms / cell:4.1f}x) "
-        f"{one_ms:10.1f} ({one_ms / cell:4.1f}x) {first_ms:9.0f} {upload_ms:9.0f}",
+        f"{one_ms:10.1f} ({one_ms / cell:4.1f}x) {first_ms:9.0f} {upload_ms:9.0f} {list_ms:7.1f}",
         end="",
     )
     if turns is not None:
@@ -105,6 +108,7 @@ def main() -> None:
     print(f"project: {args.files} files; times are medians of {args.repeat} (ms)")
     print(
         f"{'link':<22} {'cell':>8} {'no change':>17} {'1 changed':>17} {'first':>9} {'upload':>9}"
+        f" {'list':>7}"
     )
     work = tempfile.mkdtemp(prefix="colabmagic-bench-sync-")
     root = os.path.join(work, "kernels")

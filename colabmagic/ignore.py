@@ -58,7 +58,14 @@ class IgnoreRules:
         self.root = root
         self.gitignore = gitignore
         self._exclude = pathspec.GitIgnoreSpec.from_lines(exclude) if exclude else None
-        self.git = gitignore and _in_git(root)
+        self._git: bool | None = None if gitignore else False
+
+    @property
+    def git(self) -> bool:
+        """True when *root* is in a git work tree (and ``.gitignore`` is honoured)."""
+        if self._git is None:
+            self._git = _in_git(self.root)
+        return self._git
 
     def excluded(self, rel: str) -> bool:
         """True for a path the exclude patterns (or the always-excluded junk) name."""
@@ -66,23 +73,8 @@ class IgnoreRules:
 
     def files(self) -> dict[str, ProjectFile]:
         """The project's files, keyed by POSIX path relative to *root*."""
-        if self.git:
-            out = subprocess.run(
-                [
-                    "git",
-                    "-C",
-                    self.root,
-                    "ls-files",
-                    "-z",
-                    "--cached",
-                    "--others",
-                    "--exclude-standard",
-                ],
-                capture_output=True,
-                check=True,
-            ).stdout
-            rels = sorted({r for r in out.decode("utf-8", "surrogateescape").split("\0") if r})
-        else:
+        rels = self._git_files() if self._git is not False else None
+        if rels is None:
             rels = self._walk()
         found = {}
         base = self.root.rstrip("/") + "/"
@@ -97,6 +89,18 @@ class IgnoreRules:
             if stat.S_ISREG(st.st_mode):
                 found[rel] = ProjectFile(path, st.st_size, st.st_mtime_ns, st.st_mode & 0o777)
         return found
+
+    def _git_files(self) -> list[str] | None:
+        """``git ls-files`` (cached and untracked, not ignored), or None outside a work tree."""
+        argv = ["git", "-C", self.root, "ls-files", "-z", "--cached", "--others"]
+        try:
+            proc = subprocess.run([*argv, "--exclude-standard"], capture_output=True, check=False)
+        except OSError:  # git is not installed: .gitignore through pathspec
+            proc = None
+        self._git = proc is not None and proc.returncode == 0
+        if not self._git:
+            return None
+        return sorted({r for r in proc.stdout.decode("utf-8", "surrogateescape").split("\0") if r})
 
     def _walk(self) -> list[str]:
         specs: list[tuple[str, Any]] = []
