@@ -65,7 +65,11 @@ def measure(label: str, session: Session, project: str, remote: str, args, wan=N
     first = s.up()
     first_ms = (time.perf_counter() - t) * 1000
     assert len(first.sent) == args.files, first.summary()
+    cell_turns = None
     if wan is not None:
+        wan.reset_counters()
+        session.run("pass", relay=QuietRelay())
+        cell_turns = wan.round_trips()
         wan.reset_counters()
     res = s.up()
     turns = (wan.round_trips(), wan.bytes_up, wan.bytes_down) if wan is not None else None
@@ -94,7 +98,11 @@ def measure(label: str, session: Session, project: str, remote: str, args, wan=N
         end="",
     )
     if turns is not None:
-        print(f"   no-change link: {turns[0]} turns, {turns[1]} B up, {turns[2]} B down", end="")
+        print(
+            f"   no-change sync: {turns[0]} link turns (a cell: {cell_turns}), "
+            f"{turns[1]} B up, {turns[2]} B down",
+            end="",
+        )
     print()
 
 

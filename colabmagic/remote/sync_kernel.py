@@ -137,9 +137,21 @@ def _load(root, cached=False):
     except (OSError, ValueError):
         return {}
     files = data.get("files", {}) if isinstance(data, dict) else {}
+    if not isinstance(files, dict):
+        files = {}
+    files = {k: v for k, v in files.items() if _valid(v)}  # a hand-edited entry is not ours
     if cached:
         _cache[path] = (key, files)
     return files
+
+
+def _valid(rec):
+    return (
+        isinstance(rec, dict)
+        and isinstance(rec.get("l"), list)
+        and isinstance(rec.get("r"), list)
+        and isinstance(rec.get("h"), str)
+    )
 
 
 def _save(root, files):
@@ -394,5 +406,6 @@ def main(op, payload):
         reply = {"error": str(exc)}
     except OSError as exc:
         reply = {"error": f"on the host: {exc}"}
+    # Not flushed here: ipykernel flushes before its reply, so the answer, the reply and the
+    # idle status leave together (one flight on the link, not two).
     sys.stdout.write(MARKER + _encode(reply) + "\n")
-    sys.stdout.flush()
