@@ -78,15 +78,17 @@ def measure(label: str, session: Session, project: str, remote: str, args, wan=N
     none_ms = median_ms(s.up, args.repeat)
 
     list_ms = median_ms(lambda: IgnoreRules(project).files(), args.repeat)
-    target = os.path.join(project, "pkg3", "mod300.py")
+    i = args.files // 2
+    rel = f"pkg{i // 100}/mod{i}.py"
+    target = os.path.join(project, rel)
     flip = [0]
 
     def one_changed() -> None:
         flip[0] += 1
         with open(target, "w") as f:  # same size each time: hashed on both sides, then sent
-            f.write(f"def f300(x):\n    return x + {flip[0] % 10}\n")
+            f.write(f"def f{i}(x):\n    return x + {flip[0] % 10}\n")
         r = s.up()
-        assert r.sent == ["pkg3/mod300.py"], r.summary()
+        assert r.sent == [rel], r.summary()
 
     one_ms = median_ms(one_changed, args.repeat)
     t = time.perf_counter()
