@@ -117,6 +117,9 @@ class ColabMagics(Magics):
     cell_timeout = Float(0.0, help="Default %%gpu_run timeout in seconds (0: none).").tag(
         config=True
     )
+    auto_sync = Bool(
+        False, help="%%gpu_run syncs the project first (as --sync; --no-sync skips it)."
+    ).tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -234,6 +237,8 @@ class ColabMagics(Magics):
     @argument("--timeout", type=float, metavar="S", help="interrupt the remote cell after S s")
     @argument("--push", metavar="A,B", help="local variables to send before running")
     @argument("--pull", metavar="C,D", help="remote variables to fetch after running")
+    @argument("--sync", action="store_true", help="sync the project first (as %%colab_sync)")
+    @argument("--no-sync", action="store_true", help="do not sync, even with auto_sync")
     @argument("statement", nargs="*", help="code to run (line form)")
     @line_cell_magic
     @_user_errors
@@ -262,6 +267,12 @@ class ColabMagics(Magics):
             msg = "nothing to run: give a statement (%gpu_run STMT) or a cell body (%%gpu_run)"
             raise UsageError(msg)
         session = registry.get(args.on)
+        if (args.sync or self.auto_sync) and not args.no_sync:
+            from colabmagic.sync import sync
+
+            result = sync(session)
+            if result.changed or result.kept or result.skipped or result.conflicts:
+                print(result.summary())
         push = _names(args.push)
         if push:
             session.push(self._local_values(push))
@@ -410,6 +421,45 @@ class ColabMagics(Magics):
         args = parse_argstring(self.colab_download, line)
         n = registry.get(args.on).download(args.remote, args.local, compress=args.compress)
         print(f"downloaded {n} bytes")
+
+    @magic_arguments()
+    @argument("local_dir", nargs="?", help="project directory here (default: the last one, or .)")
+    @argument("remote_dir", nargs="?", help="directory on the host (default: the kernel's cwd)")
+    @argument("--down", action="store_true", help="fetch files new or changed on the host")
+    @argument("--exclude", action="append", metavar="PATTERN", help="skip (gitignore syntax)")
+    @argument("--no-gitignore", action="store_true", help="do not honour .gitignore")
+    @argument("--autoreload", action="store_true", help="reload changed modules in the kernel")
+    @argument("--force", action="store_true", help="overwrite files changed on both sides")
+    @argument("--on", metavar="NAME", help="session name")
+    @line_magic
+    @_user_errors
+    def colab_sync(self, line: str = ""):
+        """Mirror a project directory to the host (changed files only), or its outputs back.
+
+        Honours ``.gitignore``; deletes on the host only files a sync put there. ``%%gpu_run
+        --sync`` (or ``c.ColabMagics.auto_sync = True``) repeats the last ``%colab_sync``.
+
+        Examples
+        --------
+        ::
+
+            %colab_sync . proj --autoreload --exclude data/   # edits, renames, deletes mirrored
+            %colab_sync --down                                # the host's new outputs come back
+        """
+        from colabmagic.sync import sync
+
+        args = parse_argstring(self.colab_sync, line)
+        result = sync(
+            registry.get(args.on),
+            args.local_dir,
+            args.remote_dir,
+            down=args.down,
+            exclude=args.exclude,
+            gitignore=False if args.no_gitignore else None,
+            autoreload=True if args.autoreload else None,
+            force=args.force,
+        )
+        print(result.summary())
 
     # -- debugging ---------------------------------------------------------------------------
     @magic_arguments()
