@@ -85,11 +85,11 @@ def test_readonly_and_errors(built_index, tmp_path):
     (tmp_path / "music" / "song.wav").write_bytes(b"")
     with pytest.raises(FingerprintIndexError, match="exists and is not a fingerprint index"):
         Index(tmp_path / "music")
-    old = tmp_path / "old"  # an index of the format before peaks were stored
+    old = tmp_path / "old"  # an index of the format before the streaming shards
     shutil.copytree(built_index, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    (old / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
-    with pytest.raises(FingerprintIndexError, match="format 1, this colabmagic reads format 2"):
+    (old / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    with pytest.raises(FingerprintIndexError, match="format 2, this colabmagic reads format 3"):
         Index(old, readonly=True)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
