@@ -219,6 +219,8 @@ def dedup(
     result = DedupResult(files=len(files))
     by_hash = _group_identical(files, result.skipped_files)
     key_of = {fs[0]: h for h, fs in by_hash.items()}
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
     jobs = [Job(fs[0], fs[0], h) for h, fs in by_hash.items()]
     with tempfile.TemporaryDirectory(prefix="fpdedup-", dir=work_dir) as tmp:
         index = Index(Path(tmp) / "index", fingerprinter=fpr)
