@@ -136,7 +136,7 @@ class DaskProcesses:
                 proc.terminate()
         for proc in procs:
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=15)

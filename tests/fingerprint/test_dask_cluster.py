@@ -32,12 +32,12 @@ except ImportError:  # the fixture skips, or fails under COLABMAGIC_REQUIRE_ALL=
     distributed = None
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
     require(distributed is not None, "dask.distributed is not installed (colabmagic[dask])")
     from colabmagic.testing_dask import DaskProcesses
 
-    with DaskProcesses(tmp_path / "dask", n_workers=2, nthreads=1) as c:
+    with DaskProcesses(tmp_path_factory.mktemp("dask"), n_workers=2, nthreads=1) as c:
         yield c
 
 
@@ -86,6 +86,8 @@ def test_index_survives_a_worker_sigkill_and_equals_a_local_run(tmp_path, cluste
     assert (s.added, s.skipped) == (len(jobs), 0)
     assert _snapshot(remote) == _snapshot(local)
     assert [t.number for t in remote.tracks] == list(range(len(jobs)))  # each file once
+    cluster.add_worker("w2")  # back to two workers for the next tests
+    cluster.wait_workers(2)
 
 
 def test_cli_index_and_dedup_with_scheduler_equal_local(tmp_path, cluster, tracks):
@@ -103,13 +105,13 @@ def test_cli_index_and_dedup_with_scheduler_equal_local(tmp_path, cluster, track
         return json.loads(p.stdout.strip().splitlines()[-1])
 
     on_cluster = run("index", "--db", str(tmp_path / "a"), str(d), "--scheduler", cluster.address)
-    here = run("index", "--db", str(tmp_path / "b"), str(d), "--workers", "1")
-    assert on_cluster["added"] == here["added"] == 4
-    a, b = Index(tmp_path / "a", readonly=True), Index(tmp_path / "b", readonly=True)
-    assert _snapshot(a) == _snapshot(b)
+    here = Index(tmp_path / "b")
+    here.add([d], workers=1, backend="numpy")
+    assert on_cluster["added"] == len(here) == 4
+    assert _snapshot(Index(tmp_path / "a", readonly=True)) == _snapshot(here)
 
     groups = run("dedup", str(d), "--scheduler", cluster.address)["groups"]
-    assert groups == run("dedup", str(d), "--workers", "1")["groups"]
+    assert groups == dedup([d], workers=1, backend="numpy").to_dict()["groups"]
     files = sorted(sorted(Path(f).name for f in g["files"]) for g in groups)
     assert files == [["t1-excerpt.wav", "t1.wav"], ["t2-copy.wav", "t2.wav"]]
 
@@ -142,3 +144,4 @@ def test_bad_clusters_fail_in_one_line(tmp_path, cluster, tracks, monkeypatch):
     assert p.stderr.strip().splitlines()[-1].startswith("Error: Dask worker(s) tcp://127.0.0.1:")
     assert "Traceback" not in p.stderr
     assert len(Index(tmp_path / "db")) == 0
+    cluster.kill("noffmpeg")
