@@ -49,6 +49,7 @@ class DaskProcesses:
         self.resources = resources
         self.scheduler: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.killed: dict[str, subprocess.Popen[bytes]] = {}
         self.address = ""
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None) -> Any:
@@ -123,8 +124,8 @@ class DaskProcesses:
             )  # fmt: skip
 
     def kill(self, name: str) -> None:
-        """SIGKILL worker *name* and reap it."""
-        proc = self.workers[name]
+        """SIGKILL worker *name* and reap it (it moves from :attr:`workers` to :attr:`killed`)."""
+        proc = self.killed[name] = self.workers.pop(name)
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)

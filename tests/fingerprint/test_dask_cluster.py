@@ -82,7 +82,7 @@ def test_index_survives_a_worker_sigkill_and_equals_a_local_run(tmp_path, cluste
         on_added=kill_w1_midway,
     )  # fmt: skip
     assert killed["had_tasks"] >= 1, "w1 was idle when killed; the test proved nothing"
-    assert cluster.workers["w1"].returncode == -9
+    assert cluster.killed["w1"].returncode == -9
     assert (s.added, s.skipped) == (len(jobs), 0)
     assert _snapshot(remote) == _snapshot(local)
     assert [t.number for t in remote.tracks] == list(range(len(jobs)))  # each file once
