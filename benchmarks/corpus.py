@@ -150,7 +150,7 @@ def _duration(path: str) -> float:
         info = soundfile.info(path)
         if info.frames > 0:
             return info.frames / info.samplerate
-    except Exception:  # noqa: BLE001, S110 - libsndfile cannot read it: ask ffprobe
+    except Exception:
         pass
     cmd = ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", path]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()

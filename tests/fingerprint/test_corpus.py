@@ -48,11 +48,15 @@ def test_tiny_corpus_groups_offsets_and_held_out(tmp_path, sources):
     assert m["distinct_tracks"] == 4  # jingle too short; both copies dropped as duplicates
     dropped = {Path(f).name for fs in m["dropped_duplicates"].values() for f in fs}
     assert dropped == {"same_bytes.wav", "reencoded.ogg"}
-    assert m["held_out_tracks"] == 1 and m["indexed_tracks"] == 3 and m["library_files"] == 9
+    assert m["held_out_tracks"] == 1
+    assert m["indexed_tracks"] == 3
+    assert m["library_files"] == 9
     library = sorted((out / "library").iterdir())
-    assert len(library) == 9 and len(list((out / "heldout").iterdir())) == 1
+    assert len(library) == 9
+    assert len(list((out / "heldout").iterdir())) == 1
     kinds = {f["variant"] for g in m["groups"] for f in g["files"]}
-    assert {"original", "trim"} <= kinds and len(kinds) >= 4
+    assert {"original", "trim"} <= kinds
+    assert len(kinds) >= 4
     for g in m["groups"]:
         assert g["files"][0]["variant"] == "original"
         for f in g["files"]:  # every file decodes to (about) the recording minus its trim
@@ -79,7 +83,8 @@ def test_same_seed_same_corpus_and_an_interrupted_build_resumes(tmp_path, source
     kept = out / first["groups"][1]["files"][0]["path"]
     mtime = kept.stat().st_mtime_ns
     again = _build(out, sources, "--files", "5", "--seed", "1")
-    assert again == first and victim.exists()
+    assert again == first
+    assert victim.exists()
     assert kept.stat().st_mtime_ns == mtime  # not re-encoded
     other = _build(tmp_path / "other", sources, "--files", "5", "--seed", "2")
     assert other["groups"] != first["groups"] or other["heldout"] != first["heldout"]
