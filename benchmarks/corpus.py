@@ -21,6 +21,19 @@ Steps (every choice drawn from ``--seed``, so a rebuild gives the same corpus):
 5. **Manifest** (``manifest.json``): the true groups (one per distinct track), each file with its
    variant, parameters and ``offset_s``, the time of the original at which the file starts.
 
+**Past 1,000 files** (``--files 10000``, issue 18) there are not enough distinct recordings among
+the packages, so the first 1,000 files are built exactly as above and the rest are *derived*
+recordings: 30-90 s segments of the distinct tracks, each changed by a transform the matcher
+must not link (its speed search covers +-5 %): resampled by 0.72, 0.80, 0.88, 1.16, 1.28 or
+1.40 (speed and pitch together), or pitch-shifted by -7, -5, -3, +3, +5 or +7 semitones at the
+same tempo (rubberband). Neighbouring factors are >= 9 % apart, and the segments of one source
+in one transform never overlap, so no two derived files hold the same recording. Each derived
+recording gets duplicates like the first 1,000 (another bitrate, trim, gain, sample rate,
+container), three per recording, the scale corpus's ratio. Every size is a prefix of the
+larger ones: build 1,000, then 3,000, then 10,000 into the same ``--out`` and only the new
+files are encoded; the manifest lists the groups in order, so a benchmark can take the first
+N files' groups.
+
 The corpus is generated, never committed. Files already built are kept (an interrupted build
 resumes); the source scan and dedup are cached in ``OUT/sources.json``.
 
@@ -286,6 +299,83 @@ def _muxer(dest: Path) -> str:
     return {".mp3": "mp3", ".ogg": "ogg", ".m4a": "ipod", ".opus": "opus"}[dest.suffix]
 
 
+#: Library size built exactly as the issue-14 scale corpus; past it, derived recordings.
+BASE_FILES = 1000
+#: Duplicates made of each derived recording (the scale corpus has ~3 per track).
+DERIVED_DUPLICATES = 3
+#: Transforms the matcher must not link, as (kind, factor): speed factor, or pitch ratio.
+RESAMPLE_FACTORS = (0.72, 0.80, 0.88, 1.16, 1.28, 1.40)
+PITCH_SEMITONES = (-7, -5, -3, 3, 5, 7)
+DERIVED_SECONDS = (30.0, 90.0)
+
+
+def _transforms() -> list[tuple[str, float]]:
+    return [("resample", f) for f in RESAMPLE_FACTORS] + [
+        ("pitch", round(2 ** (k / 12), 6)) for k in PITCH_SEMITONES
+    ]
+
+
+def derived_segments(tracks: list[SourceTrack], seed: int, n: int) -> list[dict[str, Any]]:
+    """The first *n* derived recordings (the same first ones for every *n*: prefix-stable).
+
+    Every (source, transform) pair is tiled with disjoint source segments whose output lasts
+    30-90 s; all the tiles are shuffled with the seed and taken in that order.
+    """
+    rng = random.Random(f"{seed}-derived")
+    pool = []
+    for s_i, t in enumerate(tracks):
+        for kind, factor in _transforms():
+            stretch = factor if kind == "resample" else 1.0  # source seconds per output second
+            pos = rng.uniform(0.0, 2.0)
+            while True:
+                out_s = round(rng.uniform(*DERIVED_SECONDS), 3)
+                length = out_s * stretch
+                if pos + length > t.duration - 0.5:
+                    break
+                pool.append(
+                    {
+                        "source": t.path,
+                        "source_index": s_i,
+                        "kind": kind,
+                        "factor": factor,
+                        "start_s": round(pos, 3),
+                        "source_s": round(length, 3),
+                        "duration": out_s,
+                    }
+                )
+                pos += length + rng.uniform(0.5, 5.0)
+    rng.shuffle(pool)
+    if n > len(pool):
+        msg = f"only {len(pool)} derived recordings can be made from these sources; ask for fewer."
+        raise SystemExit(msg)
+    return pool[:n]
+
+
+def _derive(seg: dict[str, Any], dest: Path) -> None:
+    """Render one derived recording: cut, transform, encode as the library's originals."""
+    if dest.exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    rate = ORIGINAL_RATE
+    if seg["kind"] == "resample":
+        filt = f"aresample={rate},asetrate={rate * seg['factor']:.3f},aresample={rate}"
+    else:
+        filt = f"aresample={rate},rubberband=pitch={seg['factor']}"
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-threads", "1",
+           "-ss", f"{seg['start_s']:.3f}", "-t", f"{seg['source_s']:.3f}", "-i", seg["source"],
+           "-vn", "-af", filt, "-ac", "2", "-ar", str(rate), "-c:a", "libmp3lame",
+           "-b:a", f"{ORIGINAL_BITRATE}k", "-compression_level", "9", "-map_metadata", "-1",
+           "-f", "mp3", str(tmp)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        msg = f"ffmpeg could not derive {dest.name} from {seg['source']}: {last}"
+        raise RuntimeError(msg)
+    os.replace(tmp, dest)
+
+
 def _slug(track: SourceTrack, n: int) -> str:
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(track.path).stem)
     return f"{n:04d}-{track.package.split('-')[0]}-{stem[:40]}"
@@ -301,6 +391,7 @@ def build_corpus(
     held_out: float = HELD_OUT,
     min_seconds: float = MIN_SECONDS,
     log: Callable[[str], None] | None = None,
+    base_files: int = BASE_FILES,
 ) -> dict[str, Any]:
     """Build (or finish building) the corpus in *out*; returns the manifest it writes.
 
@@ -322,6 +413,9 @@ def build_corpus(
         Shorter source files are left out.
     log : callable, optional
         Receives progress lines.
+    base_files : int
+        Files made as the scale corpus (originals and their duplicates); past this many the
+        rest are derived recordings (see the module docstring).
     """
     say = log or (lambda _s: None)
     root = Path(out)
@@ -342,6 +436,7 @@ def build_corpus(
     if files < len(indexed):
         msg = f"--files {files} is below the {len(indexed)} indexed tracks; ask for more."
         raise SystemExit(msg)
+    total_files, files = files, min(files, max(base_files, len(indexed)))
     plan: list[tuple[str, Path, dict[str, Any]]] = []  # (source, dest, params)
     groups = []
     for g, i in enumerate(indexed):
@@ -380,6 +475,8 @@ def build_corpus(
                 }
             )
             n += 1
+    derived_plan = _plan_derived(root, tracks, groups, seed, total_files - n)
+    n += sum(len(g["files"]) for g in groups[len(indexed) :])
     heldout = []
     for i in sorted(held):
         t = tracks[i]
@@ -403,6 +500,20 @@ def build_corpus(
             for k, _ in enumerate(pool.map(lambda p: _encode(*p), part), 1):
                 if k % 100 == 0:
                     say(f"  {k}/{len(part)} encoded ({time.perf_counter() - t1:.0f} s)")
+    if derived_plan:
+        say(f"{len(derived_plan)} derived files (recordings and their duplicates)")
+    for part in (
+        [p for p in derived_plan if p[2] is None],  # the recordings, then their duplicates
+        [p for p in derived_plan if p[2] is not None],
+    ):
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            work = (
+                (lambda p: _derive(p[0], p[1])) if part and part[0][2] is None
+                else (lambda p: _encode(str(p[0]), p[1], p[2]))
+            )  # fmt: skip
+            for k, _ in enumerate(pool.map(work, part), 1):
+                if k % 200 == 0:
+                    say(f"  {k}/{len(part)} derived ({time.perf_counter() - t1:.0f} s)")
     manifest = {
         "seed": seed,
         "distinct_tracks": len(tracks),
@@ -427,6 +538,45 @@ def build_corpus(
     return manifest
 
 
+def _plan_derived(
+    root: Path, tracks: list[SourceTrack], groups: list[dict[str, Any]], seed: int, extra: int
+) -> list[tuple[Any, Path, dict[str, Any] | None]]:
+    """Append derived groups to *groups* until they add *extra* files; return what to render.
+
+    Items are ``(segment, dest, None)`` for a derived recording and ``(original, dest,
+    params)`` for a duplicate of one.
+    """
+    if extra <= 0:
+        return []
+    per = 1 + DERIVED_DUPLICATES
+    segments = derived_segments(tracks, seed, -(-extra // per))
+    plan: list[tuple[Any, Path, dict[str, Any] | None]] = []
+    left = extra
+    for d, seg in enumerate(segments):
+        g = len(groups)
+        tag = f"{seg['kind']}{seg['factor']:g}"
+        stem = _slug(tracks[seg["source_index"]], seg["source_index"])[:40]
+        dest = root / "derived" / f"{d:05d}-{stem}-{tag}-at{seg['start_s']:.0f}.mp3"
+        plan.append((seg, dest, None))
+        files = [{"path": str(dest.relative_to(root)), "variant": "original", "params": {},
+                  "offset_s": 0.0}]  # fmt: skip
+        rng = random.Random(f"{seed}-derived-{d}")
+        kinds = rng.sample(VARIANTS, len(VARIANTS))
+        for k in range(min(DERIVED_DUPLICATES, left - 1)):
+            params, offset, ext = _variant(kinds[k], rng, seg["duration"])
+            dup = dest.with_name(f"{dest.stem}.dup{k + 1}-{kinds[k]}{ext}")
+            plan.append((dest, dup, params))
+            files.append({"path": str(dup.relative_to(root)), "variant": kinds[k],
+                          "params": params, "offset_s": offset})  # fmt: skip
+        left -= len(files)
+        groups.append(
+            {"group": g, "source": seg["source"], "derived": {k: seg[k] for k in (
+                "kind", "factor", "start_s", "source_s")}, "package": "derived",
+             "duration": seg["duration"], "files": files}
+        )  # fmt: skip
+    return plan
+
+
 def _library_seconds(groups: list[dict[str, Any]]) -> float:
     return sum(g["duration"] - f["offset_s"] for g in groups for f in g["files"])
 
@@ -439,6 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="concurrent encoders [2]")
     ap.add_argument("--source", action="append", help="audio dir/file instead of the packages")
     ap.add_argument("--min-seconds", type=float, default=MIN_SECONDS)
+    ap.add_argument(
+        "--base-files", type=int, default=BASE_FILES,
+        help=f"files built as the scale corpus; past them, derived recordings [{BASE_FILES}]",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     build_corpus(
         args.out,
@@ -448,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         min_seconds=args.min_seconds,
         log=lambda s: print(s, file=sys.stderr, flush=True),
+        base_files=args.base_files,
     )
     return 0
 
