@@ -26,11 +26,11 @@ merge step (about 100 MB), whatever the size of the index.
 Why NumPy ``.npy`` files read with ``mmap`` rather than LMDB or SQLite: a lookup is a binary
 search over sorted ``uint32`` hashes and a gather of ``uint64`` postings, which NumPy runs
 vectorised over every query hash at once straight from the page cache (only the pages touched are
-read). Measured on 2M hashes (this machine, 2 cores, one query of 1,000 hashes): memmap
-``searchsorted`` + gather 0.11 ms; SQLite with an index on the hash, one ``IN (...)`` query, 9 ms;
-LMDB with one key per hash and dup-sorted postings, 2.1 ms from Python's per-key cursor calls —
-and each costs 30-60 bytes per hash on disk against 12 here (plus ~1 for the peak keys). See
-``benchmarks/index_store.py``.
+read). ``benchmarks/index_store.py``, 2M rows, queries of 1,000 hashes, warm cache, median
+(2 shared cores, load 10-13): memmap 0.98 ms and 12.0 bytes per row; LMDB (dup-sorted keys,
+``getmulti``) 15 ms and 41 bytes; SQLite (index on the hash, one ``IN (...)`` query) 56 ms and
+30 bytes. The embedded stores pay per key in Python and store each row with its own overhead;
+they would only help for in-place updates, which this write-once design does not need.
 
 Format 3 (this one) adds per-shard sizes and track ranges to the manifest, which the streaming
 merge plans with; format 2 indexes must be rebuilt (one clear error says so).
