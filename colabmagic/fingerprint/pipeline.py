@@ -222,10 +222,15 @@ def _dask_map(
     try:
         cluster.check_workers(client)
         threads = sum(client.nthreads().values())
-        yield from cluster.map_in_order(
-            client, extract_one, jobs, max(32, 4 * threads),
+        # workers run elsewhere, in another directory: send absolute paths, give back ours
+        remote = [Job(j.track_id, os.path.abspath(j.path), j.content_hash) for j in jobs]
+        results = cluster.map_in_order(
+            client, extract_one, remote, max(32, 4 * threads),
             fingerprinter=fingerprinter, decode_only=decode_only,
         )  # fmt: skip
+        for job, r in zip(jobs, results, strict=True):
+            r.path = job.path
+            yield r
     finally:
         if own:
             client.close()
