@@ -90,7 +90,7 @@ def test_index_survives_a_worker_sigkill_and_equals_a_local_run(tmp_path, cluste
     cluster.wait_workers(2)
 
 
-def test_cli_index_and_dedup_with_scheduler_equal_local(tmp_path, cluster, tracks):
+def test_cli_index_and_dedup_with_scheduler_equal_local(tmp_path, cluster, tracks, monkeypatch):
     d = tmp_path / "music"
     d.mkdir()
     for name in ("t0", "t1", "t2"):
@@ -100,13 +100,17 @@ def test_cli_index_and_dedup_with_scheduler_equal_local(tmp_path, cluster, track
     cli = [COLABMAGIC, "fp"]
 
     def run(*args: str) -> dict:
-        p = subprocess.run([*cli, *args, "--json"], capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [*cli, *args, "--json"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
         assert p.returncode == 0, p.stderr
         return json.loads(p.stdout.strip().splitlines()[-1])
 
-    on_cluster = run("index", "--db", str(tmp_path / "a"), str(d), "--scheduler", cluster.address)
+    # a relative path: the workers run in other directories
+    on_cluster = run("index", "--db", "a", "music", "--scheduler", cluster.address)
     here = Index(tmp_path / "b")
-    here.add([d], workers=1, backend="numpy")
+    monkeypatch.chdir(tmp_path)
+    here.add(["music"], workers=1, backend="numpy")
     assert on_cluster["added"] == len(here) == 4
     assert _snapshot(Index(tmp_path / "a", readonly=True)) == _snapshot(here)
 
