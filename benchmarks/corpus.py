@@ -216,7 +216,7 @@ def source_tracks(
     cached = cache_dir / "sources.json"
     if cached.exists():
         data = json.loads(cached.read_text())
-        if data.get("key") == key and data.get("min_seconds") == min_seconds:
+        if data.get("key") == [list(k) for k in key] and data.get("min_seconds") == min_seconds:
             return [SourceTrack(**t) for t in data["tracks"]]
     durations = {f: _duration(f) for _, f in found}
     long_enough = [(p, f) for p, f in found if durations[f] >= min_seconds]
@@ -286,13 +286,33 @@ def _encode(src: str, dest: Path, params: dict[str, Any]) -> None:
     pre, post = (args[:2], args[2:]) if "trim_s" in params else ([], args)
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-threads", "1", *pre, "-i", src, "-vn"]
     cmd += [*post, "-map_metadata", "-1", "-f", _muxer(dest), str(tmp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = _ffmpeg(cmd, src, dest)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
         msg = f"ffmpeg could not encode {src} -> {dest.name}: {last}"
         raise RuntimeError(msg)
     os.replace(tmp, dest)
+
+
+def _ffmpeg(cmd: list[str], src: str, dest: Path) -> subprocess.CompletedProcess[str]:
+    """Run *cmd*; if ffmpeg cannot read *src*, retry from a WAV that libsndfile decoded."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode == 0 or src.endswith(".wav"):
+        return proc
+    # a few Debian OGGs have headers ffmpeg rejects and libsndfile reads
+    wav = dest.with_name(f".tmp-{dest.stem}.src.wav")
+    try:
+        import soundfile
+
+        y, sr = soundfile.read(src, dtype="float32", always_2d=True)
+        soundfile.write(wav, y, sr, subtype="FLOAT")
+        cmd = [str(wav) if c == src else c for c in cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except (ImportError, RuntimeError, OSError):
+        return proc
+    finally:
+        wav.unlink(missing_ok=True)
 
 
 def _muxer(dest: Path) -> str:
@@ -367,7 +387,7 @@ def _derive(seg: dict[str, Any], dest: Path) -> None:
            "-vn", "-af", filt, "-ac", "2", "-ar", str(rate), "-c:a", "libmp3lame",
            "-b:a", f"{ORIGINAL_BITRATE}k", "-compression_level", "9", "-map_metadata", "-1",
            "-f", "mp3", str(tmp)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = _ffmpeg(cmd, seg["source"], dest)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
