@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from colabmagic.errors import ParameterError
 from colabmagic.fingerprint import dedup
 
 from .conftest import SR, ffmpeg, synth_music, write_wav
@@ -76,3 +77,26 @@ def test_only_files_of_a_shared_size_are_content_hashed(tmp_path, tracks, monkey
         [str(a), str(tmp_path / "a_copy.wav"), str(tmp_path / "same_size.wav")]
     )
     assert skipped == [str(tmp_path / "gone.wav")]
+
+
+def test_streamed_batches_give_the_same_groups_and_leave_no_files(tmp_path, tracks):
+    """Dedup streams into an on-disk index and queries a batch at a time: one file per batch
+    gives the groups and evidence of one batch for all; its work dir is emptied; a file that
+    cannot be read is one warning and listed, not a failure."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in ("t0", "t1", "t2"):
+        write_wav(lib / f"{name}.wav", tracks[name])
+        write_wav(lib / f"{name}-cut.wav", tracks[name][4 * SR : 14 * SR])
+    (lib / "broken.wav").write_bytes(b"RIFF\x00\x00")
+    work = tmp_path / "work"
+    with pytest.warns(UserWarning, match="broken.wav"):
+        one = dedup([lib], workers=1, backend="numpy", batch=1, work_dir=work)
+    with pytest.warns(UserWarning, match="broken.wav"):
+        all_ = dedup([lib], workers=2, backend="numpy")
+    assert one.to_dict()["groups"] == all_.to_dict()["groups"]
+    assert len(one.groups) == 3
+    assert one.skipped_files == [str(lib / "broken.wav")]
+    assert list(work.iterdir()) == []  # the temporary index and spill are gone
+    with pytest.raises(ParameterError, match="batch=0"):
+        dedup([lib], batch=0)
