@@ -664,10 +664,11 @@ class Index:
         merge_all: bool | None = None,
     ) -> None:
         """Extract *jobs* (not yet in the index) and commit them as they finish (lock held)."""
-        results: Iterable[Any] = extract_files(
+        source = extract_files(
             jobs, fingerprinter=self.fingerprinter, workers=workers, backend=backend,
             scheduler=scheduler,
         )  # fmt: skip
+        results: Any = source
         if progress:
             from tqdm.auto import tqdm
 
@@ -704,9 +705,9 @@ class Index:
             summary.interrupted = True
             raise IndexInterrupted(summary) from exc
         finally:
-            close = getattr(results, "close", None)
-            if close is not None:
-                close()  # stops worker pools / cancels cluster tasks now, not at garbage collection
+            source.close()  # stops worker pools / cancels cluster tasks now, not at collection
+            if results is not source:
+                results.close()  # the progress bar
         if pending:
             self._commit(pending)
             written += 1
