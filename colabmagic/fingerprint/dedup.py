@@ -257,10 +257,9 @@ def _query_edges(
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for a in range(0, len(tracks), batch):
             numbers = range(a, min(a + batch, len(tracks)))
-            found = pool.map(lambda i: votes(index, spill.fingerprint(i)), numbers)
+            found = pool.map(lambda i: _file_votes(index, spill.fingerprint(i)), numbers)
             for i, v in zip(numbers, found, strict=True):
-                for tr, count, off in zip(v.track, v.count, v.offset, strict=True):  # few
-                    j = int(tr)
+                for j, (count, off) in v.items():  # a few tracks
                     if j == i:
                         continue
                     shorter = min(spill.count(i), spill.count(j))
@@ -280,6 +279,36 @@ def _query_edges(
                     if key not in edges or edges[key].aligned < ev.aligned:
                         edges[key] = ev
     return edges
+
+
+#: Most (sampled) hashes one lookup takes: a longer file is queried a time window at a time, so
+#: the hits in memory (~200 bytes each, up to MAX_POSTINGS per hash) do not grow with its length.
+QUERY_CHUNK = 4096
+
+
+def _file_votes(
+    index: Index, fp: Fingerprint, chunk: int = QUERY_CHUNK
+) -> dict[int, tuple[int, int]]:
+    """``{track: (aligned, offset)}`` of one file's query, in windows of *chunk* hashes.
+
+    A hit's weight depends only on its own hash, and alignment counts add up over disjoint
+    windows of query time, so a long file's windows are queried one by one and each track's
+    counts are summed at its best offset (+-1 frame, the quantisation jitter between windows).
+    """
+    chunk = QUERY_CHUNK
+    order = np.argsort(fp.times, kind="stable")
+    per_track: dict[int, dict[int, int]] = {}
+    for a in range(0, len(order), chunk):
+        sel = order[a : a + chunk]
+        v = votes(index, Fingerprint(fp.hashes[sel], fp.times[sel], fp.variant[sel]))
+        for tr, count, off in zip(v.track, v.count, v.offset, strict=True):
+            offsets = per_track.setdefault(int(tr), {})
+            offsets[int(off)] = offsets.get(int(off), 0) + int(count)
+    out = {}
+    for tr, offsets in per_track.items():
+        best = max(offsets, key=lambda o: (offsets[o], -abs(o)))
+        out[tr] = (sum(offsets.get(best + d, 0) for d in (-1, 0, 1)), best)
+    return out
 
 
 def _collect_groups(
