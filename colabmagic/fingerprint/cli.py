@@ -126,6 +126,12 @@ def index_cmd(
             err=True,
         )
         sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's files were being saved
+        click.echo(
+            f"interrupted: {db} is a valid index with what was saved; rerun the same command.",
+            err=True,
+        )
+        sys.exit(130)
     out = {
         **summary.to_dict(),
         "tracks": len(idx),

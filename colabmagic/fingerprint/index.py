@@ -695,10 +695,20 @@ class Index:
                 summary.audio_seconds += r.duration
                 summary.n_hashes += len(r.hashes)
                 if n_pending >= shard_hashes or now() - last_commit >= commit_seconds:
-                    self._commit(pending)
+                    # cleared first: a Ctrl-C inside the commit must not commit it twice
+                    batch, pending, n_pending = pending, [], 0
+                    self._commit(batch)
                     written += 1
-                    pending, n_pending, last_commit = [], 0, now()
+                    last_commit = now()
                     self._merge_tail(shard_hashes)
+            if pending:
+                batch, pending = pending, []
+                self._commit(batch)
+                written += 1
+            if merge_all is None:
+                merge_all = written > 1 or len(self._manifest["shards"]) > self.max_shards
+            if merge_all:
+                self._compact_locked()
         except KeyboardInterrupt as exc:
             if pending:  # keep what finished: a rerun skips it
                 self._commit(pending)
@@ -708,13 +718,6 @@ class Index:
             source.close()  # stops worker pools / cancels cluster tasks now, not at collection
             if results is not source:
                 results.close()  # the progress bar
-        if pending:
-            self._commit(pending)
-            written += 1
-        if merge_all is None:
-            merge_all = written > 1 or len(self._manifest["shards"]) > self.max_shards
-        if merge_all:
-            self._compact_locked()
 
     @staticmethod
     def _skip(summary: AddSummary, path: str, reason: str) -> None:
