@@ -49,6 +49,7 @@ def test_every_magic_has_help_with_an_example(ip):
         "colab_upload",
         "colab_download",
         "colab_debug",
+        "colab_snapshot",
     ):
         doc = ip.find_line_magic(name).__doc__
         assert "usage" in doc.lower() or "%" in doc, name
@@ -120,6 +121,26 @@ def test_push_pull_flags_and_magics(connected):
     connected.run_line_magic("gpu_run", "echo = msg.upper()")
     connected.run_line_magic("colab_pull", "echo")
     assert connected.user_ns["echo"] == "HELLO"
+
+
+def test_compress_option_on_push_pull_upload_download(connected, tmp_path, capsys):
+    big = np.zeros(3 << 20, dtype=np.float32)
+    big[::10] = 1.5
+    connected.user_ns["big"] = big
+    connected.run_line_magic("colab_push", "big --compress zstd")
+    connected.run_line_magic("gpu_run", "big2 = big * 2")
+    connected.run_line_magic("colab_pull", "big2 --compress none")
+    np.testing.assert_array_equal(connected.user_ns["big2"], big * 2)
+    src = tmp_path / "w.npy"
+    np.save(src, big)
+    connected.run_line_magic("colab_upload", f"{src} {tmp_path / 'up.npy'} --compress auto")
+    back = tmp_path / "back.npy"
+    connected.run_line_magic("colab_download", f"{tmp_path / 'up.npy'} {back} --compress zstd")
+    np.testing.assert_array_equal(np.load(back), big)
+    assert "uploaded" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*colabmagic-part"))
+    with pytest.raises(UsageError, match="invalid choice: 'gzip'"):
+        connected.run_line_magic("colab_push", "big --compress gzip")
 
 
 def test_bad_input_gives_one_line_errors(connected):
