@@ -247,7 +247,9 @@ def test_streaming_merges_equal_a_one_shot_build(built_index, library, tmp_path,
 
 SIGINT_ADD = textwrap.dedent(
     """
-    import sys
+    import signal, sys
+    # as from a terminal: a test runner started in the background inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from colabmagic.cli import main
     sys.argv = ["colabmagic", "fp", "index", "--db", sys.argv[1], "--workers", "1",
                 "--commit-every", "0", *sys.argv[2:]]
