@@ -1,0 +1,124 @@
+"""benchmarks/corpus.py on a tiny corpus (CI builds only this one; the real one is 1,000+ files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from colabmagic.fingerprint import dedup, load_audio
+from colabmagic.testing import require
+
+from .conftest import ffmpeg, synth_music, write_wav
+
+CORPUS = Path(__file__).resolve().parents[2] / "benchmarks" / "corpus.py"
+
+
+def _build(out: Path, sources: list[Path], *extra: str) -> dict:
+    cmd = [sys.executable, str(CORPUS), "--out", str(out), "--workers", "2"]
+    for s in sources:
+        cmd += ["--source", str(s)]
+    subprocess.run([*cmd, *extra], check=True, capture_output=True, text=True)
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two 'packages': four distinct 32-40 s tracks, a 10 s jingle, and copies of one track."""
+    require(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
+    root = tmp_path_factory.mktemp("sources")
+    a, b = root / "game-a-music", root / "game-b-data"
+    a.mkdir()
+    b.mkdir()
+    for i in range(4):
+        write_wav((a if i < 3 else b) / f"track{i}.wav", synth_music(500 + i, 32.0 + 2 * i))
+    write_wav(b / "jingle.wav", synth_music(600, 10.0))  # under 30 s: left out
+    shutil.copy(a / "track0.wav", b / "same_bytes.wav")  # exact duplicate
+    ffmpeg("-i", str(a / "track1.wav"), "-c:a", "libvorbis", str(b / "reencoded.ogg"))
+    return [a, b]
+
+
+def test_tiny_corpus_groups_offsets_and_held_out(tmp_path, sources):
+    out = tmp_path / "corpus"
+    m = _build(out, sources, "--files", "9", "--seed", "3")
+    assert m["distinct_tracks"] == 4  # jingle too short; both copies dropped as duplicates
+    dropped = {Path(f).name for fs in m["dropped_duplicates"].values() for f in fs}
+    assert dropped == {"same_bytes.wav", "reencoded.ogg"}
+    assert m["held_out_tracks"] == 1
+    assert m["indexed_tracks"] == 3
+    assert m["library_files"] == 9
+    library = sorted((out / "library").iterdir())
+    assert len(library) == 9
+    assert len(list((out / "heldout").iterdir())) == 1
+    kinds = {f["variant"] for g in m["groups"] for f in g["files"]}
+    assert {"original", "trim"} <= kinds
+    assert len(kinds) >= 4
+    for g in m["groups"]:
+        assert g["files"][0]["variant"] == "original"
+        for f in g["files"]:  # every file decodes to (about) the recording minus its trim
+            y = load_audio(out / f["path"])
+            assert abs(len(y) / 8000 - (g["duration"] - f["offset_s"])) < 0.2
+    # the manifest's groups and offsets are what the tool finds
+    res = dedup([out / "library"], workers=1, backend="numpy")
+    truth = {}
+    for g in m["groups"]:
+        for f in g["files"]:
+            truth[str(out / f["path"])] = (g["group"], f["offset_s"])
+    found = [sorted(truth[f][0] for f in group) for group in res.groups]
+    assert sorted(found) == sorted([g["group"]] * len(g["files"]) for g in m["groups"])
+    for ev in (e for evs in res.evidence for e in evs):
+        expected = truth[ev.b][1] - truth[ev.a][1]
+        assert abs(ev.offset_s - expected) < 0.05, (ev, expected)
+
+
+def test_same_seed_same_corpus_and_an_interrupted_build_resumes(tmp_path, sources):
+    out = tmp_path / "corpus"
+    first = _build(out, sources, "--files", "5", "--seed", "1")
+    victim = out / first["groups"][0]["files"][-1]["path"]
+    victim.unlink()  # as if the build had been interrupted there
+    kept = out / first["groups"][1]["files"][0]["path"]
+    mtime = kept.stat().st_mtime_ns
+    again = _build(out, sources, "--files", "5", "--seed", "1")
+    assert again == first
+    assert victim.exists()
+    assert kept.stat().st_mtime_ns == mtime  # not re-encoded
+    other = _build(tmp_path / "other", sources, "--files", "5", "--seed", "2")
+    assert other["groups"] != first["groups"] or other["heldout"] != first["heldout"]
+
+
+def test_too_few_files_is_one_clear_line(tmp_path, sources):
+    cmd = [sys.executable, str(CORPUS), "--out", str(tmp_path / "c"), "--files", "1"]
+    cmd += [arg for s in sources for arg in ("--source", str(s))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode != 0
+    assert "--files 1 is below the 3 indexed tracks" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_derived_recordings_past_the_base_are_distinct_and_prefix_stable(tmp_path, sources):
+    """--files past the base: resampled / pitch-shifted 30-90 s segments, each a recording of
+    its own with duplicates; the tool links exactly the manifest's groups."""
+    out = tmp_path / "corpus"
+    base = _build(out, sources, "--files", "9", "--base-files", "9", "--seed", "3")
+    big = _build(out, sources, "--files", "21", "--base-files", "9", "--seed", "3")
+    assert big["groups"][: len(base["groups"])] == base["groups"]  # a prefix: nothing rebuilt
+    assert big["library_files"] == 21
+    derived = [g for g in big["groups"] if g["package"] == "derived"]
+    assert len(derived) == 3
+    assert sum(len(g["files"]) for g in derived) == 12
+    assert {g["derived"]["kind"] for g in derived} <= {"resample", "pitch"}
+    for g in derived:
+        f = g["derived"]["factor"]
+        assert 0.70 <= f <= 0.88 or 1.15 <= f <= 1.40 or g["derived"]["kind"] == "pitch"
+        y = load_audio(out / g["files"][0]["path"])
+        assert abs(len(y) / 8000 - g["duration"]) < 0.3
+        assert 30 <= g["duration"] <= 90
+    files = [out / f["path"] for g in big["groups"] for f in g["files"]]
+    assert len(files) == 21
+    truth = {str(out / f["path"]): g["group"] for g in big["groups"] for f in g["files"]}
+    res = dedup(files, workers=1, backend="numpy")
+    found = sorted(sorted(truth[f] for f in group) for group in res.groups)
+    assert found == sorted([g["group"]] * len(g["files"]) for g in big["groups"])
