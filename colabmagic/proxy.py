@@ -109,6 +109,7 @@ class Proxy:
         self._last_down = 0
         self._acked_down = 0
         self._agent_last_up = 0
+        self._id = os.urandom(8).hex()  # a new proxy numbers its messages from 1 again
         self._pipe: Pipe | None = None
         self._stream: wire.FramedStream | None = None
         self._hello_pending = False
@@ -297,7 +298,7 @@ class Proxy:
         self._pipe = pipe
         self._stream = wire.FramedStream(pipe.read_fd, pipe.write_fd)
         hello = {"resume_from": self._last_down, "version": wire.PROTOCOL_VERSION}
-        self._stream.send_json(wire.HELLO, 0, hello)
+        self._stream.send_json(wire.HELLO, 0, dict(hello, proxy=self._id))
         self._hello_pending = True
 
     def _detach(self) -> Pipe | None:
@@ -605,11 +606,10 @@ class Proxy:
 
 
 def _close_pipe(pipe: Pipe | None) -> None:
-    if pipe is not None:
-        try:
-            pipe.close()
-        except OSError:
-            pass
+    try:
+        pipe is not None and pipe.close()
+    except OSError:
+        pass
 
 
 def _msg_id(parts, which: int) -> str | None:

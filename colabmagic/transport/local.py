@@ -14,7 +14,7 @@ import sys
 
 from colabmagic.errors import TransferError
 from colabmagic.proxy import PermanentLinkError
-from colabmagic.transport import agent_start_args, parse_agent_reply
+from colabmagic.transport import agent_start_args, bridge_failure, parse_agent_reply
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 DEFAULT_ROOT = "~/.colabmagic/kernels"
@@ -74,7 +74,7 @@ class BridgeProcess:
             err = self.proc.stderr.read().decode(errors="replace").strip()
         except (OSError, ValueError):
             err = ""
-        return rc == 4, err or f"bridge exited with {rc}"
+        return rc == 4, bridge_failure(err, host="localhost") or f"bridge exited with {rc}"
 
 
 class LocalTransport:
