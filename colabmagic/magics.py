@@ -365,7 +365,8 @@ class ColabMagics(Magics):
     @line_magic
     @_user_errors
     def colab_status(self, line: str = ""):
-        """Show each session: target, state, kernel pid, Python, GPU, link latency.
+        """Show each session: target, state, kernel pid, Python, GPU, link latency, and how the
+        kernel's channels listen on the host (``ipc``: Unix sockets; ``tcp`` only without IPC).
 
         Example: ``%colab_status``
         """
@@ -380,6 +381,7 @@ class ColabMagics(Magics):
             print(json.dumps(rows, indent=1))
             return None
         cols = ["current", "name", "target", "state", "kernel_pid", "python", "gpu", "latency_ms"]
+        cols.append("kernel_transport")  # ipc, or tcp where the host has no Unix sockets
         return _Table(rows, cols)
 
     @magic_arguments()

@@ -343,6 +343,27 @@ class WanRelay(_Link):
                 conn.start()
 
 
+def ssh_handshake_round_trips(relay: WanRelay, *, user: str, key_file: str) -> int:
+    """Round trips of a bare SSH handshake + public-key authentication through *relay*.
+
+    paramiko alone, nothing of colabmagic: what any SSH client pays before its first channel,
+    to subtract from a connect measured through the same relay.
+    """
+    import paramiko
+
+    relay.reset_counters()
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t = paramiko.Transport(sock)
+    try:
+        t.start_client(timeout=30)
+        t.auth_publickey(user, paramiko.Ed25519Key.from_private_key_file(key_file))
+        turns = relay.round_trips()
+    finally:
+        t.close()
+    return turns
+
+
 def _proxy_command(host: str, port: int, delay: float, rate: float | None) -> int:
     """stdio <-> TCP with the link's delay and cap: the body of the ``ProxyCommand`` mode."""
     _check_loopback(host)

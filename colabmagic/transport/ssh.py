@@ -217,9 +217,9 @@ def _payload(missing: list[str]) -> bytes:
 def _exec_nowait(chan: paramiko.Channel, command: str) -> None:
     """``chan.exec_command(command)`` without waiting for the server's answer.
 
-    What follows (stdin, or the proxy's HELLO) is pipelined behind the request instead of costing
-    a round trip. A refused request still closes the channel (paramiko's ``_request_failed``), so
-    the caller sees an EOF and the exit status, as with a failed command.
+    The caller goes straight to reading the command's output. (Data cannot be pipelined behind
+    the request: OpenSSH opens a session channel's window only once its command runs.) A refused
+    request still closes the channel (paramiko's ``_request_failed``): the caller sees an EOF.
     """
     m = paramiko.Message()
     m.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
@@ -258,10 +258,8 @@ class ChannelPipe:
         *,
         initial: bytes = b"",
         host: str = "",
-        command: str | None = None,
     ):
         self.chan = chan
-        self._command = command  # exec'd together with the first bytes up (the proxy's HELLO)
         self.description = description
         self.host = host or description
         self._outer, self._inner = socket.socketpair()
@@ -302,9 +300,6 @@ class ChannelPipe:
                 n = inner.recv_into(buf)
                 if not n:
                     break
-                if self._command is not None:
-                    _exec_nowait(chan, self._command)
-                    self._command = None
                 chan.sendall(view[:n])
         except (OSError, EOFError, paramiko.SSHException):
             pass
@@ -673,19 +668,17 @@ class SSHTransport:
     def open_pipe(self, kernel_id: str) -> ChannelPipe:
         """A bridge to agent *kernel_id* on an exec channel (reconnecting when needed).
 
-        The bridge's exec request is not waited for: it goes out with the proxy's HELLO, so
-        reaching a running kernel costs one round trip for the channel and one for the HELLO.
+        The exec request is not waited for here; sshd opens the channel's window only once the
+        command runs, so the proxy's HELLO follows one round trip later by itself.
         """
         with self._lock:
             pipe = self._pending.pop(kernel_id, None)
         if pipe is None or pipe.chan.closed:
             try:
-                chan = self._session_channel()
+                chan = self._launch("bridge", "--root", self.root, "--id", kernel_id)
             except HostKeyError as exc:
                 raise PermanentLinkError(str(exc)) from None
-            command = self.remote_command("bridge", "--root", self.root, "--id", kernel_id)
-            desc = f"ssh {self.target} bridge {kernel_id}"
-            pipe = ChannelPipe(chan, desc, host=self.target, command=command)
+            pipe = ChannelPipe(chan, f"ssh {self.target} bridge {kernel_id}", host=self.target)
         with self._lock:
             self.pipes = [p for p in self.pipes if not p._closed] + [pipe]
         return pipe
