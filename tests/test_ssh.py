@@ -395,6 +395,8 @@ def test_zero_install_ships_the_agent_code(sshd_server, bare_python, tmp_path, c
     t = transport(sshd_server, colabmagic_root, python=bare_python, lib_dir=str(lib))
     s = Session.start(t, name="bare", mock_gpu=True)
     try:
+        names = sorted(p.name for p in lib.iterdir())
+        assert len(names) == 2, f"expected .objects and one version under {lib}: {names}"
         (shipped,) = [p for p in lib.iterdir() if p.name != ".objects"]
         assert oct(lib.stat().st_mode & 0o777) == "0o700"
         assert oct(shipped.stat().st_mode & 0o777) == "0o700"
