@@ -121,15 +121,15 @@ def cmd_bridge(args) -> int:
 
 def _bridge(directory: str, agent_id: str) -> int:
     """Relay stdio to the agent; when it has died, say how on stderr and exit 4."""
-    from colabmagic.remote.bridge import run_bridge
+    from colabmagic.remote.bridge import AGENT_CLOSED, run_bridge
 
     state = _read_state(directory)
     if state is None:
         sys.stderr.write(f"colabmagic: no running kernel with id {agent_id}\n")
         return 4
     pid = state.get("agent_pid")
-    if _alive(pid):
-        run_bridge(os.path.join(directory, "agent.sock"))
+    if _alive(pid) and run_bridge(os.path.join(directory, "agent.sock")) != AGENT_CLOSED:
+        return 0  # our side closed the link (or the socket is gone: the proxy retries)
     record = fate(directory, pid)
     if record is None:
         return 0  # the agent lives on (another bridge replaced this one)

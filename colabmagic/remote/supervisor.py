@@ -128,7 +128,7 @@ def _stop_kernel(directory: str, deadline: float) -> tuple[int | None, bool]:
     if not kpid:
         return None, True
     kpid = int(kpid)
-    if state.get("state") != "dead":  # a kernel that died earlier was reaped: its pid is free
+    if _ours(kpid, state):
         for kill in (os.killpg, os.kill):
             try:
                 kill(kpid, signal.SIGKILL)
@@ -139,6 +139,22 @@ def _stop_kernel(directory: str, deadline: float) -> tuple[int | None, bool]:
         time.sleep(0.01)  # waiting on a SIGKILLed process to exit, bounded by the deadline
     _reap()
     return kpid, not alive(kpid)
+
+
+def _ours(kpid: int, state: dict) -> bool:
+    """True when *kpid* is still the agent's kernel, so that killing its group is safe.
+
+    A kernel the agent already waited for has a free pid that another process may have taken.
+    On Linux the orphaned kernel is this subreaper's child (alive or a zombie, its pid held);
+    elsewhere the agent's last word on the kernel decides.
+    """
+    try:
+        with open(f"/proc/{kpid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, IndexError):
+        return state.get("state") not in ("dead", "stopped")
 
 
 def _reap() -> None:
