@@ -1,6 +1,6 @@
 """The per-kernel agent that runs on the GPU host.
 
-It owns one ipykernel over loopback ZeroMQ (which never drops messages), numbers every message
+It owns one ipykernel over host-local ZeroMQ (which never drops messages), numbers every message
 the kernel sends and keeps it until the local proxy acknowledges it, and serves one *bridge* at a
 time on a Unix socket in its private directory. It runs detached (its own session), so it
 outlives SSH connections and bridge processes; when a new bridge connects, the proxy says which
@@ -9,6 +9,10 @@ sequence number it has, and the agent resends the rest.
 The agent also reports what ZeroMQ cannot: the kernel process's death (exit code or signal),
 within its poll interval, and it runs the kernel-side bootstrap (push/pull helpers, the GPU mock)
 before any client message reaches a freshly started kernel.
+
+Its parent is a tiny supervisor (:mod:`colabmagic.remote.supervisor`) that records how the agent
+ended and stops the kernel when it dies; the kernel also dies with the agent by itself
+(``PR_SET_PDEATHSIG``, see :mod:`colabmagic.remote.kernel_launch`). No orphaned GPU kernels.
 
 Only the standard library, pyzmq and jupyter_client are used: the GPU host needs nothing but
 Python >= 3.9 and ipykernel. Layout of an agent's directory (mode 0700)::
