@@ -86,6 +86,7 @@ class Bench:
             return link.cache["connects"]
         new, again, new_turns, again_turns = [], [], [], []
         for _ in range(self.args.repeat):
+            link.relay.wait_quiet()
             link.relay.reset_counters()
             t0 = time.perf_counter()
             s = Session.start(self.transport(link), name="wan")
@@ -93,7 +94,7 @@ class Bench:
             new_turns.append(link.relay.round_trips() - link.handshake)
             kid = s.kernel_id
             s.close(keep=True)
-            time.sleep(4 * link.rtt + 0.1)  # let the close drain off the emulated wire
+            link.relay.wait_quiet()  # the close's traffic is off the emulated wire
             link.relay.reset_counters()
             t0 = time.perf_counter()
             s = Session.start(self.transport(link), name="wan", attach=kid)

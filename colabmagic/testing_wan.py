@@ -189,6 +189,21 @@ class _Link:
             self.bytes_up = self.bytes_down = 0
             self._flights.clear()
 
+    def wait_quiet(self, timeout: float = 30.0) -> None:
+        """Wait until nothing has crossed for four one-way delays (at least 50 ms): the traffic
+        of earlier connections is off the wire, so counting can start clean."""
+        settle = max(4 * self.delay, 0.05)
+        deadline = time.monotonic() + timeout
+        last = -1
+        while time.monotonic() < deadline:
+            now = self.bytes_up + self.bytes_down
+            if now == last:
+                return
+            last = now
+            time.sleep(settle)  # the quiet period itself is what is being measured
+        msg = f"the link did not go quiet within {timeout:g}s"
+        raise TimeoutError(msg)
+
     def round_trips(self) -> int:
         """Request/response turns seen since the last :meth:`reset_counters`.
 

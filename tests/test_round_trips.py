@@ -14,7 +14,6 @@ import pytest
 
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
-from colabmagic.testing import wait_until
 from colabmagic.testing_wan import WanRelay, ssh_handshake_round_trips
 from colabmagic.transport.ssh import SSHTransport
 
@@ -25,15 +24,7 @@ ATTACH_LIMIT = 4
 
 
 def _quiet(relay: WanRelay) -> None:
-    """Wait until nothing has crossed the relay for a few one-way delays (earlier traffic)."""
-    last = [-1]
-
-    def settled() -> bool:
-        now = relay.bytes_up + relay.bytes_down
-        done, last[0] = now == last[0], now
-        return done
-
-    wait_until(settled, timeout=30, interval=4 * relay.delay, what="the link to go quiet")
+    relay.wait_quiet()
     relay.reset_counters()
 
 
