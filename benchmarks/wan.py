@@ -7,10 +7,11 @@ A private OpenSSH sshd on 127.0.0.1 (``colabmagic.testing_sshd``) and, in front 
 (``--mbit``). Every figure is taken through the relay, as a user on that link would see it:
 
 - **connect**: ``Session.start`` of a new agent + kernel, from nothing (no SSH connection) to the
-  first reply. Shown as wall time, as round trips beyond SSH's own, and as the relay's turn count.
-  "beyond SSH" is ``(t(RTT) - t(0)) / RTT - h``: the same connect through a zero-delay relay in
-  the same run cancels the kernel's start time, and *h* is the turn count of a bare paramiko
-  handshake + authentication through the same relay. ``turns`` is the relay's count minus *h*.
+  first reply: wall time, and the round trips beyond SSH's own, counted by the relay (its turns
+  minus those of a bare paramiko handshake + authentication through the same relay).
+  Round trips are counted, not derived from ``(t(RTT) - t(0)) / RTT``: on a shared machine the
+  kernel's and the remote Pythons' start times vary by more than the RTTs that formula resolves
+  (it came out negative in trials).
 - **re-attach**: ``Session.start(attach=ID)`` to that kernel from a fresh transport, the same way.
 - **cell**: median ``Session.run("pass")`` (what ``%%gpu_run pass`` costs), in ms and in RTTs.
 - **push / pull**: ``Session.push``/``pull`` of an N MiB float64 array: with the cap, as a
@@ -127,9 +128,7 @@ class Bench:
 def _connect_row(key: str) -> Callable[[Bench, Link], str]:
     def row(bench: Bench, link: Link) -> str:
         got = bench.connects(link)
-        base = bench.connects(bench.link(0.0, None))
-        beyond = (got[key] - base[key]) / link.rtt - link.handshake
-        return f"{got[key]:.2f} s, {beyond:+.1f} RTT, {got[key + '_turns']} turns"
+        return f"{got[key]:.2f} s, {got[key + '_turns']} round trips"
 
     return row
 
@@ -226,7 +225,7 @@ def main() -> None:
         f"\nload average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; after: "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    print(f"SSH's own handshake + auth through each relay: {handshake} turns (subtracted)\n")
+    print(f"SSH's own handshake + auth through each relay: {handshake} round trips (subtracted)\n")
     for i, r in enumerate(table):
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
         if i == 0:
