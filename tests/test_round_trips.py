@@ -1,9 +1,11 @@
 """Connect and re-attach cost few round trips beyond SSH's own, through an emulated WAN link.
 
-A :class:`~colabmagic.testing_wan.WanRelay` with a 50 ms one-way delay sits in front of the real
+A :class:`~colabmagic.testing_wan.WanRelay` with a 100 ms one-way delay sits in front of the real
 test sshd. It counts request/response *turns* (an upward run of bytes followed by a downward
-one), which does not depend on how loaded the machine is. The turns of a bare paramiko handshake
-and authentication through the same relay are SSH's own; the rest are ours.
+one). The turns of a bare paramiko handshake and authentication through the same relay are SSH's
+own; the rest are ours. The delay is large so that the counting does not depend on the machine's
+load: with a short one, a burst of kernel messages slower than the one-way delay is split by an
+acknowledgement into two "turns" that nobody waits for.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _quiet(relay: WanRelay) -> None:
 
 @pytest.fixture(scope="module")
 def wan(sshd_server):
-    with WanRelay(("127.0.0.1", sshd_server.port), delay=0.05) as relay:
+    with WanRelay(("127.0.0.1", sshd_server.port), delay=0.1) as relay:
         relay.ssh_config = sshd_server.config_via(relay.port, "wan")
         yield relay
 
