@@ -148,8 +148,7 @@ class Session:
             raise
 
     def _wait_ready(self, timeout: float) -> None:
-        """Wait until a request's reply *and* its IOPub arrive (no slow joiner); the request, a
-        silent execute, also brings the kernel's Python, GPU and cwd: one round trip for both."""
+        """Wait for a reply and its IOPub (no slow joiner); it brings remote_info too (1 RTT)."""
         deadline = time.monotonic() + timeout
         iopub = self.client.iopub_channel.socket
         shell = self.client.shell_channel.socket
@@ -476,6 +475,10 @@ class Session:
             raise ParameterError(msg)
         values = self.bulk.pull(list(names), compress_mode=compress)
         return values[names[0]] if len(names) == 1 else values
+
+    def _refresh_remote_info(self) -> None:
+        data, _ = self._comm_request("info", timeout=30.0)
+        self.remote_info = data.get("info", {})
 
     # -- files (colabmagic.filecopy does the work) --------------------------------------------
     def upload(self, local: str, remote: str | None = None, **kwargs: Any) -> int:
