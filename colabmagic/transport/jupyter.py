@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import ipaddress
 import json
 import logging
@@ -195,7 +196,8 @@ class _Rest:
                 raise FileNotFoundError(msg) from None
             msg = f"{shown}: HTTP {exc.code} {exc.reason}"
             raise ConnectError(msg) from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            # HTTPException: a response cut mid-body (IncompleteRead) is a lost connection too
             reason = getattr(exc, "reason", exc)
             msg = f"cannot reach {self.base} ({reason})"
             raise ConnectError(msg) from None
