@@ -74,6 +74,8 @@ def connect(
         raise ParameterError(msg)
     if restart:
         session = registry.get(name)
+        if _agent_died(session):
+            return _start_again(session, connect_timeout, reconnect_timeout, register)
         session.restart(timeout=connect_timeout)
         return session
     if target is None and not local:
@@ -105,6 +107,29 @@ def connect(
         connect_timeout=connect_timeout,
     )
     linkstate.watch(session.proxy)  # lets %colab_status tell "host unreachable" from "link down"
+    if register:
+        registry.add(session)
+    return session
+
+
+def _agent_died(session: Session) -> bool:
+    """True when the session's agent itself is gone (not just its kernel): restart needs a new
+    agent, not the old agent's restart operation."""
+    reason = session.proxy.dead_reason or ""
+    return session.proxy.state == "dead" and session.proxy.kernel_exit is None and "died" in reason
+
+
+def _start_again(old: Session, timeout: float, reconnect_timeout: float, register: bool) -> Session:
+    """A new agent and kernel on the same host, under the same session name."""
+    old.close()
+    session = Session.start(
+        old.transport,
+        name=old.name,
+        mock_gpu=old.mock_gpu,
+        cwd=old.remote_info.get("cwd"),
+        connect_timeout=timeout,
+        reconnect_timeout=reconnect_timeout,
+    )
     if register:
         registry.add(session)
     return session

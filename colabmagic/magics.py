@@ -520,7 +520,8 @@ class ColabMagics(Magics):
     @line_magic
     @_user_errors
     def colab_status(self, line: str = ""):
-        """Show each session: target, state, kernel pid, Python, GPU, link latency.
+        """Show each session: target, state, kernel pid, Python, GPU, link latency, and how the
+        kernel's channels listen on the host (``ipc``: Unix sockets; ``tcp`` only without IPC).
 
         While the link is down, the state says which: "host unreachable since HH:MM (tunnel
         gone?)" (no reconnect attempt reaches the host) or "link down, kernel alive".
@@ -542,6 +543,7 @@ class ColabMagics(Magics):
             return None
         cols = ["current", "name", "target", "state", "kernel_pid", "python", "gpu", "latency_ms"]
         cols.append("delivery")
+        cols.append("kernel_transport")  # ipc, or tcp where the host has no Unix sockets
         return _Table(rows, cols)
 
     @magic_arguments()

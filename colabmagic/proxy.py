@@ -35,6 +35,7 @@ from colabmagic.errors import ConnectError
 log = logging.getLogger("colabmagic.proxy")
 
 _ROUTE_LIMIT = 20000
+_ACK_EVERY = 0.1  # seconds; the agent keeps what is unacknowledged, so a late ACK costs nothing
 _HEADER, _PARENT = 2, 3  # positions of the header and parent header after the delimiter
 
 
@@ -107,8 +108,9 @@ class Proxy:
         self._route: collections.OrderedDict = collections.OrderedDict()
         self._uplog = wire.OutLog(max_bytes=1 << 40)
         self._last_down = 0
-        self._acked_down = 0
+        self._acked_down, self._ack_due = 0, 0.0
         self._agent_last_up = 0
+        self._id = os.urandom(8).hex()  # a new proxy numbers its messages from 1 again
         self._pipe: Pipe | None = None
         self._stream: wire.FramedStream | None = None
         self._hello_pending = False
@@ -297,7 +299,7 @@ class Proxy:
         self._pipe = pipe
         self._stream = wire.FramedStream(pipe.read_fd, pipe.write_fd)
         hello = {"resume_from": self._last_down, "version": wire.PROTOCOL_VERSION}
-        self._stream.send_json(wire.HELLO, 0, hello)
+        self._stream.send_json(wire.HELLO, 0, dict(hello, proxy=self._id))
         self._hello_pending = True
 
     def _detach(self) -> Pipe | None:
@@ -390,7 +392,7 @@ class Proxy:
                 poller.register(stream.read_fd, zmq.POLLIN)
                 if stream.wants_write():
                     poller.register(stream.write_fd, zmq.POLLOUT)
-            events = dict(poller.poll(1000))
+            events = dict(poller.poll(1000 if self._last_down == self._acked_down else 20))
             if self._wake_r in events:
                 self._drain_commands()
                 if self._closing:
@@ -425,9 +427,11 @@ class Proxy:
             stream = self._stream
             if stream is not None:
                 try:  # a stream that closed under us is a lost link, whatever we were sending
-                    if self._last_down > self._acked_down and not self._hello_pending:
+                    now = time.monotonic()  # ACKs at most every _ACK_EVERY: fewer turns
+                    ack = self._last_down > self._acked_down and now >= self._ack_due
+                    if ack and not self._hello_pending:
                         stream.send_frame(wire.ACK, self._last_down, [])
-                        self._acked_down = self._last_down
+                        self._acked_down, self._ack_due = self._last_down, now + _ACK_EVERY
                     stream.flush()
                 except wire.StreamClosed as exc:
                     self._link_lost(str(exc))
@@ -510,10 +514,7 @@ class Proxy:
         self._send_up(channel, parts)
 
     def _route_back(self, parts, *, pop: bool) -> bytes | None:
-        parent = _msg_id(parts, _PARENT)
-        if pop:
-            return self._route.pop(parent, None)
-        return self._route.get(parent)
+        return (self._route.pop if pop else self._route.get)(_msg_id(parts, _PARENT), None)
 
     def _down(self, frames) -> None:
         for kind, seq, body in frames:
@@ -605,11 +606,10 @@ class Proxy:
 
 
 def _close_pipe(pipe: Pipe | None) -> None:
-    if pipe is not None:
-        try:
-            pipe.close()
-        except OSError:
-            pass
+    try:
+        pipe is not None and pipe.close()
+    except OSError:
+        pass
 
 
 def _msg_id(parts, which: int) -> str | None:

@@ -15,6 +15,7 @@ It starts (or attaches to) an agent through a transport, serves the kernel local
 
 from __future__ import annotations
 
+import ast
 import atexit
 import contextlib
 import logging
@@ -37,9 +38,11 @@ from colabmagic.errors import (
 from colabmagic.proxy import Proxy
 from colabmagic.relay import Relay, RemoteDisplay
 from colabmagic.transfer import COMM_TARGET, Channel, TransferStats  # noqa: F401 - COMM_TARGET: re-exported
+from colabmagic.transport import attach_error
 
 log = logging.getLogger("colabmagic.session")
 
+_INFO = "__import__('sys').modules['_colabmagic_kernel'].info()"  # the kernel helper's info()
 _POLL_MS = 50
 
 
@@ -95,6 +98,7 @@ class Session:
         self.proxy.add_kernel_listener(self._on_kernel_event)
         try:
             self.proxy.start(timeout=connect_timeout)
+            self.mock_gpu = bool(self.proxy.agent_info.get("mock_gpu", mock_gpu))
             from jupyter_client.blocking import BlockingKernelClient
 
             self.client = BlockingKernelClient()
@@ -102,7 +106,6 @@ class Session:
             self.client.session.key = self.proxy.connection_info["key"].encode()
             self.client.start_channels(hb=False)
             self._wait_ready(connect_timeout)
-            self._refresh_remote_info()
         except BaseException:
             self.proxy.close()
             raise
@@ -124,22 +127,9 @@ class Session:
         connect_timeout: float = 60.0,
     ) -> Session:
         """Start a new kernel through *transport* (or attach to kernel id *attach*)."""
-        if attach:
-            known = {k["id"]: k for k in transport.list_kernels()}
-            info = known.get(attach)
-            if info is None or info.get("state") == "stopped":
-                alive = ", ".join(k for k, v in known.items() if v.get("state") != "stopped")
-                msg = (
-                    f"no running kernel {attach!r} on {transport.target}; "
-                    f"running: {alive or 'none'}"
-                )
-                raise ConnectError(msg)
-            kernel_id = attach
-            mock_gpu = bool(info.get("mock_gpu"))
-        else:
-            kernel_id = transport.start_kernel(
-                mock_gpu=mock_gpu, cwd=cwd, python=python, env=env, idle_timeout=idle_timeout
-            )
+        kernel_id = attach or transport.start_kernel(
+            mock_gpu=mock_gpu, cwd=cwd, python=python, env=env, idle_timeout=idle_timeout
+        )
         try:
             return cls(
                 transport,
@@ -149,14 +139,16 @@ class Session:
                 reconnect_timeout=reconnect_timeout,
                 connect_timeout=connect_timeout,
             )
-        except BaseException:
+        except BaseException as exc:
+            if attach and isinstance(exc, ConnectError):  # attaching asks nothing first
+                raise attach_error(transport, attach, exc) from None
             if not attach:
                 with contextlib.suppress(ColabMagicError, OSError):
                     transport.stop_kernel(kernel_id)
             raise
 
     def _wait_ready(self, timeout: float) -> None:
-        """Wait until a kernel_info round trip works *and* IOPub delivers (no slow joiner)."""
+        """Wait for a reply and its IOPub (no slow joiner); it brings remote_info too (1 RTT)."""
         deadline = time.monotonic() + timeout
         iopub = self.client.iopub_channel.socket
         shell = self.client.shell_channel.socket
@@ -165,16 +157,16 @@ class Session:
         poller.register(shell, zmq.POLLIN)
         while time.monotonic() < deadline:
             self._check_alive()
-            msg_id = self.client.kernel_info()
+            msg_id = self.client.execute("", silent=True, user_expressions={"i": _INFO})
             got_reply = got_iopub = False
-            step = time.monotonic() + 1.0
+            step = deadline  # the reply may take the kernel's start; then 1 s for its IOPub
             while time.monotonic() < min(step, deadline) and not (got_reply and got_iopub):
                 events = dict(poller.poll(_POLL_MS))
                 if shell in events:
                     _, msg = self.client.session.recv(shell, zmq.NOBLOCK)
                     if msg and msg["parent_header"].get("msg_id") == msg_id:
-                        got_reply = True
-                        self.kernel_info = msg["content"]
+                        got_reply, step = True, time.monotonic() + 1.0
+                        self.remote_info = _remote_info(msg["content"])
                 if iopub in events:
                     _, msg = self.client.session.recv(iopub, zmq.NOBLOCK)
                     if msg and msg["parent_header"].get("msg_id") == msg_id:
@@ -451,7 +443,6 @@ class Session:
                 time.sleep(0.01)  # the proxy thread flips the state; bounded by the deadline
             self.bulk.reset()
             self._wait_ready(timeout)
-            self._refresh_remote_info()
 
     # -- variables (colabmagic.transfer does the work) ----------------------------------------
     @property
@@ -515,6 +506,7 @@ class Session:
             "latency_ms": None,
             "reconnects": self.proxy.reconnects,
             "lost_messages": self.proxy.lost_messages,
+            "kernel_transport": self.proxy.agent_info.get("kernel_transport", "tcp"),
         }
         if self.proxy.state == "up":
             t0 = time.perf_counter()
@@ -555,6 +547,14 @@ class Session:
         return (
             f"<Session {self.name!r} {self.transport.target} kernel={self.kernel_id} {self.state}>"
         )
+
+
+def _remote_info(reply: dict) -> dict:
+    """The kernel helper's ``info()`` from an execute_reply's user expression ``i``."""
+    text = reply.get("user_expressions", {}).get("i", {}).get("data", {}).get("text/plain")
+    with contextlib.suppress(ValueError, SyntaxError, TypeError):
+        return dict(ast.literal_eval(text))
+    return {}
 
 
 def _gpu_text(gpu: dict | None) -> str:

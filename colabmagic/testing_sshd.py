@@ -193,6 +193,18 @@ class SSHServer:
         body = "".join(f"    {k} {v}\n" for k, v in opts.items())
         return f"Host {name or self.name}\n{body}"
 
+    def config_via(self, port: int, name: str = "wan") -> str:
+        """An ssh config file with the alias *name* reaching this server through 127.0.0.1:*port*
+        (e.g. a :class:`~colabmagic.testing_wan.WanRelay` in front of it), its host key known
+        under that address. Returns the config's path."""
+        known = os.path.join(self.dir, f"known_hosts_{name}")
+        with open(known, "w") as f:
+            f.write(self.host_key_line(f"[127.0.0.1]:{port}") + "\n")
+        path = os.path.join(self.dir, f"ssh_config_{name}")
+        with open(path, "w") as f:
+            f.write(self.config_block(name, Port=str(port), UserKnownHostsFile=known))
+        return path
+
     def host_key_line(self, hostname: str | None = None) -> str:
         """The ``known_hosts`` line for this server's host key."""
         with open(self.host_key + ".pub") as f:

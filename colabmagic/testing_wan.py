@@ -189,6 +189,21 @@ class _Link:
             self.bytes_up = self.bytes_down = 0
             self._flights.clear()
 
+    def wait_quiet(self, timeout: float = 30.0) -> None:
+        """Wait until nothing has crossed for four one-way delays (at least 50 ms): the traffic
+        of earlier connections is off the wire, so counting can start clean."""
+        settle = max(4 * self.delay, 0.05)
+        deadline = time.monotonic() + timeout
+        last = -1
+        while time.monotonic() < deadline:
+            now = self.bytes_up + self.bytes_down
+            if now == last:
+                return
+            last = now
+            time.sleep(settle)  # the quiet period itself is what is being measured
+        msg = f"the link did not go quiet within {timeout:g}s"
+        raise TimeoutError(msg)
+
     def round_trips(self) -> int:
         """Request/response turns seen since the last :meth:`reset_counters`.
 
@@ -341,6 +356,27 @@ class WanRelay(_Link):
                     self._conns.append(conn)
                     self.connections += 1
                 conn.start()
+
+
+def ssh_handshake_round_trips(relay: WanRelay, *, user: str, key_file: str) -> int:
+    """Round trips of a bare SSH handshake + public-key authentication through *relay*.
+
+    paramiko alone, nothing of colabmagic: what any SSH client pays before its first channel,
+    to subtract from a connect measured through the same relay.
+    """
+    import paramiko
+
+    relay.reset_counters()
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t = paramiko.Transport(sock)
+    try:
+        t.start_client(timeout=30)
+        t.auth_publickey(user, paramiko.Ed25519Key.from_private_key_file(key_file))
+        turns = relay.round_trips()
+    finally:
+        t.close()
+    return turns
 
 
 def _proxy_command(host: str, port: int, delay: float, rate: float | None) -> int:

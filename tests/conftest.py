@@ -64,7 +64,7 @@ def colabmagic_root(tmp_path_factory):
                 state = json.loads((root / name / "state.json").read_text())
             except (OSError, ValueError):
                 continue
-            for key in ("agent_pid", "kernel_pid"):
+            for key in ("agent_pid", "kernel_pid", "supervisor_pid"):
                 pid = state.get(key)
                 if pid and _alive(pid):
                     found.append((f"{name}:{key}", int(pid)))

@@ -174,6 +174,8 @@ def test_status_table_and_json(connected, capsys):
     assert "default" in text
     assert "local" in text
     assert "mock" in text
+    assert "kernel_transport" in text
+    assert "ipc" in text  # the kernel's channels are Unix sockets
     assert "<table>" in table._repr_html_()
     connected.run_line_magic("colab_status", "--json")
     rows = json.loads(capsys.readouterr().out)

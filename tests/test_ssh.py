@@ -7,6 +7,7 @@ zero-install, SFTP, bad targets, > 1 GiB on one connection, and the GPU-host ``s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -335,9 +336,10 @@ def test_unresponsive_server_is_detected_by_keepalive(sshd_server, tmp_path, col
         assert s.transport.connections >= 2
         assert s.pull("x") == 5
     finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGKILL)
-            os.kill(pid, signal.SIGCONT)
+        for pid in frozen:  # SIGKILL works on a stopped process; it may be reaped at once
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
         s.close()
 
 
@@ -395,9 +397,12 @@ def test_zero_install_ships_the_agent_code(sshd_server, bare_python, tmp_path, c
     t = transport(sshd_server, colabmagic_root, python=bare_python, lib_dir=str(lib))
     s = Session.start(t, name="bare", mock_gpu=True)
     try:
-        (shipped,) = list(lib.iterdir())
+        names = sorted(p.name for p in lib.iterdir())
+        assert len(names) == 2, f"expected .objects and one version under {lib}: {names}"
+        (shipped,) = [p for p in lib.iterdir() if p.name != ".objects"]
         assert oct(lib.stat().st_mode & 0o777) == "0o700"
         assert oct(shipped.stat().st_mode & 0o777) == "0o700"
+        assert oct((lib / ".objects").stat().st_mode & 0o777) == "0o700"
         assert (shipped / "colabmagic" / "remote" / "agent.py").exists()
         agent_pid = s.proxy.agent_info["agent_pid"]
         with open(f"/proc/{agent_pid}/environ", "rb") as f:
@@ -423,6 +428,35 @@ def test_zero_install_ships_the_agent_code(sshd_server, bare_python, tmp_path, c
         assert shipped.stat().st_mtime_ns == before, "the shipped code is reused"
     finally:
         s.close()
+
+
+def test_zero_install_ships_only_missing_files_in_one_exec(
+    sshd_server, bare_python, tmp_path, colabmagic_root
+):
+    """A new version whose files are mostly known already costs only the changed files."""
+    from colabmagic.transport.ssh import _manifest, code_hash
+
+    lib = tmp_path / "lib"
+    t = transport(sshd_server, colabmagic_root, python=bare_python, lib_dir=str(lib))
+    assert isinstance(t.list_kernels(), list)  # first time: every file
+    objects = lib / ".objects"
+    assert sorted(p.name for p in objects.iterdir()) == sorted(set(_manifest().values()))
+    # Stand in for "the next version changed agent.py": its object and the version are gone.
+    changed = _manifest()["remote/agent.py"]
+    (objects / changed).unlink()
+    version = lib / code_hash()[:16]
+    subprocess.run(["rm", "-rf", str(version)], check=True)
+    # The host writes every file it receives (atomically: a new inode), so files whose inode
+    # did not change were not sent.
+    before = {p.name: p.stat().st_ino for p in objects.iterdir()}
+    t2 = transport(sshd_server, colabmagic_root, python=bare_python, lib_dir=str(lib))
+    assert isinstance(t2.list_kernels(), list)
+    t2.close()
+    after = {p.name: p.stat().st_ino for p in objects.iterdir()}
+    assert changed in after
+    assert all(after[k] == v for k, v in before.items()), "known files were sent again"
+    assert (version / ".complete").exists()
+    t.close()
 
 
 # -- files -----------------------------------------------------------------------------------

@@ -4,9 +4,12 @@ Commands (each prints one JSON document on stdout, except ``bridge`` which speak
 protocol on stdio)::
 
     start  --root DIR [--id ID] [--cwd DIR] [--python PY] [--mock-gpu] [--idle-timeout S]
-           [--env JSON]          start a detached agent + kernel, wait until it listens
-    serve  --root DIR --id ID    (internal) the detached agent's body
-    bridge --root DIR --id ID    relay stdio to the agent's socket
+           [--env JSON] [--bridge]
+                                 start a detached agent + kernel, wait until it listens;
+                                 with --bridge, go on as its bridge after the JSON line
+    serve  --root DIR --id ID    (internal) the detached supervisor + agent
+    bridge --root DIR --id ID    relay stdio to the agent's socket; exit 4 when the agent is
+                                 gone (how it died, if it did, on stderr)
     list   --root DIR            the agents there, with their state
     stop   --root DIR --id ID    shut an agent and its kernel down
 """
@@ -21,29 +24,15 @@ import subprocess
 import sys
 import time
 
+from colabmagic.remote.supervisor import DIED_PREFIX, fate
+from colabmagic.remote.supervisor import alive as _alive
+
 
 def _agent_dir(root: str, agent_id: str) -> str:
     if not agent_id or "/" in agent_id or agent_id.startswith("."):
         msg = f"colabmagic: invalid kernel id {agent_id!r}"
         raise SystemExit(msg)
     return os.path.join(os.path.expanduser(root), agent_id)
-
-
-def _alive(pid) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); look at /proc where there is one.
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return True
 
 
 def _read_state(directory: str):
@@ -96,32 +85,59 @@ def cmd_start(args) -> int:
             print(json.dumps({"error": f"{why}; its log: {directory}/agent.log"}))
             return 1
         time.sleep(0.005)  # polling a file the child creates; bounded by the deadline above
-    print(json.dumps({"id": agent_id, "agent_pid": proc.pid, "dir": directory}))
+    agent_pid = (_read_state(directory) or {}).get("agent_pid", proc.pid)
+    print(json.dumps({"id": agent_id, "agent_pid": agent_pid, "dir": directory}), flush=True)
+    if args.bridge:  # the same exec goes on as the bridge: no second round trip to open one
+        return _bridge(directory, args.id or agent_id)
     return 0
 
 
 def cmd_serve(args) -> int:
-    from colabmagic.remote.agent import run_agent
+    """The detached process: a supervisor whose forked child is the agent (see supervisor.py)."""
+    from colabmagic.remote.supervisor import supervise
 
-    return run_agent(
-        _agent_dir(args.root, args.id),
-        cwd=args.cwd,
-        python=args.python,
-        mock_gpu=args.mock_gpu,
-        idle_timeout=args.idle_timeout,
-        env=json.loads(args.env) if args.env else None,
-    )
+    directory = _agent_dir(args.root, args.id)
+    supervisor_pid = os.getpid()
+
+    def agent() -> int:
+        from colabmagic.remote.agent import run_agent
+
+        return run_agent(
+            directory,
+            cwd=args.cwd,
+            python=args.python,
+            mock_gpu=args.mock_gpu,
+            idle_timeout=args.idle_timeout,
+            env=json.loads(args.env) if args.env else None,
+            supervisor_pid=supervisor_pid,
+        )
+
+    return supervise(directory, agent)
 
 
 def cmd_bridge(args) -> int:
-    from colabmagic.remote.bridge import run_bridge
+    return _bridge(_agent_dir(args.root, args.id), args.id)
 
-    directory = _agent_dir(args.root, args.id)
+
+def _bridge(directory: str, agent_id: str) -> int:
+    """Relay stdio to the agent; when it has died, say how on stderr and exit 4."""
+    from colabmagic.remote.bridge import AGENT_CLOSED, run_bridge
+
     state = _read_state(directory)
-    if state is None or not _alive(state.get("agent_pid")):
-        sys.stderr.write(f"colabmagic: no running kernel with id {args.id}\n")
+    if state is None:
+        sys.stderr.write(f"colabmagic: no running kernel with id {agent_id}\n")
         return 4
-    return run_bridge(os.path.join(directory, "agent.sock"))
+    pid = state.get("agent_pid")
+    if _alive(pid) and run_bridge(os.path.join(directory, "agent.sock")) != AGENT_CLOSED:
+        return 0  # our side closed the link (or the socket is gone: the proxy retries)
+    record = fate(directory, pid)
+    if record is None:
+        return 0  # the agent lives on (another bridge replaced this one)
+    if record.get("exit_code") == 0:  # shut down as asked
+        sys.stderr.write(f"colabmagic: no running kernel with id {agent_id}\n")
+    else:
+        sys.stderr.write(DIED_PREFIX + json.dumps(record) + "\n")
+    return 4
 
 
 def list_agents(root: str) -> list:
@@ -180,6 +196,8 @@ def main(argv=None) -> int:
             sp.add_argument("--mock-gpu", action="store_true")
             sp.add_argument("--idle-timeout", type=float, default=24 * 3600.0)
             sp.add_argument("--env")
+        if name == "start":
+            sp.add_argument("--bridge", action="store_true", help="then relay stdio to it")
         if name in ("start", "stop"):
             sp.add_argument("--timeout", type=float, default=30.0)
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """The per-kernel agent that runs on the GPU host.
 
-It owns one ipykernel over loopback ZeroMQ (which never drops messages), numbers every message
+It owns one ipykernel over host-local ZeroMQ (which never drops messages), numbers every message
 the kernel sends and keeps it until the local proxy acknowledges it, and serves one *bridge* at a
 time on a Unix socket in its private directory. It runs detached (its own session), so it
 outlives SSH connections and bridge processes; when a new bridge connects, the proxy says which
@@ -10,6 +10,10 @@ The agent also reports what ZeroMQ cannot: the kernel process's death (exit code
 within its poll interval, and it runs the kernel-side bootstrap (push/pull helpers, the GPU mock)
 before any client message reaches a freshly started kernel.
 
+Its parent is a tiny supervisor (:mod:`colabmagic.remote.supervisor`) that records how the agent
+ended and stops the kernel when it dies; the kernel also dies with the agent by itself
+(``PR_SET_PDEATHSIG``, see :mod:`colabmagic.remote.kernel_launch`). No orphaned GPU kernels.
+
 Only the standard library, pyzmq and jupyter_client are used: the GPU host needs nothing but
 Python >= 3.9 and ipykernel. Layout of an agent's directory (mode 0700)::
 
@@ -17,6 +21,10 @@ Python >= 3.9 and ipykernel. Layout of an agent's directory (mode 0700)::
     ROOT/ID/kernel.json  the kernel's connection file (0600; holds the HMAC key)
     ROOT/ID/state.json   id, pids, start time, state, attached: what ``list`` shows
     ROOT/ID/agent.log    the agent's log (never the key)
+    ROOT/ID/kernel-N     the kernel's channels: Unix sockets (``transport="ipc"``), so no other
+                         user of the host can reach them; TCP on 127.0.0.1 only without IPC
+    ROOT/ID/agent.exit   written by the supervisor when the agent exits: how it ended
+                         (see :mod:`colabmagic.remote.supervisor`)
 """
 
 from __future__ import annotations
@@ -35,12 +43,14 @@ import uuid
 import zmq
 
 from colabmagic import wire
+from colabmagic.remote import kernel_launch, supervisor
 
 log = logging.getLogger("colabmagic.agent")
 
 IDENTITY = b"colabmagic-agent"
 POLL_MS = 200
 READY_TIMEOUT = 60.0
+_SUN_PATH_MAX = 104  # bytes of a Unix socket path, with its NUL: 108 on Linux, 104 on macOS
 
 
 def _atomic_write(path: str, data: str, mode: int = 0o600) -> None:
@@ -98,6 +108,22 @@ def _bootstrap_source(mock_gpu: bool) -> str:
     return "\n".join(code)
 
 
+def _kernel_endpoint(directory: str) -> tuple[str, str]:
+    """``(transport, ip)`` for the kernel's channels: Unix sockets in the agent's 0700 directory.
+
+    Where that path is too long for a Unix socket address, a fresh 0700 directory under the
+    temporary directory holds them; TCP on 127.0.0.1 only where ZeroMQ has no IPC (Windows).
+    """
+    if not zmq.has("ipc"):
+        return "tcp", "127.0.0.1"
+    prefix = os.path.join(directory, "kernel")
+    if len(prefix.encode()) + len("-pipe") >= _SUN_PATH_MAX:
+        import tempfile
+
+        prefix = os.path.join(tempfile.mkdtemp(prefix="colabmagic-"), "k")
+    return "ipc", prefix
+
+
 class Agent:
     """Owns a kernel and relays its messages to whichever bridge is connected."""
 
@@ -111,6 +137,7 @@ class Agent:
         idle_timeout: float = 24 * 3600.0,
         env: dict | None = None,
         max_log_bytes: int = 2 << 30,
+        supervisor_pid: int | None = None,
     ):
         self.dir = directory
         self.id = os.path.basename(directory.rstrip("/"))
@@ -130,6 +157,7 @@ class Agent:
         self.log = wire.OutLog(max_bytes=max_log_bytes)
         self.last_up = 0
         self.ack_sent = 0
+        self.proxy_id = None
         self.stream: wire.FramedStream | None = None
         self.conn: socket.socket | None = None
         self.hello_done = False
@@ -142,14 +170,17 @@ class Agent:
         self.stopping = False
         self.kernel_sockets: dict = {}
         self.tcp = wire.TcpStreams()
+        self.transport = "ipc"
+        self.supervisor_pid = supervisor_pid
 
     # -- kernel ------------------------------------------------------------------------------
     def _write_connection_file(self) -> None:
         from jupyter_client.connect import write_connection_file
 
         key = secrets.token_hex(32)
+        self.transport, ip = _kernel_endpoint(self.dir)
         self.cf_path, self.conn_info = write_connection_file(
-            self.cf_path, ip="127.0.0.1", key=key.encode(), transport="tcp"
+            self.cf_path, ip=ip, key=key.encode(), transport=self.transport
         )
         os.chmod(self.cf_path, 0o600)
         from jupyter_client.session import Session
@@ -165,10 +196,16 @@ class Agent:
         env["COLABMAGIC_KERNEL"] = "1"
         if self.mock_gpu:
             env["COLABMAGIC_MOCK_GPU"] = "1"
+        # The kernel dies with this process (PDEATHSIG, ipykernel's parent poller): see
+        # kernel_launch.py. Started from the main thread, which lives as long as the agent.
+        env["JPY_PARENT_PID"] = str(os.getpid())
+        if self.transport == "ipc":
+            env["COLABMAGIC_IPC_PREFIX"] = self.conn_info["ip"]
+        launcher = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_launch.py")
         logf = open(os.path.join(self.dir, "kernel.log"), "ab")
         try:
             self.kernel = subprocess.Popen(
-                [self.python, "-m", "ipykernel_launcher", "-f", self.cf_path],
+                [self.python, "-c", kernel_launch.LOADER, launcher, "-f", self.cf_path],
                 cwd=self.cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -204,7 +241,7 @@ class Agent:
         for s in self.kernel_sockets.values():
             s.close(linger=0)
         info = self.conn_info
-        url = f"tcp://{info['ip']}:"
+        url = f"ipc://{info['ip']}-" if self.transport == "ipc" else f"tcp://{info['ip']}:"
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.RCVHWM, 0)
@@ -281,6 +318,8 @@ class Agent:
             "exit": self.exit_info,
             "mock_gpu": self.mock_gpu,
             "cwd": self.cwd,
+            "kernel_transport": self.transport,
+            "supervisor_pid": self.supervisor_pid,
         }
 
     # -- downstream --------------------------------------------------------------------------
@@ -407,7 +446,12 @@ class Agent:
     def _on_frames(self, frames) -> None:
         for kind, seq, body in frames:
             if kind == wire.HELLO:
-                self._welcome(int(json.loads(bytes(body)).get("resume_from", 0)))
+                hello = json.loads(bytes(body))
+                if hello.get("proxy", self.proxy_id) != self.proxy_id:
+                    # A new proxy (an attach) numbers its messages from 1: nothing it sends is
+                    # a resend of what the previous one sent.
+                    self.proxy_id, self.last_up, self.ack_sent = hello["proxy"], 0, 0
+                self._welcome(int(hello.get("resume_from", 0)))
             elif kind == wire.ACK:
                 self.log.ack(seq)
             elif kind == wire.MSG:
@@ -461,11 +505,11 @@ class Agent:
             for s in self.kernel_sockets.values():
                 s.close(linger=0)
             self.ctx.term()
-            for name in ("agent.sock", "kernel.json"):
-                try:
-                    os.unlink(os.path.join(self.dir, name))
-                except FileNotFoundError:
-                    pass
+            try:
+                os.unlink(self.sock_path)
+            except FileNotFoundError:
+                pass
+            supervisor.remove_kernel_files(self.dir)
             self.kernel_state = "stopped"
             self.write_state()
         return 0

@@ -13,9 +13,10 @@ import sys
 import threading
 
 CHUNK = 1 << 20
+AGENT_CLOSED = 5
 
 
-def _pump_in(sock: socket.socket, fd: int) -> None:
+def _pump_in(sock: socket.socket, fd: int, ended: threading.Event) -> None:
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     try:
@@ -27,6 +28,7 @@ def _pump_in(sock: socket.socket, fd: int) -> None:
     except OSError:
         pass
     finally:
+        ended.set()  # before the agent can see the shutdown and close its side
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -34,7 +36,11 @@ def _pump_in(sock: socket.socket, fd: int) -> None:
 
 
 def run_bridge(sock_path: str) -> int:
-    """Connect to the agent socket at *sock_path* and relay stdio until either side closes."""
+    """Connect to the agent socket at *sock_path* and relay stdio until either side closes.
+
+    Returns 0 when our side (stdin) ended first, :data:`AGENT_CLOSED` when the agent closed the
+    socket first (it replaced this bridge, shut down, or died), 3 when it cannot be reached.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(sock_path)
@@ -45,7 +51,8 @@ def run_bridge(sock_path: str) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sys.stdout.flush()
     in_fd, out_fd = sys.stdin.fileno(), sys.stdout.fileno()
-    t = threading.Thread(target=_pump_in, args=(sock, in_fd), daemon=True)
+    stdin_ended = threading.Event()
+    t = threading.Thread(target=_pump_in, args=(sock, in_fd, stdin_ended), daemon=True)
     t.start()
     buf = bytearray(CHUNK)
     try:
@@ -61,4 +68,4 @@ def run_bridge(sock_path: str) -> int:
         pass
     finally:
         sock.close()
-    return 0
+    return 0 if stdin_ended.is_set() else AGENT_CLOSED

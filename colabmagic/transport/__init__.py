@@ -57,6 +57,54 @@ def parse_agent_reply(stdout: str, stderr: str, *, command: str, host: str) -> A
     return result
 
 
+AGENT_DIED = "colabmagic: agent died "  # the bridge's stderr line (remote/supervisor.py)
+
+
+def bridge_failure(stderr: str, *, host: str) -> str:
+    """The one line to show for a bridge's *stderr*, naming *host* when its agent died.
+
+    ``the agent on HOST died (SIGKILL); its kernel was stopped; `%colab_connect --restart```
+    """
+    for line in stderr.splitlines():
+        if not line.startswith(AGENT_DIED):
+            continue
+        try:
+            fate = json.loads(line[len(AGENT_DIED) :])
+        except ValueError:
+            break
+        if fate.get("signal"):
+            how = fate["signal"]
+        elif fate.get("exit_code") is not None:
+            how = f"exit code {fate['exit_code']}"
+        else:
+            how = "cause unknown"
+        kpid = fate.get("kernel_pid")
+        if fate.get("kernel_stopped") or not kpid:
+            kernel = "its kernel was stopped"
+        else:
+            kernel = f"its kernel (pid {kpid}) may still run: stop it with `kill -9 -{kpid}` there"
+        return f"the agent on {host} died ({how}); {kernel}; `%colab_connect --restart`"
+    return stderr.strip()
+
+
+def attach_error(transport: Any, kernel_id: str, exc: ConnectError) -> ConnectError:
+    """The error for a failed attach to *kernel_id*: when it does not run, which ones do.
+
+    Attaching asks nothing first (one round trip saved); only a failure lists the kernels.
+    """
+    if "died" in str(exc):
+        return exc  # the bridge said how the agent ended: that is the news
+    try:
+        known = transport.list_kernels()
+    except ConnectError:
+        return exc
+    alive = [k["id"] for k in known if k.get("state") != "stopped"]
+    if kernel_id in alive:
+        return exc
+    msg = f"no running kernel {kernel_id!r} on {transport.target}; running: "
+    return ConnectError(msg + (", ".join(alive) or "none"))
+
+
 class Transport(Protocol):
     """What a :class:`~colabmagic.session.Session` needs from a way of reaching a host."""
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import subprocess
 import sys
+import time
 
+from colabmagic.errors import ConnectError
 from colabmagic.proxy import PermanentLinkError
-from colabmagic.transport import agent_start_args, parse_agent_reply
+from colabmagic.transport import agent_start_args, bridge_failure, parse_agent_reply
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 DEFAULT_ROOT = "~/.colabmagic/kernels"
@@ -63,6 +66,22 @@ class BridgeProcess:
             self.proc.wait()
         self.proc.stderr.close()
 
+    def first_line(self, timeout: float) -> bytes:
+        """The process's first line of output, read byte by byte so that nothing behind it (the
+        wire stream) is consumed; empty at EOF. Raises ``ConnectError`` after *timeout*."""
+        buf = bytearray()
+        deadline = time.monotonic() + timeout
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.read_fd], [], [], left)[0]:
+                msg = f"the local kernel did not start within {timeout:g}s; is this machine busy?"
+                raise ConnectError(msg)
+            byte = os.read(self.read_fd, 1)
+            if not byte:
+                break
+            buf += byte
+        return bytes(buf)
+
     def failure(self) -> tuple[bool, str]:
         try:
             rc = self.proc.wait(0.5)
@@ -72,7 +91,7 @@ class BridgeProcess:
             err = self.proc.stderr.read().decode(errors="replace").strip()
         except (OSError, ValueError):
             err = ""
-        return rc == 4, err or f"bridge exited with {rc}"
+        return rc == 4, bridge_failure(err, host="localhost") or f"bridge exited with {rc}"
 
 
 class LocalTransport:
@@ -92,6 +111,7 @@ class LocalTransport:
         self.root = os.path.expanduser(root or os.environ.get("COLABMAGIC_ROOT", DEFAULT_ROOT))
         self.python = python or sys.executable
         self.bridges: list[BridgeProcess] = []
+        self._pending: dict[str, BridgeProcess] = {}  # started agents' bridges, not yet claimed
 
     def _run(self, *args: str, timeout: float = 60.0) -> dict | list:
         proc = subprocess.run(
@@ -112,6 +132,7 @@ class LocalTransport:
         env: dict[str, str] | None = None,
         idle_timeout: float | None = None,
     ) -> str:
+        """Start a detached agent + kernel; the same process goes on as its first bridge."""
         args = agent_start_args(
             mock_gpu=mock_gpu,
             cwd=os.path.abspath(os.path.expanduser(cwd or os.getcwd())),
@@ -119,9 +140,22 @@ class LocalTransport:
             env=env,
             idle_timeout=idle_timeout,
         )
-        return self._run(*args)["id"]
+        bridge = BridgeProcess(_remote_cmd(self.python, *args, "--bridge", "--root", self.root))
+        try:
+            line = bridge.first_line(timeout=60.0).decode(errors="replace")
+            err = "" if line else bridge.proc.stderr.read().decode(errors="replace")
+            reply = parse_agent_reply(line, err, command="start", host="a local kernel")
+        except BaseException:
+            bridge.close()
+            raise
+        self._pending[reply["id"]] = bridge
+        return reply["id"]
 
     def open_pipe(self, kernel_id: str) -> BridgeProcess:
+        pending = self._pending.pop(kernel_id, None)
+        if pending is not None and pending.proc.poll() is None:
+            self.bridges = [b for b in self.bridges if b.proc.poll() is None] + [pending]
+            return pending
         state = os.path.join(self.root, kernel_id, "state.json")
         if not os.path.exists(state):
             msg = f"no kernel {kernel_id!r} under {self.root}"
@@ -151,6 +185,8 @@ class LocalTransport:
         return filecopy.download(self, remote, local, cwd=cwd, **kw)
 
     def close(self) -> None:
+        self.bridges += list(self._pending.values())
+        self._pending = {}
         for b in self.bridges:
             if b.proc.poll() is None:
                 b.close()

@@ -18,6 +18,7 @@ connection, and resumes the stream where it stopped.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import hashlib
@@ -36,7 +37,7 @@ import paramiko
 
 from colabmagic.errors import ConnectError, HostKeyError, ParameterError
 from colabmagic.proxy import PermanentLinkError
-from colabmagic.transport import agent_start_args, parse_agent_reply, ssh_connect
+from colabmagic.transport import agent_start_args, bridge_failure, parse_agent_reply, ssh_connect
 from colabmagic.transport.ssh_connect import Connection, Hop
 
 log = logging.getLogger("colabmagic.ssh")
@@ -44,6 +45,7 @@ log = logging.getLogger("colabmagic.ssh")
 DEFAULT_ROOT = "~/.colabmagic/kernels"
 LIB_DIR = ".colabmagic/lib"
 EXIT_NO_AGENT = 4
+EXIT_NEEDS = 3  # the boot prelude found no usable Python, ipykernel or agent code
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the agent, bridge and kernel bootstrap need on a host without colabmagic.
 SHIPPED = (
@@ -53,6 +55,8 @@ SHIPPED = (
     "remote/agent.py",
     "remote/bridge.py",
     "remote/kernel_ext.py",
+    "remote/kernel_launch.py",
+    "remote/supervisor.py",
     "gpu/mock.py",
 )
 # Stand-ins for the package __init__ files: the real ones import local-only modules.
@@ -64,24 +68,86 @@ _PUMP_CHUNK = 1 << 20
 
 # Every remote command starts with this prelude (``python -c BOOT COMMAND ARGS``): it checks the
 # interpreter, finds this exact agent code (installed, or shipped under LIB) and runs
-# ``colabmagic.remote`` with it -- one exec, one login shell, per command. When something is
-# missing it prints what (one COLABMAGIC-PROBE line) and exits 3; the local side ships the code
-# or explains. Python-2-parsable up to the version check, so any python reports cleanly.
+# ``colabmagic.remote`` with it -- one exec, one login shell, per command. When the code is
+# missing it assembles it from a content-addressed store (LIB/../.objects/SHA256); files missing
+# there too it asks for in one COLABMAGIC-PROBE line and reads from stdin, in the same exec: one
+# round trip, once per version, carrying only what changed. Other needs (Python, ipykernel) are
+# reported the same way, with exit status 3. A bridge runs with whatever agent code is there (it
+# only relays bytes) and never reads its stdin here: the proxy's HELLO is already on its way.
+# Python-2-parsable up to the version check, so any python reports cleanly.
 _BOOT = r"""
 import hashlib, json, os, sys
 HASH = %(hash)r
 LIB = %(lib)r
-SHIPPED = %(shipped)r
+MANIFEST = %(manifest)r
+STANDINS = %(standins)r
 def _hash(pkg):
     h = hashlib.sha256()
-    for rel in sorted(SHIPPED):
+    for rel in sorted(MANIFEST):
         with open(os.path.join(pkg, rel), "rb") as f:
             h.update(rel.encode() + b"\0" + f.read() + b"\0")
     return h.hexdigest()
+def _mkdir(path):
+    if not os.path.isdir(path):
+        _mkdir(os.path.dirname(path))
+        try:
+            os.mkdir(path, 448)
+        except OSError:
+            pass
+def _use(lib):
+    sys.path.insert(0, lib)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = lib + (os.pathsep + old if old else "")
+def _install(lib, info):
+    import base64, shutil
+    objs = os.path.join(os.path.dirname(lib), ".objects")
+    missing = sorted(set(h for h in MANIFEST.values() if not os.path.exists(os.path.join(objs, h))))
+    if missing:
+        info["need"], info["missing"] = "code", missing
+        sys.stdout.write("COLABMAGIC-PROBE " + json.dumps(info) + "\n")
+        sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            sys.exit(3)
+        del info["need"], info["missing"]
+        _mkdir(objs)
+        for h, text in json.loads(line).items():
+            data = base64.b64decode(text)
+            if hashlib.sha256(data).hexdigest() == h:
+                tmp = os.path.join(objs, "%%s.tmp%%d" %% (h, os.getpid()))
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, os.path.join(objs, h))
+    tmp = "%%s.tmp%%d" %% (lib, os.getpid())
+    files = [(r, None, h) for r, h in MANIFEST.items()] + [(r, t, 0) for r, t in STANDINS.items()]
+    try:
+        for rel, text, h in files:
+            dest = os.path.join(tmp, "colabmagic", rel)
+            _mkdir(os.path.dirname(dest))
+            if text is None:
+                with open(os.path.join(objs, h), "rb") as f:
+                    text = f.read()
+            with open(dest, "wb") as f:
+                f.write(text.encode() if not isinstance(text, bytes) else text)
+        with open(os.path.join(tmp, ".complete"), "w") as f:
+            f.write(HASH)
+        os.rename(tmp, lib)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another client installed it meanwhile
+def _any_code(base):
+    import importlib.util as u
+    if u.find_spec("colabmagic") is not None:
+        return True
+    done = [d for d in os.listdir(base) if os.path.exists(os.path.join(base, d, ".complete"))]
+    done.sort(key=lambda d: os.path.getmtime(os.path.join(base, d)))
+    if done:
+        _use(os.path.join(base, done[-1]))
+    return bool(done)
 def _main():
     home = os.path.expanduser("~")
     info = {"version": list(sys.version_info[:3]), "executable": sys.executable, "home": home}
     lib = os.path.join(home, LIB)
+    bridge = sys.argv[1:2] == ["bridge"]
     if sys.version_info < (3, 9):
         info["need"] = "python"
     else:
@@ -89,17 +155,21 @@ def _main():
         if u.find_spec("ipykernel") is None:
             info["need"] = "ipykernel"
         elif os.path.exists(os.path.join(lib, ".complete")):
-            sys.path.insert(0, lib)
-            old = os.environ.get("PYTHONPATH")
-            os.environ["PYTHONPATH"] = lib + (os.pathsep + old if old else "")
+            _use(lib)
         else:
             spec = u.find_spec("colabmagic")
             try:
                 ok = _hash(list(spec.submodule_search_locations)[0]) == HASH
             except Exception:
                 ok = False
-            if not ok:
-                info["need"] = "code"
+            if ok:
+                pass
+            elif bridge:
+                if not (os.path.isdir(os.path.dirname(lib)) and _any_code(os.path.dirname(lib))):
+                    info["need"] = "code"
+            else:
+                _install(lib, info)
+                _use(lib)
     if "need" in info:
         print("COLABMAGIC-PROBE " + json.dumps(info))
         sys.exit(3)
@@ -123,6 +193,57 @@ def code_hash() -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def _manifest() -> dict[str, str]:
+    """``{path: sha256 of its content}`` of the shipped files."""
+    out = {}
+    for rel in SHIPPED:
+        with open(os.path.join(_PKG, rel), "rb") as f:
+            out[rel] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _payload(missing: list[str]) -> bytes:
+    """The one stdin line carrying the files (by content hash) a host asked for."""
+    by_hash = {h: rel for rel, h in _manifest().items()}
+    files = {}
+    for h in missing:
+        if h in by_hash:
+            with open(os.path.join(_PKG, by_hash[h]), "rb") as f:
+                files[h] = base64.b64encode(f.read()).decode()
+    return json.dumps(files).encode() + b"\n"
+
+
+def _exec_nowait(chan: paramiko.Channel, command: str) -> None:
+    """``chan.exec_command(command)`` without waiting for the server's answer.
+
+    The caller goes straight to reading the command's output. (Data cannot be pipelined behind
+    the request: OpenSSH opens a session channel's window only once its command runs.) A refused
+    request still closes the channel (paramiko's ``_request_failed``): the caller sees an EOF.
+    """
+    m = paramiko.Message()
+    m.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+    m.add_int(chan.remote_chanid)
+    m.add_string("exec")
+    m.add_boolean(True)
+    m.add_string(command)
+    chan.transport._send_user_message(m)
+
+
+def _read_line(chan: paramiko.Channel, buf: bytearray) -> bytes | None:
+    """The next line of *chan*'s stdout (without its newline), ``None`` at EOF; *buf* keeps
+    whatever was read beyond it."""
+    while b"\n" not in buf:
+        data = chan.recv(1 << 16)
+        if not data:
+            return None
+        buf += data
+    i = buf.index(b"\n")
+    line = bytes(buf[:i])
+    del buf[: i + 1]
+    return line
+
+
 class ChannelPipe:
     """A :class:`~colabmagic.proxy.Pipe` over an SSH exec channel.
 
@@ -130,14 +251,24 @@ class ChannelPipe:
     ``socketpair``; two threads pump bytes between the other end and the channel.
     """
 
-    def __init__(self, chan: paramiko.Channel, description: str):
+    def __init__(
+        self,
+        chan: paramiko.Channel,
+        description: str,
+        *,
+        initial: bytes = b"",
+        host: str = "",
+    ):
         self.chan = chan
         self.description = description
+        self.host = host or description
         self._outer, self._inner = socket.socketpair()
         for s in (self._outer, self._inner):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.read_fd = self.write_fd = self._outer.fileno()
+        if initial:  # what was read behind the command's first line
+            self._inner.sendall(initial)
         self._closed = False
         self._threads = [
             threading.Thread(target=self._down, name=f"{description} down", daemon=True),
@@ -205,8 +336,13 @@ class ChannelPipe:
         with contextlib.suppress(OSError, paramiko.SSHException):
             while chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
-        text = err.decode(errors="replace").strip()
-        return rc == EXIT_NO_AGENT, text or f"the remote bridge exited with {rc}"
+        text = bridge_failure(err.decode(errors="replace"), host=self.host)
+        if rc == EXIT_NEEDS:
+            text = (
+                f"no colabmagic agent code on {self.host} to run the bridge with (was "
+                "~/.colabmagic/lib removed?); connect again with %colab_connect"
+            )
+        return rc in (EXIT_NO_AGENT, EXIT_NEEDS), text or f"the remote bridge exited with {rc}"
 
 
 class SSHTransport:
@@ -277,7 +413,7 @@ class SSHTransport:
         self._conn: Connection | None = None
         self._lock = threading.RLock()
         self._boot_code: str | None = None
-        self._ready = False
+        self._pending: dict[str, ChannelPipe] = {}  # started agents' bridges, not yet claimed
         self.lib_path = ""
         self._sftp: paramiko.SFTPClient | None = None
 
@@ -351,34 +487,70 @@ class SSHTransport:
         if self._boot_code is None:
             mine = code_hash()
             self.lib_path = posixpath.join(self.lib_dir.removeprefix("~/"), mine[:16])
-            self._boot_code = _BOOT % {"hash": mine, "lib": self.lib_path, "shipped": SHIPPED}
+            self._boot_code = _BOOT % {
+                "hash": mine,
+                "lib": self.lib_path,
+                "manifest": _manifest(),
+                "standins": STANDINS,
+            }
         return self._boot_code
 
     def remote_command(self, *args: str) -> str:
         """The shell command line that runs ``python -m colabmagic.remote ARGS`` on the host."""
         return self._command(["-c", self._boot(), *args])
 
-    def run_remote(self, *args: str, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
-        """Run ``colabmagic.remote ARGS`` on the host, shipping the agent code first if needed."""
-        for _ in range(2):
-            rc, out, err = self.exec(self.remote_command(*args), timeout=timeout)
-            info = _parse_probe(out) if rc == 3 else None
-            if info is None:
-                if rc in (126, 127) or not out.strip():
-                    self._bad_python(rc, err)  # not a Python, or no output at all
-                self._ready = True
-                return rc, out, err
-            self._provide(info)
-        msg = (
-            f"the agent code shipped to {self.target} still does not run there; remove "
-            f"{posixpath.join('~', self.lib_path)} on the host and retry, or give --python PATH"
-        )
-        raise ConnectError(msg)
+    def _launch(self, *args: str) -> paramiko.Channel:
+        """An exec channel running ``colabmagic.remote ARGS``, its request not waited for."""
+        chan = self._session_channel()
+        try:
+            _exec_nowait(chan, self.remote_command(*args))
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            chan.close()
+            msg = f"ssh to {self.target}: cannot run a command: {exc}"
+            raise ConnectError(msg) from None
+        return chan
 
-    def prepare(self) -> None:
-        """Make sure the host can run the agent code (ships it when missing): zero-install."""
-        if not self._ready:
-            self.run_remote("list", "--root", self.root)
+    def _first_line(self, chan: paramiko.Channel, buf: bytearray) -> bytes | None:
+        """The command's first line of output, after shipping the agent code if the host asked
+        for it (in the same exec); ``None`` when the command printed nothing."""
+        shipped = False
+        while True:
+            line = _read_line(chan, buf)
+            info = _parse_probe(line) if line is not None else None
+            if info is None:
+                return line
+            if info.get("need") != "code" or shipped or not info.get("missing"):
+                self._provide(info)
+            chan.sendall(_payload(info["missing"]))
+            log.info("shipped %d agent file(s) to %s", len(info["missing"]), self.target)
+            shipped = True
+
+    def run_remote(self, *args: str, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
+        """Run ``colabmagic.remote ARGS`` on the host (shipping the agent code when needed)."""
+        chan = self._launch(*args)
+        err: list[bytes] = []
+        try:
+            chan.settimeout(timeout)
+            reader = threading.Thread(target=_drain_stderr, args=(chan, err), daemon=True)
+            reader.start()
+            buf = bytearray()
+            first = self._first_line(chan, buf)
+            out = bytearray(b"" if first is None else first + b"\n") + buf
+            while data := chan.recv(1 << 16):
+                out += data
+            reader.join(timeout)
+            rc = chan.recv_exit_status()
+        except TimeoutError:
+            msg = f"ssh to {self.target}: {args[0]!r} did not finish within {timeout:g}s"
+            raise ConnectError(msg) from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            msg = f"ssh to {self.target}: the connection failed while running a command: {exc}"
+            raise ConnectError(msg) from None
+        finally:
+            chan.close()
+        if rc in (126, 127) or not out.strip():
+            self._bad_python(rc, b"".join(err))  # not a Python, or no output at all
+        return rc, bytes(out), b"".join(err)
 
     def _provide(self, info: dict) -> None:
         need = info.get("need")
@@ -395,8 +567,11 @@ class SSHTransport:
                 f"run `{self.python} -m pip install ipykernel` there or give --python PATH"
             )
             raise ConnectError(msg)
-        lib = posixpath.join(info["home"], self.lib_path)
-        self._ship(posixpath.dirname(lib), posixpath.basename(lib))
+        msg = (
+            f"the agent code shipped to {self.target} still does not run there; remove "
+            f"{posixpath.join('~', self.lib_path)} on the host and retry, or give --python PATH"
+        )
+        raise ConnectError(msg)
 
     def _bad_python(self, rc: int, err: bytes) -> None:
         text = err.decode(errors="replace").strip().splitlines()
@@ -412,31 +587,6 @@ class SSHTransport:
                 "give --python PATH to an interpreter with ipykernel"
             )
         raise ConnectError(msg)
-
-    def _ship(self, base: str, tag: str) -> None:
-        """Copy the agent code into ``BASE/TAG`` (0700) over SFTP, atomically."""
-        sftp = self.sftp()
-        for d in (posixpath.dirname(base), base):
-            with contextlib.suppress(OSError):
-                sftp.mkdir(d, 0o700)
-        tmp = f"{base}/{tag}.tmp-{os.getpid()}-{threading.get_ident()}"
-        pkg = f"{tmp}/colabmagic"
-        for d in (tmp, pkg, f"{pkg}/remote", f"{pkg}/gpu"):
-            sftp.mkdir(d, 0o700)
-        for rel, text in STANDINS.items():
-            with sftp.open(f"{pkg}/{rel}", "wb") as f:
-                f.write(text.encode())
-        for rel in SHIPPED:
-            sftp.put(os.path.join(_PKG, rel), f"{pkg}/{rel}")
-        with sftp.open(f"{tmp}/.complete", "wb") as f:
-            f.write(code_hash().encode())
-        final = f"{base}/{tag}"
-        try:
-            sftp.posix_rename(tmp, final)
-        except OSError:
-            # Another client shipped the same code meanwhile: keep theirs.
-            self.exec(f"rm -rf {shlex.quote(tmp)}")
-        log.info("shipped the agent code to %s:%s", self.target, final)
 
     def sftp(self) -> paramiko.SFTPClient:
         """The SFTP session on the shared connection."""
@@ -476,24 +626,64 @@ class SSHTransport:
         env: dict[str, str] | None = None,
         idle_timeout: float | None = None,
     ) -> str:
-        """Start a detached agent + kernel on the host; return its id."""
+        """Start a detached agent + kernel on the host; return its id.
+
+        One exec does it all: it checks the Python and the agent code (shipping what is missing
+        in-band), starts the agent, prints its id, and goes on as its bridge, which the next
+        :meth:`open_pipe` for that id returns: no further round trip to reach the new kernel.
+        """
         args = agent_start_args(
             mock_gpu=mock_gpu, cwd=cwd, python=python, env=env, idle_timeout=idle_timeout
         )
-        return self._remote(*args, timeout=max(60.0, self.connect_timeout))["id"]
+        timeout = max(60.0, self.connect_timeout)
+        chan = self._launch(*args, "--bridge", "--root", self.root)
+        buf = bytearray()
+        try:
+            chan.settimeout(timeout)
+            line = self._first_line(chan, buf)
+            if line is None:
+                rc = chan.recv_exit_status()
+                err = b""
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(1 << 16)
+                self._bad_python(rc, err)
+            host = f"a kernel on {self.target}"
+            text = line.decode(errors="replace")
+            result = parse_agent_reply(text, "", command="start", host=host)
+            chan.settimeout(None)
+        except TimeoutError:
+            chan.close()
+            msg = f"ssh to {self.target}: the kernel did not start within {timeout:g}s"
+            raise ConnectError(msg) from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            chan.close()
+            msg = f"ssh to {self.target}: the connection failed while starting a kernel: {exc}"
+            raise ConnectError(msg) from None
+        except BaseException:
+            chan.close()
+            raise
+        kernel_id = result["id"]
+        pipe = ChannelPipe(
+            chan, f"ssh {self.target} bridge {kernel_id}", initial=bytes(buf), host=self.target
+        )
+        with self._lock:
+            self._pending[kernel_id] = pipe
+        return kernel_id
 
     def open_pipe(self, kernel_id: str) -> ChannelPipe:
-        """A bridge to agent *kernel_id* on an exec channel (reconnecting when needed)."""
-        try:
-            self.prepare()
-            chan = self._session_channel()
-            chan.exec_command(self.remote_command("bridge", "--root", self.root, "--id", kernel_id))
-        except HostKeyError as exc:
-            raise PermanentLinkError(str(exc)) from None
-        except (paramiko.SSHException, EOFError) as exc:
-            msg = f"ssh to {self.target}: cannot start the bridge: {exc}"
-            raise ConnectError(msg) from None
-        pipe = ChannelPipe(chan, f"ssh {self.target} bridge {kernel_id}")
+        """A bridge to agent *kernel_id* on an exec channel (reconnecting when needed).
+
+        The exec request is not waited for here; sshd opens the channel's window only once the
+        command runs, so the proxy's HELLO follows one round trip later by itself.
+        """
+        with self._lock:
+            pipe = self._pending.pop(kernel_id, None)
+        if pipe is None or pipe.chan.closed:
+            try:
+                chan = self._launch("bridge", "--root", self.root, "--id", kernel_id)
+            except HostKeyError as exc:
+                raise PermanentLinkError(str(exc)) from None
+            pipe = ChannelPipe(chan, f"ssh {self.target} bridge {kernel_id}", host=self.target)
         with self._lock:
             self.pipes = [p for p in self.pipes if not p._closed] + [pipe]
         return pipe
@@ -521,7 +711,8 @@ class SSHTransport:
     def close(self) -> None:
         """Close the pipes and the connection; the kernels keep running."""
         with self._lock:
-            pipes, self.pipes = self.pipes, []
+            pipes, self.pipes = self.pipes + list(self._pending.values()), []
+            self._pending = {}
             conn, self._conn = self._conn, None
             self._sftp = None
         for p in pipes:
