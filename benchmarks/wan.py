@@ -21,6 +21,10 @@ A private OpenSSH sshd on 127.0.0.1 (``colabmagic.testing_sshd``) and, in front 
 Connect times are the fastest of ``--repeat`` (the kernel's start time varies with the machine's
 load; the turn counts do not).
 
+After it comes ``benchmarks/wan_transfer.py``'s table (incompressible push/pull/upload/download
+against the link rate, ``compress="auto"`` against ``"none"`` on compressible arrays) on the capped
+link at 50 ms RTT; ``--no-transfer`` leaves it out.
+
 The table is built from :data:`ROWS`, one function per row (``fn(bench, link) -> str``), so
 further rows (e.g. streamed transfers) are one function and one ``Row(...)`` line each.
 """
@@ -198,6 +202,11 @@ def main() -> None:
     ap.add_argument("--mbit", type=float, default=50.0, help="bandwidth cap of the capped link")
     ap.add_argument("--cells", type=int, default=20, help="cells per round-trip figure")
     ap.add_argument("--repeat", type=int, default=3, help="connects (and re-attaches) per link")
+    ap.add_argument(
+        "--no-transfer",
+        action="store_true",
+        help="leave out the streamed-transfer table (compression, files) at 50 ms RTT",
+    )
     args = ap.parse_args()
     rtts = [float(x) / 1000 for x in args.rtt.split(",")]
     cap = args.mbit * 1e6 / 8
@@ -230,6 +239,11 @@ def main() -> None:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
         if i == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    if not args.no_transfer:
+        import wan_transfer  # beside this file: compression and resumable files on the capped link
+
+        print()
+        wan_transfer.report(mib=args.mib, rate=cap, delay=0.025)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ table :data:`ROWS`, returning ``(label, MB/s, reference label, reference MB/s, t
   pulled the same way;
 - the bytes that crossed the link for each, from the transfer's own statistics.
 
-The rows are written to be folded into ``benchmarks/wan.py``'s table.
+``benchmarks/wan.py`` prints this table after its own (``--no-transfer`` leaves it out).
 """
 
 from __future__ import annotations
@@ -141,15 +141,10 @@ ROWS = [
 ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mib", type=int, default=32, help="payload of each transfer")
-    ap.add_argument("--file-mib", type=int, default=64, help="file size for upload/download")
-    ap.add_argument("--rate", type=float, default=6.25e6, help="link cap, bytes/s (50 Mbit/s)")
-    ap.add_argument("--delay", type=float, default=0.025, help="one-way delay, s (50 ms RTT)")
-    args = ap.parse_args()
+def report(mib: int = 32, file_mib: int = 64, rate: float = 6.25e6, delay: float = 0.025) -> None:
+    """Measure every row of :data:`ROWS` through one link and print them."""
     root = tempfile.mkdtemp(prefix="colabmagic-wan-")
-    link = f"{sys.executable} -m colabmagic.testing_wan --delay {args.delay} --rate {args.rate:.0f}"
+    link = f"{sys.executable} -m colabmagic.testing_wan --delay {delay} --rate {rate:.0f}"
     with SSHServer("box") as srv:
         t = SSHTransport(
             srv.name,
@@ -160,14 +155,14 @@ def main() -> None:
         )
         s = Session.start(t, name="wan-bench")
         try:
-            b = Bench(s, root, args.mib << 20, args.rate, args.file_mib << 20)
+            b = Bench(s, root, mib << 20, rate, file_mib << 20)
             rows = [row(b) for row in ROWS]
         finally:
             s.close()
-    rtt = 2 * args.delay * 1000
+    rtt = 2 * delay * 1000
     print(
-        f"WAN link {args.rate * 8 / 1e6:.0f} Mbit/s, {rtt:.0f} ms RTT; {args.mib} MiB arrays, "
-        f"{args.file_mib} MiB files; the first row is the session's first transfer"
+        f"WAN link {rate * 8 / 1e6:.0f} Mbit/s, {rtt:.0f} ms RTT; {mib} MiB arrays, "
+        f"{file_mib} MiB files; the first row is the session's first transfer"
     )
     print(f"(load {os.getloadavg()[0]:.1f})")
     for label, value, ref_label, ref, target in rows:
@@ -175,6 +170,16 @@ def main() -> None:
             f"  {label:<40}: {value:6.2f} MB/s   {ref_label}: {ref:6.2f} MB/s   "
             f"ratio {value / ref:5.2f}x  ({target})"
         )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mib", type=int, default=32, help="payload of each transfer")
+    ap.add_argument("--file-mib", type=int, default=64, help="file size for upload/download")
+    ap.add_argument("--rate", type=float, default=6.25e6, help="link cap, bytes/s (50 Mbit/s)")
+    ap.add_argument("--delay", type=float, default=0.025, help="one-way delay, s (50 ms RTT)")
+    args = ap.parse_args()
+    report(args.mib, args.file_mib, args.rate, args.delay)
 
 
 if __name__ == "__main__":
