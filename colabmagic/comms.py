@@ -243,9 +243,7 @@ class CommBridge:
             self._cond.notify_all()
 
     # -- remote -> frontend ------------------------------------------------------------------
-    def _publish(
-        self, kind: str, content: dict, parent: dict, metadata=None, buffers=None
-    ) -> None:
+    def _publish(self, kind: str, content: dict, parent: dict, metadata=None, buffers=None) -> None:
         if kind in COMM_KINDS:
             ident = f"comm-{content.get('comm_id')}".encode()
         elif kind == "stream":
@@ -272,8 +270,8 @@ class CommBridge:
                 if content.get("target_name") == COMM_TARGET:
                     return
                 if comm_id not in self._comms:
-                    self._adopt(self._mirror(comm_id=comm_id, primary=False,
-                                             target_name=content.get("target_name", "")))  # fmt: skip
+                    target = content.get("target_name", "")
+                    self._adopt(self._mirror(comm_id=comm_id, primary=False, target_name=target))
                     self.manager.register_comm(self._comms[comm_id])
             elif comm_id not in self._comms:
                 data = content.get("data") or {}
@@ -355,8 +353,8 @@ class CommBridge:
                 self.relay_comm(msg, local)
             elif kind in _OUTPUT_KINDS and local is not None:
                 with self._lock:
-                    self._publish(kind, msg["content"], local, msg.get("metadata"),
-                                  msg.get("buffers"))  # fmt: skip
+                    meta, buffers = msg.get("metadata"), msg.get("buffers")
+                    self._publish(kind, msg["content"], local, meta, buffers)
             return
         if pid in self._busy:  # the cell loop relays it, in order with the cell's output
             if kind not in _NOT_RELAYED:
