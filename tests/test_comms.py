@@ -175,8 +175,7 @@ def test_slider_state_value_and_a_link_drop(fe):
     assert stdout(fe.run("%%gpu_run\nprint(s.value)")) == "9\n"
     msgs = fe.run("%%gpu_run\ns.close()")
     assert any(
-        m["header"]["msg_type"] == "comm_close" and m["content"]["comm_id"] == comm_id
-        for m in msgs
+        m["header"]["msg_type"] == "comm_close" and m["content"]["comm_id"] == comm_id for m in msgs
     )
 
 
@@ -220,8 +219,10 @@ def test_tqdm_notebook_bar_updates_survive_a_killed_bridge(fe):
     )
     # kill the link's bridge process as soon as the bar moves
     first = fe.wait_for(
-        lambda m: m["header"]["msg_type"] == "comm_msg"
-        and "value" in m["content"]["data"].get("state", {})
+        lambda m: (
+            m["header"]["msg_type"] == "comm_msg"
+            and "value" in m["content"]["data"].get("state", {})
+        )
     )
     os.kill(bridge_pid, signal.SIGKILL)
     msgs = [first, *fe.until_idle(msg_id)]
@@ -342,4 +343,3 @@ def test_terminal_ipython_shows_text_and_says_so_once(capsys):
         assert "widgets show as text here" not in capsys.readouterr().out
     finally:
         shell.run_line_magic("colab_disconnect", "term")
-
