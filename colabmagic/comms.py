@@ -328,6 +328,8 @@ class CommBridge:
         finally:
             self._sub.close(linger=0)
             self._ctx.term()
+            if self.session.closed:  # %colab_disconnect: its widgets are gone too
+                self.close()
 
     def _on_iopub(self, msg: dict) -> None:
         kind = msg["header"]["msg_type"]

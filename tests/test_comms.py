@@ -52,7 +52,11 @@ class Frontend:
             ):
                 return out
 
-    def wait_for(self, pred, *, timeout: float = 30.0) -> dict:
+    def wait_for(self, pred, *, timeout: float = 30.0, seen: bool = False) -> dict:
+        """The next message matching *pred* (with *seen*: or one already received)."""
+        for msg in self.log if seen else ():
+            if pred(msg):
+                return msg
         deadline = time.monotonic() + timeout
         while True:
             msg = self._next(deadline)
@@ -343,3 +347,34 @@ def test_terminal_ipython_shows_text_and_says_so_once(capsys):
         assert "widgets show as text here" not in capsys.readouterr().out
     finally:
         shell.run_line_magic("colab_disconnect", "term")
+
+
+def test_restart_and_disconnect_close_the_widgets(fe):
+    fe.run("%colab_connect --local --name rs")
+    try:
+        (old,) = opened(fe.run("%%gpu_run --on rs\nimport ipywidgets as w\nw.IntSlider()"),
+                        "IntSliderModel")  # fmt: skip
+        fe.run("%colab_connect --name rs --restart")
+        fe.wait_for(
+            lambda m: (
+                m["header"]["msg_type"] == "comm_close"
+                and m["content"]["comm_id"] == old["content"]["comm_id"]
+            ),
+            seen=True,
+        )
+        # the fresh kernel is set up again: tqdm bars are widgets there too
+        msgs = fe.run(
+            "%%gpu_run --on rs\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(3)): pass"
+        )
+        assert opened(msgs, "FloatProgressModel")
+        (last,) = opened(fe.run("%%gpu_run --on rs\nw = __import__('ipywidgets').IntSlider()\nw"),
+                         "IntSliderModel")  # fmt: skip
+    finally:
+        fe.run("%colab_disconnect rs")
+    fe.wait_for(
+        lambda m: (
+            m["header"]["msg_type"] == "comm_close"
+            and m["content"]["comm_id"] == last["content"]["comm_id"]
+        ),
+        seen=True,
+    )
