@@ -378,3 +378,21 @@ def test_restart_and_disconnect_close_the_widgets(fe):
         ),
         seen=True,
     )
+
+
+def test_plotly_figure_widget_and_its_later_updates(fe):
+    msgs = fe.run(
+        "%%gpu_run\nimport plotly.graph_objects as go\n"
+        "fig = go.FigureWidget(data=[go.Bar(y=[1, 3, 2])])\nfig"
+    )
+    (open_,) = [m for m in msgs if m["header"]["msg_type"] == "comm_open"]
+    (result,) = [m for m in msgs if m["header"]["msg_type"] == "execute_result"]
+    assert result["content"]["data"][WIDGET_MIME]["model_id"] == open_["content"]["comm_id"]
+    state = open_["content"]["data"]["state"]
+    assert "_esm" in state  # an anywidget: its front-end code travels in the state
+    fe.drop_link()
+    msgs = fe.run("%%gpu_run\nfig.data[0].y = [4, 5, 6]")
+    sent = [m for m in msgs if m["header"]["msg_type"] == "comm_msg"]
+    assert sent
+    assert all(m["content"]["comm_id"] == open_["content"]["comm_id"] for m in sent)
+    assert "[4, 5, 6]" in str([m["content"]["data"] for m in sent]).replace(".0", "")

@@ -720,6 +720,8 @@ WIDGETS_NOTEBOOK = {
             "for i in tqdm(range(20), desc='remote'):\n    pass\n"
             "s = w.IntSlider(value=3, max=10, description='remote', continuous_update=False)\ns",
             "%%gpu_run\nprint('remote value', s.value)",
+            "%%gpu_run\nimport plotly.graph_objects as go\n"
+            "go.FigureWidget(data=[go.Bar(y=[2, 5, 3])], layout={'height': 260, 'width': 520})",
         ])
     ],
 }  # fmt: skip
@@ -728,7 +730,8 @@ WIDGETS_NOTEBOOK = {
 @pytest.mark.browser
 def test_jupyterlab_shows_remote_widgets_through_gpu_run(lab, tmp_path):
     """A local ipykernel notebook: %%gpu_run draws a slider and a finished tqdm bar; dragging
-    the slider with the mouse changes the value the next remote cell reads."""
+    the slider with the mouse changes the value the next remote cell reads; a plotly
+    FigureWidget draws its bars."""
     require(os.path.exists(CHROMIUM), f"Debian's chromium is not installed at {CHROMIUM}")
     from playwright.sync_api import expect, sync_playwright
 
@@ -744,7 +747,7 @@ def test_jupyterlab_shows_remote_widgets_through_gpu_run(lab, tmp_path):
             executable_path=CHROMIUM,
             args=CHROMIUM_ARGS,
             headless=True,
-            viewport={"width": 1280, "height": 800},
+            viewport={"width": 1280, "height": 1000},
         )
         page = browser.pages[0] if browser.pages else browser.new_page()
         try:
@@ -752,10 +755,8 @@ def test_jupyterlab_shows_remote_widgets_through_gpu_run(lab, tmp_path):
             idle = page.locator(".jp-StatusBar-TextItem", has_text="Python 3 (ipykernel) | Idle")
             expect(idle.first).to_be_visible(timeout=90_000)
             cells = page.locator(".jp-NotebookPanel .jp-CodeCell")
-            expect(cells).to_have_count(3, timeout=30_000)
-            outputs = [
-                c.locator(".jp-OutputArea") for c in (cells.nth(0), cells.nth(1), cells.nth(2))
-            ]
+            expect(cells).to_have_count(4, timeout=30_000)
+            outputs = [cells.nth(i).locator(".jp-OutputArea") for i in range(4)]
             for i in (0, 1):
                 cells.nth(i).locator(".cm-content").click()
                 page.keyboard.press("Shift+Enter")
@@ -785,6 +786,12 @@ def test_jupyterlab_shows_remote_widgets_through_gpu_run(lab, tmp_path):
             cells.nth(2).locator(".cm-content").click()
             page.keyboard.press("Shift+Enter")
             expect(outputs[2]).to_contain_text(f"remote value {moved}", timeout=60_000)
+
+            cells.nth(3).locator(".cm-content").click()
+            page.keyboard.press("Shift+Enter")
+            plot = outputs[3].locator(".js-plotly-plot")  # plotly's FigureWidget (anywidget)
+            expect(plot).to_be_visible(timeout=60_000)
+            expect(plot.locator(".bars .point")).to_have_count(3)
             page.screenshot(path=str(shot))
         except BaseException:
             page.screenshot(path=str(tmp_path / "failure.png"))
