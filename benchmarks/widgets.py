@@ -1,6 +1,6 @@
 """Slider change -> remote callback -> output: latency via ``%%gpu_run`` against a direct kernel.
 
-Run: ``python benchmarks/widgets.py [--n 200]``
+Run: ``python benchmarks/widgets.py [--n 200] [--wan-delay 0.02]``
 
 Both sides are measured the way a notebook user meets them, in one run on this machine, with a
 ``jupyter_client`` ``BlockingKernelClient`` as the frontend:
@@ -13,6 +13,10 @@ Both sides are measured the way a notebook user meets them, in one run on this m
   agent -> remote kernel, and the callback's output comes back the same way.
 
 Also times the cell that shows the slider (execute -> the widget's ``comm_open`` at the frontend).
+
+With ``--wan-delay S`` a third run goes over SSH to a private OpenSSH sshd on loopback through the
+emulated WAN link (``colabmagic.testing_wan`` as ProxyCommand, S seconds each way): there the
+reference is the round trip of a ``%%gpu_run pass`` cell over the same link, in the same kernel.
 Prints medians, the 90th percentile and the ratios, with the machine's load average.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -88,22 +93,47 @@ def measure(kc, prefix: str, n: int) -> dict[str, list[float]]:
     return out
 
 
-def run(n: int, *, relayed: bool) -> dict[str, list[float]]:
+def cells(kc, n: int) -> list[float]:
+    """Round trips of a ``%%gpu_run pass`` cell (execute -> idle) from the frontend."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        _until(kc, _idle_after(kc.execute("%%gpu_run\npass")))
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def run(n: int, *, connect: str | None) -> dict[str, list[float]]:
+    """Measure on a direct kernel (*connect* None) or one that ran the *connect* code first."""
     km, kc = start_new_kernel(kernel_name="python3", startup_timeout=120)
     try:
         prefix = ""
-        if relayed:
+        if connect is not None:
             reply = kc.execute_interactive(
-                "%load_ext colabmagic\n%colab_connect --local",
-                timeout=120,
-                output_hook=lambda m: None,
+                "%load_ext colabmagic\n" + connect, timeout=120, output_hook=lambda m: None
             )
             assert reply["content"]["status"] == "ok", reply["content"]
             prefix = "%%gpu_run\n"
-        return measure(kc, prefix, n)
+        out = measure(kc, prefix, n)
+        if connect is not None:
+            out["cell"] = cells(kc, max(20, n // 4))
+        return out
     finally:
         kc.stop_channels()
         km.shutdown_kernel()
+
+
+def over_wan(n: int, delay: float, root: str) -> dict[str, list[float]]:
+    from colabmagic.testing_sshd import SSHServer
+
+    with SSHServer("box") as srv:
+        relay = f"{sys.executable} -m colabmagic.testing_wan --delay {delay} 127.0.0.1 {srv.port}"
+        connect = (
+            "import colabmagic, sys\n"
+            f"colabmagic.connect('box', ssh_config={srv.ssh_config!r}, python=sys.executable, "
+            f"root={root!r}, proxy_command={relay!r})"
+        )
+        return run(n, connect=connect)
 
 
 def _ms(samples: list[float], q: float = 0.5) -> float:
@@ -115,11 +145,13 @@ def _ms(samples: list[float], q: float = 0.5) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="slider changes per side")
+    p.add_argument("--wan-delay", type=float, default=0.0, help="also over SSH + emulated WAN")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as root:
         os.environ["COLABMAGIC_ROOT"] = root
-        direct = run(args.n, relayed=False)
-        relayed = run(args.n, relayed=True)
+        direct = run(args.n, connect=None)
+        relayed = run(args.n, connect="%colab_connect --local")
+        wan = over_wan(args.n, args.wan_delay, root) if args.wan_delay else None
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"slider change -> callback output at the frontend, {args.n} changes:")
     for key, what in (("output", "printed value arrives"), ("idle", "kernel idle again")):
@@ -136,6 +168,13 @@ def main() -> None:
         "cell showing a slider -> its comm_open at the frontend (one sample, ipywidgets imported):"
     )
     print(f"    direct {d:.1f} ms, %%gpu_run {r:.1f} ms")
+    print(f"%%gpu_run pass cell round trip (local link): median {_ms(relayed['cell']):.2f} ms")
+    if wan is not None:
+        c50, o50, i50 = _ms(wan["cell"]), _ms(wan["output"]), _ms(wan["idle"])
+        print(f"over SSH through the emulated WAN ({args.wan_delay * 1000:g} ms each way):")
+        print(f"    %%gpu_run pass cell round trip   median {c50:7.2f} ms (the reference)")
+        print(f"    slider -> printed value          median {o50:7.2f} ms   ratio {o50 / c50:.2f}x")
+        print(f"    slider -> kernel idle again      median {i50:7.2f} ms   ratio {i50 / c50:.2f}x")
 
 
 if __name__ == "__main__":
