@@ -40,7 +40,7 @@ from typing import Any
 import zmq
 
 from colabmagic import wire
-from colabmagic.errors import ColabMagicError, ConnectError
+from colabmagic.errors import ColabMagicError, ConnectError, TransferError
 from colabmagic.relay import COMM_KINDS, CellRelay, _shell
 from colabmagic.session import COMM_TARGET, Session
 
@@ -70,7 +70,8 @@ def cell_relay(session: Session) -> CellRelay:
     bridge = _bridges.get(session)
     if bridge is None or bridge.closed:
         bridge = _bridges[session] = CommBridge(session, kernel)
-    bridge.setup()
+    if not bridge.setup():
+        return CellRelay()  # a kernel whose helper predates widgets: text, as before
     return CommRelay(bridge)
 
 
@@ -81,6 +82,14 @@ def notes(session: Session, relay: CellRelay) -> list[str]:
     if bridge is not None and bridge.skew and not bridge.skew_noted:
         bridge.skew_noted = True
         out.append(bridge.skew)
+    if bridge is not None and bridge.unsupported and relay.widget_fallback:
+        if session not in _fallback_noted:
+            _fallback_noted.add(session)
+            out.append(
+                f"widgets show as text: the remote kernel's colabmagic helper is older than this "
+                f"one ({bridge.unsupported}); restart it with %colab_connect --name "
+                f"{session.name} --restart for live widgets"
+            )
     if relay.widget_fallback and session not in _fallback_noted:
         _fallback_noted.add(session)
         out.append(
@@ -151,6 +160,7 @@ class CommBridge:
         self.manager = kernel.comm_manager
         self.closed = False
         self.needs_setup = True
+        self.unsupported: str | None = None
         self.remote_ipywidgets: str | None = None
         self.skew: str | None = None
         self.skew_noted = False
@@ -204,15 +214,28 @@ class CommBridge:
         )
         raise ConnectError(msg)
 
-    def setup(self) -> None:
-        """Tell the remote kernel that widgets reach a frontend (its tqdm bars become widgets)."""
+    def setup(self) -> bool:
+        """Tell the remote kernel that widgets reach a frontend (its tqdm bars become widgets).
+
+        False when its helper does not know widgets (a kernel started by an older colabmagic
+        and re-attached): then widgets show as text.
+        """
         if not self.needs_setup:
-            return
-        data, _ = self.session._comm_request("widgets", on=True, timeout=30.0)
+            return self.unsupported is None
+        try:
+            data, _ = self.session._comm_request("widgets", on=True, timeout=30.0)
+        except TransferError as exc:
+            if "unknown operation" not in str(exc):
+                raise
+            self.unsupported = str(exc)
+            self.needs_setup = False
+            return False
         self.needs_setup = False
+        self.unsupported = None
         self.remote_ipywidgets = data.get("ipywidgets")
         self.skew = skew_message(self.remote_ipywidgets, _local_ipywidgets())
         self._set_targets(data.get("targets", []))
+        return True
 
     def close(self) -> None:
         """Stop relaying: the frontend's widgets of this session are closed."""

@@ -396,3 +396,36 @@ def test_plotly_figure_widget_and_its_later_updates(fe):
     assert sent
     assert all(m["content"]["comm_id"] == open_["content"]["comm_id"] for m in sent)
     assert "[4, 5, 6]" in str([m["content"]["data"] for m in sent]).replace(".0", "")
+
+
+OLD_HELPER = """
+import _colabmagic_kernel as k
+_new = k._handle
+def _old(comm, msg):  # stand-in for a kernel started by a colabmagic without widgets
+    data = msg['content']['data']
+    if data.get('op') == 'widgets':
+        comm.send({'op': 'error', 'req': data['req'], 'message': "unknown operation 'widgets'"})
+    else:
+        _new(comm, msg)
+k._handle = _old
+"""
+
+
+def test_a_kernel_with_an_older_helper_shows_text_and_says_why(fe):
+    fe.run("%colab_connect --local --name old")
+    try:
+        fe.run(
+            "from colabmagic.relay import QuietRelay\n"
+            f"registry.get('old').run({OLD_HELPER!r}, relay=QuietRelay())"
+        )
+        msgs = fe.run("%%gpu_run --on old\nimport ipywidgets as w\ndisplay(w.IntSlider(value=5))")
+        assert not [m for m in msgs if m["header"]["msg_type"].startswith("comm_")]
+        (shown,) = [m for m in msgs if m["header"]["msg_type"] == "display_data"]
+        assert shown["content"]["data"] == {"text/plain": "IntSlider(value=5)"}
+        (note,) = stdout(msgs).splitlines()
+        assert "older than this one" in note
+        assert "%colab_connect --name old --restart" in note
+        msgs = fe.run("%%gpu_run --on old\nprint(1)")
+        assert stdout(msgs) == "1\n"
+    finally:
+        fe.run("%colab_disconnect old")

@@ -751,10 +751,11 @@ def test_jupyterlab_shows_remote_widgets_through_gpu_run(lab, tmp_path):
         )
         page = browser.pages[0] if browser.pages else browser.new_page()
         try:
-            page.goto(f"{lab.url}/lab/tree/widgets.ipynb?token={lab.token}", timeout=90_000)
+            # ?reset: a fresh workspace, without the notebooks earlier browser tests left open
+            page.goto(f"{lab.url}/lab/tree/widgets.ipynb?reset&token={lab.token}", timeout=90_000)
             idle = page.locator(".jp-StatusBar-TextItem", has_text="Python 3 (ipykernel) | Idle")
             expect(idle.first).to_be_visible(timeout=90_000)
-            cells = page.locator(".jp-NotebookPanel .jp-CodeCell")
+            cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell")
             expect(cells).to_have_count(4, timeout=30_000)
             outputs = [cells.nth(i).locator(".jp-OutputArea") for i in range(4)]
             for i in (0, 1):
