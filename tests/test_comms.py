@@ -429,3 +429,30 @@ def test_a_kernel_with_an_older_helper_shows_text_and_says_why(fe):
         assert stdout(msgs) == "1\n"
     finally:
         fe.run("%colab_disconnect old")
+
+
+def test_a_thread_updates_its_widget_after_the_cell_ended(fe):
+    msgs = fe.run(
+        "%%gpu_run\nimport threading, time, ipywidgets as w\n"
+        "p = w.IntProgress(max=3)\ndisplay(p)\ngo = threading.Event()\n"
+        "def bump():\n    go.wait()\n    for i in range(1, 4):\n"
+        "        time.sleep(0.02)\n        p.value = i\n"
+        "threading.Thread(target=bump).start()"
+    )
+    (bar,) = opened(msgs, "IntProgressModel")
+    cell = bar["parent_header"]
+    before = fe.drop_link()
+    go = fe.run("%%gpu_run\ngo.set()")[0]["parent_header"]  # updates may outlive this cell too
+    last = fe.wait_for(
+        lambda m: (
+            m["header"]["msg_type"] == "comm_msg"
+            and m["content"]["comm_id"] == bar["content"]["comm_id"]
+            and m["content"]["data"].get("state", {}).get("value") == 3
+        ),
+        seen=True,
+    )
+    values = [s["value"] for s in updates(fe.log, bar["content"]["comm_id"]) if "value" in s]
+    assert values == [1, 2, 3]
+    # under the cell that made the bar, or the one running when the thread spoke
+    assert last["parent_header"]["msg_id"] in (cell["msg_id"], go["msg_id"])
+    fe.reconnected_since(before)
