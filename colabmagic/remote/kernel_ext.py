@@ -253,9 +253,10 @@ def _breakpointhook_factory(original):
 def _install_tqdm():
     """Make ``tqdm.auto``/``tqdm.notebook`` bars animate through ``%%gpu_run``.
 
-    tqdm's notebook bar is an ipywidget, whose comm messages a relayed cell cannot carry to the
-    local frontend. This bar is a display with an id, refreshed with ``update_display_data``
-    (rate-limited by tqdm's ``mininterval``), which every frontend renders.
+    tqdm's notebook bar is an ipywidget, which needs a frontend that draws widgets; until a
+    client says it relays comms to one (``set_widgets(True)``, from a notebook kernel), the bar is
+    a display with an id, refreshed with ``update_display_data`` (rate-limited by tqdm's
+    ``mininterval``), which every frontend and terminal renders.
     """
     try:
         import tqdm.std as std
