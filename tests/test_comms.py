@@ -20,6 +20,8 @@ from jupyter_client.manager import start_new_kernel
 
 from colabmagic import comms
 from colabmagic.relay import WIDGET_MIME
+from colabmagic.testing import wait_until
+from colabmagic.transport.local import LocalTransport
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -98,8 +100,8 @@ class Frontend:
         assert int(self.local("registry.get().proxy.reconnects")) > before
 
 
-def kinds(msgs: list[dict]) -> list[str]:
-    return [m["header"]["msg_type"] for m in msgs]
+def live_agents() -> set[str]:
+    return {k["id"] for k in LocalTransport().list_kernels() if k["state"] != "stopped"}
 
 
 def stdout(msgs: list[dict]) -> str:
@@ -133,15 +135,20 @@ def updates(msgs: list[dict], comm_id: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def fe():
     """A local ipykernel with colabmagic connected to a --local remote kernel."""
+    before = live_agents()
     km, kc = start_new_kernel(kernel_name="python3", startup_timeout=120)
     try:
         front = Frontend(kc)
         out = stdout(front.run("%load_ext colabmagic\n%colab_connect --local", timeout=120))
         assert "connected: session 'default'" in out
         yield front
+        # stop the remote kernels here, not in the local kernel's atexit, which its shutdown
+        # may cut short
+        front.run("from colabmagic.session import registry\nregistry.close_all()")
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
+    wait_until(lambda: live_agents() <= before, timeout=60, what="the remote kernels to stop")
 
 
 def test_slider_state_value_and_a_link_drop(fe):
