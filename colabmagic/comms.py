@@ -339,7 +339,7 @@ class CommBridge:
             while not self.closed and not self.session.closed:
                 if not self._sub.poll(100):
                     continue
-                _, msg = self._codec.recv(self._sub, zmq.NOBLOCK)
+                _, msg = self._codec.recv(self._sub, zmq.NOBLOCK, copy=False)
                 if msg is None:
                     continue
                 try:
