@@ -17,6 +17,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Float, Unicode
 
+from colabmagic import comms
 from colabmagic.errors import (
     CellTimeoutError,
     ColabMagicError,
@@ -277,7 +278,10 @@ class ColabMagics(Magics):
         if push:
             session.push(self._local_values(push))
         timeout = args.timeout if args.timeout is not None else (self.cell_timeout or None)
-        result = session.run(code, timeout=timeout, relay=CellRelay())
+        relay = comms.cell_relay(session)  # widgets: comms relayed when this is a kernel
+        result = session.run(code, timeout=timeout, relay=relay)
+        for note in comms.notes(session, relay):
+            print(note)
         pull = _names(args.pull)
         if pull:
             self._pull(session, pull)

@@ -6,6 +6,8 @@ A :class:`Relay` receives each message of a remote cell, in order, and reproduce
 bundle, metadata and ``display_id``, ``clear_output`` -> ``IPython.display.clear_output``.
 ``execute_result`` and ``error`` are collected by the session, which returns the result as a
 displayable object and raises :class:`~colabmagic.errors.RemoteError` for the error.
+``comm_open``/``comm_msg``/``comm_close`` go to :meth:`Relay.comm`, which ignores them here;
+:class:`colabmagic.comms.CommRelay` publishes them to a local kernel's frontend (widgets).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from typing import Any
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+COMM_KINDS = ("comm_open", "comm_msg", "comm_close")
 
 
 class RemoteDisplay:
@@ -33,6 +36,11 @@ class RemoteDisplay:
 class Relay:
     """Reproduce remote output in this process; subclass to send it elsewhere."""
 
+    #: True when the widget models' comms reach the frontend, so widget views can be shown.
+    widgets = False
+    #: Set when a widget view was replaced by its text form (no comm relay here).
+    widget_fallback = False
+
     def stream(self, name: str, text: str) -> None:
         out = sys.stderr if name == "stderr" else sys.stdout
         out.write(text)
@@ -46,9 +54,10 @@ class Relay:
         *,
         update: bool = False,
     ) -> None:
-        if WIDGET_MIME in data:
+        if WIDGET_MIME in data and not self.widgets:
             # The widget's model lives in the remote kernel; its comm messages are not relayed,
             # so show the plain-text form instead of a "model not found" error.
+            self.widget_fallback = True
             data = {k: v for k, v in data.items() if k != WIDGET_MIME}
             if not data:
                 return
@@ -72,11 +81,17 @@ class Relay:
 
             clear_output(wait=wait)
 
+    def comm(self, msg: dict) -> None:
+        """A comm message of the remote kernel (a widget's model...); nothing to do here."""
+        return None
+
     def handle(self, msg: dict) -> None:
         """Dispatch one IOPub message (``error`` and ``execute_result`` are the caller's)."""
         kind = msg["header"]["msg_type"]
         content = msg["content"]
-        if kind == "stream":
+        if kind in COMM_KINDS:
+            self.comm(msg)
+        elif kind == "stream":
             self.stream(content.get("name", "stdout"), content.get("text", ""))
         elif kind in ("display_data", "update_display_data"):
             self.display(

@@ -36,7 +36,7 @@ from colabmagic.errors import (
     RemoteKernelDied,
 )
 from colabmagic.proxy import Proxy
-from colabmagic.relay import Relay, RemoteDisplay
+from colabmagic.relay import COMM_KINDS, Relay, RemoteDisplay
 from colabmagic.transfer import COMM_TARGET, Channel, TransferStats  # noqa: F401 - COMM_TARGET: re-exported
 from colabmagic.transport import attach_error
 
@@ -89,6 +89,7 @@ class Session:
         self.remote_info: dict[str, Any] = {}
         self.last_error: RemoteError | None = None
         self._lock = threading.RLock()
+        self._kernel_state = "idle"
         self.bulk = Channel(self)
         self.proxy = Proxy(
             lambda: transport.open_pipe(kernel_id),
@@ -216,8 +217,6 @@ class Session:
             return p.state
         return self._kernel_state
 
-    _kernel_state = "idle"
-
     # -- execution ---------------------------------------------------------------------------
     def run(
         self,
@@ -303,12 +302,12 @@ class Session:
                     )
                     raise CellTimeoutError(msg)
                 events = dict(poller.poll(_POLL_MS))
-                if iopub in events:
+                if iopub in events and not got_idle:
                     got_idle |= self._drain_iopub(iopub, result, relay)
                 if stdin in events:
                     # Output printed before the prompt travels on IOPub, a separate socket:
                     # let it land first so the prompt appears after it, as in a terminal.
-                    while iopub.poll(20):
+                    while not got_idle and iopub.poll(20):
                         got_idle |= self._drain_iopub(iopub, result, relay)
                     pending_exc = self._answer_input(stdin, result.msg_id) or pending_exc
                 if shell in events:
@@ -339,7 +338,6 @@ class Session:
             raise pending_exc
 
     def _drain_iopub(self, sock, result: ExecutionResult, relay: Relay) -> bool:
-        idle = False
         while True:
             try:
                 _, msg = self.client.session.recv(sock, zmq.NOBLOCK)
@@ -353,9 +351,11 @@ class Session:
             content = msg["content"]
             if kind == "status":
                 if content.get("execution_state") == "idle":
-                    idle = True
+                    return True  # later messages of this request are the comm relay's (comms.py)
                 continue
-            if kind in ("execute_input", "comm_open", "comm_msg", "comm_close"):
+            if kind in COMM_KINDS:
+                relay.handle(msg)  # widgets: colabmagic.comms publishes them to the frontend
+            if kind in ("execute_input", *COMM_KINDS):
                 continue
             result.outputs.append({"msg_type": kind, "content": content})
             if kind == "stream":
@@ -375,7 +375,7 @@ class Session:
                 )
             else:
                 relay.handle(msg)
-        return idle
+        return False
 
     def _answer_input(self, sock, msg_id: str) -> BaseException | None:
         _, msg = self.client.session.recv(sock, zmq.NOBLOCK)

@@ -471,6 +471,14 @@ class Lab:
             return status, {"body": raw.decode(errors="replace")}
 
 
+def _server_info(path: Path) -> dict | None:
+    """The server's info file once it is complete (it is written in more than one step)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @contextlib.contextmanager
 def jupyter_server(
     app: str, base: Path, name: str, *, clean_exit: bool = True, jupyter_path: Path | None = None
@@ -505,12 +513,12 @@ def jupyter_server(
     server = None
     try:
         wait_until(
-            lambda: info_file.exists() or proc.poll() is not None,
+            lambda: _server_info(info_file) or proc.poll() is not None,
             timeout=60,
             what=f"{app} to start",
         )
         assert proc.poll() is None, log.read_text()[-3000:]
-        info = json.loads(info_file.read_text())
+        info = _server_info(info_file)
         server = Lab(proc, f"http://127.0.0.1:{info['port']}", token, log)
         wait_until(
             lambda: server.accepts() or proc.poll() is not None,
@@ -694,3 +702,108 @@ def test_jupyterlab_picks_the_remote_kernel(lab, tmp_path):
         DOCS_IMG.mkdir(parents=True, exist_ok=True)
         for shot in shots:
             shutil.copyfile(shot, DOCS_IMG / shot.name)
+
+
+WIDGETS_NOTEBOOK = {
+    "nbformat": 4,
+    "nbformat_minor": 5,
+    "metadata": {
+        "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)",
+                       "language": "python"}
+    },
+    "cells": [
+        {"cell_type": "code", "id": f"c{i}", "metadata": {}, "outputs": [],
+         "execution_count": None, "source": source}
+        for i, source in enumerate([
+            "%load_ext colabmagic\n%colab_connect --local",
+            "%%gpu_run\nimport ipywidgets as w\nfrom tqdm.notebook import tqdm\n"
+            "for i in tqdm(range(20), desc='remote'):\n    pass\n"
+            "s = w.IntSlider(value=3, max=10, description='remote', continuous_update=False)\ns",
+            "%%gpu_run\nprint('remote value', s.value)",
+            "%%gpu_run\nimport plotly.graph_objects as go\n"
+            "go.FigureWidget(data=[go.Bar(y=[2, 5, 3])], layout={'height': 260, 'width': 520})",
+        ])
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.browser
+def test_jupyterlab_shows_remote_widgets_through_gpu_run(lab, tmp_path):
+    """A local ipykernel notebook: %%gpu_run draws a slider and a finished tqdm bar; dragging
+    the slider with the mouse changes the value the next remote cell reads; a plotly
+    FigureWidget draws its bars."""
+    require(os.path.exists(CHROMIUM), f"Debian's chromium is not installed at {CHROMIUM}")
+    from playwright.sync_api import expect, sync_playwright
+
+    status, _ = lab.request(
+        "PUT", "/api/contents/widgets.ipynb", {"type": "notebook", "content": WIDGETS_NOTEBOOK}
+    )
+    assert status in (200, 201)
+    before = live_agents()
+    shot = tmp_path / "jupyterlab-widgets.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1280, "height": 1000},
+        )
+        page = browser.pages[0] if browser.pages else browser.new_page()
+        try:
+            # ?reset: a fresh workspace, without the notebooks earlier browser tests left open
+            page.goto(f"{lab.url}/lab/tree/widgets.ipynb?reset&token={lab.token}", timeout=90_000)
+            idle = page.locator(".jp-StatusBar-TextItem", has_text="Python 3 (ipykernel) | Idle")
+            expect(idle.first).to_be_visible(timeout=90_000)
+            cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell")
+            expect(cells).to_have_count(4, timeout=30_000)
+            outputs = [cells.nth(i).locator(".jp-OutputArea") for i in range(4)]
+            for i in (0, 1):
+                cells.nth(i).locator(".cm-content").click()
+                page.keyboard.press("Shift+Enter")
+            expect(outputs[0]).to_contain_text("connected: session 'default'", timeout=90_000)
+            slider = outputs[1].locator(".widget-slider")
+            expect(slider).to_be_visible(timeout=60_000)
+            readout = outputs[1].locator(".widget-readout")
+            expect(readout).to_have_text("3")
+            # tqdm turns the bar green (bar_style "success") when it finishes
+            expect(outputs[1].locator(".progress-bar-success")).to_be_visible()
+            expect(outputs[1]).to_contain_text("20/20")
+            expect(outputs[1]).not_to_contain_text("Error displaying widget")
+
+            handle = slider.locator(".noUi-handle")
+            box = handle.bounding_box()
+            track = slider.locator(".noUi-target").bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.down()
+            page.mouse.move(
+                track["x"] + track["width"] * 0.8, box["y"] + box["height"] / 2, steps=8
+            )
+            page.mouse.up()
+            expect(readout).not_to_have_text("3")
+            moved = readout.inner_text().strip()
+            assert int(moved) > 3, moved
+
+            cells.nth(2).locator(".cm-content").click()
+            page.keyboard.press("Shift+Enter")
+            expect(outputs[2]).to_contain_text(f"remote value {moved}", timeout=60_000)
+
+            cells.nth(3).locator(".cm-content").click()
+            page.keyboard.press("Shift+Enter")
+            plot = outputs[3].locator(".js-plotly-plot")  # plotly's FigureWidget (anywidget)
+            expect(plot).to_be_visible(timeout=60_000)
+            expect(plot.locator(".bars .point")).to_have_count(3)
+            page.screenshot(path=str(shot))
+        except BaseException:
+            page.screenshot(path=str(tmp_path / "failure.png"))
+            raise
+        finally:
+            browser.close()
+    status, sessions = lab.request("GET", "/api/sessions")
+    for s in sessions:
+        if s["path"].endswith("widgets.ipynb"):
+            lab.request("DELETE", f"/api/sessions/{s['id']}")
+    wait_until(lambda: live_agents() <= before, timeout=60, what="the remote kernel to stop")
+    if os.environ.get("COLABMAGIC_UPDATE_DOCS") == "1":
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, DOCS_IMG / shot.name)

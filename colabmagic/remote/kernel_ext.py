@@ -10,6 +10,10 @@ comm target that carries variables in and out of the kernel:
   pickled dict as buffers, or ``{"op": "error", ...}`` naming the variable that failed. With
   ``"cpu": true`` (snapshots), torch tensors and CuPy arrays are copied to host memory first.
 - ``{"op": "info", "req": ID}``: Python version, pid, GPU name/memory (nvidia-smi or CuPy), mock.
+- ``{"op": "widgets", "req": ID, "on": bool}``: the client relays comms (widgets) to a frontend:
+  give ``tqdm.auto``/``tqdm.notebook`` back their widget bars, and answer (and later announce,
+  after each cell, unsolicited as ``{"op": "targets"}``) the comm targets registered here and the
+  installed ipywidgets version.
 
 Pickle protocol 5 with out-of-band buffers sends NumPy arrays without copying them into the
 pickle: the array memory itself becomes a ZeroMQ frame.
@@ -280,6 +284,47 @@ def start_debugpy(port):
     return bound
 
 
+_comm = None  # the client's colabmagic comm: unsolicited announcements go there
+_widgets = {"on": False, "announced": None}
+
+
+def widget_info():
+    """The comm targets registered in this kernel and the installed ipywidgets version."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("ipywidgets")
+    except metadata.PackageNotFoundError:
+        version = None
+    targets = sorted(t for t in get_ipython().kernel.comm_manager.targets if t != TARGET)
+    return {"targets": targets, "ipywidgets": version}
+
+
+def _announce_targets(*_args):
+    """After a cell: tell the client when the set of comm targets changed (an import...)."""
+    if not _widgets["on"] or _comm is None:
+        return
+    info = widget_info()
+    if info["targets"] != _widgets["announced"]:
+        _widgets["announced"] = info["targets"]
+        _comm.send({"op": "targets", **info})
+
+
+def set_widgets(on):
+    """Widget bars when the client relays comms; display-update text bars when it does not."""
+    ip = get_ipython()
+    if on and not _widgets["on"]:
+        _uninstall_tqdm()
+        ip.events.register("post_run_cell", _announce_targets)
+    elif not on and _widgets["on"]:
+        _install_tqdm()
+        ip.events.unregister("post_run_cell", _announce_targets)
+    _widgets["on"] = bool(on)
+    info = widget_info()
+    _widgets["announced"] = info["targets"]
+    return info
+
+
 def _handle(comm, msg):
     data = msg["content"]["data"]
     req = data.get("req")
@@ -338,6 +383,8 @@ def _handle(comm, msg):
             comm.send({"op": "pull_ok", "req": req}, buffers=frames)
         elif op == "info":
             comm.send({"op": "info_ok", "req": req, "info": info()})
+        elif op == "widgets":
+            comm.send({"op": "widgets_ok", "req": req, **set_widgets(bool(data.get("on")))})
         elif op == "debugpy":
             comm.send({"op": "debugpy_ok", "req": req, "port": start_debugpy(int(data["port"]))})
         else:
@@ -349,6 +396,8 @@ def _handle(comm, msg):
 
 
 def _open(comm, msg):
+    global _comm
+    _comm = comm
     comm.on_msg(lambda m: _handle(comm, m))
 
 
@@ -378,14 +427,16 @@ def _breakpointhook_factory(original):
 def _install_tqdm():
     """Make ``tqdm.auto``/``tqdm.notebook`` bars animate through ``%%gpu_run``.
 
-    tqdm's notebook bar is an ipywidget, whose comm messages a relayed cell cannot carry to the
-    local frontend. This bar is a display with an id, refreshed with ``update_display_data``
-    (rate-limited by tqdm's ``mininterval``), which every frontend renders.
+    tqdm's notebook bar is an ipywidget, which needs a frontend that draws widgets; until a
+    client says it relays comms to one (``set_widgets(True)``, from a notebook kernel), the bar is
+    a display with an id, refreshed with ``update_display_data`` (rate-limited by tqdm's
+    ``mininterval``), which every frontend and terminal renders.
     """
     try:
         import tqdm.std as std
     except ImportError:
         return
+    _uninstall_tqdm()  # idempotent: never wrap our own stand-ins
     import io
     import types
 
@@ -413,6 +464,7 @@ def _install_tqdm():
         return tqdm_remote(range(*args), **kwargs)
 
     for name in ("tqdm.auto", "tqdm.autonotebook"):
+        _tqdm_saved.setdefault(name, sys.modules.get(name))
         mod = types.ModuleType(name)
         mod.tqdm, mod.trange, mod.__all__ = tqdm_remote, trange, ["tqdm", "trange"]
         sys.modules[name] = mod
@@ -420,7 +472,26 @@ def _install_tqdm():
         import tqdm.notebook as nb
     except ImportError:
         return
+    _tqdm_saved["notebook"] = (nb.tqdm, nb.trange, nb.tqdm_notebook, nb.tnrange)
     nb.tqdm, nb.trange, nb.tqdm_notebook, nb.tnrange = tqdm_remote, trange, tqdm_remote, trange
+
+
+_tqdm_saved = {}  # what _install_tqdm replaced, so that widget bars can come back
+
+
+def _uninstall_tqdm():
+    saved = dict(_tqdm_saved)
+    _tqdm_saved.clear()
+    for name in ("tqdm.auto", "tqdm.autonotebook"):
+        if name not in saved:
+            continue
+        if saved[name] is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = saved[name]
+    if "notebook" in saved:
+        nb = sys.modules["tqdm.notebook"]
+        nb.tqdm, nb.trange, nb.tqdm_notebook, nb.tnrange = saved["notebook"]
 
 
 def install():
