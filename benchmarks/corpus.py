@@ -264,10 +264,29 @@ def _ffmpeg_args(params: dict[str, Any]) -> list[str]:
 
 
 def _encode(src: str, dest: Path, params: dict[str, Any]) -> None:
-    """Transcode *src* to *dest* (written under a temporary name, then renamed: resumable)."""
+    """Transcode *src* to *dest* (written under a temporary name, then renamed: resumable).
+
+    A source that ffmpeg cannot read but libsndfile can (a few OGG files of the packages) goes
+    through a temporary WAV at its own rate.
+    """
     if dest.exists():
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _ffmpeg_encode(src, dest, params)
+    except RuntimeError:
+        import soundfile
+
+        y, sr = soundfile.read(src, dtype="float32", always_2d=True)
+        wav = dest.with_name(f".tmp-{dest.stem}.wav")
+        soundfile.write(wav, y, sr, subtype="FLOAT")
+        try:
+            _ffmpeg_encode(str(wav), dest, params)
+        finally:
+            wav.unlink(missing_ok=True)
+
+
+def _ffmpeg_encode(src: str, dest: Path, params: dict[str, Any]) -> None:
     tmp = dest.with_name(f".tmp-{dest.name}")
     args = _ffmpeg_args(params)
     pre, post = (args[:2], args[2:]) if "trim_s" in params else ([], args)
