@@ -199,7 +199,7 @@ def source_tracks(
             pkg = s.name if s.is_dir() else s.parent.name
             exts = SOURCE_EXTENSIONS
             found += [(pkg, str(f.resolve())) for f in files if f.suffix.lower() in exts]
-    key = [(p, f, os.path.getsize(f)) for p, f in found]
+    key = [[p, f, os.path.getsize(f)] for p, f in found]  # as JSON gives it back
     cached = cache_dir / "sources.json"
     if cached.exists():
         data = json.loads(cached.read_text())
