@@ -245,6 +245,8 @@ def _variant(kind: str, rng: random.Random, duration: float) -> tuple[dict[str, 
 def _ffmpeg_args(params: dict[str, Any]) -> list[str]:
     """Encoder options of a duplicate (see :func:`_variant`)."""
     args = ["-ac", "2"]
+    if "max_s" in params:
+        args += ["-t", f"{params['max_s']:.3f}"]
     if "trim_s" in params:
         args = ["-ss", f"{params['trim_s']:.3f}", *args]
     if "gain_db" in params:
@@ -319,6 +321,7 @@ def build_corpus(
     workers: int = 2,
     held_out: float = HELD_OUT,
     min_seconds: float = MIN_SECONDS,
+    max_seconds: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Build (or finish building) the corpus in *out*; returns the manifest it writes.
@@ -339,6 +342,9 @@ def build_corpus(
         Share of the distinct tracks kept out of the library (at least one when there are two).
     min_seconds : float
         Shorter source files are left out.
+    max_seconds : float, optional
+        Keep only the first *max_seconds* of every track (a smaller corpus of as many files,
+        quicker to build and to measure on a busy machine); whole tracks by default.
     log : callable, optional
         Receives progress lines.
     """
@@ -363,17 +369,22 @@ def build_corpus(
         raise SystemExit(msg)
     plan: list[tuple[str, Path, dict[str, Any]]] = []  # (source, dest, params)
     groups = []
+    cut = {"max_s": max_seconds} if max_seconds else {}
+
+    def length(t: SourceTrack) -> float:
+        return round(min(t.duration, max_seconds or t.duration), 3)
+
     for g, i in enumerate(indexed):
         t = tracks[i]
         dest = root / "library" / f"{_slug(t, i)}.mp3"
-        plan.append((t.path, dest, {}))
+        plan.append((t.path, dest, cut))
         entry = {"variant": "original", "params": {}, "offset_s": 0.0}
         groups.append(
             {
                 "group": g,
                 "source": t.path,
                 "package": t.package,
-                "duration": t.duration,
+                "duration": length(t),
                 "files": [{"path": str(dest.relative_to(root)), **entry}],
             }
         )
@@ -403,13 +414,13 @@ def build_corpus(
     for i in sorted(held):
         t = tracks[i]
         dest = root / "heldout" / f"{_slug(t, i)}.mp3"
-        plan.append((t.path, dest, {}))
+        plan.append((t.path, dest, cut))
         heldout.append(
             {
                 "path": str(dest.relative_to(root)),
                 "source": t.path,
                 "package": t.package,
-                "duration": t.duration,
+                "duration": length(t),
             }
         )
     # originals first (the duplicates are made from them), then everything else
@@ -428,7 +439,8 @@ def build_corpus(
         "indexed_tracks": len(groups),
         "held_out_tracks": len(heldout),
         "library_files": n,
-        "hours": round(sum(t.duration for t in tracks) / 3600, 3),
+        "max_seconds": max_seconds,
+        "hours": round(sum(length(t) for t in tracks) / 3600, 3),
         "library_hours": round(_library_seconds(groups) / 3600, 3),
         "packages": sorted({t.package for t in tracks}),
         "groups": groups,
@@ -458,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="concurrent encoders [2]")
     ap.add_argument("--source", action="append", help="audio dir/file instead of the packages")
     ap.add_argument("--min-seconds", type=float, default=MIN_SECONDS)
+    ap.add_argument("--max-seconds", type=float, help="keep only the first S s of each track")
     args = ap.parse_args(argv)
     build_corpus(
         args.out,
@@ -466,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         sources=args.source,
         workers=args.workers,
         min_seconds=args.min_seconds,
+        max_seconds=args.max_seconds,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     return 0

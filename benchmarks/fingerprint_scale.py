@@ -35,6 +35,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -80,12 +81,14 @@ def cli(*args: str) -> list[str]:
 
 
 def run_timed(cmd: list[str], stdout: Any = subprocess.PIPE) -> dict[str, Any]:
-    """Run *cmd*; wall seconds from start to exit, peak RSS of its biggest process and tree."""
+    """Run *cmd*: wall seconds from start to exit, CPU seconds of it and its children, and the
+    peak RSS of its biggest process and of the whole tree (sampled every 20 ms)."""
     import psutil
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True)
-    peak = [0]
+    peak = {"tree": 0, "max": 0}
     done = threading.Event()
 
     def sample() -> None:
@@ -97,10 +100,12 @@ def run_timed(cmd: list[str], stdout: Any = subprocess.PIPE) -> dict[str, Any]:
             total = 0
             try:
                 for p in [root, *root.children(recursive=True)]:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
+                    total += rss
+                    peak["max"] = max(peak["max"], rss)
             except psutil.Error:
                 pass
-            peak[0] = max(peak[0], total)
+            peak["tree"] = max(peak["tree"], total)
             done.wait(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -109,13 +114,19 @@ def run_timed(cmd: list[str], stdout: Any = subprocess.PIPE) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     done.set()
     sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         msg = f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {err.strip()[-500:]}"
         raise RuntimeError(msg)
-    import resource
-
-    biggest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
-    return {"wall_s": wall, "stdout": out, "peak_rss_tree": peak[0], "peak_rss_max": biggest}
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "stdout": out,
+        "stderr": err,
+        "peak_rss_tree": peak["tree"],
+        "peak_rss_max": peak["max"],
+    }
 
 
 def _decode_group(paths: list[str]) -> float:
@@ -131,11 +142,21 @@ def decode_only(files: list[str], workers: int) -> dict[str, Any]:
 
     order = sorted(files, key=lambda f: -os.path.getsize(f))
     groups = [order[a : a + FILES_PER_FFMPEG] for a in range(0, len(order), FILES_PER_FFMPEG)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         audio = sum(pool.imap_unordered(_decode_group, groups))
     wall = time.perf_counter() - t0
-    return {"audio_s": audio, "seconds": wall, "x_realtime": audio / wall, "load": load()}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers and their ffmpegs
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {
+        "audio_s": audio,
+        "seconds": wall,
+        "x_realtime": audio / wall,
+        "cpu_s": cpu,
+        "x_realtime_per_cpu_s": audio / cpu if cpu else None,
+        "load": load(),
+    }
 
 
 # -- queries --------------------------------------------------------------------------------------
@@ -247,10 +268,13 @@ def run_queries(
     by_len = {}
     for s in LENGTHS:
         v = np.array([rows[q["file"]]["latency_s"] for q in plan if q["seconds"] == s]) * 1000
+        c = np.array([rows[q["file"]].get("cpu_s", 0) for q in plan if q["seconds"] == s]) * 1000
         by_len[f"{s:g}s"] = {
             "median_ms": float(np.median(v)),
             "p90_ms": float(np.percentile(v, 90)),
             "max_ms": float(v.max()),
+            "cpu_median_ms": float(np.median(c)),
+            "cpu_p90_ms": float(np.percentile(c, 90)),
         }
     return {
         "cells": res,
@@ -261,6 +285,7 @@ def run_queries(
         "latency_by_length": by_len,
         "wall_s": r["wall_s"],
         "wall_per_query_ms": 1000 * r["wall_s"] / len(plan),
+        "cpu_per_query_ms": 1000 * r["cpu_s"] / len(plan),
         "peak_rss_tree": r["peak_rss_tree"],
         "load": load(),
         "scores": {q: (d["track_group"], d["score"]) for q, d in rows.items()},
@@ -285,6 +310,8 @@ def index_cli(db: Path, items: list[tuple[str, str]], backend: str, workers: int
         "audio_s": summary["hours"] * 3600,
         "wall_s": r["wall_s"],
         "x_realtime": summary["hours"] * 3600 / r["wall_s"],
+        "cpu_s": r["cpu_s"],
+        "x_realtime_per_cpu_s": summary["hours"] * 3600 / r["cpu_s"] if r["cpu_s"] else None,
         "library_seconds": summary["seconds"],
         "n_hashes": summary["index_n_hashes"],
         "bytes_per_hash": summary["memory_bytes"] / max(summary["index_n_hashes"], 1),
@@ -332,6 +359,8 @@ def dedup_cli(
         "audio_s": res["audio_seconds"],
         "wall_s": r["wall_s"],
         "x_realtime": res["audio_seconds"] / r["wall_s"],
+        "cpu_s": r["cpu_s"],
+        "x_realtime_per_cpu_s": res["audio_seconds"] / r["cpu_s"] if r["cpu_s"] else None,
         "groups_found": len(res["groups"]),
         "groups_true": sum(len(g["files"]) > 1 for g in manifest["groups"]),
         "pairs_true": len(true_pairs),
@@ -410,7 +439,8 @@ def corpus_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             res["decode_before_index"] = d = decode_only(files, args.workers)
             say(
                 f"decode only: {d['x_realtime']:.0f}x realtime ({d['audio_s']:.0f} s in "
-                f"{d['seconds']:.1f} s; {d['load']})"
+                f"{d['seconds']:.1f} s; {d['x_realtime_per_cpu_s']:.0f}x per CPU-second; "
+                f"{d['load']})"
             )
             res["index"] = i = index_cli(
                 tmp / "db", [(rel, p) for rel, p, _ in library], args.backend, args.workers
@@ -419,6 +449,7 @@ def corpus_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             say(
                 f"fp index: {i['x_realtime']:.0f}x realtime from process start "
                 f"({i['wall_s']:.1f} s) = {i['vs_decode_only']:.2f}x decode-only; "
+                f"{i['x_realtime_per_cpu_s']:.0f}x per CPU-second; "
                 f"peak RSS {i['peak_rss_max'] / 1e6:.0f} MB "
                 f"(tree {i['peak_rss_tree'] / 1e6:.0f} MB); {i['bytes_per_hash']:.1f} B/hash "
                 f"({i['disk_bytes_per_hash']:.1f} on disk); {i['load']}"
@@ -457,6 +488,8 @@ def corpus_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 f"positives; latency median / p90 5 s {lb['5s']['median_ms']:.1f} / "
                 f"{lb['5s']['p90_ms']:.1f} ms, 10 s "
                 f"{lb['10s']['median_ms']:.1f} / {lb['10s']['p90_ms']:.1f} ms; "
+                f"CPU {lb['5s']['cpu_median_ms']:.1f} / {lb['5s']['cpu_p90_ms']:.1f} and "
+                f"{lb['10s']['cpu_median_ms']:.1f} / {lb['10s']['cpu_p90_ms']:.1f} ms; "
                 f"{qres['wall_per_query_ms']:.1f} ms per query from process start; {qres['load']}"
             )
             if args.backend != "numpy":
@@ -465,8 +498,12 @@ def corpus_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 res["batched_queries"] = b
                 say(f"match_many on {args.backend}: {json.dumps(b)}")
         if not args.skip_dedup:
-            res["decode_before_dedup"] = d = decode_only(files, args.workers)
-            say(f"decode only: {d['x_realtime']:.0f}x realtime ({d['load']})")
+            if not args.decode_once or args.skip_index:
+                res["decode_before_dedup"] = d = decode_only(files, args.workers)
+                say(
+                    f"decode only: {d['x_realtime']:.0f}x realtime, "
+                    f"{d['x_realtime_per_cpu_s']:.0f}x per CPU-second ({d['load']})"
+                )
             res["dedup"] = dd = dedup_cli(
                 root / "library", manifest, root, args.workers, args.backend
             )
@@ -474,6 +511,7 @@ def corpus_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             say(
                 f"fp dedup: {dd['files']} files, {dd['x_realtime']:.0f}x realtime from "
                 f"process start = {dd['vs_decode_only']:.2f}x decode-only; "
+                f"{dd['x_realtime_per_cpu_s']:.0f}x per CPU-second; "
                 f"pairs precision {dd['precision']:.4f} "
                 f"recall {dd['recall']:.4f} ({dd['pairs_found']} found / {dd['pairs_true']} true); "
                 f"offsets within 50 ms {dd['evidence_offsets_right']}/{dd['evidence_offsets']} "
@@ -506,17 +544,29 @@ def wesnoth_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         runs = []
         for k in range(args.repeat):
             db = tmp / f"lib{k}"
+            r0, c0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
             t0 = time.perf_counter()
             s = Index(db).add(indexed, workers=args.workers, backend=args.backend)
             lib = s.audio_seconds / (time.perf_counter() - t0)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            lib_cpu = time.process_time() - c0 + (r1.ru_utime - r0.ru_utime)
+            lib_cpu += r1.ru_stime - r0.ru_stime
             c = index_cli(tmp / f"cli{k}", [(f, f) for f in indexed], args.backend, args.workers)
             runs.append(
-                {"library_x_realtime": lib, "cli_x_realtime": c["x_realtime"], "load": load()}
+                {
+                    "library_x_realtime": lib,
+                    "cli_x_realtime": c["x_realtime"],
+                    "library_x_realtime_per_cpu_s": s.audio_seconds / lib_cpu,
+                    "cli_x_realtime_per_cpu_s": c["x_realtime_per_cpu_s"],
+                    "load": load(),
+                }
             )
             say(
                 f"index {len(indexed)} tracks ({s.audio_seconds:.0f} s): Index.add in-process "
                 f"{lib:.0f}x realtime, `fp index --list` from process start "
-                f"{c['x_realtime']:.0f}x ({c['x_realtime'] / lib:.2f} of the library); {load()}"
+                f"{c['x_realtime']:.0f}x ({c['x_realtime'] / lib:.2f} of the library); per "
+                f"CPU-second {s.audio_seconds / lib_cpu:.0f}x and "
+                f"{c['x_realtime_per_cpu_s']:.0f}x; {load()}"
             )
         res["index_runs"] = runs
         db = str(tmp / "cli0")
@@ -542,7 +592,10 @@ def wesnoth_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             say(
                 f"`fp query --list` {q['queries']} WAV excerpts: 5 s {lb['5s']['median_ms']:.1f} / "
                 f"{lb['5s']['p90_ms']:.1f} ms, 10 s {lb['10s']['median_ms']:.1f} / "
-                f"{lb['10s']['p90_ms']:.1f} ms (median / p90); {q['wall_per_query_ms']:.1f} ms per "
+                f"{lb['10s']['p90_ms']:.1f} ms (median / p90); CPU "
+                f"{lb['5s']['cpu_median_ms']:.1f} / {lb['5s']['cpu_p90_ms']:.1f} and "
+                f"{lb['10s']['cpu_median_ms']:.1f} / {lb['10s']['cpu_p90_ms']:.1f} ms; "
+                f"{q['wall_per_query_ms']:.1f} ms per "
                 f"query from process start; false positives {q['false_positives']}; {q['load']}"
             )
             for key, c in q["cells"].items():
@@ -570,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-index", action="store_true", help="--corpus: dedup only")
     ap.add_argument("--skip-dedup", action="store_true", help="--corpus: no dedup")
+    ap.add_argument(
+        "--decode-once", action="store_true", help="--corpus: one decode-only run, not two"
+    )
     ap.add_argument("--json", dest="json_out", help="write every figure here")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

@@ -177,6 +177,7 @@ def query_cmd(
                     "score": 0.0,
                     "offset_s": None,
                     "latency_s": 0.0,
+                    "cpu_s": 0.0,
                     "error": str(exc),
                 }
             if sink is not None:
