@@ -395,11 +395,20 @@ def batched_queries(
         pairs = list(zip(qs, res, strict=True))
         ok = [bool(m) and q["truth"] == group_of.get(m[0].track) for q, m in pairs if q["truth"]]
         wrong = sum(bool(m) and q["truth"] != group_of.get(m[0].track) for q, m in pairs)
+        recall = {}
+        for cond in sorted({q["cond"] for q in qs}):
+            hits = [
+                bool(m) and q["truth"] == group_of.get(m[0].track)
+                for q, m in pairs
+                if q["truth"] and q["cond"] == cond
+            ]
+            recall[cond] = float(np.mean(hits)) if hits else None
         out[f"{s:g}s"] = {
             "queries": len(qs),
             "seconds": wall,
             "ms_per_query": 1000 * wall / len(qs),
             "recall_all_conditions": float(np.mean(ok)),
+            "recall": recall,
             "false_positives": int(wrong),
         }
     return out
@@ -469,7 +478,7 @@ def corpus_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         write_queries(plan, audio, rng, tmp / "q")
         del audio
         say(f"{len(plan)} query files written in {time.perf_counter() - t0:.0f} s")
-        if not args.skip_index:
+        if not args.skip_index and not args.batched_only:
             qres = run_queries(str(tmp / "db"), plan, tmp, DEFAULT_MIN_SCORE, group_of)
             res["queries"] = qres
             for key, c in qres["cells"].items():
@@ -492,11 +501,11 @@ def corpus_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 f"{lb['10s']['cpu_median_ms']:.1f} / {lb['10s']['cpu_p90_ms']:.1f} ms; "
                 f"{qres['wall_per_query_ms']:.1f} ms per query from process start; {qres['load']}"
             )
-            if args.backend != "numpy":
-                db = str(tmp / "db")
-                b = batched_queries(db, plan, args.backend, DEFAULT_MIN_SCORE, group_of)
-                res["batched_queries"] = b
-                say(f"match_many on {args.backend}: {json.dumps(b)}")
+        if not args.skip_index and (args.backend != "numpy" or args.batched_only):
+            db = str(tmp / "db")
+            b = batched_queries(db, plan, args.backend, DEFAULT_MIN_SCORE, group_of)
+            res["batched_queries"] = b
+            say(f"match_many on {args.backend}: {json.dumps(b)}")
         if not args.skip_dedup:
             if not args.decode_once or args.skip_index:
                 res["decode_before_dedup"] = d = decode_only(files, args.workers)
@@ -623,6 +632,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-index", action="store_true", help="--corpus: dedup only")
     ap.add_argument("--skip-dedup", action="store_true", help="--corpus: no dedup")
+    ap.add_argument(
+        "--batched-only",
+        action="store_true",
+        help="--corpus: queries through match_many only (no `fp query` process)",
+    )
     ap.add_argument(
         "--decode-once", action="store_true", help="--corpus: one decode-only run, not two"
     )
