@@ -46,6 +46,8 @@ FORMAT_VERSION = 2
 TIME_MASK = np.uint64(0xFFFFFFFF)
 #: Most postings a query hash may have and still be looked up (see :attr:`Index.stop_postings`).
 MAX_POSTINGS = 256
+#: Shards smaller than this keep their binary searches (the table would outweigh them).
+TABLE_MIN_HASHES = 1 << 16
 
 
 class FingerprintIndexError(ColabMagicError):
@@ -149,7 +151,7 @@ class _Shard:
         of ~40 scattered reads and no sort of the query's hashes, most of a query's lookup time.
         """
         self.looked_up += n
-        if self.table is None and 8 * self.looked_up >= len(self.hashes) >= 1 << 16:
+        if self.table is None and 8 * self.looked_up >= len(self.hashes) >= TABLE_MIN_HASHES:
             counts = np.bincount(self.hashes, minlength=1 << HASH_BITS)
             self.table = np.zeros(len(counts) + 1, np.uint32)
             np.cumsum(counts, out=self.table[1:])
