@@ -30,11 +30,13 @@ def connect(target: str | None = None, *, local: bool = False, **kwargs: Any) ->
     Parameters
     ----------
     target
-        ``"local"`` or ``None`` with ``local=True`` for a kernel on this machine; otherwise an SSH
-        target (``[user@]host[:port]`` or an alias from ``~/.ssh/config``).
+        ``"local"`` or ``None`` with ``local=True`` for a kernel on this machine; the
+        ``colab://...`` line that :func:`colabmagic.colab.serve` printed on a runtime (its host
+        keys pinned); otherwise an SSH target (``[user@]host[:port]`` or an alias from
+        ``~/.ssh/config``).
     **kwargs
         Passed to :func:`colabmagic.connection.connect` (``name``, ``mock_gpu``, ``attach``,
-        ``cwd``, ``python``...).
+        ``cwd``, ``python``, ``save="ALIAS"`` for a ``colab://`` line...).
 
     Examples
     --------

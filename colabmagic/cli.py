@@ -189,7 +189,9 @@ def kernels(target: str, as_json: bool, **ssh: object) -> None:
 @main.command()
 @click.option("--public-key", help="your public key (text or .pub file); required to start")
 @click.option("--port", type=int, default=2222, show_default=True, help="port of the sshd")
-@click.option("--tunnel", type=click.Choice(["none", "cloudflared"]), default="none")
+@click.option(
+    "--tunnel", type=click.Choice(["none", "cloudflared", "tailscale", "ngrok"]), default="none"
+)
 @click.option("--listen", help="address sshd binds (default: 127.0.0.1 with a tunnel)")
 @click.option("--host", help="name the local side uses for this machine")
 @click.option("--alias", default="colab", show_default=True, help="Host alias to print")
@@ -197,7 +199,7 @@ def kernels(target: str, as_json: bool, **ssh: object) -> None:
 @click.option("--stop", "stop_", is_flag=True, help="stop the sshd/tunnel started before")
 @user_errors
 def serve(public_key, port, tunnel, listen, host, alias, no_install, stop_) -> None:
-    """GPU host side: start sshd (+ tunnel) and print what to paste on your machine."""
+    """GPU host side: start sshd (+ tunnel) and print the one %colab_connect line to paste."""
     from colabmagic import colab
 
     if stop_:

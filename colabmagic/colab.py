@@ -2,10 +2,11 @@
 
 :func:`serve` installs OpenSSH's server when it is missing (apt), authorizes your public key,
 starts a private ``sshd`` (its own host key and config under ``~/.colabmagic/sshd``, key
-authentication only), optionally opens a Cloudflare quick tunnel (``tunnel="cloudflared"``:
-Colab runtimes accept no inbound connections), and returns a :class:`ServeInfo` whose text is
-the ``~/.ssh/config`` block, the ``known_hosts`` line and the ``%colab_connect`` line to use on
-your own machine. In a notebook cell, the returned object displays itself; ``colabmagic serve``
+authentication only), optionally opens a tunnel (``tunnel="cloudflared"``: Colab runtimes
+accept no inbound connections; or names a tailscale/ngrok route), and returns a
+:class:`ServeInfo` whose text is one line, ``%colab_connect colab://...`` (user, route, host key
+fingerprints; see :mod:`colabmagic.routes`), which alone connects from your own machine. In a
+notebook cell, the returned object displays itself with a copy button; ``colabmagic serve``
 prints it.
 
 Note: Colab's terms restrict SSH and remote proxies on free-of-charge runtimes; use a paid
@@ -15,6 +16,8 @@ Note: Colab's terms restrict SSH and remote proxies on free-of-charge runtimes; 
 from __future__ import annotations
 
 import base64
+import html
+import json
 import os
 import platform
 import re
@@ -25,10 +28,11 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+from colabmagic import routes
 from colabmagic.errors import ConnectError, ParameterError
 
 STATE_DIR = "~/.colabmagic/sshd"
-TUNNELS = ("none", "cloudflared")
+TUNNELS = ("none", "cloudflared", "tailscale", "ngrok")
 KEY_TYPES = (
     "ssh-ed25519",
     "ssh-rsa",
@@ -46,7 +50,10 @@ _TUNNEL_RE = re.compile(r"https://([-a-z0-9]+\.trycloudflare\.com)")
 
 @dataclass
 class ServeInfo:
-    """What the local side needs to connect; ``str()`` is the text to paste."""
+    """What the local side needs to connect; ``str()`` is the one line to paste.
+
+    In a notebook it displays that line with a copy button; elsewhere as plain text.
+    """
 
     alias: str
     host: str
@@ -56,42 +63,57 @@ class ServeInfo:
     proxy_command: str | None = None
     sshd_pid: int | None = None
     tunnel_pid: int | None = None
+    via: str = "direct"
+    sshd_port: int | None = None  # where sshd listens here (port is what the route dials)
 
     @property
     def known_hosts_name(self) -> str:
         return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
+    @property
+    def fingerprints(self) -> list[str]:
+        """``SHA256:...`` of each host key (what the connect line pins)."""
+        return [routes.fingerprint_of(k) for k in self.host_keys]
+
+    def route(self) -> routes.Route:
+        """The :class:`~colabmagic.routes.Route` the connect line describes."""
+        return routes.Route(
+            user=self.user,
+            via=self.via,
+            host=self.host,
+            port=self.port,
+            fingerprints=tuple(self.fingerprints),
+        )
+
     def ssh_config(self) -> str:
-        """The ``Host`` block for ``~/.ssh/config`` on the local machine."""
-        lines = [f"Host {self.alias}", f"    HostName {self.host}", f"    User {self.user}"]
-        if self.port != 22:
-            lines.append(f"    Port {self.port}")
-        if self.proxy_command:
-            lines.append(f"    ProxyCommand {self.proxy_command}")
-        lines.append("    ServerAliveInterval 15")
-        return "\n".join(lines) + "\n"
+        """A ``Host`` block for ``~/.ssh/config`` (``%colab_connect LINE --save ALIAS`` writes
+        it)."""
+        return routes.ssh_config_block(self.route(), self.alias)
 
     def known_hosts(self) -> str:
-        """Lines for the local ``~/.ssh/known_hosts`` (then no --accept-new-host-key is needed)."""
-        return "".join(f"{self.known_hosts_name} {k}\n" for k in self.host_keys)
+        """Lines for the local ``~/.ssh/known_hosts`` (``--save`` writes them too)."""
+        name = routes.known_hosts_name(self.route())
+        return "".join(f"{name} {k}\n" for k in self.host_keys)
 
     def connect_line(self) -> str:
-        return f"%colab_connect {self.alias}"
+        """``%colab_connect colab://...``: user, route and pinned host keys; no secret."""
+        return self.route().connect_line()
 
     def __str__(self) -> str:
-        return (
-            "# 1. add to ~/.ssh/config on your machine:\n"
-            f"{self.ssh_config()}\n"
-            "# 2. add to ~/.ssh/known_hosts (this host's key; or connect once with "
-            "--accept-new-host-key after checking the fingerprint):\n"
-            f"{self.known_hosts()}\n"
-            "# 3. in your notebook:\n"
-            "%load_ext colabmagic\n"
-            f"{self.connect_line()}\n"
-        )
+        return self.connect_line()
 
     def _repr_pretty_(self, p, cycle: bool) -> None:
         p.text(str(self))
+
+    def _repr_html_(self) -> str:
+        line = self.connect_line()
+        js = f"navigator.clipboard.writeText({json.dumps(line)});this.textContent='copied'"
+        return (
+            '<div style="font-family:monospace">'
+            "<div>Paste this line into your local notebook:</div>"
+            f'<code style="user-select:all;word-break:break-all">{html.escape(line)}</code> '
+            f'<button onclick="{html.escape(js, quote=True)}">copy</button></div>'
+        )
 
 
 def check_public_key(key: str) -> str:
@@ -387,16 +409,22 @@ def serve(
     Parameters
     ----------
     public_key
-        Your (local machine's) OpenSSH public key, or the path of a ``.pub`` file.
+        Your (local machine's) OpenSSH public key, or the path of a ``.pub`` file
+        (``%colab_connect --print-key`` prints it).
     port
         Port of the private sshd (default 2222, leaving any system sshd alone).
     tunnel
-        ``"none"`` (the host is reachable directly, e.g. a cloud VM) or ``"cloudflared"`` (a
-        Cloudflare quick tunnel; needs ``cloudflared`` locally too).
+        How your machine reaches this one: ``"none"`` (directly, e.g. a cloud VM),
+        ``"cloudflared"`` (a Cloudflare quick tunnel, started here; the local side runs
+        ``cloudflared access ssh``), ``"tailscale"`` (this machine's tailnet name) or ``"ngrok"``
+        (an ``ngrok tcp PORT`` tunnel you started; its address is read from ngrok's local API,
+        or give it as ``host="0.tcp.ngrok.io:12345"``).
     listen
-        Address sshd binds (default: 127.0.0.1 with a tunnel, 0.0.0.0 without).
+        Address sshd binds (default: 127.0.0.1 with cloudflared or ngrok, else 0.0.0.0).
     host
-        The name the local side uses for this machine (default: the tunnel's, or the FQDN).
+        The name the local side dials (default: the tunnel's, the tailnet name, or the FQDN).
+    alias
+        The ``Host`` alias of :meth:`ServeInfo.ssh_config`.
     install
         Install ``openssh-server`` with apt when sshd is missing (needs root).
     sshd_options
@@ -405,12 +433,13 @@ def serve(
     Returns
     -------
     ServeInfo
-        Displays the ``~/.ssh/config`` block, the ``known_hosts`` line and the connect line.
+        Displays the one ``%colab_connect colab://...`` line to paste into your notebook.
 
     Examples
     --------
     >>> from colabmagic.colab import serve
     >>> serve("ssh-ed25519 AAAA... me@laptop", tunnel="cloudflared")  # doctest: +SKIP
+    %colab_connect colab://root@quiet-lake-1234.trycloudflare.com?via=cloudflared&fp=SHA256:...
     """
     if tunnel not in TUNNELS:
         msg = f"tunnel={tunnel!r} is not supported; use one of {', '.join(TUNNELS)}"
@@ -419,7 +448,8 @@ def serve(
         msg = f"port={port} must be between 1 and 65535"
         raise ParameterError(msg)
     state = os.path.expanduser(state_dir)
-    listen = listen or ("127.0.0.1" if tunnel != "none" else "0.0.0.0")  # noqa: S104
+    behind = tunnel in ("cloudflared", "ngrok")
+    listen = listen or ("127.0.0.1" if behind else "0.0.0.0")  # noqa: S104
     keys_file = os.path.expanduser(authorized_keys)
     authorize_key(public_key, keys_file)
     pid = start_sshd(
@@ -430,8 +460,6 @@ def serve(
         install=install,
         options=sshd_options,
     )
-    with open(os.path.join(state, "ssh_host_ed25519_key.pub")) as f:
-        host_key = " ".join(f.read().split()[:2])
     import getpass
 
     info = ServeInfo(
@@ -439,14 +467,72 @@ def serve(
         host=host or socket.getfqdn(),
         port=port,
         user=user or getpass.getuser(),
-        host_keys=[host_key],
+        host_keys=host_keys(state),
         sshd_pid=pid,
+        sshd_port=port,
+        via="direct" if tunnel == "none" else tunnel,
     )
     if tunnel == "cloudflared":
         info.host, info.tunnel_pid = start_cloudflared(state, port)
         info.port = 22  # the tunnel, not the port, reaches sshd
         info.proxy_command = cloudflared_client_proxy()
+    elif tunnel == "tailscale":
+        info.host = host or tailscale_name()
+    elif tunnel == "ngrok":
+        info.host, info.port = _split_host_port(host) if host else ngrok_address(port)
+    info.route()  # validates host/port now, on the runtime, not later on the user's machine
     return info
+
+
+def host_keys(state_dir: str) -> list[str]:
+    """``type base64`` of each host key of our sshd (what the connect line pins)."""
+    keys = []
+    for name in sorted(os.listdir(state_dir)):
+        if name.startswith("ssh_host_") and name.endswith("_key.pub"):
+            with open(os.path.join(state_dir, name)) as f:
+                keys.append(" ".join(f.read().split()[:2]))
+    return keys
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    name, _, port = address.removeprefix("tcp://").rpartition(":")
+    if not name or not port.isdigit():
+        msg = f"host={address!r} must be the ngrok address HOST:PORT, e.g. 0.tcp.ngrok.io:12345"
+        raise ParameterError(msg)
+    return name, int(port)
+
+
+def tailscale_name(run=subprocess.run) -> str:
+    """This machine's tailnet DNS name (``tailscale status --json``: ``Self.DNSName``)."""
+    if shutil.which("tailscale") is None:
+        msg = "tailscale is not installed here; install and `tailscale up` first, or give host="
+        raise ConnectError(msg)
+    proc = run(["tailscale", "status", "--json"], capture_output=True, text=True, check=False)
+    try:
+        name = json.loads(proc.stdout)["Self"]["DNSName"].rstrip(".")
+    except (ValueError, KeyError, TypeError):
+        name = ""
+    if proc.returncode != 0 or not name:
+        msg = "tailscale is not up here (tailscale status failed); run `tailscale up` or give host="
+        raise ConnectError(msg)
+    return name
+
+
+def ngrok_address(port: int, api: str = "http://127.0.0.1:4040/api/tunnels") -> tuple[str, int]:
+    """The public ``(host, port)`` of the ``ngrok tcp PORT`` tunnel running here."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(api, timeout=5) as r:  # noqa: S310 - loopback API
+            tunnels = json.load(r).get("tunnels", [])
+    except (OSError, ValueError):
+        tunnels = []
+    for t in tunnels:
+        url, addr = t.get("public_url", ""), str(t.get("config", {}).get("addr", ""))
+        if url.startswith("tcp://") and addr.rsplit(":", 1)[-1] == str(port):
+            return _split_host_port(url)
+    msg = f"no ngrok TCP tunnel to port {port} is running here; start `ngrok tcp {port}` first"
+    raise ConnectError(msg)
 
 
 def stop(state_dir: str = STATE_DIR) -> list[int]:

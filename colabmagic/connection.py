@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from colabmagic import linkstate, routes
 from colabmagic.errors import ParameterError
 from colabmagic.session import Session, registry
 
@@ -15,7 +16,8 @@ _LOCAL_TARGETS = (None, "", "local")  # targets that mean "this machine"
 
 
 def make_transport(target: str | None, *, local: bool = False, **options: Any):
-    """The transport for *target*: local for ``--local``/``"local"``, else SSH."""
+    """The transport for *target*: local for ``--local``/``"local"``, else SSH (a ``colab://``
+    line pins the host keys and picks the tunnel client)."""
     if local or target in _LOCAL_TARGETS:
         if target not in _LOCAL_TARGETS:
             msg = f"--local and a target ({target!r}) exclude each other; give one of them"
@@ -25,6 +27,9 @@ def make_transport(target: str | None, *, local: bool = False, **options: Any):
         return LocalTransport(root=options.pop("root", None), python=options.pop("python", None))
     from colabmagic.transport.ssh import SSHTransport
 
+    if routes.is_line(target):  # a pasted colab:// line: its route and pinned host keys
+        route = routes.parse(target)
+        return SSHTransport(route.target, **{**options, **route.transport_options()})
     return SSHTransport(target, **options)
 
 
@@ -43,6 +48,7 @@ def connect(
     connect_timeout: float = 60.0,
     reconnect_timeout: float = 300.0,
     register: bool = True,
+    save: str | None = None,
     **transport_options: Any,
 ) -> Session:
     """Connect (or restart/attach) and return the session; see :func:`colabmagic.connect`."""
@@ -61,7 +67,16 @@ def connect(
         transport_options["python"] = python
     if not local and target not in _LOCAL_TARGETS:
         transport_options.setdefault("connect_timeout", connect_timeout)
+    if save and not routes.is_line(target):
+        msg = f"--save {save} needs a colab:// line to save (got {target!r})"
+        raise ParameterError(msg)
     transport = make_transport(target, local=local, **transport_options)
+    if save:  # the pin is verified on this first connection; Session.start reuses it
+        try:
+            routes.save_verified(routes.parse(target), save, transport)
+        except BaseException:
+            transport.close()
+            raise
     session = Session.start(
         transport,
         name=name,
@@ -73,6 +88,7 @@ def connect(
         reconnect_timeout=reconnect_timeout,
         connect_timeout=connect_timeout,
     )
+    linkstate.watch(session.proxy)  # lets %colab_status tell "host unreachable" from "link down"
     if register:
         registry.add(session)
     return session

@@ -53,6 +53,16 @@ def _names(text: str | None) -> list[str]:
     return out
 
 
+def _can_ask(shell) -> bool:
+    """True when input() reaches a person (a notebook frontend that allows stdin, a terminal)."""
+    import sys
+
+    kernel = getattr(shell, "kernel", None)
+    if kernel is not None:
+        return bool(getattr(kernel, "_allow_stdin", False))
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 class _Table:
     """A small table that renders as text in a terminal and HTML in a notebook."""
 
@@ -121,7 +131,7 @@ class ColabMagics(Magics):
 
     # -- %colab_connect ----------------------------------------------------------------------
     @magic_arguments()
-    @argument("target", nargs="?", help="ssh alias or [user@]host[:port]; omit with --local")
+    @argument("target", nargs="?", help="colab:// line, ssh alias or [user@]host[:port]")
     @argument("--name", default="default", help="session name (several can be open at once)")
     @argument("--local", action="store_true", help="a kernel on this machine, through the link")
     @argument("--mock-gpu", action="store_true", help="`import cupy` gives a NumPy-backed mock")
@@ -134,6 +144,9 @@ class ColabMagics(Magics):
     @argument("--proxy", metavar="CMD", help="ssh ProxyCommand")
     @argument("--accept-new-host-key", action="store_true", help="record an unknown host key")
     @argument("--connect-timeout", type=float, help="seconds (default: config)")
+    @argument("--save", metavar="ALIAS", help="colab:// line: also write ~/.ssh/config")
+    @argument("--print-key", action="store_true", help="print your public key to paste in Colab")
+    @argument("--create", action="store_true", help="with --print-key: create a key if none")
     @line_magic
     @_user_errors
     def colab_connect(self, line: str = ""):
@@ -143,6 +156,8 @@ class ColabMagics(Magics):
         --------
         ::
 
+            %colab_connect --print-key             # your public key, for serve() in Colab
+            %colab_connect colab://root@x.trycloudflare.com?via=cloudflared&fp=SHA256:...
             %colab_connect --local --mock-gpu      # a kernel on this machine, cupy mocked
             %colab_connect gpu-box                 # an alias from ~/.ssh/config
             %colab_connect user@10.0.0.5:2222 --name big
@@ -150,6 +165,9 @@ class ColabMagics(Magics):
             %colab_connect gpu-box --attach 20261128-101500-ab12cd
         """
         args = parse_argstring(self.colab_connect, line)
+        if args.print_key:
+            print(self._public_key(args.create))
+            return
         from colabmagic.connection import connect
 
         target = args.target or None
@@ -180,6 +198,7 @@ class ColabMagics(Magics):
             python=args.python,
             connect_timeout=args.connect_timeout or self.connect_timeout,
             reconnect_timeout=self.reconnect_timeout,
+            save=args.save,
             **ssh_opts,
         )
         self.started.add(session.name)
@@ -189,6 +208,20 @@ class ColabMagics(Magics):
             f"{verb}: session {session.name!r} -> {st['target']} kernel {session.kernel_id} "
             f"(python {st['python']}, GPU {st['gpu']})"
         )
+        if args.save:
+            print(f"saved: `ssh {args.save}` and %colab_connect {args.save} now work too")
+
+    def _public_key(self, create: bool) -> str:
+        """Your public key; with none, create one if asked (--create or a yes at the prompt)."""
+        from colabmagic import userkey
+
+        try:
+            return userkey.public_key()
+        except userkey.NoKeyError:
+            offer = f"No SSH key in ~/.ssh. Create {userkey.DEFAULT_KEY} (no passphrase)? [y/N] "
+            if not (create or (_can_ask(self.shell) and input(offer).strip().lower() == "y")):
+                raise
+        return userkey.create_key()
 
     # -- %%gpu_run ---------------------------------------------------------------------------
     @magic_arguments()
@@ -274,6 +307,50 @@ class ColabMagics(Magics):
         """
         args = parse_argstring(self.colab_pull, line)
         self._pull(registry.get(args.on), _names(" ".join(args.names)))
+
+    @magic_arguments()
+    @argument("action", nargs="?", choices=["save", "load"], help="save or load")
+    @argument("args", nargs="*", help="save: NAME VAR [VAR ...]; load: NAME")
+    @argument("--list", action="store_true", help="list the snapshots on this machine")
+    @argument("--delete", metavar="NAME", help="delete a snapshot")
+    @argument("--on", metavar="NAME", help="session name")
+    @line_magic
+    @_user_errors
+    def colab_snapshot(self, line: str = ""):
+        """Keep remote variables on this machine and put them into another runtime later.
+
+        Snapshots live in ~/.colabmagic/snapshots/NAME (torch tensors and CuPy arrays are moved
+        to the CPU first), so a recycled Colab runtime loses nothing you saved.
+
+        Examples
+        --------
+        ::
+
+            %colab_snapshot save epoch3 model_state losses
+            %colab_snapshot load epoch3          # into the runtime connected now
+            %colab_snapshot --list
+            %colab_snapshot --delete epoch3
+        """
+        from colabmagic import snapshot
+
+        args = parse_argstring(self.colab_snapshot, line)
+        if args.list:
+            return _Table(snapshot.list_snapshots(), ["name", "variables", "bytes", "created"])
+        if args.delete:
+            snapshot.delete(args.delete)
+            print(f"deleted snapshot {args.delete!r}")
+            return None
+        if args.action is None or not args.args or (args.action == "load" and len(args.args) > 1):
+            msg = "use %colab_snapshot save NAME VAR [VAR ...] | load NAME | --list | --delete NAME"
+            raise UsageError(msg)
+        session = registry.get(args.on)
+        if args.action == "save":
+            meta = snapshot.save(session, args.args[0], _names(" ".join(args.args[1:])))
+            print(f"saved {', '.join(meta['names'])} ({meta['bytes']} bytes) as {args.args[0]!r}")
+        else:
+            names = snapshot.load(session, args.args[0])
+            print(f"loaded {', '.join(names)} from snapshot {args.args[0]!r}")
+        return None
 
     # -- files -------------------------------------------------------------------------------
     @magic_arguments()
@@ -367,13 +444,18 @@ class ColabMagics(Magics):
     def colab_status(self, line: str = ""):
         """Show each session: target, state, kernel pid, Python, GPU, link latency.
 
+        While the link is down, the state says which: "host unreachable since HH:MM (tunnel
+        gone?)" (no reconnect attempt reaches the host) or "link down, kernel alive".
+
         Example: ``%colab_status``
         """
         args = parse_argstring(self.colab_status, line)
         sessions = [registry.get(args.name)] if args.name else registry.sessions()
         if not sessions:
             registry.get()  # raises the "connect first" error
-        rows = [s.status() for s in sessions]
+        from colabmagic import linkstate
+
+        rows = [linkstate.status(s) for s in sessions]
         for r in rows:
             r["current"] = "*" if r["name"] == registry.current else ""
         if args.json:

@@ -49,6 +49,7 @@ def test_every_magic_has_help_with_an_example(ip):
         "colab_upload",
         "colab_download",
         "colab_debug",
+        "colab_snapshot",
     ):
         doc = ip.find_line_magic(name).__doc__
         assert "usage" in doc.lower() or "%" in doc, name

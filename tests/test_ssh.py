@@ -507,8 +507,8 @@ def test_cloudflared_is_built_not_run():
     log = "INF |  https://quiet-lake-1234.trycloudflare.com  |\n"
     assert colab.parse_tunnel_host(log) == "quiet-lake-1234.trycloudflare.com"
     assert colab.parse_tunnel_host("starting...") is None
-    with pytest.raises(ParameterError, match="tunnel='ngrok'"):
-        colab.serve("ssh-ed25519 AAAA", tunnel="ngrok")
+    with pytest.raises(ParameterError, match="tunnel='frp' is not supported"):
+        colab.serve("ssh-ed25519 AAAA", tunnel="frp")
 
 
 def test_bad_public_key_is_refused():
@@ -535,10 +535,12 @@ def test_serve_starts_sshd_that_connect_can_use(sshd_server, tmp_path, colabmagi
     try:
         assert colab.authorize_key(key + ".pub", str(keys)) is False, "already authorized"
         assert oct(keys.stat().st_mode & 0o777) == "0o600"
-        text = str(info)
-        assert "Host mygpu" in text
-        assert f"Port {port}" in text
-        assert "%colab_connect mygpu" in text
+        assert str(info) == info.connect_line()
+        assert info.connect_line().startswith(
+            f"%colab_connect colab://{info.user}@127.0.0.1:{port}?"
+        )
+        assert "Host mygpu" in info.ssh_config()
+        assert f"Port {port}" in info.ssh_config()
         (tmp_path / "known_hosts").write_text(info.known_hosts())
         (tmp_path / "config").write_text(
             info.ssh_config()

@@ -245,15 +245,21 @@ def run_cmd(
 @click.option("--scheduler", help="Dask scheduler address, e.g. tcp://HOST:8786.")
 @click.option("--no-push", is_flag=True, help="Commit results locally only.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Log here instead of stderr.")
+@click.option(
+    "--outputs-dir",
+    type=click.Path(file_okay=False),
+    help="Runs write to DIR/NAME ($COLABMAGIC_OUTPUT_DIR), e.g. on a mounted Drive.",
+)
 def daemon_cmd(
     repo: str, branch: str, remote: str, poll: float, slots: int, on_stop: str,
     gpu_ids: str | None, grace: float, retry_backoff: float, backend: str,
-    scheduler: str | None, no_push: bool, log_file: str | None,
+    scheduler: str | None, no_push: bool, log_file: str | None, outputs_dir: str | None,
 ) -> None:  # fmt: skip
     """Watch BRANCH of the clone REPO; run pending experiments; commit and push their outputs.
 
     SIGTERM/SIGINT stop it cleanly: running experiments finish (--on-stop wait) or are
-    stopped and marked interrupted (--on-stop kill).
+    stopped and marked interrupted (--on-stop kill). An interrupted run is started again with
+    COLABMAGIC_RESUME=1; with --outputs-dir its files (checkpoints) outlive the runtime.
     """
     from colabmagic.experiments.backends import make_backend
     from colabmagic.experiments.daemon import Daemon
@@ -268,7 +274,8 @@ def daemon_cmd(
     with _errors():
         daemon = Daemon(repo, branch, remote=remote, poll=poll, slots=slots, on_stop=on_stop,
                         gpu_ids=_gpu_ids(gpu_ids), grace=grace, retry_backoff=retry_backoff,
-                        backend=make_backend(backend, scheduler), push=not no_push)  # fmt: skip
+                        backend=make_backend(backend, scheduler), push=not no_push,
+                        outputs_dir=outputs_dir)  # fmt: skip
 
         def stop(signum: int, frame: Any) -> None:
             logger.info("received %s", signal.Signals(signum).name)

@@ -107,6 +107,10 @@ class Queue:
         Bytes kept (the tail) of each of ``stdout.log`` and ``stderr.log``.
     max_file_bytes : int
         Output files larger than this are listed as ``not_committed``.
+    outputs_dir : path-like, optional
+        Each run's ``COLABMAGIC_OUTPUT_DIR`` becomes ``outputs_dir/<name>/``, kept across
+        restarts (checkpoints on a mounted Google Drive survive a recycled runtime); logs and
+        statuses stay in ``outputs/<name>/``, and a ``metrics.json`` written there is copied in.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class Queue:
         grace: float = DEFAULT_GRACE,
         log_limit: int = DEFAULT_LOG_LIMIT,
         max_file_bytes: int = MAX_COMMIT_BYTES,
+        outputs_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if slots < 1:
             msg = f"slots={slots} must be at least 1"
@@ -138,6 +143,7 @@ class Queue:
         self.grace = grace
         self.log_limit = log_limit
         self.max_file_bytes = max_file_bytes
+        self.outputs_dir = Path(outputs_dir).expanduser() if outputs_dir else None
         self.git_commit: str | None = None
         self.accepting = True
         self.experiments: list[Experiment] = []
@@ -260,7 +266,8 @@ class Queue:
                 continue
             if self.gpu_pool is not None and exp.gpus > len(self.free_gpus):
                 continue
-            self._start(exp, self._attempt_for(exp, st))
+            resume = st is not None and st.get("status") == "interrupted"
+            self._start(exp, self._attempt_for(exp, st), resume=resume and eff == "interrupted")
             changed.append(name)
         return changed
 
@@ -279,7 +286,7 @@ class Queue:
             return False
         return True
 
-    def _start(self, exp: Experiment, attempt: int) -> None:
+    def _start(self, exp: Experiment, attempt: int, *, resume: bool = False) -> None:
         gpu_ids: list[str] = []
         cvd = None
         if self.gpu_pool is not None:
@@ -298,11 +305,20 @@ class Queue:
             cuda_visible_devices=cvd,
             grace=self.grace,
             log_limit=self.log_limit,
+            data_dir=self._data_dir(exp.name),
+            resume=resume,
         )
         self._set_status(exp.name, exp, "running", attempt=attempt, started=now_iso(), gpus=cvd)
         self.project.cancel_path(exp.name).unlink(missing_ok=True)
         handle = self.backend.submit(req, self._on_done, gpus=exp.gpus)
         self.running[exp.name] = _Running(exp, handle, attempt, gpu_ids)
+
+    def _data_dir(self, name: str) -> str | None:
+        if self.outputs_dir is None:
+            return None
+        path = self.outputs_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
 
     def _on_done(self, name: str, result: RunResult, files: dict[str, bytes] | None) -> None:
         self._done.put((name, result, files))
@@ -341,6 +357,11 @@ class Queue:
         run = self.running.pop(name)
         self.free_gpus.extend(run.gpu_ids)
         out = self.project.output_dir(name)
+        if self.outputs_dir is not None:  # metrics to the commit; checkpoints stay outside
+            metrics = self.outputs_dir / name / "metrics.json"
+            if metrics.is_file() and metrics.stat().st_size <= self.max_file_bytes:
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(metrics, out / "metrics.json")
         if files:
             for rel, data in files.items():
                 target = out / rel

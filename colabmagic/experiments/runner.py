@@ -46,6 +46,12 @@ class RunRequest:
         1 for the first run (``COLABMAGIC_ATTEMPT``).
     cuda_visible_devices : str or None
         ``CUDA_VISIBLE_DEVICES`` for the run; ``None`` leaves the inherited value.
+    data_dir : str or None
+        ``COLABMAGIC_OUTPUT_DIR`` when it is not *output_dir* (the daemon's ``--outputs-dir``: a
+        persistent place such as a mounted Google Drive for checkpoints).
+    resume : bool
+        Set ``COLABMAGIC_RESUME=1``: this run restarts an ``interrupted`` one, so the command
+        can carry on from its own checkpoint.
     """
 
     name: str
@@ -58,6 +64,8 @@ class RunRequest:
     cuda_visible_devices: str | None = None
     grace: float = DEFAULT_GRACE
     log_limit: int = DEFAULT_LOG_LIMIT
+    data_dir: str | None = None
+    resume: bool = False
 
 
 @dataclass
@@ -138,8 +146,11 @@ def build_env(req: RunRequest, base: Mapping[str, str] | None = None) -> dict[st
     env = dict(os.environ if base is None else base)
     env.update(req.env)
     env["COLABMAGIC_EXPERIMENT"] = req.name
-    env["COLABMAGIC_OUTPUT_DIR"] = str(req.output_dir)
+    env["COLABMAGIC_OUTPUT_DIR"] = str(req.data_dir or req.output_dir)
     env["COLABMAGIC_ATTEMPT"] = str(req.attempt)
+    env.pop("COLABMAGIC_RESUME", None)
+    if req.resume:
+        env["COLABMAGIC_RESUME"] = "1"
     if req.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = req.cuda_visible_devices
     return env

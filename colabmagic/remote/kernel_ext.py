@@ -7,13 +7,15 @@ comm target that carries variables in and out of the kernel:
 - ``{"op": "push", "req": ID, "names": [...]}`` with buffers ``[pickle, *out-of-band buffers]``:
   unpickle a dict and bind its items in the user namespace.
 - ``{"op": "pull", "req": ID, "names": [...]}``: answer ``{"op": "pull_ok", "req": ID}`` with the
-  pickled dict as buffers, or ``{"op": "error", ...}`` naming the variable that failed.
+  pickled dict as buffers, or ``{"op": "error", ...}`` naming the variable that failed. With
+  ``"cpu": true`` (snapshots), torch tensors and CuPy arrays are copied to host memory first.
 - ``{"op": "info", "req": ID}``: Python version, pid, GPU name/memory (nvidia-smi or CuPy), mock.
 
 Pickle protocol 5 with out-of-band buffers sends NumPy arrays without copying them into the
 pickle: the array memory itself becomes a ZeroMQ frame.
 """
 
+import copy
 import os
 import pickle
 import subprocess
@@ -35,6 +37,29 @@ def loads(buffers):
     # copy only a read-only buffer, so that arrays always come out writable.
     oob = [b if not memoryview(b).readonly else bytearray(b) for b in buffers[1:]]
     return pickle.loads(bytes(buffers[0]), buffers=oob)  # noqa: S301 - our own peer
+
+
+def to_cpu(value):
+    """*value* with torch tensors and CuPy arrays (also inside dicts, lists, tuples) on the CPU.
+
+    Dict subclasses keep their type and attributes (a state_dict's ``_metadata``).
+    """
+    torch = sys.modules.get("torch")
+    cupy = sys.modules.get("cupy")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if cupy is not None and isinstance(value, getattr(cupy, "ndarray", ())):
+        return cupy.asnumpy(value)
+    if isinstance(value, dict):
+        out = copy.copy(value)
+        for key in value:
+            out[key] = to_cpu(value[key])
+        return out
+    if type(value) is list:
+        return [to_cpu(v) for v in value]
+    if type(value) is tuple:
+        return tuple(to_cpu(v) for v in value)
+    return value
 
 
 def gpu_info():
@@ -146,6 +171,8 @@ def _handle(comm, msg):
                 )
                 return
             values = {name: ns[name] for name in data["names"]}
+            if data.get("cpu"):  # a snapshot: device memory must not travel (or be needed)
+                values = {name: to_cpu(value) for name, value in values.items()}
             try:
                 frames = dumps(values)
             except Exception:

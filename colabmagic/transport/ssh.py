@@ -233,6 +233,9 @@ class SSHTransport:
         Callable ``path -> passphrase`` for encrypted keys (default: ask with getpass).
     lib_dir
         Where shipped agent code goes on the host (default ``~/.colabmagic/lib``).
+    pinned_host_keys
+        ``SHA256:...`` fingerprints: the only host keys accepted for the target, known_hosts
+        neither read nor written (what a ``colab://`` line carries).
     """
 
     def __init__(
@@ -249,6 +252,7 @@ class SSHTransport:
         connect_timeout: float = 30.0,
         passphrase: Callable[[str], str] | None = None,
         lib_dir: str | None = None,
+        pinned_host_keys: list[str] | None = None,
     ):
         if connect_timeout <= 0:
             msg = f"connect_timeout={connect_timeout} must be a positive number of seconds"
@@ -261,6 +265,7 @@ class SSHTransport:
             proxy_command=proxy_command,
             ssh_config=ssh_config,
         )
+        self.hops[-1].pinned = list(pinned_host_keys or [])
         self.accept_new_host_key = accept_new_host_key
         self.python = python or "python3"
         self.root = root or DEFAULT_ROOT

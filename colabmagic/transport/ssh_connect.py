@@ -19,6 +19,7 @@ import getpass
 import hashlib
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -61,6 +62,7 @@ class Hop:
     alive_interval: float = DEFAULT_ALIVE_INTERVAL
     alive_count: int = DEFAULT_ALIVE_COUNT
     connect_timeout: float | None = None
+    pinned: list[str] = field(default_factory=list)  # SHA256 fingerprints: only these, no files
 
     @property
     def known_hosts_name(self) -> str:
@@ -248,7 +250,14 @@ def _prefer_known_key_types(t: paramiko.Transport, known: dict[str, paramiko.PKe
 
 
 def verify_host_key(key: paramiko.PKey, hop: Hop, known: dict, origin: dict, *, accept_new: bool):
-    """Accept *key* if recorded, record it if new and *accept_new*, refuse otherwise."""
+    """Accept *key* if recorded, record it if new and *accept_new*, refuse otherwise.
+
+    A hop with pinned fingerprints (a ``colab://`` line) accepts exactly those keys and never
+    looks at or writes ``known_hosts``.
+    """
+    if hop.pinned:
+        verify_pinned(key, hop)
+        return
     recorded = known.get(key.get_name())
     if recorded is not None and recorded == key:
         return
@@ -270,6 +279,18 @@ def verify_host_key(key: paramiko.PKey, hop: Hop, known: dict, origin: dict, *, 
         )
         raise HostKeyError(msg)
     record_host_key(target, hop.known_hosts_name, key)
+
+
+def verify_pinned(key: paramiko.PKey, hop: Hop) -> None:
+    """Accept *key* only if its fingerprint is one of ``hop.pinned``; else say both."""
+    if fingerprint(key) in hop.pinned:
+        return
+    msg = (
+        f"Host key mismatch for {hop.alias}: it presented {_key_label(key)}, but the colab:// "
+        f"line pins {', '.join(hop.pinned)}; this is not the runtime that printed the line (it "
+        "was recycled, or someone is intercepting): run serve() there again and paste its new line"
+    )
+    raise HostKeyError(msg)
 
 
 def record_host_key(path: str, name: str, key: paramiko.PKey) -> None:
@@ -489,6 +510,29 @@ class Connection:
                 self.proxy.close()
 
 
+class ProxyCommand(paramiko.ProxyCommand):
+    """paramiko's ProxyCommand, except that the command's exit ends the connection.
+
+    paramiko's ``recv`` spins on an empty read until its timeout and reports a timeout, so a
+    tunnel client that died (``cloudflared`` losing its tunnel) went unnoticed until keepalive
+    gave up; here end of file is end of file and the link's reconnect starts at once.
+    """
+
+    def recv(self, size: int) -> bytes:
+        start = time.monotonic()
+        out = self.process.stdout
+        while True:
+            wait = None if self.timeout is None else self.timeout - (time.monotonic() - start)
+            if wait is not None and wait <= 0:
+                raise TimeoutError()
+            try:
+                ready, _, _ = select.select([out], [], [], wait)
+                if ready:
+                    return os.read(out.fileno(), size)  # b"" at EOF: paramiko sees the end
+            except OSError as exc:
+                raise paramiko.ProxyCommandFailure(" ".join(self.cmd), exc.strerror) from None
+
+
 def open_connection(
     hops: list[Hop],
     *,
@@ -506,7 +550,7 @@ def open_connection(
                 left = min(left, hop.connect_timeout)
             if i == 0 and hop.proxy_command:
                 try:
-                    conn.proxy = paramiko.ProxyCommand(hop.proxy_command)
+                    conn.proxy = ProxyCommand(hop.proxy_command)
                 except (OSError, paramiko.SSHException) as exc:
                     msg = f"ProxyCommand {hop.proxy_command!r} for {hop.alias} failed: {exc}"
                     raise ConnectError(msg) from None
@@ -551,7 +595,7 @@ def _handshake(sock, hop: Hop, timeout: float, accept_new: bool, passphrase) -> 
     t.banner_timeout = t.handshake_timeout = t.auth_timeout = timeout
     t.set_log_channel(f"colabmagic.ssh.paramiko.{hop.alias}")
     _tune(t)
-    known, origin = _known_keys(hop)
+    known, origin = ({}, {}) if hop.pinned else _known_keys(hop)
     _prefer_known_key_types(t, known)
     try:
         t.start_client(timeout=timeout)
