@@ -97,6 +97,11 @@ def index_cmd(
     if not items:
         msg = "give PATH arguments or --list FILE."
         raise click.UsageError(msg)
+    # no tqdm monitor thread: with a second thread alive the worker pool would be started with
+    # "spawn" (every worker importing NumPy/SciPy again, seconds of CPU) instead of "fork"
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0
     idx = Index(db)
     summary = idx.add(
         items,

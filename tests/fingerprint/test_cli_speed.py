@@ -117,3 +117,19 @@ def test_lookup_table_gives_the_binary_search_answers(
     np.testing.assert_array_equal(va.track, vb.track)
     np.testing.assert_allclose(va.score, vb.score)
     assert match(idx, q)[0].track == "t5"
+
+
+def test_index_progress_bar_leaves_the_pool_forking(tmp_path, library, monkeypatch):
+    from click.testing import CliRunner
+
+    from colabmagic.cli import main
+    from colabmagic.fingerprint import pipeline
+
+    monkeypatch.setattr(pipeline, "BYTES_PER_WORKER", 1)  # a pool for this small library
+    methods = []
+    real = pipeline._start_method
+    monkeypatch.setattr(pipeline, "_start_method", lambda: methods.append(real()) or methods[-1])
+    args = ["fp", "index", "--db", str(tmp_path / "db"), str(library), "--workers", "2"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert methods == ["fork"]  # tqdm's monitor thread would have forced "spawn"
