@@ -371,6 +371,8 @@ def dedup_cli(
         "evidence_offsets": offsets_n,
         "worst_offset_error_s": worst,
         "skipped": res["skipped"],
+        "false_pairs": sorted(sorted(p) for p in found_pairs - true_pairs)[:200],
+        "missed_pairs": sorted(sorted(p) for p in true_pairs - found_pairs)[:200],
         "peak_rss_tree": r["peak_rss_tree"],
         "load": load(),
     }
