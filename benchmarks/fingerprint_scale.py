@@ -478,13 +478,16 @@ def corpus_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         plan += plan_queries(
             [(h, None) for h in sorted(heldout)], args.heldout_queries, rng, CONDITIONS
         )
+        if args.skip_index:
+            plan = []
         srcs = sorted({q["src"] for q in plan})
         t0 = time.perf_counter()
         audio = _decode_all(srcs, args.workers)
         (tmp / "q").mkdir()
         write_queries(plan, audio, rng, tmp / "q")
         del audio
-        say(f"{len(plan)} query files written in {time.perf_counter() - t0:.0f} s")
+        if plan:
+            say(f"{len(plan)} query files written in {time.perf_counter() - t0:.0f} s")
         if not args.skip_index and not args.batched_only:
             qres = run_queries(str(tmp / "db"), plan, tmp, DEFAULT_MIN_SCORE, group_of)
             res["queries"] = qres
