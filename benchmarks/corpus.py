@@ -21,6 +21,19 @@ Steps (every choice drawn from ``--seed``, so a rebuild gives the same corpus):
 5. **Manifest** (``manifest.json``): the true groups (one per distinct track), each file with its
    variant, parameters and ``offset_s``, the time of the original at which the file starts.
 
+**Past 1,000 files** (``--files 10000``, issue 18) there are not enough distinct recordings among
+the packages, so the first 1,000 files are built exactly as above and the rest are *derived*
+recordings: 30-90 s segments of the distinct tracks, each changed by a transform the matcher
+must not link (its speed search covers +-5 %): resampled by 0.72, 0.80, 0.88, 1.16, 1.28 or
+1.40 (speed and pitch together), or pitch-shifted by -7, -5, -3, +3, +5 or +7 semitones at the
+same tempo (rubberband). Neighbouring factors are >= 9 % apart, and the segments of one source
+in one transform never overlap, so no two derived files hold the same recording. Each derived
+recording gets duplicates like the first 1,000 (another bitrate, trim, gain, sample rate,
+container), three per recording, the scale corpus's ratio. Every size is a prefix of the
+larger ones: build 1,000, then 3,000, then 10,000 into the same ``--out`` and only the new
+files are encoded; the manifest lists the groups in order, so a benchmark can take the first
+N files' groups.
+
 The corpus is generated, never committed. Files already built are kept (an interrupted build
 resumes); the source scan and dedup are cached in ``OUT/sources.json``.
 
@@ -203,7 +216,7 @@ def source_tracks(
     cached = cache_dir / "sources.json"
     if cached.exists():
         data = json.loads(cached.read_text())
-        if data.get("key") == key and data.get("min_seconds") == min_seconds:
+        if data.get("key") == [list(k) for k in key] and data.get("min_seconds") == min_seconds:
             return [SourceTrack(**t) for t in data["tracks"]]
     durations = {f: _duration(f) for _, f in found}
     long_enough = [(p, f) for p, f in found if durations[f] >= min_seconds]
@@ -294,7 +307,7 @@ def _ffmpeg_encode(src: str, dest: Path, params: dict[str, Any]) -> None:
     pre, post = (args[:2], args[2:]) if "trim_s" in params else ([], args)
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-threads", "1", *pre, "-i", src, "-vn"]
     cmd += [*post, "-map_metadata", "-1", "-f", _muxer(dest), str(tmp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = _ffmpeg(cmd, src, dest)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -303,8 +316,105 @@ def _ffmpeg_encode(src: str, dest: Path, params: dict[str, Any]) -> None:
     os.replace(tmp, dest)
 
 
+def _ffmpeg(cmd: list[str], src: str, dest: Path) -> subprocess.CompletedProcess[str]:
+    """Run *cmd*; if ffmpeg cannot read *src*, retry from a WAV that libsndfile decoded."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode == 0 or src.endswith(".wav"):
+        return proc
+    # a few Debian OGGs have headers ffmpeg rejects and libsndfile reads
+    wav = dest.with_name(f".tmp-{dest.stem}.src.wav")
+    try:
+        import soundfile
+
+        y, sr = soundfile.read(src, dtype="float32", always_2d=True)
+        soundfile.write(wav, y, sr, subtype="FLOAT")
+        cmd = [str(wav) if c == src else c for c in cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except (ImportError, RuntimeError, OSError):
+        return proc
+    finally:
+        wav.unlink(missing_ok=True)
+
+
 def _muxer(dest: Path) -> str:
     return {".mp3": "mp3", ".ogg": "ogg", ".m4a": "ipod", ".opus": "opus"}[dest.suffix]
+
+
+#: Library size built exactly as the issue-14 scale corpus; past it, derived recordings.
+BASE_FILES = 1000
+#: Duplicates made of each derived recording (the scale corpus has ~3 per track).
+DERIVED_DUPLICATES = 3
+#: Transforms the matcher must not link, as (kind, factor): speed factor, or pitch ratio.
+RESAMPLE_FACTORS = (0.72, 0.80, 0.88, 1.16, 1.28, 1.40)
+PITCH_SEMITONES = (-7, -5, -3, 3, 5, 7)
+DERIVED_SECONDS = (30.0, 90.0)
+
+
+def _transforms() -> list[tuple[str, float]]:
+    return [("resample", f) for f in RESAMPLE_FACTORS] + [
+        ("pitch", round(2 ** (k / 12), 6)) for k in PITCH_SEMITONES
+    ]
+
+
+def derived_segments(tracks: list[SourceTrack], seed: int, n: int) -> list[dict[str, Any]]:
+    """The first *n* derived recordings (the same first ones for every *n*: prefix-stable).
+
+    Every (source, transform) pair is tiled with disjoint source segments whose output lasts
+    30-90 s; all the tiles are shuffled with the seed and taken in that order.
+    """
+    rng = random.Random(f"{seed}-derived")
+    pool = []
+    for s_i, t in enumerate(tracks):
+        for kind, factor in _transforms():
+            stretch = factor if kind == "resample" else 1.0  # source seconds per output second
+            pos = rng.uniform(0.0, 2.0)
+            while True:
+                out_s = round(rng.uniform(*DERIVED_SECONDS), 3)
+                length = out_s * stretch
+                if pos + length > t.duration - 0.5:
+                    break
+                pool.append(
+                    {
+                        "source": t.path,
+                        "source_index": s_i,
+                        "kind": kind,
+                        "factor": factor,
+                        "start_s": round(pos, 3),
+                        "source_s": round(length, 3),
+                        "duration": out_s,
+                    }
+                )
+                pos += length + rng.uniform(0.5, 5.0)
+    rng.shuffle(pool)
+    if n > len(pool):
+        msg = f"only {len(pool)} derived recordings can be made from these sources; ask for fewer."
+        raise SystemExit(msg)
+    return pool[:n]
+
+
+def _derive(seg: dict[str, Any], dest: Path) -> None:
+    """Render one derived recording: cut, transform, encode as the library's originals."""
+    if dest.exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    rate = ORIGINAL_RATE
+    if seg["kind"] == "resample":
+        filt = f"aresample={rate},asetrate={rate * seg['factor']:.3f},aresample={rate}"
+    else:
+        filt = f"aresample={rate},rubberband=pitch={seg['factor']}"
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-threads", "1",
+           "-ss", f"{seg['start_s']:.3f}", "-t", f"{seg['source_s']:.3f}", "-i", seg["source"],
+           "-vn", "-af", filt, "-ac", "2", "-ar", str(rate), "-c:a", "libmp3lame",
+           "-b:a", f"{ORIGINAL_BITRATE}k", "-compression_level", "9", "-map_metadata", "-1",
+           "-f", "mp3", str(tmp)]  # fmt: skip
+    proc = _ffmpeg(cmd, seg["source"], dest)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        msg = f"ffmpeg could not derive {dest.name} from {seg['source']}: {last}"
+        raise RuntimeError(msg)
+    os.replace(tmp, dest)
 
 
 def _slug(track: SourceTrack, n: int) -> str:
@@ -323,6 +433,7 @@ def build_corpus(
     min_seconds: float = MIN_SECONDS,
     max_seconds: float | None = None,
     log: Callable[[str], None] | None = None,
+    base_files: int = BASE_FILES,
 ) -> dict[str, Any]:
     """Build (or finish building) the corpus in *out*; returns the manifest it writes.
 
@@ -347,6 +458,9 @@ def build_corpus(
         quicker to build and to measure on a busy machine); whole tracks by default.
     log : callable, optional
         Receives progress lines.
+    base_files : int
+        Files made as the scale corpus (originals and their duplicates); past this many the
+        rest are derived recordings (see the module docstring).
     """
     say = log or (lambda _s: None)
     root = Path(out)
@@ -367,6 +481,7 @@ def build_corpus(
     if files < len(indexed):
         msg = f"--files {files} is below the {len(indexed)} indexed tracks; ask for more."
         raise SystemExit(msg)
+    total_files, files = files, min(files, max(base_files, len(indexed)))
     plan: list[tuple[str, Path, dict[str, Any]]] = []  # (source, dest, params)
     groups = []
     cut = {"max_s": max_seconds} if max_seconds else {}
@@ -410,6 +525,8 @@ def build_corpus(
                 }
             )
             n += 1
+    derived_plan = _plan_derived(root, tracks, groups, seed, total_files - n)
+    n += sum(len(g["files"]) for g in groups[len(indexed) :])
     heldout = []
     for i in sorted(held):
         t = tracks[i]
@@ -433,6 +550,20 @@ def build_corpus(
             for k, _ in enumerate(pool.map(lambda p: _encode(*p), part), 1):
                 if k % 100 == 0:
                     say(f"  {k}/{len(part)} encoded ({time.perf_counter() - t1:.0f} s)")
+    if derived_plan:
+        say(f"{len(derived_plan)} derived files (recordings and their duplicates)")
+    for part in (
+        [p for p in derived_plan if p[2] is None],  # the recordings, then their duplicates
+        [p for p in derived_plan if p[2] is not None],
+    ):
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            work = (
+                (lambda p: _derive(p[0], p[1])) if part and part[0][2] is None
+                else (lambda p: _encode(str(p[0]), p[1], p[2]))
+            )  # fmt: skip
+            for k, _ in enumerate(pool.map(work, part), 1):
+                if k % 200 == 0:
+                    say(f"  {k}/{len(part)} derived ({time.perf_counter() - t1:.0f} s)")
     manifest = {
         "seed": seed,
         "distinct_tracks": len(tracks),
@@ -458,6 +589,45 @@ def build_corpus(
     return manifest
 
 
+def _plan_derived(
+    root: Path, tracks: list[SourceTrack], groups: list[dict[str, Any]], seed: int, extra: int
+) -> list[tuple[Any, Path, dict[str, Any] | None]]:
+    """Append derived groups to *groups* until they add *extra* files; return what to render.
+
+    Items are ``(segment, dest, None)`` for a derived recording and ``(original, dest,
+    params)`` for a duplicate of one.
+    """
+    if extra <= 0:
+        return []
+    per = 1 + DERIVED_DUPLICATES
+    segments = derived_segments(tracks, seed, -(-extra // per))
+    plan: list[tuple[Any, Path, dict[str, Any] | None]] = []
+    left = extra
+    for d, seg in enumerate(segments):
+        g = len(groups)
+        tag = f"{seg['kind']}{seg['factor']:g}"
+        stem = _slug(tracks[seg["source_index"]], seg["source_index"])[:40]
+        dest = root / "derived" / f"{d:05d}-{stem}-{tag}-at{seg['start_s']:.0f}.mp3"
+        plan.append((seg, dest, None))
+        files = [{"path": str(dest.relative_to(root)), "variant": "original", "params": {},
+                  "offset_s": 0.0}]  # fmt: skip
+        rng = random.Random(f"{seed}-derived-{d}")
+        kinds = rng.sample(VARIANTS, len(VARIANTS))
+        for k in range(min(DERIVED_DUPLICATES, left - 1)):
+            params, offset, ext = _variant(kinds[k], rng, seg["duration"])
+            dup = dest.with_name(f"{dest.stem}.dup{k + 1}-{kinds[k]}{ext}")
+            plan.append((dest, dup, params))
+            files.append({"path": str(dup.relative_to(root)), "variant": kinds[k],
+                          "params": params, "offset_s": offset})  # fmt: skip
+        left -= len(files)
+        groups.append(
+            {"group": g, "source": seg["source"], "derived": {k: seg[k] for k in (
+                "kind", "factor", "start_s", "source_s")}, "package": "derived",
+             "duration": seg["duration"], "files": files}
+        )  # fmt: skip
+    return plan
+
+
 def _library_seconds(groups: list[dict[str, Any]]) -> float:
     return sum(g["duration"] - f["offset_s"] for g in groups for f in g["files"])
 
@@ -471,6 +641,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", action="append", help="audio dir/file instead of the packages")
     ap.add_argument("--min-seconds", type=float, default=MIN_SECONDS)
     ap.add_argument("--max-seconds", type=float, help="keep only the first S s of each track")
+    ap.add_argument(
+        "--base-files", type=int, default=BASE_FILES,
+        help=f"files built as the scale corpus; past them, derived recordings [{BASE_FILES}]",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     build_corpus(
         args.out,
@@ -481,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         min_seconds=args.min_seconds,
         max_seconds=args.max_seconds,
         log=lambda s: print(s, file=sys.stderr, flush=True),
+        base_files=args.base_files,
     )
     return 0
 

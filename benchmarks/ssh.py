@@ -10,7 +10,9 @@ Starts a private OpenSSH sshd on 127.0.0.1 (``colabmagic.testing_sshd``) and mea
 - **push/pull**: ``Session.push``/``pull`` of an N MiB array against ``cat FILE | ssh box 'cat >
   /dev/null'`` and ``ssh box 'cat FILE' > /dev/null`` (payload throughput: the time of ``ssh box
   true`` is subtracted, so the handshake is excluded);
-- **files**: SFTP upload/download of the same N MiB (verified), for reference;
+- **push/pull, compress none and auto** of random bytes and of a sparse float32 array;
+- **files**: ``upload``/``download`` of the same N MiB (streamed, resumable, sha256-verified),
+  compress none and auto;
 - **connect**: SSH handshake + remote kernel start + first reply, against a local
   ``KernelManager`` start + first reply.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -87,7 +90,14 @@ def forwarded_client(srv: SSHServer, cf_path: str) -> tuple[BlockingKernelClient
     return client, proc
 
 
-def ssh_cat_throughput(srv: SSHServer, path: str, size: int) -> tuple[float, float]:
+def _tmpfs() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def ssh_cat_throughput(
+    srv: SSHServer, path: str, size: int, to_dir: str | None = None
+) -> tuple[float, float]:
+    """``cat | ssh`` payload rates up and down; into files in *to_dir* (else /dev/null)."""
     base = ["ssh", "-F", srv.ssh_config, "-o", "BatchMode=yes", srv.name]
 
     def timed(cmd, **kw) -> float:
@@ -96,10 +106,97 @@ def ssh_cat_throughput(srv: SSHServer, path: str, size: int) -> tuple[float, flo
         return time.perf_counter() - t
 
     hs = statistics.median(timed([*base, "true"]) for _ in range(3))
+    sink = os.path.join(to_dir, "cat-up.bin") if to_dir else "/dev/null"
     with open(path, "rb") as f:
-        up = timed([*base, "cat > /dev/null"], stdin=f) - hs
-    down = timed([*base, f"cat {path}"], stdout=subprocess.DEVNULL) - hs
+        up = timed([*base, f"cat > {sink}"], stdin=f) - hs
+    if to_dir:
+        with open(os.path.join(to_dir, "cat-down.bin"), "wb") as f:
+            down = timed([*base, f"cat {path}"], stdout=f) - hs
+        for name in ("cat-up.bin", "cat-down.bin"):
+            os.unlink(os.path.join(to_dir, name))
+    else:
+        down = timed([*base, f"cat {path}"], stdout=subprocess.DEVNULL) - hs
     return size / up / 1e6, size / down / 1e6
+
+
+def timed_call(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def sparse_f32(nbytes: int) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    a = rng.random(nbytes // 4, dtype=np.float32)
+    a[rng.random(a.size) < 0.9] = 0
+    return a
+
+
+def bulk_rows(s: Session, srv: SSHServer, root: str, arr: np.ndarray) -> dict:
+    """Push/pull (compress none and auto) and file transfers, against cat | ssh in the same run."""
+    size = arr.nbytes
+    out: dict = {k: [] for k in ("push_none", "pull_none", "push_auto", "pull_auto")}
+    for _ in range(3):  # interleaved, so every mode sees the same machine state
+        for mode in ("none", "auto"):
+            out[f"push_{mode}"].append(timed_call(lambda m=mode: s.push(big=arr, compress=m)))
+            out[f"pull_{mode}"].append(timed_call(lambda m=mode: s.pull("big", compress=m)))
+    sp = sparse_f32(size)
+    for mode in ("none", "auto"):
+        out[f"sparse_push_{mode}"] = [timed_call(lambda m=mode: s.push(sp=sp, compress=m))]
+        out[f"sparse_pull_{mode}"] = [timed_call(lambda m=mode: s.pull("sp", compress=m))]
+    s.run("del big, sp", relay=QuietRelay())
+    # Files live on tmpfs when there is one, so the disk (shared, throttled) is not measured.
+    fdir = tempfile.mkdtemp(prefix="colabmagic-bench-files-", dir=_tmpfs())
+    try:
+        path = os.path.join(fdir, "payload.bin")
+        arr.tofile(path)
+        out["cat_up"], out["cat_down"] = ssh_cat_throughput(srv, path, size)
+        out["cat_file_up"], out["cat_file_down"] = ssh_cat_throughput(srv, path, size, fdir)
+        for mode in ("none", "auto"):
+            up, down = os.path.join(fdir, f"up-{mode}.bin"), os.path.join(fdir, "down.bin")
+            out[f"upload_{mode}"] = [
+                timed_call(lambda u=up, m=mode: s.transport.upload(path, u, compress=m))
+            ]
+            out[f"download_{mode}"] = [
+                timed_call(lambda u=up, d=down, m=mode: s.transport.download(u, d, compress=m))
+            ]
+            os.unlink(up)
+            os.unlink(down)
+    finally:
+        shutil.rmtree(fdir, ignore_errors=True)
+    return out
+
+
+def print_bulk(b: dict, mib: int) -> None:
+    size = mib << 20
+    rate = lambda key: size / statistics.median(b[key]) / 1e6  # noqa: E731
+    load = os.getloadavg()[0]
+    print(f"bulk {mib} MiB over ssh (median of 3; files and sparse: 1), load {load:.1f}:")
+    print(f"  cat | ssh 'cat >/dev/null'     : {b['cat_up']:7.0f} MB/s")
+    print(f"  ssh 'cat file' >/dev/null      : {b['cat_down']:7.0f} MB/s")
+    print(f"  cat | ssh 'cat > file' (tmpfs) : {b['cat_file_up']:7.0f} MB/s")
+    print(f"  ssh 'cat file' > file (tmpfs)  : {b['cat_file_down']:7.0f} MB/s")
+    rows = [
+        ("push random, compress none", "push_none", "cat_up", "target >= 1.0x"),
+        ("push random, compress auto", "push_auto", "cat_up", "auto >= 0.95x none"),
+        ("pull random, compress none", "pull_none", "cat_down", "target >= 1.0x"),
+        ("pull random, compress auto", "pull_auto", "cat_down", "auto >= 0.95x none"),
+        ("push sparse f32, none", "sparse_push_none", "cat_up", ""),
+        ("push sparse f32, auto", "sparse_push_auto", "cat_up", ""),
+        ("pull sparse f32, none", "sparse_pull_none", "cat_down", ""),
+        ("pull sparse f32, auto", "sparse_pull_auto", "cat_down", ""),
+        ("upload random file, none", "upload_none", "cat_up", "target >= 0.9x"),
+        ("upload random file, auto", "upload_auto", "cat_up", ""),
+        ("download random file, none", "download_none", "cat_down", "target >= 0.9x"),
+        ("download random file, auto", "download_auto", "cat_down", ""),
+        ("upload, vs cat | ssh 'cat > file'", "upload_none", "cat_file_up", ""),
+        ("download, vs ssh 'cat file' > file", "download_none", "cat_file_down", ""),
+    ]
+    for label, key, ref, note in rows:
+        print(f"  {label:<35}: {rate(key):7.0f} MB/s  ratio {rate(key) / b[ref]:.2f}x  {note}")
+    for kind in ("push", "pull"):
+        r = rate(f"{kind}_auto") / rate(f"{kind}_none")
+        print(f"  {kind} random auto / none         : {r:7.2f}x  (target >= 0.95x)")
 
 
 def connect_times(srv: SSHServer, root: str, starts: int) -> tuple[list[float], list[float]]:
@@ -148,47 +245,16 @@ def main() -> None:
                 fwd.terminate()
                 fwd.wait()
             arr = np.random.default_rng(0).integers(0, 255, size=size, dtype=np.uint8)
-            push, pull = [], []
-            for _ in range(3):
-                t = time.perf_counter()
-                s.push(big=arr)
-                push.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                back = s.pull("big")
-                pull.append(time.perf_counter() - t)
-                assert back.nbytes == size
-                del back
-            path = os.path.join(root, "payload.bin")
-            arr.tofile(path)
-            cat_up, cat_down = ssh_cat_throughput(srv, path, size)
-            remote_dir = tempfile.mkdtemp(prefix="colabmagic-bench-remote-")
-            t = time.perf_counter()
-            s.transport.upload(path, remote_dir + "/up.bin")
-            sftp_up = time.perf_counter() - t
-            t = time.perf_counter()
-            s.transport.download(remote_dir + "/up.bin", os.path.join(root, "down.bin"))
-            sftp_down = time.perf_counter() - t
+            bulk = bulk_rows(s, srv, root, arr)
         finally:
             s.close()
         remote, local = connect_times(srv, root, args.starts)
 
-    mbs = lambda secs: size / statistics.median(secs) / 1e6  # noqa: E731
     print(f"cell round trip (median of {len(ours)}):")
     print(f"  raw jupyter_client via ssh -L : {ms(raw):7.2f} ms")
     print(f"  Session.run over colabmagic ssh: {ms(ours):7.2f} ms")
     print(f"  ratio                          : {ms(ours) / ms(raw):7.2f}x   (target <= 1.2x)")
-    print(f"push/pull {args.mib} MiB (median of 3):")
-    print(f"  cat | ssh 'cat >/dev/null'     : {cat_up:7.0f} MB/s")
-    print(f"  ssh 'cat file' >/dev/null      : {cat_down:7.0f} MB/s")
-    print(
-        f"  push                           : {mbs(push):7.0f} MB/s  ratio {mbs(push) / cat_up:.2f}x"
-    )
-    pull_ratio = mbs(pull) / cat_down
-    print(f"  pull                           : {mbs(pull):7.0f} MB/s  ratio {pull_ratio:.2f}x")
-    print("  (target >= 1.0x each)")
-    print(f"files {args.mib} MiB over SFTP, sha256-verified:")
-    print(f"  upload                         : {size / sftp_up / 1e6:7.0f} MB/s")
-    print(f"  download                       : {size / sftp_down / 1e6:7.0f} MB/s")
+    print_bulk(bulk, args.mib)
     print(f"connect to first reply (median of {args.starts}):")
     print(f"  local KernelManager            : {ms(local):7.0f} ms")
     print(f"  colabmagic over ssh            : {ms(remote):7.0f} ms")

@@ -91,7 +91,8 @@ def kernelspec() -> None:
 
 @kernelspec.command("install")
 @click.argument("name")
-@click.option("--target", help="ssh host or ~/.ssh/config alias of the GPU host.")
+@click.option("--target", help="ssh host or alias of the GPU host, or https://jupyter-server/.")
+@click.option("--token-env", metavar="VAR", help="Jupyter-server target: the token's variable.")
 @click.option("--local", is_flag=True, help="Run the kernel on this machine instead.")
 @click.option("--display-name", help='Name in the kernel picker (default "NAME (remote GPU)").')
 @click.option("--python", help="Python interpreter of the kernel on the target.")
@@ -102,10 +103,12 @@ def kernelspec() -> None:
 @click.option("--sys-prefix", is_flag=True, help="Install into this Python environment.")
 @click.option("--prefix", type=click.Path(file_okay=False), help="Install under PREFIX.")
 @user_errors
-def kernelspec_install(name, env, **options) -> None:
+def kernelspec_install(name, env, token_env, **options) -> None:
     """Install kernelspec NAME, e.g. `colabmagic kernelspec install colab --target colab`."""
     from colabmagic import kernelspec as ks
 
+    if token_env:  # the variable's name is stored, never the token
+        options["transport_options"] = {"token_env": token_env}
     path = ks.install(name, env=ks.parse_env(env), **options)
     click.echo(f"Installed kernelspec {name} in {path}")
 
@@ -159,17 +162,23 @@ def _ssh_options(fn):
 @main.command()
 @click.argument("target")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--token-env", metavar="VAR", help="Jupyter server: the token's variable")
 @_ssh_options
 @user_errors
 def kernels(target: str, as_json: bool, **ssh: object) -> None:
-    """List the kernels running on TARGET (an ssh alias, [user@]host[:port], or 'local').
+    """List the kernels running on TARGET (an ssh alias, [user@]host[:port], https://jupyter
+    server/, or 'local').
 
     They outlive disconnects: attach with %colab_connect TARGET --attach ID.
     """
     from colabmagic.connection import make_transport
+    from colabmagic.transport.jupyter import is_server_url
 
     if target == "local":
         transport = make_transport(None, local=True, root=ssh.get("root"))
+    elif is_server_url(target):
+        keep = ("token_env", "connect_timeout")
+        transport = make_transport(target, **{k: ssh[k] for k in keep if ssh.get(k) is not None})
     else:
         transport = make_transport(target, **{k: v for k, v in ssh.items() if v is not None})
     try:

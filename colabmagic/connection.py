@@ -16,8 +16,9 @@ _LOCAL_TARGETS = (None, "", "local")  # targets that mean "this machine"
 
 
 def make_transport(target: str | None, *, local: bool = False, **options: Any):
-    """The transport for *target*: local for ``--local``/``"local"``, else SSH (a ``colab://``
-    line pins the host keys and picks the tunnel client)."""
+    """The transport for *target*: local for ``--local``/``"local"``, a Jupyter server for
+    ``https://...``, else SSH (a ``colab://`` line pins the host keys and picks the tunnel
+    client)."""
     if local or target in _LOCAL_TARGETS:
         if target not in _LOCAL_TARGETS:
             msg = f"--local and a target ({target!r}) exclude each other; give one of them"
@@ -25,6 +26,21 @@ def make_transport(target: str | None, *, local: bool = False, **options: Any):
         from colabmagic.transport.local import LocalTransport
 
         return LocalTransport(root=options.pop("root", None), python=options.pop("python", None))
+    from colabmagic.transport.jupyter import is_server_url
+
+    if is_server_url(target):
+        from colabmagic.transport.jupyter import JupyterTransport
+
+        if options.pop("python", None):
+            msg = "--python does not apply to a Jupyter server; it runs its kernelspec's Python"
+            raise ParameterError(msg)
+        return JupyterTransport(target, **options)
+    server_only = [k for k in ("token_env", "kernel_name") if options.get(k) is not None]
+    if server_only:
+        flag = "--" + server_only[0].replace("_", "-")
+        msg = f"{flag} applies to Jupyter-server (https://) targets only"
+        raise ParameterError(msg)
+    options = {k: v for k, v in options.items() if k not in ("token_env", "kernel_name")}
     from colabmagic.transport.ssh import SSHTransport
 
     if routes.is_line(target):  # a pasted colab:// line: its route and pinned host keys

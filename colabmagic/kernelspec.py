@@ -78,7 +78,11 @@ def kernel_json(
     if not local and not target:
         msg = "give --target HOST (an ssh host or ~/.ssh/config alias) or --local"
         raise ParameterError(msg)
-    if target and (target.startswith("-") or any(c.isspace() for c in target)):
+    from colabmagic.transport.jupyter import is_server_url, parse_server_url
+
+    if is_server_url(target):
+        target = parse_server_url(target)  # no token in the URL, https off loopback
+    elif target and (target.startswith("-") or any(c.isspace() for c in target)):
         msg = f"target {target!r} is not an ssh host or alias (no spaces, no leading '-')"
         raise ParameterError(msg)
     for key in env or {}:

@@ -117,6 +117,9 @@ class ColabMagics(Magics):
     cell_timeout = Float(0.0, help="Default %%gpu_run timeout in seconds (0: none).").tag(
         config=True
     )
+    auto_sync = Bool(
+        False, help="%%gpu_run syncs the project first (as --sync; --no-sync skips it)."
+    ).tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -144,6 +147,8 @@ class ColabMagics(Magics):
     @argument("--proxy", metavar="CMD", help="ssh ProxyCommand")
     @argument("--accept-new-host-key", action="store_true", help="record an unknown host key")
     @argument("--connect-timeout", type=float, help="seconds (default: config)")
+    @argument("--token-env", metavar="VAR", help="Jupyter server: token variable (JUPYTER_TOKEN)")
+    @argument("--kernel-name", metavar="SPEC", help="Jupyter server: kernelspec to start")
     @argument("--save", metavar="ALIAS", help="colab:// line: also write ~/.ssh/config")
     @argument("--print-key", action="store_true", help="print your public key to paste in Colab")
     @argument("--create", action="store_true", help="with --print-key: create a key if none")
@@ -163,6 +168,7 @@ class ColabMagics(Magics):
             %colab_connect user@10.0.0.5:2222 --name big
             %colab_connect --restart               # fresh kernel, same session
             %colab_connect gpu-box --attach 20261128-101500-ab12cd
+            %colab_connect https://hub.example.org/user/me/   # a Jupyter server, no SSH
         """
         args = parse_argstring(self.colab_connect, line)
         if args.print_key:
@@ -184,6 +190,8 @@ class ColabMagics(Magics):
                 "identity": args.identity,
                 "proxy_command": args.proxy,
                 "accept_new_host_key": args.accept_new_host_key or None,
+                "token_env": args.token_env,
+                "kernel_name": args.kernel_name,
             }.items()
             if v is not None
         }
@@ -229,6 +237,8 @@ class ColabMagics(Magics):
     @argument("--timeout", type=float, metavar="S", help="interrupt the remote cell after S s")
     @argument("--push", metavar="A,B", help="local variables to send before running")
     @argument("--pull", metavar="C,D", help="remote variables to fetch after running")
+    @argument("--sync", action="store_true", help="sync the project first (as %%colab_sync)")
+    @argument("--no-sync", action="store_true", help="do not sync, even with auto_sync")
     @argument("statement", nargs="*", help="code to run (line form)")
     @line_cell_magic
     @_user_errors
@@ -257,6 +267,12 @@ class ColabMagics(Magics):
             msg = "nothing to run: give a statement (%gpu_run STMT) or a cell body (%%gpu_run)"
             raise UsageError(msg)
         session = registry.get(args.on)
+        if (args.sync or self.auto_sync) and not args.no_sync:
+            from colabmagic.sync import sync
+
+            result = sync(session)
+            if result.changed or result.kept or result.skipped or result.conflicts:
+                print(result.summary())
         push = _names(args.push)
         if push:
             session.push(self._local_values(push))
@@ -275,15 +291,20 @@ class ColabMagics(Magics):
             raise UsageError(msg)
         return {n: ns[n] for n in names}
 
-    def _pull(self, session: Session, names: list[str]) -> None:
+    def _pull(self, session: Session, names: list[str], compress: str | None = None) -> None:
         """Fetch remote *names* into the local namespace."""
-        values = session.pull(*names)
+        values = session.pull(*names, compress=compress)
         self.shell.user_ns.update(values if len(names) > 1 else {names[0]: values})
 
     # -- variables ---------------------------------------------------------------------------
     @magic_arguments()
     @argument("names", nargs="+", help="local variable names")
     @argument("--on", metavar="NAME", help="session name")
+    @argument(
+        "--compress",
+        choices=("auto", "zstd", "none"),
+        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
+    )
     @line_magic
     @_user_errors
     def colab_push(self, line: str = ""):
@@ -293,11 +314,16 @@ class ColabMagics(Magics):
         """
         args = parse_argstring(self.colab_push, line)
         names = _names(" ".join(args.names))
-        registry.get(args.on).push(self._local_values(names))
+        registry.get(args.on).push(self._local_values(names), compress=args.compress)
 
     @magic_arguments()
     @argument("names", nargs="+", help="remote variable names")
     @argument("--on", metavar="NAME", help="session name")
+    @argument(
+        "--compress",
+        choices=("auto", "zstd", "none"),
+        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
+    )
     @line_magic
     @_user_errors
     def colab_pull(self, line: str = ""):
@@ -306,7 +332,7 @@ class ColabMagics(Magics):
         Example: ``%colab_pull losses model_state``
         """
         args = parse_argstring(self.colab_pull, line)
-        self._pull(registry.get(args.on), _names(" ".join(args.names)))
+        self._pull(registry.get(args.on), _names(" ".join(args.names)), args.compress)
 
     @magic_arguments()
     @argument("action", nargs="?", choices=["save", "load"], help="save or load")
@@ -357,21 +383,34 @@ class ColabMagics(Magics):
     @argument("local", help="local file or directory")
     @argument("remote", nargs="?", help="remote path (default: same name in the kernel's cwd)")
     @argument("--on", metavar="NAME", help="session name")
+    @argument(
+        "--compress",
+        choices=("auto", "zstd", "none"),
+        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
+    )
     @line_magic
     @_user_errors
     def colab_upload(self, line: str = ""):
         """Copy a local file or directory (recursively) to the remote host.
 
+        Resumes after a dropped link (and when run again), verifies sha256, and renames each
+        file into place only once it is complete.
+
         Example: ``%colab_upload data/ /content/data``
         """
         args = parse_argstring(self.colab_upload, line)
-        n = registry.get(args.on).upload(args.local, args.remote)
+        n = registry.get(args.on).upload(args.local, args.remote, compress=args.compress)
         print(f"uploaded {n} bytes")
 
     @magic_arguments()
     @argument("remote", help="remote file or directory")
     @argument("local", nargs="?", help="local path (default: same name here)")
     @argument("--on", metavar="NAME", help="session name")
+    @argument(
+        "--compress",
+        choices=("auto", "zstd", "none"),
+        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
+    )
     @line_magic
     @_user_errors
     def colab_download(self, line: str = ""):
@@ -380,8 +419,47 @@ class ColabMagics(Magics):
         Example: ``%colab_download runs/model.pt``
         """
         args = parse_argstring(self.colab_download, line)
-        n = registry.get(args.on).download(args.remote, args.local)
+        n = registry.get(args.on).download(args.remote, args.local, compress=args.compress)
         print(f"downloaded {n} bytes")
+
+    @magic_arguments()
+    @argument("local_dir", nargs="?", help="project directory here (default: the last one, or .)")
+    @argument("remote_dir", nargs="?", help="directory on the host (default: the kernel's cwd)")
+    @argument("--down", action="store_true", help="fetch files new or changed on the host")
+    @argument("--exclude", action="append", metavar="PATTERN", help="skip (gitignore syntax)")
+    @argument("--no-gitignore", action="store_true", help="do not honour .gitignore")
+    @argument("--autoreload", action="store_true", help="reload changed modules in the kernel")
+    @argument("--force", action="store_true", help="overwrite files changed on both sides")
+    @argument("--on", metavar="NAME", help="session name")
+    @line_magic
+    @_user_errors
+    def colab_sync(self, line: str = ""):
+        """Mirror a project directory to the host (changed files only), or its outputs back.
+
+        Honours ``.gitignore``; deletes on the host only files a sync put there. ``%%gpu_run
+        --sync`` (or ``c.ColabMagics.auto_sync = True``) repeats the last ``%colab_sync``.
+
+        Examples
+        --------
+        ::
+
+            %colab_sync . proj --autoreload --exclude data/   # edits, renames, deletes mirrored
+            %colab_sync --down                                # the host's new outputs come back
+        """
+        from colabmagic.sync import sync
+
+        args = parse_argstring(self.colab_sync, line)
+        result = sync(
+            registry.get(args.on),
+            args.local_dir,
+            args.remote_dir,
+            down=args.down,
+            exclude=args.exclude,
+            gitignore=False if args.no_gitignore else None,
+            autoreload=True if args.autoreload else None,
+            force=args.force,
+        )
+        print(result.summary())
 
     # -- debugging ---------------------------------------------------------------------------
     @magic_arguments()
@@ -456,12 +534,14 @@ class ColabMagics(Magics):
         from colabmagic import linkstate
 
         rows = [linkstate.status(s) for s in sessions]
-        for r in rows:
+        for r, s in zip(rows, sessions, strict=True):
             r["current"] = "*" if r["name"] == registry.current else ""
+            r["delivery"] = _delivery(s)
         if args.json:
             print(json.dumps(rows, indent=1))
             return None
         cols = ["current", "name", "target", "state", "kernel_pid", "python", "gpu", "latency_ms"]
+        cols.append("delivery")
         return _Table(rows, cols)
 
     @magic_arguments()
@@ -508,3 +588,11 @@ class ColabMagics(Magics):
         self.started.discard(session.name)
         kept = f" (kernel {session.kernel_id} keeps running)" if args.keep else ""
         print(f"disconnected {session.name!r}{kept}")
+
+
+def _delivery(session) -> str:
+    """How output survives drops for *session*: the agent's log, or a Jupyter server's mode."""
+    delivery = getattr(session.transport, "delivery", None)
+    if delivery is None:
+        return "exactly-once (agent log)"
+    return delivery(session.kernel_id) or "starting"

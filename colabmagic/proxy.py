@@ -558,8 +558,8 @@ class Proxy:
     def _deliver(self, channel: int, parts) -> None:
         if channel == wire.IOPUB:
             small, tap = wire.small(parts), self.tap
-            if tap is not None and len(parts) > 7 and not small and tap(parts):
-                return  # a bulk reply for the in-process session, handed over without a copy
+            if tap is not None and tap(parts):
+                return  # a transfer's message for the in-process session, handed over as is
             self._iopub.send_multipart(parts, copy=small)
         elif channel in (wire.SHELL, wire.CONTROL):
             ident = self._route_back(parts, pop=True)

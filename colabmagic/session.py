@@ -20,13 +20,11 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
-from colabmagic import serialize, wire
 from colabmagic.errors import (
     CellTimeoutError,
     ColabMagicError,
@@ -35,14 +33,13 @@ from colabmagic.errors import (
     ParameterError,
     RemoteError,
     RemoteKernelDied,
-    TransferError,
 )
 from colabmagic.proxy import Proxy
 from colabmagic.relay import Relay, RemoteDisplay
+from colabmagic.transfer import COMM_TARGET, Channel, TransferStats  # noqa: F401 - COMM_TARGET: re-exported
 
 log = logging.getLogger("colabmagic.session")
 
-COMM_TARGET = "colabmagic"
 _POLL_MS = 50
 
 
@@ -89,7 +86,7 @@ class Session:
         self.remote_info: dict[str, Any] = {}
         self.last_error: RemoteError | None = None
         self._lock = threading.RLock()
-        self._comm_id: str | None = None
+        self.bulk = Channel(self)
         self.proxy = Proxy(
             lambda: transport.open_pipe(kernel_id),
             name=f"{name} ({transport.target})",
@@ -195,7 +192,7 @@ class Session:
     # -- state -------------------------------------------------------------------------------
     def _on_kernel_event(self, event: dict) -> None:
         if event.get("event") in ("kernel_ready", "kernel_died"):
-            self._comm_id = None  # a fresh kernel has no comm open
+            self.bulk.reset()  # a fresh kernel has no comm open
 
     def _check_alive(self) -> None:
         p = self.proxy
@@ -452,136 +449,57 @@ class Session:
                     )
                     raise ConnectError(msg)
                 time.sleep(0.01)  # the proxy thread flips the state; bounded by the deadline
-            self._comm_id = None
+            self.bulk.reset()
             self._wait_ready(timeout)
             self._refresh_remote_info()
 
-    # -- variables ---------------------------------------------------------------------------
+    # -- variables (colabmagic.transfer does the work) ----------------------------------------
+    @property
+    def _comm_id(self) -> str | None:
+        """The id of the ``colabmagic`` comm (:data:`COMM_TARGET`) open in the kernel, if any."""
+        return self.bulk.comm_id
+
     def _comm_request(self, op: str, *, buffers=None, timeout: float = 600.0, **data) -> tuple:
-        """Send one request to the kernel-side helper and wait for its answer.
+        """One request to the kernel-side helper: :meth:`colabmagic.transfer.Channel.request`."""
+        return self.bulk.request(op, buffers=buffers, timeout=timeout, **data)
 
-        Requests go to the proxy in-process (:meth:`Proxy.send_direct`) and bulk answers come
-        back through the proxy's tap, so large arrays cross no loopback ZeroMQ hop here.
+    def push(
+        self, values: dict[str, Any] | None = None, /, *, compress: str | None = None, **kwargs: Any
+    ) -> TransferStats:
+        """Bind variables in the remote kernel: ``s.push(x=arr)`` or ``s.push({"x": arr})``.
+
+        Large values are streamed in chunks; *compress* is ``auto`` (default: zstd where it
+        pays), ``zstd`` or ``none``. Returns what moved (a ``transfer.TransferStats``).
         """
-        with self._lock:
-            self._check_alive()
-            session = self.client.session
-            if self._comm_id is None:
-                self._comm_id = uuid.uuid4().hex
-                self._send_direct(
-                    "comm_open", {"comm_id": self._comm_id, "target_name": COMM_TARGET, "data": {}}
-                )
-            req = uuid.uuid4().hex
-            box: dict = {}
-            done = threading.Event()
-            comm_id = self._comm_id
-
-            def tap(parts: list) -> bool:
-                try:
-                    i = wire.delim_index(parts, 4) + 1
-                    frames = [bytes(p) for p in parts[i : i + 5]] + list(parts[i + 5 :])
-                    msg = session.deserialize(frames, content=True, copy=True)
-                except Exception:  # noqa: BLE001 - not ours: let the proxy publish it
-                    return False
-                rdata = msg["content"].get("data", {})
-                if msg["content"].get("comm_id") != comm_id or rdata.get("req") != req:
-                    return False
-                box["reply"] = (rdata, [memoryview(b) for b in msg["buffers"]])
-                done.set()
-                return True
-
-            self.proxy.tap = tap
-            try:
-                sent = self._send_direct(
-                    "comm_msg",
-                    {"comm_id": comm_id, "data": {"op": op, "req": req, **data}},
-                    buffers=buffers,
-                )
-                rdata, rbufs = self._await_comm_reply(comm_id, req, done, box, timeout, op, sent)
-            finally:
-                self.proxy.tap = None
-            if not box.get("idle"):
-                self._await_idle(sent)
-            if rdata.get("op") == "error":
-                raise TransferError(rdata.get("message", "remote transfer failed"))
-            return rdata, rbufs
-
-    def _send_direct(self, msg_type: str, content: dict, buffers=None) -> str:
-        session = self.client.session
-        msg = session.msg(msg_type, content)
-        parts = session.serialize(msg)
-        parts.extend(buffers or [])
-        self.proxy.send_direct(wire.SHELL, parts)
-        return msg["header"]["msg_id"]
-
-    def _await_idle(self, msg_id: str, timeout: float = 10.0) -> bool:
-        """Wait for the kernel's ``idle`` after *msg_id*, so the next status is truthful."""
-        session = self.client.session
-        iopub = self.client.iopub_channel.socket
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive()
-            if not iopub.poll(_POLL_MS):
-                continue
-            _, msg = session.recv(iopub, zmq.NOBLOCK)
-            if msg is not None and _is_idle_after(msg, msg_id):
-                return True
-        return False
-
-    def _await_comm_reply(self, comm_id, req, done, box, timeout, op, sent) -> tuple:
-        session = self.client.session
-        iopub = self.client.iopub_channel.socket
-        deadline = time.monotonic() + timeout
-        while not done.is_set():
-            self._check_alive()
-            if time.monotonic() > deadline:
-                msg = f"the kernel did not answer {op!r} within {timeout:g}s (is it busy?)"
-                raise TransferError(msg)
-            if not iopub.poll(_POLL_MS):
-                continue
-            _, reply = session.recv(iopub, zmq.NOBLOCK, copy=False)
-            if reply is None:
-                continue
-            if _is_idle_after(reply, sent):
-                box["idle"] = True  # the tap took the reply; this idle must not be waited for
-                continue
-            if reply["header"]["msg_type"] != "comm_msg":
-                continue
-            rdata = reply["content"].get("data", {})
-            if reply["content"].get("comm_id") == comm_id and rdata.get("req") == req:
-                return rdata, reply.get("buffers", [])
-        return box["reply"]
-
-    def push(self, values: dict[str, Any] | None = None, /, **kwargs: Any) -> None:
-        """Bind variables in the remote kernel: ``s.push(x=arr)`` or ``s.push({"x": arr})``."""
         values = dict(values or {}, **kwargs)
         if not values:
             msg = "push needs at least one variable, e.g. session.push(x=x)"
             raise ParameterError(msg)
-        frames = serialize.dumps(values)
-        self._comm_request("push", buffers=frames, names=sorted(values))
+        return self.bulk.push(values, compress_mode=compress)
 
-    def pull(self, *names: str) -> Any:
+    def pull(self, *names: str, compress: str | None = None) -> Any:
         """Fetch variables from the remote kernel: one name -> its value; several -> a dict."""
         if not names:
             msg = "pull needs at least one variable name, e.g. session.pull('y')"
             raise ParameterError(msg)
-        _, buffers = self._comm_request("pull", names=list(names))
-        values = serialize.loads(buffers)
+        values = self.bulk.pull(list(names), compress_mode=compress)
         return values[names[0]] if len(names) == 1 else values
 
     def _refresh_remote_info(self) -> None:
         data, _ = self._comm_request("info", timeout=30.0)
         self.remote_info = data.get("info", {})
 
-    # -- files -------------------------------------------------------------------------------
-    def upload(self, local: str, remote: str | None = None) -> int:
-        """Copy a local file or directory to the host (relative paths: the kernel's cwd)."""
-        return self.transport.upload(local, remote, cwd=self.remote_info.get("cwd"))
+    # -- files (colabmagic.filecopy does the work) --------------------------------------------
+    def upload(self, local: str, remote: str | None = None, **kwargs: Any) -> int:
+        """Copy a local file or directory to the host (relative paths: the kernel's cwd).
 
-    def download(self, remote: str, local: str | None = None) -> int:
+        Resumable, sha256-verified and atomic; see :func:`colabmagic.filecopy.upload`.
+        """
+        return self.transport.upload(local, remote, cwd=self.remote_info.get("cwd"), **kwargs)
+
+    def download(self, remote: str, local: str | None = None, **kwargs: Any) -> int:
         """Copy a file or directory from the host here; returns the bytes copied."""
-        return self.transport.download(remote, local, cwd=self.remote_info.get("cwd"))
+        return self.transport.download(remote, local, cwd=self.remote_info.get("cwd"), **kwargs)
 
     # -- status and lifetime -----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -637,15 +555,6 @@ class Session:
         return (
             f"<Session {self.name!r} {self.transport.target} kernel={self.kernel_id} {self.state}>"
         )
-
-
-def _is_idle_after(msg: dict, msg_id: str) -> bool:
-    """True when *msg* is the kernel's ``idle`` status after the request *msg_id*."""
-    return (
-        msg["header"]["msg_type"] == "status"
-        and msg["parent_header"].get("msg_id") == msg_id
-        and msg["content"].get("execution_state") == "idle"
-    )
 
 
 def _gpu_text(gpu: dict | None) -> str:

@@ -123,6 +123,26 @@ def test_push_pull_flags_and_magics(connected):
     assert connected.user_ns["echo"] == "HELLO"
 
 
+def test_compress_option_on_push_pull_upload_download(connected, tmp_path, capsys):
+    big = np.zeros(3 << 20, dtype=np.float32)
+    big[::10] = 1.5
+    connected.user_ns["big"] = big
+    connected.run_line_magic("colab_push", "big --compress zstd")
+    connected.run_line_magic("gpu_run", "big2 = big * 2")
+    connected.run_line_magic("colab_pull", "big2 --compress none")
+    np.testing.assert_array_equal(connected.user_ns["big2"], big * 2)
+    src = tmp_path / "w.npy"
+    np.save(src, big)
+    connected.run_line_magic("colab_upload", f"{src} {tmp_path / 'up.npy'} --compress auto")
+    back = tmp_path / "back.npy"
+    connected.run_line_magic("colab_download", f"{tmp_path / 'up.npy'} {back} --compress zstd")
+    np.testing.assert_array_equal(np.load(back), big)
+    assert "uploaded" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*colabmagic-part"))
+    with pytest.raises(UsageError, match="invalid choice: 'gzip'"):
+        connected.run_line_magic("colab_push", "big --compress gzip")
+
+
 def test_bad_input_gives_one_line_errors(connected):
     with pytest.raises(UsageError, match="not defined locally"):
         connected.run_line_magic("colab_push", "undefined_thing")

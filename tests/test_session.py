@@ -28,6 +28,7 @@ from colabmagic.errors import (
 from colabmagic.relay import QuietRelay, Relay
 from colabmagic.session import Session
 from colabmagic.testing import wait_until
+from colabmagic.transfer import Channel
 from colabmagic.transport.local import LocalTransport
 from colabmagic.transport.ssh import SSHTransport
 
@@ -277,13 +278,13 @@ def test_push_pull_small_values_and_arrays(session):
 
 def test_push_pull_256_mib_with_checksum(session, monkeypatch):
     waits = []
-    real_wait = Session._await_idle
+    real_wait = Channel._await_idle
 
     def spy(self, msg_id, timeout=10.0):
         waits.append(real_wait(self, msg_id, timeout))
         return waits[-1]
 
-    monkeypatch.setattr(Session, "_await_idle", spy)
+    monkeypatch.setattr(Channel, "_await_idle", spy)
     big = np.random.default_rng(1).integers(0, 2**63, size=(256 << 20) // 8, dtype=np.int64)
     digest = hashlib.sha256(big).hexdigest()
     session.push(big=big)

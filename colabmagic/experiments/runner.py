@@ -174,6 +174,7 @@ def run_process(
     should_cancel: Callable[[], str | None] | None = None,
     on_start: Callable[[int], None] | None = None,
     tick: float = 0.1,
+    watchdog: bool = False,
 ) -> RunResult:
     """Run one attempt of an experiment to its end.
 
@@ -188,6 +189,10 @@ def run_process(
         Called with the pid (= pgid) right after the process started.
     tick : float, optional
         Poll interval for *should_cancel*.
+    watchdog : bool, optional
+        Kill the group if this process dies before the run ends (see
+        :mod:`colabmagic.experiments.watchdog`); for supervisors that can vanish, like a Dask
+        worker.
 
     Returns
     -------
@@ -201,6 +206,7 @@ def run_process(
     logs[2] = CappedLog(out_dir / "stderr.log", req.log_limit)
     start = time.time()
     t0 = time.monotonic()
+    guard = _Watchdog(req.grace) if watchdog else None
     try:
         proc = subprocess.Popen(
             argv_of(req.command),
@@ -212,6 +218,8 @@ def run_process(
             cwd=req.cwd,
         )
     except OSError as exc:
+        if guard is not None:
+            guard.disarm()
         for log in logs.values():
             log.close()
         (out_dir / "stderr.log").write_text(f"colabmagic: could not start the command: {exc}\n")
@@ -219,6 +227,8 @@ def run_process(
         why = f"could not start: {exc}"
         return RunResult("failed", None, None, start, end, 0, None, reason=why)
     pid = proc.pid
+    if guard is not None:
+        guard.arm(pid)
     if on_start is not None:
         on_start(pid)
     peak = _PeakMemory(pid)
@@ -229,6 +239,8 @@ def run_process(
             log.close()
     _killpg(pid, signal.SIGKILL)  # leftovers of a finished run: the zombie leader holds the pgid
     _, wait_status = os.waitpid(pid, 0)
+    if guard is not None:
+        guard.disarm()
     code = os.waitstatus_to_exitcode(wait_status)
     proc.returncode = code
     end = time.time()
@@ -317,6 +329,38 @@ def _supervise(
         proc.stdout.close()
         proc.stderr.close()
     return reason
+
+
+class _Watchdog:
+    """A watchdog process that kills the run's group if this process dies first.
+
+    It holds the read end of a pipe; we hold the only write end. We send the group id and its
+    leader's start time, then ``q`` once the run is over; if we die, the kernel closes our end
+    and the watchdog sees end of file without ``q``.
+    """
+
+    def __init__(self, grace: float) -> None:
+        import sys
+
+        read, self._write = os.pipe()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", str(Path(__file__).with_name("watchdog.py")), str(read),
+                 str(grace)],
+                pass_fds=(read,), stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            os.close(read)
+
+    def arm(self, pgid: int) -> None:
+        st = proc_stat(pgid)
+        os.write(self._write, f"{pgid}\n{st[3] if st else 0}\n".encode())
+
+    def disarm(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._write, b"q")
+        os.close(self._write)
+        self._proc.wait()
 
 
 class _PeakMemory:

@@ -76,6 +76,13 @@ def fp() -> None:
 @click.option("--workers", type=int, default=None, help="Decode+extract processes [all CPUs].")
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--scheduler", default=None, help="Dask scheduler address: run on that cluster.")
+@click.option(
+    "--commit-every",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Save finished files to the index at least this often (seconds).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON summary.")
 @_errors
 def index_cmd(
@@ -85,10 +92,14 @@ def index_cmd(
     workers: int | None,
     backend: str,
     scheduler: str | None,
+    commit_every: float,
     as_json: bool,
 ) -> None:
-    """Fingerprint PATHS (files or directories, recursive) into the index DB."""
-    from colabmagic.fingerprint.index import Index
+    """Fingerprint PATHS (files or directories, recursive) into the index DB.
+
+    Ctrl-C keeps every file that finished; rerun the same command to index the rest.
+    """
+    from colabmagic.fingerprint.index import Index, IndexInterrupted
     from colabmagic.fingerprint.pipeline import default_workers
 
     items: list[Any] = list(paths)
@@ -103,13 +114,29 @@ def index_cmd(
 
     tqdm.monitor_interval = 0
     idx = Index(db)
-    summary = idx.add(
-        items,
-        workers=workers or default_workers(),
-        backend=backend,
-        scheduler=scheduler,
-        progress=True,
-    )
+    try:
+        summary = idx.add(
+            items,
+            workers=workers or default_workers(),
+            backend=backend,
+            scheduler=scheduler,
+            progress=True,
+            commit_seconds=commit_every,
+        )
+    except IndexInterrupted as exc:
+        s = exc.summary
+        click.echo(
+            f"interrupted: {s.added} files added and saved ({s.known} were already indexed); "
+            f"{db} is a valid index. Rerun the same command to index the rest.",
+            err=True,
+        )
+        sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's files were being saved
+        click.echo(
+            f"interrupted: {db} is a valid index with what was saved; rerun the same command.",
+            err=True,
+        )
+        sys.exit(130)
     out = {
         **summary.to_dict(),
         "tracks": len(idx),
@@ -205,14 +232,35 @@ def query_cmd(
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--workers", type=int, default=None, help="Decode+extract processes [all CPUs].")
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
+@click.option("--scheduler", default=None, help="Dask scheduler address: decode on that cluster.")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the temporary index goes (~15 bytes per hash) [system temp dir].",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @_errors
-def dedup_cmd(paths: tuple[str, ...], workers: int | None, backend: str, as_json: bool) -> None:
-    """Group the files under PATHS that hold the same recording."""
+def dedup_cmd(
+    paths: tuple[str, ...],
+    workers: int | None,
+    backend: str,
+    scheduler: str | None,
+    work_dir: str | None,
+    as_json: bool,
+) -> None:
+    """Group the files under PATHS that hold the same recording (bounded memory)."""
     from colabmagic.fingerprint.dedup import dedup
     from colabmagic.fingerprint.pipeline import default_workers
 
-    res = dedup(list(paths), workers=workers or default_workers(), backend=backend)
+    res = dedup(
+        list(paths),
+        workers=workers or default_workers(),
+        backend=backend,
+        scheduler=scheduler,
+        work_dir=work_dir,
+        progress=not as_json,
+    )
     if as_json:
         click.echo(json.dumps(res.to_dict()))
         return

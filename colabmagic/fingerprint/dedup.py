@@ -1,7 +1,9 @@
 """Find files that hold the same recording, through an index instead of all pairs of files.
 
-Every file is fingerprinted once and put in a temporary index; then every file's own hashes are
-looked up in it. A pair is a duplicate when enough hashes align at one time offset: re-encodes,
+Every file is fingerprinted once and streamed into a temporary on-disk index; then every file's
+own (sampled) hashes, spilled to disk meanwhile, are looked up in it, a batch of files at a time,
+so memory stays bounded however many hours of audio there are. A pair is a duplicate when
+enough hashes align at one time offset: re-encodes,
 other bitrates, formats and sample rates, trimmed or padded copies, and excerpts all qualify.
 """
 
@@ -13,6 +15,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +26,7 @@ from colabmagic.fingerprint.audio import AudioDecodeWarning, content_hash, find_
 from colabmagic.fingerprint.fingerprinter import Fingerprint, Fingerprinter
 from colabmagic.fingerprint.index import Index
 from colabmagic.fingerprint.match import votes
-from colabmagic.fingerprint.pipeline import Job, extract_files, now
+from colabmagic.fingerprint.pipeline import Extracted, Job, now
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,51 @@ def _group_identical(files: list[str], skipped: list[str]) -> dict[str, list[str
     return groups
 
 
+class _QuerySpill:
+    """Each file's sampled query hashes and times, appended to disk as files finish.
+
+    Dedup queries every file against the index of all files; the queries (a quarter of every
+    file's hashes, 2 bytes per indexed hash) wait on disk, not in RAM, and are read back
+    memory-mapped one batch at a time.
+    """
+
+    def __init__(self, root: Path, sample: int) -> None:
+        root.mkdir()
+        self.root, self.sample = root, sample
+        self._h = open(root / "hashes.u32", "wb")  # closed in finish()
+        self._t = open(root / "times.i32", "wb")
+        self.offsets = [0]
+
+    def add(self, number: int, r: Extracted) -> None:
+        if number != len(self.offsets) - 1:  # pragma: no cover - a bug, never a user error
+            msg = f"query spill: track {number} after {len(self.offsets) - 1}"
+            raise RuntimeError(msg)
+        keep = _sample(r.hashes, self.sample)
+        self._h.write(np.ascontiguousarray(r.hashes[keep], np.uint32).tobytes())
+        self._t.write(np.ascontiguousarray(r.times[keep], np.int32).tobytes())
+        self.offsets.append(self.offsets[-1] + int(keep.sum()))
+
+    def finish(self) -> None:
+        self._h.close()
+        self._t.close()
+        n = self.offsets[-1]
+        self.hashes = (
+            np.memmap(self.root / "hashes.u32", np.uint32, "r") if n else np.zeros(0, np.uint32)
+        )
+        self.times = (
+            np.memmap(self.root / "times.i32", np.int32, "r") if n else np.zeros(0, np.int32)
+        )
+
+    def count(self, number: int) -> int:
+        return self.offsets[number + 1] - self.offsets[number]
+
+    def fingerprint(self, number: int) -> Fingerprint:
+        a, b = self.offsets[number], self.offsets[number + 1]
+        return Fingerprint(
+            np.asarray(self.hashes[a:b]), np.asarray(self.times[a:b]), np.zeros(b - a, np.int8)
+        )
+
+
 def dedup(
     paths: list[str | os.PathLike[str]],
     *,
@@ -117,8 +165,17 @@ def dedup(
     min_aligned: int = 10,
     min_fraction: float = 0.05,
     sample: int = 4,
+    scheduler: Any = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    batch: int = 256,
+    progress: bool = False,
 ) -> DedupResult:
-    """Group the files under *paths* that hold the same recording.
+    """Group the files under *paths* that hold the same recording, in bounded memory.
+
+    Every file is fingerprinted into an on-disk index (streamed: see
+    :class:`~colabmagic.fingerprint.index.Index`), its sampled hashes spilled to disk; then the
+    files are queried against that index in batches of *batch*. Memory does not grow with the
+    hours of audio, only the mapped index pages do (page cache, given back under pressure).
 
     Parameters
     ----------
@@ -126,7 +183,7 @@ def dedup(
         Files or directories (searched recursively).
     fingerprinter : Fingerprinter, optional
     workers : int
-        Decode + extract processes.
+        Decode + extract processes, and query threads.
     backend : {"auto", "numpy", "cupy"} or Backend
     min_aligned : int
         A pair needs at least this many (sampled) hashes aligned at one offset ...
@@ -134,6 +191,15 @@ def dedup(
         ... and at least this fraction of the shorter file's (sampled) hashes.
     sample : int
         Query with one in *sample* of each file's hashes, chosen by hash value (1: all).
+    scheduler : str or distributed.Client, optional
+        Decode + extract on this Dask cluster; the index and the queries stay here.
+    work_dir : path, optional
+        Where the temporary index goes (default: the system's temporary directory); about
+        15 bytes per hash, 1.5 GB per 100 hours of audio.
+    batch : int
+        Files queried per batch.
+    progress : bool
+        A tqdm progress bar for the fingerprinting (stderr).
 
     Returns
     -------
@@ -141,10 +207,10 @@ def dedup(
         Groups (largest file first) with the evidence linking them; undecodable files are
         warned about (AudioDecodeWarning) and listed in ``skipped_files``.
     """
-    if not 0 < min_fraction <= 1 or min_aligned < 1 or sample < 1:
+    if not 0 < min_fraction <= 1 or min_aligned < 1 or sample < 1 or batch < 1:
         msg = (
-            f"min_fraction={min_fraction}, min_aligned={min_aligned}, sample={sample}: "
-            "need (0, 1], >= 1 and >= 1."
+            f"min_fraction={min_fraction}, min_aligned={min_aligned}, sample={sample}, "
+            f"batch={batch}: need (0, 1], >= 1, >= 1 and >= 1."
         )
         raise ParameterError(msg)
     start = now()
@@ -152,65 +218,59 @@ def dedup(
     files = find_audio(list(paths))
     result = DedupResult(files=len(files))
     by_hash = _group_identical(files, result.skipped_files)
+    key_of = {fs[0]: h for h, fs in by_hash.items()}
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
     jobs = [Job(fs[0], fs[0], h) for h, fs in by_hash.items()]
-    done = []
-    for r in extract_files(jobs, fingerprinter=fpr, workers=workers, backend=backend):
-        if r.error is not None:
-            warnings.warn(r.error, AudioDecodeWarning, stacklevel=2)
-            result.skipped_files.extend(by_hash[r.content_hash])
-            continue
-        done.append(r)
-        result.audio_seconds += r.duration * len(by_hash[r.content_hash])
-    parent = list(range(len(done)))
+    with tempfile.TemporaryDirectory(prefix="fpdedup-", dir=work_dir) as tmp:
+        index = Index(Path(tmp) / "index", fingerprinter=fpr)
+        spill = _QuerySpill(Path(tmp) / "queries", sample)
+        added = index.add_jobs(
+            jobs, workers=workers, backend=backend, scheduler=scheduler, progress=progress,
+            commit_seconds=float("inf"), on_added=spill.add, merge_all=True,
+        )  # fmt: skip
+        spill.finish()
+        for f in added.skipped_files:
+            result.skipped_files.extend(by_hash[key_of[f]])
+        tracks = [index.track(n) for n in range(len(spill.offsets) - 1)]
+        result.audio_seconds = sum(t.duration * len(by_hash[t.content_hash]) for t in tracks)
+        edges = _query_edges(index, spill, tracks, fpr, workers, batch, min_aligned, min_fraction)
+        index = None  # unmap before the directory goes
+    _collect_groups(result, tracks, edges, by_hash)
+    result.elapsed_s = now() - start
+    return result
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
 
+def _query_edges(
+    index: Index,
+    spill: _QuerySpill,
+    tracks: list[Any],
+    fpr: Fingerprinter,
+    workers: int,
+    batch: int,
+    min_aligned: int,
+    min_fraction: float,
+) -> dict[tuple[int, int], Evidence]:
+    """Query every file's sampled hashes against the index, *batch* files at a time."""
     edges: dict[tuple[int, int], Evidence] = {}
-    with tempfile.TemporaryDirectory(prefix="fpdedup-") as tmp:
-        index = Index(tmp, fingerprinter=fpr)
-        index.add_fingerprints(
-            [
-                (
-                    {
-                        "id": str(i),
-                        "path": r.path,
-                        "duration": r.duration,
-                        "content_hash": r.content_hash,
-                    },
-                    r.hashes,
-                    r.times,
-                )
-                for i, r in enumerate(done)
-            ]
-        )
-        # query with a content-chosen quarter of each file's hashes: the same quarter on every
-        # copy, so alignments keep a quarter of their votes and queries cost a quarter
-        picks = [_sample(r.hashes, sample) for r in done]
-        n_hashes = np.array([int(p.sum()) for p in picks])
-        queries = (
-            Fingerprint(r.hashes[p], r.times[p], np.zeros(int(p.sum()), np.int8))
-            for r, p in zip(done, picks, strict=True)
-        )
-        # NumPy's sorts and searches release the GIL: threads share the index and overlap
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            all_votes = pool.map(lambda fp: votes(index, fp), queries)
-            for i, (r, v) in enumerate(zip(done, all_votes, strict=True)):
-                for tr, count, off in zip(v.track, v.count, v.offset, strict=True):  # few tracks
-                    j = int(index.track(int(tr)).id)
+    # NumPy's sorts and searches release the GIL: threads share the index and overlap
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for a in range(0, len(tracks), batch):
+            numbers = range(a, min(a + batch, len(tracks)))
+            found = pool.map(lambda i: _file_votes(index, spill.fingerprint(i)), numbers)
+            for i, v in zip(numbers, found, strict=True):
+                for j, (count, off) in v.items():  # a few tracks
                     if j == i:
                         continue
-                    shorter = min(n_hashes[i], n_hashes[j])
+                    shorter = min(spill.count(i), spill.count(j))
                     if count < min_aligned or count < min_fraction * shorter:
                         continue
-                    a, b = (j, i) if r.duration <= done[j].duration else (i, j)
-                    offset = float(off) * fpr.frame_seconds * (1 if a == j else -1)
+                    di, dj = tracks[i].duration, tracks[j].duration
+                    a_, b_ = (j, i) if di <= dj else (i, j)
+                    offset = float(off) * fpr.frame_seconds * (1 if a_ == j else -1)
                     ev = Evidence(
-                        done[a].path,
-                        done[b].path,
+                        tracks[a_].id,
+                        tracks[b_].id,
                         int(count),
                         round(float(count) / max(shorter, 1), 4),
                         round(offset, 3),
@@ -218,20 +278,69 @@ def dedup(
                     key = (min(i, j), max(i, j))
                     if key not in edges or edges[key].aligned < ev.aligned:
                         edges[key] = ev
-                    parent[root(i)] = root(j)
+    return edges
+
+
+#: Most (sampled) hashes one lookup takes: a longer file is queried a time window at a time, so
+#: the hits in memory (~200 bytes each, up to MAX_POSTINGS per hash) do not grow with its length.
+QUERY_CHUNK = 4096
+
+
+def _file_votes(
+    index: Index, fp: Fingerprint, chunk: int = QUERY_CHUNK
+) -> dict[int, tuple[int, int]]:
+    """``{track: (aligned, offset)}`` of one file's query, in windows of *chunk* hashes.
+
+    A hit's weight depends only on its own hash, and alignment counts add up over disjoint
+    windows of query time, so a long file's windows are queried one by one and each track's
+    counts are summed at its best offset (+-1 frame, the quantisation jitter between windows).
+    """
+    chunk = QUERY_CHUNK
+    order = np.argsort(fp.times, kind="stable")
+    per_track: dict[int, dict[int, int]] = {}
+    for a in range(0, len(order), chunk):
+        sel = order[a : a + chunk]
+        v = votes(index, Fingerprint(fp.hashes[sel], fp.times[sel], fp.variant[sel]))
+        for tr, count, off in zip(v.track, v.count, v.offset, strict=True):
+            offsets = per_track.setdefault(int(tr), {})
+            offsets[int(off)] = offsets.get(int(off), 0) + int(count)
+    out = {}
+    for tr, offsets in per_track.items():
+        best = max(offsets, key=lambda o: (offsets[o], -abs(o)))
+        out[tr] = (sum(offsets.get(best + d, 0) for d in (-1, 0, 1)), best)
+    return out
+
+
+def _collect_groups(
+    result: DedupResult,
+    tracks: list[Any],
+    edges: dict[tuple[int, int], Evidence],
+    by_hash: dict[str, list[str]],
+) -> None:
+    """Union the linked files into groups (largest first), with their evidence."""
+    parent = list(range(len(tracks)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in edges:
+        parent[root(i)] = root(j)
     members: dict[int, list[int]] = {}
-    for i in range(len(done)):
+    for i in range(len(tracks)):
         members.setdefault(root(i), []).append(i)
     for group in members.values():
         names = []
-        for i in sorted(group, key=lambda k: -done[k].duration):
-            names.extend(by_hash[done[i].content_hash])
+        for i in sorted(group, key=lambda k: -tracks[k].duration):
+            names.extend(by_hash[tracks[i].content_hash])
         if len(names) < 2:
             continue
         ev = [e for (i, _), e in sorted(edges.items()) if root(i) == root(group[0])]
         for i in group:  # byte-identical copies
-            same = by_hash[done[i].content_hash]
-            n = len(done[i].hashes)
+            same = by_hash[tracks[i].content_hash]
+            n = tracks[i].n_hashes
             ev.extend(Evidence(same[0], f, n, 1.0, 0.0) for f in same[1:])
         result.groups.append(names)
         result.evidence.append(ev)
@@ -243,5 +352,3 @@ def dedup(
         if result.groups
         else ([], [])
     )
-    result.elapsed_s = now() - start
-    return result

@@ -240,20 +240,21 @@ def _pool_map(
 def _dask_map(
     jobs: list[Job], fingerprinter: Fingerprinter, decode_only: bool, scheduler: Any
 ) -> Iterator[Extracted]:
+    from colabmagic.fingerprint import cluster
+
+    client, own = cluster.connect(scheduler)
     try:
-        from distributed import Client
-    except ImportError as exc:
-        msg = "scheduler=... needs Dask; install colabmagic[dask]."
-        raise ParameterError(msg) from exc
-    own = not isinstance(scheduler, Client)
-    client = Client(scheduler, set_as_default=False) if own else scheduler
-    try:
-        futures = client.map(
-            extract_one, jobs, fingerprinter=fingerprinter, decode_only=decode_only, pure=False
-        )
-        for fut in futures:
-            yield fut.result()
-            fut.release()
+        cluster.check_workers(client)
+        threads = sum(client.nthreads().values())
+        # workers run elsewhere, in another directory: send absolute paths, give back ours
+        remote = [Job(j.track_id, os.path.abspath(j.path), j.content_hash) for j in jobs]
+        results = cluster.map_in_order(
+            client, extract_one, remote, max(32, 4 * threads),
+            fingerprinter=fingerprinter, decode_only=decode_only,
+        )  # fmt: skip
+        for job, r in zip(jobs, results, strict=True):
+            r.path = job.path
+            yield r
     finally:
         if own:
             client.close()

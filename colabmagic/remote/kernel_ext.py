@@ -13,6 +13,19 @@ comm target that carries variables in and out of the kernel:
 
 Pickle protocol 5 with out-of-band buffers sends NumPy arrays without copying them into the
 pickle: the array memory itself becomes a ZeroMQ frame.
+
+Large values are *streamed* (``colabmagic/transfer.py`` is the other end): the frames of the
+pickle cross as ``chunk`` messages of a few MiB, each acknowledged, with a bounded window in
+flight, so no hop ever holds more than a few chunks:
+
+- push: ``push_begin`` (``sizes`` of the frames) allocates the frames here, each ``chunk``
+  (``i``, ``off``, ``n``, codec ``z``; one buffer) is copied (or zstd-decompressed) into place and
+  answered ``ack``; after the last one the values are unpickled *in place* (arrays use the
+  received memory, writable) and ``push_ok`` answers.
+- pull with ``stream``: ``pull_begin`` gives the sizes, then ``chunk`` messages go out at most
+  ``window`` ahead of the caller's ``ack`` messages; chunks are slices of the values' own
+  memory (no copy), compressed when the caller asked for it and a sample says it pays at the
+  link rate the caller measured (``rate`` in each ack).
 """
 
 import copy
@@ -20,6 +33,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 from IPython import get_ipython
 
@@ -30,6 +44,123 @@ def dumps(obj):
     buffers = []
     data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     return [data] + [b.raw() for b in buffers]
+
+
+try:
+    import zstandard as _zstd
+except ImportError:  # optional: without it, transfers go uncompressed
+    _zstd = None
+
+_pushes = {}
+_pulls = {}
+
+
+def _pays(view, rate, cctx):
+    """Whether compressing *view* beats sending it raw at *rate* bytes/s (see compress.py)."""
+    mid = max(0, len(view) // 2 - 32768)
+    sample = view[mid : mid + 65536]
+    t0 = time.thread_time()  # CPU time: a preemption on a busy host is not compression cost
+    size = len(cctx.compress(sample))
+    per_byte = max(time.thread_time() - t0, 1e-7) / len(sample)
+    rate = rate or 3e7
+    return per_byte + size / len(sample) / rate + per_byte / 3 < 0.9 / rate
+
+
+def _push_begin(comm, req, data):
+    _pushes.clear()  # one transfer at a time per caller: a new one ends any abandoned one
+    sizes = [int(n) for n in data["sizes"]]
+    _pushes[req] = {"frames": [bytearray(n) for n in sizes], "left": sum(sizes), "got": 0}
+
+
+def _push_chunk(comm, req, data, buffers):
+    state = _pushes.get(req)
+    if state is None:
+        comm.send({"op": "error", "req": req, "message": "push chunk for an unknown transfer"})
+        return
+    n = int(data["n"])
+    payload = buffers[0]
+    if data.get("z") == 1:
+        payload = _zstd.ZstdDecompressor().decompress(payload, max_output_size=n)
+    off = int(data["off"])
+    memoryview(state["frames"][int(data["i"])])[off : off + n] = payload
+    state["left"] -= n
+    state["got"] += n
+    if state["left"] > 0:
+        comm.send({"op": "ack", "req": req, "got": state["got"]})
+        return
+    del _pushes[req]
+    frames = state["frames"]
+    values = pickle.loads(frames[0], buffers=frames[1:])  # noqa: S301 - our own peer
+    get_ipython().user_ns.update(values)
+    comm.send({"op": "push_ok", "req": req, "names": sorted(values)})
+
+
+def _pull_stream(comm, req, data, frames):
+    views = [memoryview(f).cast("B") for f in frames]
+    mode = data.get("compress", "none")
+    cctx = _zstd.ZstdCompressor(level=1) if (_zstd is not None and mode != "none") else None
+    state = {
+        "views": views,
+        "i": 0,
+        "off": 0,
+        "inflight": 0,
+        "chunk": int(data.get("chunk", 4 << 20)),
+        "window": int(data.get("window", 6)),
+        "rate": data.get("rate"),
+        "mode": mode if cctx is not None else "none",
+        "cctx": cctx,
+        "skip": 0,
+    }
+    _pulls.clear()
+    _pulls[req] = state
+    sizes = [v.nbytes for v in views]
+    comm.send({"op": "pull_begin", "req": req, "sizes": sizes, "zstd": cctx is not None})
+    _pull_more(comm, req, state)
+
+
+def _encode(state, view):
+    mode, cctx = state["mode"], state["cctx"]
+    if mode == "none" or len(view) < 4096:
+        return 0, view
+    if mode == "auto":
+        if state["skip"]:
+            state["skip"] -= 1
+            return 0, view
+        if not _pays(view, state["rate"], cctx):
+            state["skip"] = 7 if state["rate"] else 0
+            return 0, view
+    out = cctx.compress(view)
+    return (1, out) if len(out) < len(view) else (0, view)
+
+
+def _pull_more(comm, req, state):
+    views = state["views"]
+    while state["inflight"] < state["window"] and state["i"] < len(views):
+        view = views[state["i"]]
+        off = state["off"]
+        piece = view[off : off + state["chunk"]]
+        if piece.nbytes:
+            z, payload = _encode(state, piece)
+            msg = {"op": "chunk", "req": req, "i": state["i"], "off": off, "n": piece.nbytes}
+            msg["z"] = z
+            comm.send(msg, buffers=[payload])
+            state["inflight"] += 1
+        state["off"] = off + piece.nbytes
+        if state["off"] >= view.nbytes:
+            state["i"] += 1
+            state["off"] = 0
+    if state["i"] >= len(views):
+        _pulls.pop(req, None)  # everything is on its way; late acks are ignored
+
+
+def _pull_ack(comm, req, data):
+    state = _pulls.get(req)
+    if state is None:
+        return
+    state["inflight"] -= int(data.get("k", 1))
+    if data.get("rate"):
+        state["rate"] = float(data["rate"])
+    _pull_more(comm, req, state)
 
 
 def loads(buffers):
@@ -122,6 +253,7 @@ def info():
         "pid": os.getpid(),
         "cwd": os.getcwd(),
         "gpu": gpu_info(),
+        "zstd": _zstd is not None,
     }
 
 
@@ -158,6 +290,15 @@ def _handle(comm, msg):
             values = loads(msg["buffers"])
             ns.update(values)
             comm.send({"op": "push_ok", "req": req, "names": sorted(values)})
+        elif op == "push_begin":
+            _push_begin(comm, req, data)
+        elif op == "chunk":
+            _push_chunk(comm, req, data, msg["buffers"])
+        elif op == "ack":
+            _pull_ack(comm, req, data)
+        elif op == "abort":
+            _pushes.pop(req, None)
+            _pulls.pop(req, None)
         elif op == "pull":
             missing = [n for n in data["names"] if n not in ns]
             if missing:
@@ -190,6 +331,10 @@ def _handle(comm, msg):
                         )
                         return
                 raise
+            size = sum(memoryview(f).nbytes for f in frames)
+            if data.get("stream") and size > int(data.get("inline", 0)):
+                _pull_stream(comm, req, data, frames)
+                return
             comm.send({"op": "pull_ok", "req": req}, buffers=frames)
         elif op == "info":
             comm.send({"op": "info_ok", "req": req, "info": info()})
@@ -198,6 +343,8 @@ def _handle(comm, msg):
         else:
             comm.send({"op": "error", "req": req, "message": f"unknown operation {op!r}"})
     except Exception as exc:  # noqa: BLE001 - errors go back to the caller, not the log
+        _pushes.pop(req, None)
+        _pulls.pop(req, None)
         comm.send({"op": "error", "req": req, "message": f"{type(exc).__name__}: {exc}"})
 
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import subprocess
 import sys
 
-from colabmagic.errors import TransferError
 from colabmagic.proxy import PermanentLinkError
 from colabmagic.transport import agent_start_args, parse_agent_reply
 
@@ -140,41 +138,20 @@ class LocalTransport:
     def stop_kernel(self, kernel_id: str) -> None:
         self._run("stop", "--id", kernel_id)
 
-    def upload(self, local: str, remote: str | None, *, cwd: str | None = None) -> int:
-        """Copy *local* to *remote* (relative to *cwd*); returns the bytes copied."""
-        return _copy_tree(local, remote, cwd)
+    def upload(self, local: str, remote: str | None, *, cwd: str | None = None, **kw) -> int:
+        """Copy *local* to *remote* (relative to *cwd*): :func:`colabmagic.filecopy.upload`."""
+        from colabmagic import filecopy
 
-    def download(self, remote: str, local: str | None, *, cwd: str | None = None) -> int:
-        src = os.path.join(cwd or os.getcwd(), os.path.expanduser(remote))
-        return _copy_tree(src, local or os.path.basename(remote.rstrip("/")), os.getcwd())
+        return filecopy.upload(self, local, remote, cwd=cwd, **kw)
+
+    def download(self, remote: str, local: str | None, *, cwd: str | None = None, **kw) -> int:
+        """Copy *remote* (relative to *cwd*) here: :func:`colabmagic.filecopy.download`."""
+        from colabmagic import filecopy
+
+        return filecopy.download(self, remote, local, cwd=cwd, **kw)
 
     def close(self) -> None:
         for b in self.bridges:
             if b.proc.poll() is None:
                 b.close()
         self.bridges = []
-
-
-def _copy_tree(src: str, dest: str | None, cwd: str | None) -> int:
-    """Copy a file or a directory tree, verifying sizes; returns the bytes copied."""
-    src = os.path.abspath(os.path.expanduser(src))
-    if not os.path.exists(src):
-        msg = f"{src} does not exist; give an existing file or directory"
-        raise TransferError(msg)
-    dest = dest or os.path.basename(src.rstrip("/"))
-    dest = os.path.join(cwd or os.getcwd(), os.path.expanduser(dest))
-    if os.path.isdir(src):
-        shutil.copytree(src, dest, dirs_exist_ok=True)
-        total = 0
-        for root, _, files in os.walk(src):
-            for f in files:
-                total += os.path.getsize(os.path.join(root, f))
-        return total
-    if os.path.isdir(dest):
-        dest = os.path.join(dest, os.path.basename(src))
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    shutil.copyfile(src, dest)
-    if os.path.getsize(dest) != os.path.getsize(src):
-        msg = f"copy of {src} to {dest} is incomplete; check the free disk space and retry"
-        raise TransferError(msg)
-    return os.path.getsize(dest)

@@ -506,17 +506,17 @@ class SSHTransport:
         """Shut agent *kernel_id* and its kernel down."""
         self._remote("stop", "--id", kernel_id)
 
-    def upload(self, local: str, remote: str | None, *, cwd: str | None = None) -> int:
-        """Copy a local file or directory to the host over SFTP; returns the bytes copied."""
-        from colabmagic.transport import sftp
+    def upload(self, local: str, remote: str | None, *, cwd: str | None = None, **kw) -> int:
+        """Copy a local file or directory to the host: :func:`colabmagic.filecopy.upload`."""
+        from colabmagic import filecopy
 
-        return sftp.upload(self, local, remote, cwd=cwd)
+        return filecopy.upload(self, local, remote, cwd=cwd, **kw)
 
-    def download(self, remote: str, local: str | None, *, cwd: str | None = None) -> int:
-        """Copy a remote file or directory here over SFTP; returns the bytes copied."""
-        from colabmagic.transport import sftp
+    def download(self, remote: str, local: str | None, *, cwd: str | None = None, **kw) -> int:
+        """Copy a remote file or directory here: :func:`colabmagic.filecopy.download`."""
+        from colabmagic import filecopy
 
-        return sftp.download(self, remote, local, cwd=cwd)
+        return filecopy.download(self, remote, local, cwd=cwd, **kw)
 
     def close(self) -> None:
         """Close the pipes and the connection; the kernels keep running."""

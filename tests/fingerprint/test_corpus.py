@@ -102,3 +102,29 @@ def test_too_few_files_is_one_clear_line(tmp_path, sources):
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode != 0
     assert "--files 1 is below the 3 indexed tracks" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_derived_recordings_past_the_base_are_distinct_and_prefix_stable(tmp_path, sources):
+    """--files past the base: resampled / pitch-shifted 30-90 s segments, each a recording of
+    its own with duplicates; the tool links exactly the manifest's groups."""
+    out = tmp_path / "corpus"
+    base = _build(out, sources, "--files", "9", "--base-files", "9", "--seed", "3")
+    big = _build(out, sources, "--files", "21", "--base-files", "9", "--seed", "3")
+    assert big["groups"][: len(base["groups"])] == base["groups"]  # a prefix: nothing rebuilt
+    assert big["library_files"] == 21
+    derived = [g for g in big["groups"] if g["package"] == "derived"]
+    assert len(derived) == 3
+    assert sum(len(g["files"]) for g in derived) == 12
+    assert {g["derived"]["kind"] for g in derived} <= {"resample", "pitch"}
+    for g in derived:
+        f = g["derived"]["factor"]
+        assert 0.70 <= f <= 0.88 or 1.15 <= f <= 1.40 or g["derived"]["kind"] == "pitch"
+        y = load_audio(out / g["files"][0]["path"])
+        assert abs(len(y) / 8000 - g["duration"]) < 0.3
+        assert 30 <= g["duration"] <= 90
+    files = [out / f["path"] for g in big["groups"] for f in g["files"]]
+    assert len(files) == 21
+    truth = {str(out / f["path"]): g["group"] for g in big["groups"] for f in g["files"]}
+    res = dedup(files, workers=1, backend="numpy")
+    found = sorted(sorted(truth[f] for f in group) for group in res.groups)
+    assert found == sorted([g["group"]] * len(g["files"]) for g in big["groups"])

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from colabmagic.errors import ParameterError
 from colabmagic.fingerprint import dedup
 
 from .conftest import SR, ffmpeg, synth_music, write_wav
@@ -76,3 +77,33 @@ def test_only_files_of_a_shared_size_are_content_hashed(tmp_path, tracks, monkey
         [str(a), str(tmp_path / "a_copy.wav"), str(tmp_path / "same_size.wav")]
     )
     assert skipped == [str(tmp_path / "gone.wav")]
+
+
+def test_streamed_batches_give_the_same_groups_and_leave_no_files(tmp_path, tracks, monkeypatch):
+    """Dedup streams into an on-disk index and queries a batch at a time, and a long file a
+    window of hashes at a time: one file per batch and windows of 100 hashes give the groups,
+    offsets and (within a few %) scores of one batch and whole files; its work dir is emptied;
+    a file that cannot be read is one warning and listed, not a failure."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in ("t0", "t1", "t2"):
+        write_wav(lib / f"{name}.wav", tracks[name])
+        write_wav(lib / f"{name}-cut.wav", tracks[name][4 * SR : 14 * SR])
+    (lib / "broken.wav").write_bytes(b"RIFF\x00\x00")
+    work = tmp_path / "work"
+    with pytest.warns(UserWarning, match="broken.wav"):
+        all_ = dedup([lib], workers=2, backend="numpy")
+    dedup_module = importlib.import_module("colabmagic.fingerprint.dedup")
+    monkeypatch.setattr(dedup_module, "QUERY_CHUNK", 100)  # ~10 windows per 20-s file
+    with pytest.warns(UserWarning, match="broken.wav"):
+        one = dedup([lib], workers=1, backend="numpy", batch=1, work_dir=work)
+    assert one.groups == all_.groups
+    for ev1, ev2 in zip(one.evidence, all_.evidence, strict=True):
+        assert [(e.a, e.b, e.offset_s) for e in ev1] == [(e.a, e.b, e.offset_s) for e in ev2]
+        for e1, e2 in zip(ev1, ev2, strict=True):
+            assert e1.aligned == pytest.approx(e2.aligned, rel=0.1)
+    assert len(one.groups) == 3
+    assert one.skipped_files == [str(lib / "broken.wav")]
+    assert list(work.iterdir()) == []  # the temporary index and spill are gone
+    with pytest.raises(ParameterError, match="batch=0"):
+        dedup([lib], batch=0)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,11 +86,11 @@ def test_readonly_and_errors(built_index, tmp_path):
     (tmp_path / "music" / "song.wav").write_bytes(b"")
     with pytest.raises(FingerprintIndexError, match="exists and is not a fingerprint index"):
         Index(tmp_path / "music")
-    old = tmp_path / "old"  # an index of the format before peaks were stored
+    old = tmp_path / "old"  # an index of the format before the streaming shards
     shutil.copytree(built_index, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    (old / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
-    with pytest.raises(FingerprintIndexError, match="format 1, this colabmagic reads format 2"):
+    (old / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    with pytest.raises(FingerprintIndexError, match="format 2, this colabmagic reads format 3"):
         Index(old, readonly=True)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
@@ -199,3 +200,108 @@ def test_common_hashes_are_skipped_and_query_work_is_bounded(tmp_path, monkeypat
     assert set(track.tolist()) == {0}
     monkeypatch.setattr(Index, "n_hashes", property(lambda self: 10**10))
     assert idx.stop_postings == MAX_POSTINGS  # however large the library
+
+
+def _arrays(idx: Index) -> tuple[np.ndarray, ...]:
+    assert len(idx._shards) == 1
+    s = idx._shards[0]
+    return np.asarray(s.hashes), np.asarray(s.postings), np.asarray(s.peaks)
+
+
+def _tracks(idx: Index) -> list[tuple]:
+    return [(t.number, t.id, t.content_hash, t.n_hashes) for t in idx.tracks]
+
+
+def test_streaming_merges_equal_a_one_shot_build(built_index, library, tmp_path, monkeypatch):
+    """A shard per file, LSM merges while adding and a final merge, each merge in many small
+    key-range steps: the same index, byte for byte, as one shard written at once."""
+    from colabmagic.fingerprint import index as ix
+
+    monkeypatch.setattr(ix, "MERGE_STEP", 3000)  # ~10 steps per merge
+    monkeypatch.setattr(ix, "MERGE_FANOUT", 2)
+    merges = []
+    real_merge = ix.Index._merge
+    monkeypatch.setattr(ix.Index, "_merge", lambda self, names, **kw: (
+        merges.append(len(names)), real_merge(self, names, **kw))[1])  # fmt: skip
+    idx = Index(tmp_path / "db")
+    s = idx.add([(p.stem, p) for p in sorted(library.glob("*.wav"))], shard_hashes=1)
+    assert s.added == 6
+    assert len(merges) >= 3  # tail merges while adding, then the final one
+    ref = Index(built_index, readonly=True)
+    assert _tracks(idx) == _tracks(ref)
+    for a, b in zip(_arrays(idx), _arrays(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert idx._manifest["shard_info"][idx._manifest["shards"][0]]["hashes"] == ref.n_hashes
+
+    idx.remove("t1")  # a compaction that drops a track, also in many steps
+    idx.compact()
+    keep = ref._alive.copy()
+    keep[ref._by_number[1].number] = False
+    h, p, k = _arrays(ref)
+    alive = keep[(p >> np.uint64(32)).astype(np.int64)]
+    got = _arrays(idx)
+    np.testing.assert_array_equal(got[0], h[alive])
+    np.testing.assert_array_equal(got[1], p[alive])
+    np.testing.assert_array_equal(got[2], k[keep[(k >> np.uint64(36)).astype(np.int64)]])
+
+
+SIGINT_ADD = textwrap.dedent(
+    """
+    import signal, sys
+    # as from a terminal: a test runner started in the background inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from colabmagic.cli import main
+    sys.argv = ["colabmagic", "fp", "index", "--db", sys.argv[1], "--workers", "1",
+                "--commit-every", "0", *sys.argv[2:]]
+    main()
+    """
+)
+
+
+def test_ctrl_c_keeps_finished_files_and_a_rerun_finishes(tmp_path, tracks, built_index):
+    """A real SIGINT to a real `colabmagic fp index`: a valid index with the files that finished;
+    the same command again skips them by content hash and ends with the full index."""
+    files = []  # 48 distinct contents (the 8 tracks at 6 gains): the add takes a few seconds
+    for c in range(6):
+        for name in sorted(tracks):
+            files.append(write_wav(tmp_path / f"g{c}-{name}.wav", tracks[name] * 0.9**c))
+    todo = [str(f) for f in files]
+    n = len(todo)
+    db = tmp_path / "db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_ADD, str(db), *todo],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+
+        def some_committed() -> bool:
+            try:
+                return len(json.loads((db / "manifest.json").read_text())["tracks"]) >= 2
+            except (OSError, ValueError):
+                return False
+
+        wait_until(some_committed, timeout=60, what="the first files to be committed")
+        os.kill(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted:" in err
+    assert "Rerun the same command" in err
+    assert "Traceback" not in err
+    first = Index(db, readonly=True)
+    done = len(first)
+    assert 2 <= done < n, "the add ended before the SIGINT; make the job longer"
+    name = Path(first.tracks[0].id).stem.split("-")[1]
+    assert match(first, tracks[name][: 6 * SR])[0].track == first.tracks[0].id
+    rerun = subprocess.run(
+        [sys.executable, "-c", SIGINT_ADD, str(db), "--json", *todo],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert (summary["added"], summary["known"]) == (n - done, done)
+    final = Index(db, readonly=True)
+    assert [t.id for t in final.tracks] == todo  # each file once, in order
+    assert len({t.content_hash for t in final.tracks}) == n
+    assert final.tracks[-1].number == n - 1  # no number spent on a file indexed twice

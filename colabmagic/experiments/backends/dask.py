@@ -5,6 +5,10 @@ Each run is a task that supervises the process group *on the worker* with the sa
 result and are written to ``outputs/<name>/`` here. Cancel sets a ``distributed.Event`` that
 the task polls, so it kills the group on the worker. ``CUDA_VISIBLE_DEVICES`` is the worker's
 own (pin it when starting the worker).
+
+A worker that dies mid-run takes its run with it: a watchdog process
+(:mod:`colabmagic.experiments.watchdog`) sees the worker's end of a pipe close and kills the
+run's group, so when the scheduler reruns the task elsewhere the experiment runs once, not twice.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def _run_on_worker(req: RunRequest, event_name: str, max_bytes: int) -> dict[str
     req = dataclasses.replace(req, output_dir=str(scratch), cwd=cwd)
     left: list[str] = []
     try:
-        result = run_process(req, should_cancel=should_cancel)
+        result = run_process(req, should_cancel=should_cancel, watchdog=True)
         files: dict[str, bytes] = {}
         for dirpath, _, names in os.walk(scratch):
             for fname in names:

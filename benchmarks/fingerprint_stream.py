@@ -1,0 +1,258 @@
+"""Streaming index and dedup at 1,000 / 3,000 / 10,000 files (issue 18): speed, memory, disk.
+
+Runs on a corpus built by ``benchmarks/corpus.py`` (``--files 10000`` for the largest point;
+smaller points take the manifest's first groups, whole, up to ``--files`` files):
+
+    python benchmarks/corpus.py --out ~/fpcorpus --files 3000
+    nice python benchmarks/fingerprint_stream.py --corpus ~/fpcorpus --files 1000 3000
+
+For each size, three commands are timed from process start to exit, as users run them, each
+with the same 2 worker processes:
+
+- ``decode``: the decode-only floor: every file decoded to the fingerprinter's 8 kHz mono by
+  the same pipeline (ffmpeg processes shared by a few files each), nothing else;
+- ``colabmagic fp index --db DIR --list FILES --json``;
+- ``colabmagic fp dedup FILES... --json``.
+
+Memory is sampled from ``/proc`` every 0.2 s over the whole process tree (the CLI and its
+workers): peak anonymous memory (what the tool holds) and peak file-backed resident pages
+(the mapped index, which the kernel can drop at will) are reported apart, with the peak of the
+parent alone. Disk is the index directory. Dedup's groups are scored pairwise against the
+manifest; ``--old-code DIR`` also runs another checkout's dedup (``git archive main
+colabmagic | tar -x -C DIR``) on the same files for the "same groups as today" check. The load
+average is printed with every figure: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+DECODE = """
+import multiprocessing, sys
+from colabmagic.fingerprint import Fingerprinter
+from colabmagic.fingerprint.audio import AudioDecodeError, load_audio_many
+from colabmagic.fingerprint.pipeline import Job, _group_size, _longest_first
+SR = Fingerprinter().sample_rate
+def seconds(paths):  # decode like the index's workers do, send back only the length
+    ys = load_audio_many(paths, sample_rate=SR)
+    return sum(len(y) / SR for y in ys if not isinstance(y, AudioDecodeError))
+if __name__ == "__main__":
+    files = [f for f in open(sys.argv[1]).read().split("\\n") if f]
+    workers = int(sys.argv[2])
+    order = [files[i] for i in _longest_first([Job(f, f, "") for f in files])]
+    size = _group_size(len(files), workers)
+    tasks = [order[a : a + size] for a in range(0, len(order), size)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        print(sum(pool.imap_unordered(seconds, tasks)))
+"""
+
+
+class TreeMemory:
+    """Peak RssAnon and RssFile (kB) summed over a process and its descendants, and the
+    process's own VmHWM, sampled every *interval* seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid = pid
+        self.anon = self.file = self.hwm = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _status(pid: int) -> dict[str, int]:
+        out = {}
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    k, _, v = line.partition(":")
+                    if k in ("RssAnon", "RssFile", "RssShmem", "VmHWM", "PPid"):
+                        out[k] = int(v.split()[0])
+        except (OSError, ValueError):
+            pass
+        return out
+
+    def _tree(self) -> list[int]:
+        parents: dict[int, int] = {}
+        for e in os.listdir("/proc"):
+            if e.isdigit():
+                st = self._status(int(e))
+                if "PPid" in st:
+                    parents[int(e)] = st["PPid"]
+        tree, frontier = [self.pid], [self.pid]
+        while frontier:
+            frontier = [p for p, pp in parents.items() if pp in frontier]
+            tree += frontier
+        return tree
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.is_set():
+            anon = file_ = 0
+            for pid in self._tree():
+                st = self._status(pid)
+                anon += st.get("RssAnon", 0) + st.get("RssShmem", 0)
+                file_ += st.get("RssFile", 0)
+                if pid == self.pid:
+                    self.hwm = max(self.hwm, st.get("VmHWM", 0))
+            self.anon, self.file = max(self.anon, anon), max(self.file, file_)
+            self._stop.wait(interval)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        mib = 1024
+        return {
+            "peak_anon_mib": self.anon / mib,
+            "peak_file_mib": self.file / mib,
+            "parent_hwm_mib": self.hwm / mib,
+        }
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run *cmd* from process start to exit; wall seconds, memory, its stdout's last line."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    mem = TreeMemory(proc.pid)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    figures = mem.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}): {err.strip()[-2000:]}")
+    return {"seconds": wall, **figures, "stdout": out.strip().splitlines()[-1], "load": load()}
+
+
+def pairs(groups: list[list[str]]) -> set[tuple[str, str]]:
+    return {tuple(sorted(p)) for g in groups for p in itertools.combinations(g, 2)}
+
+
+def score(found: list[list[str]], truth: list[list[str]]) -> dict[str, float]:
+    f, t = pairs(found), pairs(truth)
+    return {
+        "precision": len(f & t) / len(f) if f else 1.0,
+        "recall": len(f & t) / len(t) if t else 1.0,
+        "false_pairs": len(f - t),
+        "missed_pairs": len(t - f),
+    }
+
+
+def subset(manifest: dict[str, Any], root: Path, n: int) -> list[list[str]]:
+    """The manifest's first groups, whole, up to *n* files."""
+    groups, total = [], 0
+    for g in manifest["groups"]:
+        if total + len(g["files"]) > n:
+            break
+        groups.append([str(root / f["path"]) for f in g["files"]])
+        total += len(g["files"])
+    return groups
+
+
+def run_size(args: argparse.Namespace, manifest: dict[str, Any], n: int) -> dict[str, Any]:
+    root = Path(args.corpus)
+    truth = subset(manifest, root, n)
+    files = [f for g in truth for f in g]
+    work = Path(tempfile.mkdtemp(prefix=f"fpstream-{n}-", dir=args.work_dir))
+    listing = work / "files.txt"
+    listing.write_text("\n".join(files))
+    cli = [str(Path(sys.executable).with_name("colabmagic")), "fp"]
+    res: dict[str, Any] = {"files": len(files), "groups": len(truth)}
+    try:
+        dec = timed([sys.executable, "-c", DECODE, str(listing), str(args.workers)])
+        audio = float(dec.pop("stdout"))
+        res["audio_hours"] = audio / 3600
+        res["decode"] = {**dec, "x_realtime": audio / dec["seconds"]}
+        print(f"[{n}] decode-only: {res['decode']}", file=sys.stderr, flush=True)
+        db = work / "db"
+        idx = timed([*cli, "index", "--db", str(db), "--list", str(listing), "--workers",
+                     str(args.workers), "--json"])  # fmt: skip
+        summary = json.loads(idx.pop("stdout"))
+        disk = sum(p.stat().st_size for p in db.rglob("*") if p.is_file())
+        res["index"] = {
+            **idx, "x_realtime": audio / idx["seconds"],
+            "vs_decode": dec["seconds"] / idx["seconds"],
+            "n_hashes": summary["index_n_hashes"], "disk_bytes": disk,
+            "bytes_per_hash": disk / max(summary["index_n_hashes"], 1),
+            "added": summary["added"], "skipped": summary["skipped"],
+        }  # fmt: skip
+        print(f"[{n}] index: {res['index']}", file=sys.stderr, flush=True)
+        shutil.rmtree(db)
+        dd = timed([*cli, "dedup", *files, "--workers", str(args.workers), "--json",
+                    "--work-dir", str(work)])  # fmt: skip
+        groups = [g["files"] for g in json.loads(dd.pop("stdout"))["groups"]]
+        res["dedup"] = {
+            **dd, "x_realtime": audio / dd["seconds"],
+            "vs_decode": dec["seconds"] / dd["seconds"],
+            **score(groups, truth),
+        }  # fmt: skip
+        print(f"[{n}] dedup: {res['dedup']}", file=sys.stderr, flush=True)
+        if args.old_code:
+            env = {**os.environ, "PYTHONPATH": args.old_code}
+            old = timed([sys.executable, "-c", OLD_DEDUP, str(listing), str(args.workers)], env)
+            old_groups = json.loads(old.pop("stdout"))
+            res["dedup_old_code"] = {
+                **old, "x_realtime": audio / old["seconds"], **score(old_groups, truth),
+                "same_groups": sorted(map(sorted, old_groups)) == sorted(map(sorted, groups)),
+            }  # fmt: skip
+            print(f"[{n}] old dedup: {res['dedup_old_code']}", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+OLD_DEDUP = """
+import json, sys
+import colabmagic.fingerprint as fp
+print("old code:", fp.__file__, file=sys.stderr)
+files = [f for f in open(sys.argv[1]).read().split("\\n") if f]
+res = fp.dedup(files, workers=int(sys.argv[2]), backend="numpy")
+print(json.dumps(res.groups))
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", required=True, help="a corpus.py output directory")
+    ap.add_argument("--files", type=int, nargs="+", default=[1000, 3000, 10000])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--work-dir", default=None, help="for the index and dedup's temp index")
+    ap.add_argument("--old-code", default=None, help="PYTHONPATH of the dedup to compare with")
+    ap.add_argument("--json", dest="json_out", help="append one JSON line per size here")
+    args = ap.parse_args(argv)
+    manifest = json.loads((Path(args.corpus) / "manifest.json").read_text())
+    for n in args.files:
+        if n > manifest["library_files"]:
+            print(f"skip {n}: the corpus has {manifest['library_files']} files", file=sys.stderr)
+            continue
+        res = run_size(args, manifest, n)
+        d, i, u = res["decode"], res["index"], res["dedup"]
+        print(
+            f"{res['files']} files, {res['audio_hours']:.1f} h: decode-only "
+            f"{d['x_realtime']:.0f}x | index {i['x_realtime']:.0f}x ({i['vs_decode']:.2f} of "
+            f"decode), anon {i['peak_anon_mib']:.0f} MiB, mapped {i['peak_file_mib']:.0f} MiB, "
+            f"{i['disk_bytes'] / 1e6:.0f} MB = {i['bytes_per_hash']:.1f} B/hash | dedup "
+            f"{u['x_realtime']:.0f}x ({u['vs_decode']:.2f}), anon {u['peak_anon_mib']:.0f} MiB, "
+            f"mapped {u['peak_file_mib']:.0f} MiB, precision {u['precision']:.4f} recall "
+            f"{u['recall']:.4f} | load {i['load']}",
+            flush=True,
+        )
+        if args.json_out:
+            with open(args.json_out, "a") as fh:
+                fh.write(json.dumps(res) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

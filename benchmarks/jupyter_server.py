@@ -1,0 +1,194 @@
+"""Round trip and push/pull through a Jupyter server, against a direct kernel, in one run.
+
+Run: ``python benchmarks/jupyter_server.py [--n 200] [--mib 64]``
+
+Starts a real ``jupyter server`` on 127.0.0.1 (token auth) and measures:
+
+- ``direct``: jupyter_client ``execute_interactive("pass")`` on a kernel started by
+  ``KernelManager`` (no server, no colabmagic) -- the reference;
+- ``colabmagic``: ``Session.run("pass")`` through the Jupyter-server transport (proxy -> link ->
+  kernel websocket with TCP_NODELAY/TCP_QUICKACK -> server -> kernel), as ``%%gpu_run`` does;
+- ``naive websocket``: a plain websocket-client (JSON frames) with TCP_NODELAY turned off, as a
+  client that leaves Nagle on meets the server; and the same client with TCP_NODELAY on;
+- push/pull of an N MiB array through the server (binary websocket buffers), against the same
+  through ``--local`` (proxy -> bridge -> agent), the reference for bulk bytes.
+
+Prints medians, ratios and the load average: the machine is shared, so read the same-run ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from jupyter_client import KernelManager
+
+import colabmagic
+from colabmagic.relay import QuietRelay
+from colabmagic.testing_jupyter import jupyter_server
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def direct(n: int) -> float:
+    km = KernelManager()
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=120)
+    try:
+        for _ in range(10):
+            kc.execute_interactive("pass", output_hook=lambda m: None)
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            kc.execute_interactive("pass", output_hook=lambda m: None)
+            samples.append(time.perf_counter() - t)
+        return median_ms(samples)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def through_server(url: str, n: int, payload: np.ndarray) -> tuple[float, float, float]:
+    s = colabmagic.connect(url, register=False, connect_timeout=180)
+    try:
+        return _measure(s, n, payload)
+    finally:
+        s.close()
+
+
+def through_local(n: int, payload: np.ndarray, root: str) -> tuple[float, float, float]:
+    s = colabmagic.connect(local=True, root=root, register=False)
+    try:
+        return _measure(s, n, payload)
+    finally:
+        s.close()
+
+
+def _measure(s, n: int, payload: np.ndarray) -> tuple[float, float, float]:
+    quiet = QuietRelay()
+    for _ in range(10):
+        s.run("pass", relay=quiet)
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        s.run("pass", relay=quiet)
+        samples.append(time.perf_counter() - t)
+    push, pull = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        s.push(payload=payload)
+        push.append(payload.nbytes / 2**20 / (time.perf_counter() - t))
+        t = time.perf_counter()
+        back = s.pull("payload")
+        pull.append(payload.nbytes / 2**20 / (time.perf_counter() - t))
+        assert back.nbytes == payload.nbytes
+        del back
+    return median_ms(samples), statistics.median(push), statistics.median(pull)
+
+
+def naive(server, kernel_id: str, n: int, *, nodelay: bool, quickack: bool = False) -> float:
+    """A plain websocket client: JSON frames, one request, wait for its reply and idle."""
+    import websocket
+
+    ws = websocket.create_connection(
+        f"ws://127.0.0.1:{server.port}/api/kernels/{kernel_id}/channels?session_id=naive",
+        header=[f"Authorization: token {server.token}"],
+        timeout=120,
+    )
+    # websocket-client turns TCP_NODELAY on by default; a naive client in most stacks has it off.
+    ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
+    session = uuid.uuid4().hex
+
+    def once() -> None:
+        msg_id = uuid.uuid4().hex
+        header = {
+            "msg_id": msg_id,
+            "msg_type": "execute_request",
+            "username": "bench",
+            "session": session,
+            "date": "",
+            "version": "5.3",
+        }
+        content = {"code": "pass", "silent": False, "store_history": False}
+        content.update(user_expressions={}, allow_stdin=False, stop_on_error=True)
+        msg = {
+            "header": header,
+            "parent_header": {},
+            "metadata": {},
+            "content": content,
+            "channel": "shell",
+        }
+        ws.send(json.dumps(msg))
+        reply = idle = False
+        while not (reply and idle):
+            got = json.loads(ws.recv())
+            if quickack:  # Linux clears it after a while: re-arm after every read, as the link does
+                ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            if got.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = got["header"]["msg_type"]
+            reply = reply or kind == "execute_reply"
+            idle = idle or (kind == "status" and got["content"]["execution_state"] == "idle")
+
+    try:
+        for _ in range(5):
+            once()
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            once()
+            samples.append(time.perf_counter() - t)
+        return median_ms(samples)
+    finally:
+        ws.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=200, help="cells per measurement")
+    p.add_argument("--mib", type=int, default=64, help="payload size for push/pull")
+    args = p.parse_args()
+    payload = np.random.default_rng(0).integers(0, 255, args.mib << 20, dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        with jupyter_server(Path(tmp) / "server") as server:
+            os.environ["JUPYTER_TOKEN"] = server.token
+            d_rt = direct(args.n)
+            c_rt, c_push, c_pull = through_server(server.url, args.n, payload)
+            _, model = server.request("POST", "api/kernels", {})
+            n_slow = naive(server, model["id"], max(args.n // 4, 20), nodelay=False)
+            n_fast = naive(server, model["id"], args.n, nodelay=True)
+            n_ack = naive(server, model["id"], args.n, nodelay=True, quickack=True)
+            server.request("DELETE", f"api/kernels/{model['id']}")
+            l_rt, l_push, l_pull = through_local(args.n, payload, str(Path(tmp) / "root"))
+            d_rt2 = direct(args.n)
+    ref = min(d_rt, d_rt2)
+    print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
+    print(f"round trip of `pass`, median of {args.n}:")
+    print(f"  direct jupyter_client (before, after)  {d_rt:7.2f} / {d_rt2:.2f} ms")
+    print(
+        f"  colabmagic through the server          {c_rt:7.2f} ms   ratio {c_rt / ref:.2f}x "
+        "(target <= 1.3x)"
+    )
+    print(f"  naive websocket, no TCP_NODELAY        {n_slow:7.2f} ms   ratio {n_slow / ref:.2f}x")
+    print(f"  naive websocket, TCP_NODELAY           {n_fast:7.2f} ms   ratio {n_fast / ref:.2f}x")
+    print(f"  naive websocket, NODELAY + QUICKACK    {n_ack:7.2f} ms   ratio {n_ack / ref:.2f}x")
+    print(f"  colabmagic --local link                {l_rt:7.2f} ms   ratio {l_rt / ref:.2f}x")
+    print(f"push/pull of {args.mib} MiB, median of 3:")
+    print(f"  push through the server   {c_push:7.0f} MiB/s   (--local link {l_push:.0f} MiB/s)")
+    print(f"  pull through the server   {c_pull:7.0f} MiB/s   (--local link {l_pull:.0f} MiB/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The host side of ``%colab_upload`` / ``%colab_download``: one short-lived process per step.
+
+``colabmagic/filecopy.py`` runs this file's source with ``python -c SOURCE COMMAND ...`` over an
+SSH exec channel (or as a local subprocess), so it must stay self-contained: standard library,
+plus zstandard when the host has it. Two commands, each a session over stdin/stdout that
+carries a whole tree, so a directory costs one exec and a few round trips per file (JSON lines
+for the dialogue, frames for the data):
+
+``put``   in: the plan request ``{"dest", "base", "name", "is_dir", "files": [{"rel", "size"}]}``;
+          out: where each file goes and the size of any partial file left by an interrupted
+          upload (``.NAME.colabmagic-part`` beside the target). Then per file, in:
+          ``{"i", "offset", "sha"}`` (the sender's sha256 of its first *offset* bytes); the
+          partial file is checked against it (else redone from 0) and the offset used comes
+          back; then frames (``!BQ`` codec + length, payload; codec 1 = zstd) while hashing; a
+          codec-255 frame carries the expected sha256: on a match the partial file is renamed
+          to its target (atomic) and ``{"ok": true}`` comes back, else it is deleted. A stream
+          that ends early keeps the partial file for the next resume.
+``get MODE``
+          in: ``{"src", "base"}``; out: the files under it with sizes. Then per file, in:
+          ``{"i", "offset", "sha", "rate"}``; out: ``{"offset", "size"}`` (0 when the
+          receiver's partial file does not match), the frames from there (compressed per MODE:
+          none, zstd, or auto at *rate* bytes/s), and a codec-255 frame with the file's sha256.
+"""
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import time
+
+try:
+    import zstandard
+except ImportError:
+    zstandard = None
+
+FRAME = struct.Struct("!BQ")
+END = 255
+CHUNK = 4 << 20
+PART = ".colabmagic-part"
+
+
+def _resolve(path, base):
+    path = os.path.expanduser(path)
+    return os.path.normpath(os.path.join(base or os.path.expanduser("~"), path))
+
+
+def part_path(target):
+    head, tail = os.path.split(target)
+    return os.path.join(head, "." + tail + PART)
+
+
+def plan_put(req):
+    dest = _resolve(req["dest"] or req["name"], req.get("base"))
+    if not req["is_dir"] and os.path.isdir(dest):
+        dest = os.path.join(dest, req["name"])
+    if req["is_dir"]:
+        os.makedirs(dest, exist_ok=True)
+    out = []
+    for f in req["files"]:
+        target = os.path.join(dest, *f["rel"].split("/")) if req["is_dir"] else dest
+        try:
+            part = os.path.getsize(part_path(target))
+        except OSError:
+            part = 0
+        out.append({"target": target, "part": part if part <= f["size"] else 0})
+    return {"dest": dest, "files": out, "zstd": zstandard is not None}
+
+
+def plan_get(req):
+    src = _resolve(req["src"], req.get("base"))
+    if os.path.isfile(src):
+        return {
+            "src": src,
+            "is_dir": False,
+            "files": [{"path": src, "rel": "", "size": _size(src)}],
+        }
+    if not os.path.isdir(src):
+        return {"src": src, "missing": True}
+    files = []
+    for root, dirs, names in os.walk(src):
+        dirs.sort()
+        for name in sorted(names):
+            p = os.path.join(root, name)
+            if os.path.isfile(p):
+                rel = os.path.relpath(p, src).replace(os.sep, "/")
+                files.append({"path": p, "rel": rel, "size": _size(p)})
+    return {"src": src, "is_dir": True, "files": files, "zstd": zstandard is not None}
+
+
+def _size(path):
+    return os.path.getsize(path)
+
+
+def _hash_prefix(f, n):
+    h = hashlib.sha256()
+    f.seek(0)
+    left = n
+    while left > 0:
+        block = f.read(min(CHUNK, left))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h, n - left
+
+
+def _read_exact(stream, n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = stream.readinto(view[got:])
+        if not k:
+            return None
+        got += k
+    return buf
+
+
+def _lock(f, timeout=60.0):
+    """Wait until no earlier ``put`` (from before a drop, not yet told) writes this file."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _line(stdin):
+    raw = stdin.readline()
+    return json.loads(raw) if raw.strip() else None
+
+
+def _reply(out, obj):
+    out.write((json.dumps(obj) + "\n").encode())
+    out.flush()
+
+
+def serve_put():
+    stdin, out = sys.stdin.buffer, sys.stdout.buffer
+    req = _line(stdin)
+    plan = plan_put(req)
+    _reply(out, plan)
+    while True:
+        cmd = _line(stdin)
+        if cmd is None:
+            return 0
+        i = int(cmd["i"])
+        size = int(req["files"][i]["size"])
+        result = put(stdin, out, plan["files"][i]["target"], size, int(cmd["offset"]), cmd["sha"])
+        if result is None:
+            return 1  # the link dropped: what was written stays for the next resume
+        _reply(out, result)
+
+
+def put(stdin, out, target, size, offset, prefix_sha):
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    part = part_path(target)
+    mode = "r+b" if os.path.exists(part) else "w+b"
+    with open(part, mode) as f:
+        _lock(f)
+        h, got = _hash_prefix(f, offset)
+        if got != offset or h.hexdigest() != prefix_sha:
+            h, offset = hashlib.sha256(), 0  # the partial file is not what we sent: redo it
+        f.truncate(offset)
+        f.seek(offset)
+        _reply(out, {"offset": offset})
+        dctx = zstandard.ZstdDecompressor() if zstandard is not None else None
+        written = offset
+        while True:
+            head = _read_exact(stdin, FRAME.size)
+            if head is None:
+                return None
+            codec, n = FRAME.unpack(head)
+            payload = _read_exact(stdin, n)
+            if payload is None:
+                return None
+            if codec == END:
+                break
+            if codec == 1:
+                payload = dctx.decompress(payload)
+            f.write(payload)
+            h.update(payload)
+            written += len(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    digest = h.hexdigest()
+    if digest == payload.decode() and written == size:
+        os.replace(part, target)
+        return {"ok": True}
+    os.unlink(part)
+    return {"ok": False, "sha256": digest, "size": written}
+
+
+def _pays(view, rate, cctx):
+    mid = max(0, len(view) // 2 - 32768)
+    sample = view[mid : mid + 65536]
+    t0 = time.thread_time()  # CPU time: a preemption on a busy host is not compression cost
+    size = len(cctx.compress(sample))
+    per_byte = max(time.thread_time() - t0, 1e-7) / len(sample)
+    rate = rate or 3e7
+    return per_byte + size / len(sample) / rate + per_byte / 3 < 0.9 / rate
+
+
+def serve_get(mode):
+    stdin, out = sys.stdin.buffer, sys.stdout.buffer
+    plan = plan_get(_line(stdin))
+    _reply(out, plan)
+    if plan.get("missing"):
+        return 0
+    while True:
+        cmd = _line(stdin)
+        if cmd is None:
+            return 0
+        path = plan["files"][int(cmd["i"])]["path"]
+        get(out, path, int(cmd["offset"]), cmd["sha"], mode, float(cmd.get("rate") or 0))
+
+
+def get(out, source, offset, prefix_sha, mode, rate):
+    cctx = zstandard.ZstdCompressor(level=1) if (zstandard and mode != "none") else None
+    skip = 0
+    with open(source, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h, got = _hash_prefix(f, offset)
+        if got != offset or h.hexdigest() != prefix_sha:
+            h, offset = hashlib.sha256(), 0
+        f.seek(offset)
+        _reply(out, {"offset": offset, "size": size})
+        while True:
+            block = f.read(CHUNK)
+            if not block:
+                break
+            h.update(block)
+            codec, payload = 0, block
+            if cctx is not None and len(block) >= 4096:
+                if mode == "zstd" or (not skip and _pays(memoryview(block), rate, cctx)):
+                    z = cctx.compress(block)
+                    if len(z) < len(block):
+                        codec, payload = 1, z
+                elif skip:
+                    skip -= 1
+                elif rate:
+                    skip = 7
+            out.write(FRAME.pack(codec, len(payload)))
+            out.write(payload)
+        end = h.hexdigest().encode()
+        out.write(FRAME.pack(END, len(end)) + end)
+        out.flush()
+
+
+def main(argv):
+    if argv[0] == "put":
+        return serve_put()
+    if argv[0] == "get":
+        return serve_get(argv[1])
+    sys.stderr.write("unknown command " + repr(argv[0]) + "\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

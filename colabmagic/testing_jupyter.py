@@ -1,0 +1,122 @@
+"""A real ``jupyter server`` on 127.0.0.1 with a token, for tests and benchmarks.
+
+Only the server itself runs (no JupyterLab or other server extensions), so it starts in seconds.
+Extra server options pass through, e.g.
+``--ZMQChannelsWebsocketConnection.kernel_ws_protocol=`` to refuse the binary websocket subprotocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from colabmagic.testing import wait_until
+
+_NO_EXTENSIONS = repr(  # a Python literal: how traitlets reads a dict on the command line
+    {
+        "jupyterlab": False,
+        "jupyter_lsp": False,
+        "notebook_shim": False,
+        "jupyter_server_terminals": False,
+        "notebook": False,
+        "jupyter_server_fileid": False,
+        "jupyter_server_ydoc": False,
+    }
+)
+
+
+class ServerProcess:
+    """A running server: :attr:`url`, :attr:`port`, :attr:`token`, :attr:`root`, :attr:`log`."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, token: str, root: Path, log: Path):
+        self.proc, self.port, self.token, self.root, self.log = proc, port, token, root, log
+        self.url = f"http://127.0.0.1:{port}/"
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        """A REST call with the token; returns ``(status, json body)``."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(  # noqa: S310 - a loopback URL we built
+            self.url + path.lstrip("/"),
+            data=data,
+            method=method,
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        return status, json.loads(raw) if raw else {}
+
+    def ready(self) -> bool:
+        try:
+            return self.request("GET", "api/status")[0] == 200
+        except OSError:
+            return False
+
+    def kernel_ids(self) -> list[str]:
+        return [k["id"] for k in self.request("GET", "api/kernels")[1]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def jupyter_server(
+    base: Path, *args: str, token: str | None = None, timeout: float = 180.0
+) -> Iterator[ServerProcess]:
+    """Run ``python -m jupyter_server`` under *base* (root dir and log there) until the block ends.
+
+    Every kernel it still runs is shut down through the server on exit.
+    """
+    base = Path(base)
+    root = base / "root"
+    root.mkdir(parents=True, exist_ok=True)
+    token = token or secrets.token_hex(16)
+    port = _free_port()
+    log = base / "server.log"
+    cmd = [
+        sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True",
+        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+        f"--ServerApp.jpserver_extensions={_NO_EXTENSIONS}", *args,
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env.pop("JUPYTER_TOKEN", None)
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=root, env=env)
+    server = ServerProcess(proc, port, token, root, log)
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or server.ready(),
+            timeout=timeout,
+            interval=0.2,
+            what="jupyter server to start",
+        )
+        if proc.poll() is not None:
+            msg = f"jupyter server exited: {log.read_text()[-2000:]}"
+            raise RuntimeError(msg)
+        yield server
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                for kernel_id in server.kernel_ids():
+                    server.request("DELETE", f"api/kernels/{kernel_id}")
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,151 @@
+"""fp index / fp dedup on a real Dask cluster: `dask scheduler` + two `dask worker` processes.
+
+One worker is SIGKILLed mid-job: the job completes, the index equals a local run's byte for
+byte, and no file is indexed twice. Bad clusters fail in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colabmagic.errors import ConnectError, ParameterError
+from colabmagic.fingerprint import Index, dedup
+from colabmagic.fingerprint.audio import content_hash
+from colabmagic.fingerprint.pipeline import Job
+from colabmagic.testing import require
+
+from .conftest import SR, write_wav
+
+COLABMAGIC = str(Path(sys.executable).with_name("colabmagic"))
+
+try:
+    import distributed
+except ImportError:  # the fixture skips, or fails under COLABMAGIC_REQUIRE_ALL=1
+    distributed = None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require(distributed is not None, "dask.distributed is not installed (colabmagic[dask])")
+    from colabmagic.testing_dask import DaskProcesses
+
+    with DaskProcesses(tmp_path_factory.mktemp("dask"), n_workers=2, nthreads=1) as c:
+        yield c
+
+
+@pytest.fixture
+def many_files(tmp_path, tracks):
+    """32 distinct contents (the 8 tracks at 4 gains), enough to catch a worker mid-job."""
+    d = tmp_path / "files"
+    d.mkdir()
+    out = []
+    for g in range(4):
+        for name in sorted(tracks):
+            out.append(write_wav(d / f"g{g}-{name}.wav", tracks[name] * 0.8**g))
+    return out
+
+
+def _snapshot(idx: Index) -> tuple:
+    arrays = tuple(
+        np.asarray(a).tobytes() for s in idx._shards for a in (s.hashes, s.postings, s.peaks)
+    )
+    tracks = [(t.number, t.id, t.content_hash, t.n_hashes, t.duration) for t in idx.tracks]
+    return tracks, arrays
+
+
+def test_index_survives_a_worker_sigkill_and_equals_a_local_run(tmp_path, cluster, many_files):
+    jobs = [Job(str(f), str(f), content_hash(f)) for f in many_files]
+    local = Index(tmp_path / "local")
+    local.add_jobs(jobs, workers=1, backend="numpy", commit_seconds=0)
+    killed = {}
+
+    def kill_w1_midway(number, _extracted):
+        if number == 3:  # results have come back; the rest is queued on both workers
+            with cluster.client() as c:
+                processing = c.processing()
+                w1 = [a for a, info in c.scheduler_info(n_workers=-1)["workers"].items()
+                      if info["name"] == "w1"]  # fmt: skip
+                killed["had_tasks"] = len(processing.get(w1[0], ()))
+            cluster.kill("w1")
+
+    remote = Index(tmp_path / "remote")
+    s = remote.add_jobs(
+        jobs, scheduler=cluster.address, backend="numpy", commit_seconds=0,
+        on_added=kill_w1_midway,
+    )  # fmt: skip
+    assert killed["had_tasks"] >= 1, "w1 was idle when killed; the test proved nothing"
+    assert cluster.killed["w1"].returncode == -9
+    assert (s.added, s.skipped) == (len(jobs), 0)
+    assert _snapshot(remote) == _snapshot(local)
+    assert [t.number for t in remote.tracks] == list(range(len(jobs)))  # each file once
+    cluster.add_worker("w2")  # back to two workers for the next tests
+    cluster.wait_workers(2)
+
+
+def test_cli_index_and_dedup_with_scheduler_equal_local(tmp_path, cluster, tracks, monkeypatch):
+    d = tmp_path / "music"
+    d.mkdir()
+    for name in ("t0", "t1", "t2"):
+        write_wav(d / f"{name}.wav", tracks[name])
+    write_wav(d / "t1-excerpt.wav", tracks["t1"][5 * SR : 15 * SR])
+    (d / "t2-copy.wav").write_bytes((d / "t2.wav").read_bytes())
+    cli = [COLABMAGIC, "fp"]
+
+    def run(*args: str) -> dict:
+        p = subprocess.run(
+            [*cli, *args, "--json"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    # a relative path: the workers run in other directories
+    on_cluster = run("index", "--db", "a", "music", "--scheduler", cluster.address)
+    here = Index(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    here.add(["music"], workers=1, backend="numpy")
+    assert on_cluster["added"] == len(here) == 4
+    assert _snapshot(Index(tmp_path / "a", readonly=True)) == _snapshot(here)
+
+    groups = run("dedup", str(d), "--scheduler", cluster.address)["groups"]
+    assert groups == dedup([d], workers=1, backend="numpy").to_dict()["groups"]
+    files = sorted(sorted(Path(f).name for f in g["files"]) for g in groups)
+    assert files == [["t1-excerpt.wav", "t1.wav"], ["t2-copy.wav", "t2.wav"]]
+
+
+def test_bad_clusters_fail_in_one_line(tmp_path, cluster, tracks, monkeypatch):
+    f = write_wav(tmp_path / "x.wav", tracks["t0"])
+    with pytest.raises(
+        ConnectError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9 "
+    ):
+        Index(tmp_path / "db").add([f], scheduler="tcp://127.0.0.1:9")
+    assert len(Index(tmp_path / "db")) == 0  # the index is still valid (and empty)
+
+    # a worker whose PATH has Python but no ffmpeg
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    os.symlink(sys.executable, bare / "python")
+    require(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
+    cluster.add_worker("noffmpeg", env={**os.environ, "PATH": str(bare)})
+    cluster.wait_workers(3)
+    with pytest.raises(
+        ParameterError, match=r"Dask worker\(s\) tcp://127.0.0.1:\d+ have no ffmpeg"
+    ):
+        dedup([f], scheduler=cluster.address)
+    p = subprocess.run(
+        [COLABMAGIC, "fp", "index", "--db", str(tmp_path / "db"),
+         str(f), "--scheduler", cluster.address],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1].startswith("Error: Dask worker(s) tcp://127.0.0.1:")
+    assert "Traceback" not in p.stderr
+    assert len(Index(tmp_path / "db")) == 0
+    cluster.kill("noffmpeg")

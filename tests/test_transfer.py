@@ -1,0 +1,366 @@
+"""Streamed push/pull, compression where it pays, resumable files: over a real OpenSSH sshd, and
+through the emulated WAN link (``colabmagic.testing_wan``) for slow links and cuts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from colabmagic import filecopy, transfer
+from colabmagic.errors import ParameterError, TransferError
+from colabmagic.relay import QuietRelay
+from colabmagic.session import Session
+from colabmagic.testing import wait_until
+from colabmagic.testing_wan import WanRelay
+from colabmagic.transport.ssh import SSHTransport
+
+pytestmark = pytest.mark.ssh
+MiB = 1 << 20
+LOST = 8 * MiB  # the most one cut may cost: the data in flight when the link dropped
+
+
+def ssh_transport(server, root, *, proxy_command: str | None = None) -> SSHTransport:
+    return SSHTransport(
+        server.name,
+        ssh_config=server.ssh_config,
+        python=sys.executable,
+        root=str(root),
+        connect_timeout=10,
+        proxy_command=proxy_command,
+    )
+
+
+def through(relay: WanRelay) -> str:
+    """A ProxyCommand that reaches sshd through *relay* (whose counters and cuts then apply)."""
+    return f"{sys.executable} -m colabmagic.testing_wan 127.0.0.1 {relay.port}"
+
+
+def slow_link(rate: float, delay: float = 0.01) -> str:
+    return f"{sys.executable} -m colabmagic.testing_wan --delay {delay} --rate {rate:.0f} %h %p"
+
+
+@pytest.fixture(scope="module")
+def session(sshd_server, colabmagic_root):
+    s = Session.start(ssh_transport(sshd_server, colabmagic_root), name="transfer")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def relay(sshd_server):
+    with WanRelay(("127.0.0.1", sshd_server.port)) as r:
+        yield r
+
+
+def sparse(nbytes: int, seed: int = 0) -> np.ndarray:
+    """float32, 90 % zeros: activations after a ReLU, a pruned weight matrix."""
+    rng = np.random.default_rng(seed)
+    a = rng.random(nbytes // 4, dtype=np.float32)
+    a[rng.random(a.size) < 0.9] = 0
+    return a
+
+
+def noise(nbytes: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def run(session, code: str) -> str:
+    return session.run(code, relay=QuietRelay()).stdout.strip()
+
+
+# -- streamed push/pull --------------------------------------------------------------------
+def test_streamed_push_pull_many_frames_content_and_writable(session):
+    a = noise(9 * MiB + 123)
+    a[0] = 1
+    b = np.arange(3 * MiB, dtype=np.int64).reshape(1024, -1)[:, ::2]  # not contiguous: a copy
+    big_list = list(range(200_000))  # the pickle itself is larger than a chunk's inline limit
+    stats = session.push(a=a, b=b, big_list=big_list, compress="none")
+    assert stats.chunks > 3
+    assert stats.wire_bytes == stats.raw_bytes > 9 * MiB
+    out = run(
+        session,
+        "import hashlib; a[0] = 7; "
+        "print(hashlib.sha256(a[1:]).hexdigest(), b.shape, big_list[-1], a.flags.writeable)",
+    )
+    assert out.split()[0] == hashlib.sha256(a[1:]).hexdigest()
+    assert out.endswith("199999 True")
+    back = session.pull("a", "b", "big_list", compress="none")
+    assert session.bulk.last.chunks > 3
+    assert back["a"][0] == 7
+    assert np.array_equal(back["a"][1:], a[1:])
+    assert np.array_equal(back["b"], b)
+    assert back["big_list"] == big_list
+    assert back["a"].flags.writeable
+    assert back["b"].flags.writeable
+    assert a[0] == 1, "the local array is not aliased"
+    run(session, "del a, b, big_list")
+
+
+def test_explicit_zstd_none_and_bad_mode(session):
+    x = sparse(12 * MiB)
+    z = session.push(x=x, compress="zstd")
+    assert z.compressed_chunks == z.chunks - 1  # all but the pickle's few bytes
+    assert z.wire_bytes < 0.4 * z.raw_bytes
+    n = session.push(x=x, compress="none")
+    assert n.compressed_chunks == 0
+    assert n.wire_bytes == n.raw_bytes
+    back = session.pull("x", compress="zstd")
+    assert np.array_equal(back, x)
+    assert session.bulk.last.compressed_chunks > 0
+    with pytest.raises(ParameterError, match="compress='gzip' is not one of auto, zstd, none"):
+        session.push(x=x, compress="gzip")
+    run(session, "del x")
+
+
+def test_a_remote_without_zstandard_gets_raw_chunks(session):
+    """zstandard is optional on the host: without it every mode falls back to raw chunks."""
+    run(session, "import _colabmagic_kernel as k; k._saved, k._zstd = k._zstd, None")
+    try:
+        session._refresh_remote_info()
+        assert session.remote_info["zstd"] is False
+        x = sparse(8 * MiB)
+        st = session.push(x=x, compress="zstd")
+        assert st.compressed_chunks == 0
+        assert np.array_equal(session.pull("x", compress="zstd"), x)
+        assert session.bulk.last.compressed_chunks == 0
+    finally:
+        run(session, "import _colabmagic_kernel as k; k._zstd = k._saved; del x")
+        session._refresh_remote_info()
+    assert session.remote_info["zstd"] is True
+
+
+def test_compress_auto_both_ways_on_a_slow_link(sshd_server, colabmagic_root):
+    """At 8 MB/s, auto compresses sparse floats and int8 labels, and sends noise raw."""
+    t = ssh_transport(sshd_server, colabmagic_root, proxy_command=slow_link(8e6))
+    s = Session.start(t, name="slow-link")
+    try:
+        data = {
+            "sparse": sparse(12 * MiB),
+            "labels": np.random.default_rng(2).integers(0, 10, 8 * MiB, dtype=np.int8),
+            "noise": noise(6 * MiB),
+        }
+        for name, value in data.items():
+            st = s.push(**{name: value})
+            back = s.pull(name)
+            pulled = s.bulk.last
+            assert np.array_equal(back, value), name
+            if name == "noise":
+                assert st.compressed_chunks == 0
+                assert st.wire_bytes == st.raw_bytes
+                assert pulled.compressed_chunks == 0
+                assert pulled.wire_bytes == pulled.raw_bytes
+            else:
+                assert st.compressed_chunks == st.chunks - 1, (name, st)  # not the tiny pickle
+                assert st.wire_bytes < 0.6 * st.raw_bytes, (name, st)
+                assert pulled.compressed_chunks == pulled.chunks - 1, (name, pulled)
+    finally:
+        s.close()
+
+
+# -- bounded memory ------------------------------------------------------------------------
+def _reset_peak(pid: int) -> int:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    return _status(pid, "VmRSS")
+
+
+def _status(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(field)
+
+
+@pytest.mark.slow
+def test_two_gib_push_and_pull_in_bounded_memory_on_both_ends(session):
+    size = 2 << 30
+    info = session.proxy.agent_info
+    pids = {"local": os.getpid(), "agent": info["agent_pid"], "kernel": info["kernel_pid"]}
+    x = np.arange(size // 8, dtype=np.uint64)
+    limit = 64 * MiB
+
+    base = {k: _reset_peak(p) for k, p in pids.items()}
+    session.push(x=x, compress="none")
+    grew = {k: _status(p, "VmHWM") - base[k] for k, p in pids.items()}
+    assert grew["local"] <= limit, grew
+    assert grew["agent"] <= limit, grew
+    assert size <= grew["kernel"] <= size + limit, grew
+    n = size // 8
+    out = run(session, "print(int(x.sum(dtype='uint64')), x.flags.writeable, x.flags.owndata)")
+    assert out.split()[:2] == [str((n * (n - 1) // 2) % 2**64), "True"]
+
+    base = {k: _reset_peak(p) for k, p in pids.items()}
+    back = session.pull("x", compress="none")
+    grew = {k: _status(p, "VmHWM") - base[k] for k, p in pids.items()}
+    assert size <= grew["local"] <= size + limit, grew
+    assert grew["agent"] <= limit, grew
+    assert grew["kernel"] <= limit, grew
+    assert back.flags.writeable
+    assert np.array_equal(back, x)
+    del back
+    run(session, "del x")
+
+
+# -- resumable, verified, atomic files -----------------------------------------------------
+def _cut_at(relay: WanRelay, marks: list[int]) -> threading.Thread:
+    """Cut the relay's connections each time the bytes it carried upstream pass a mark."""
+
+    def watch():
+        for mark in marks:
+            wait_until(lambda m=mark: relay.bytes_up >= m, timeout=300, what="upload progress")
+            relay.cut()
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def _upload_with_cuts(server, root, tmp_path, relay, size: int, limit: float) -> None:
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for _ in range(size // (16 * MiB)):
+            f.write(os.urandom(16 * MiB))
+    dest = tmp_path / "remote" / "big.bin"
+    t = ssh_transport(server, root, proxy_command=through(relay))
+    try:
+        watcher = _cut_at(relay, [int(size * k / 4) for k in (1, 2, 3)])
+        n = t.upload(str(src), str(dest), compress="none", progress=False)
+        watcher.join(5)
+    finally:
+        t.close()
+    assert n == size
+    assert not watcher.is_alive(), "the three cuts happened"
+    assert hashlib.sha256(dest.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
+    assert not (dest.parent / f".{dest.name}.colabmagic-part").exists()
+    assert relay.bytes_up <= limit, f"{relay.bytes_up / size:.3f} x the file crossed the link"
+
+
+def test_upload_cut_three_times_resumes(sshd_server, colabmagic_root, tmp_path, relay):
+    # what a cut costs is what was in flight (SSH window, pipe and socket buffers): a few MiB
+    _upload_with_cuts(sshd_server, colabmagic_root, tmp_path, relay, 96 * MiB, 96 * MiB + 3 * LOST)
+
+
+@pytest.mark.slow
+def test_one_gib_upload_cut_three_times_sends_at_most_1_1_gib(
+    sshd_server, colabmagic_root, tmp_path, relay
+):
+    _upload_with_cuts(sshd_server, colabmagic_root, tmp_path, relay, 1 << 30, 1.1 * (1 << 30))
+
+
+def test_partial_upload_resumes_and_a_corrupted_one_is_redone(
+    sshd_server, colabmagic_root, tmp_path, relay
+):
+    data = noise(32 * MiB, seed=5).tobytes()
+    src = tmp_path / "w.bin"
+    src.write_bytes(data)
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    part = remote / ".w.bin.colabmagic-part"
+    t = ssh_transport(sshd_server, colabmagic_root, proxy_command=through(relay))
+    try:
+        # a true prefix (an upload interrupted earlier): only the rest crosses
+        part.write_bytes(data[: 24 * MiB])
+        relay.reset_counters()
+        t.upload(str(src), str(remote), compress="none", progress=False)
+        assert (remote / "w.bin").read_bytes() == data
+        assert not part.exists()
+        assert relay.bytes_up < 10 * MiB, relay.bytes_up
+        # a corrupted prefix: detected, and the whole file is sent again
+        (remote / "w.bin").unlink()
+        part.write_bytes(data[:1000] + b"X" + data[1001 : 24 * MiB])
+        relay.reset_counters()
+        t.upload(str(src), str(remote), compress="none", progress=False)
+        assert (remote / "w.bin").read_bytes() == data
+        assert not part.exists()
+        assert relay.bytes_up > 32 * MiB
+    finally:
+        t.close()
+
+
+def test_download_resumes_after_a_cut_and_redoes_a_corrupted_partial(
+    sshd_server, colabmagic_root, tmp_path, relay
+):
+    data = noise(48 * MiB, seed=6).tobytes()
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "r.bin").write_bytes(data)
+    here = tmp_path / "here"
+    here.mkdir()
+    part = here / ".r.bin.colabmagic-part"
+    t = ssh_transport(sshd_server, colabmagic_root, proxy_command=through(relay))
+    try:
+
+        def watch():
+            wait_until(lambda: relay.bytes_down >= 20 * MiB, timeout=120, what="download")
+            relay.cut()
+
+        cutter = threading.Thread(target=watch, daemon=True)
+        cutter.start()
+        t.download(str(remote / "r.bin"), str(here), compress="none", progress=False)
+        cutter.join(5)
+        assert (here / "r.bin").read_bytes() == data
+        assert not part.exists()
+        assert relay.bytes_down <= 1.1 * len(data)
+        # a corrupted local partial file is redone from the start
+        (here / "r.bin").unlink()
+        part.write_bytes(b"garbage" * 1000)
+        t.download(str(remote / "r.bin"), str(here), compress="none", progress=False)
+        assert (here / "r.bin").read_bytes() == data
+        assert not part.exists()
+    finally:
+        t.close()
+
+
+def test_a_failed_upload_leaves_no_target_and_the_next_call_resumes(
+    sshd_server, colabmagic_root, tmp_path, relay
+):
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.bin").write_bytes(noise(40 * MiB, seed=7).tobytes())
+    (src / "b.txt").write_text("b\n")
+    remote = tmp_path / "remote"
+    t = ssh_transport(sshd_server, colabmagic_root, proxy_command=through(relay))
+    try:
+        relay.cut_after(16 * MiB)
+        with pytest.raises(TransferError, match="run it again to resume"):
+            t.upload(str(src), str(remote), compress="none", progress=False, retries=0)
+        assert not (remote / "sub" / "a.bin").exists(), "never half a file under its name"
+        assert (remote / "sub" / ".a.bin.colabmagic-part").exists()
+        relay.reset_counters()
+        n = t.upload(str(src), str(remote), compress="none", progress=False)
+        assert n == 40 * MiB + 2
+        assert relay.bytes_up < 36 * MiB, "the second call resumed"
+        assert (remote / "sub" / "a.bin").read_bytes() == (src / "sub" / "a.bin").read_bytes()
+        assert (remote / "b.txt").read_text() == "b\n"
+        leftovers = [p for p in remote.rglob("*") if p.name.endswith(".colabmagic-part")]
+        assert not leftovers
+    finally:
+        t.close()
+
+
+def test_files_compress_auto_on_a_slow_link(sshd_server, colabmagic_root, tmp_path):
+    src = tmp_path / "sparse.npy"
+    np.save(src, sparse(16 * MiB))
+    size = src.stat().st_size
+    with WanRelay(("127.0.0.1", sshd_server.port), delay=0.01, rate=8e6) as relay:
+        t = ssh_transport(sshd_server, colabmagic_root, proxy_command=through(relay))
+        try:
+            t.upload(str(src), str(tmp_path / "up.npy"), progress=False)
+            assert relay.bytes_up < 0.5 * size
+            t.download(str(tmp_path / "up.npy"), str(tmp_path / "down.npy"), progress=False)
+            assert relay.bytes_down < 0.5 * size
+        finally:
+            t.close()
+    assert (tmp_path / "down.npy").read_bytes() == src.read_bytes()
+    with pytest.raises(ParameterError, match="compress="):
+        filecopy.upload(t, str(src), "x", compress="lz4")
+
+
+def test_chunk_constants_bound_the_window():
+    assert transfer.CHUNK * transfer.WINDOW <= 32 * MiB
