@@ -119,17 +119,21 @@ def test_lookup_table_gives_the_binary_search_answers(
     assert match(idx, q)[0].track == "t5"
 
 
-def test_index_progress_bar_leaves_the_pool_forking(tmp_path, library, monkeypatch):
-    from click.testing import CliRunner
-
-    from colabmagic.cli import main
-    from colabmagic.fingerprint import pipeline
-
-    monkeypatch.setattr(pipeline, "BYTES_PER_WORKER", 1)  # a pool for this small library
-    methods = []
-    real = pipeline._start_method
-    monkeypatch.setattr(pipeline, "_start_method", lambda: methods.append(real()) or methods[-1])
-    args = ["fp", "index", "--db", str(tmp_path / "db"), str(library), "--workers", "2"]
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
-    assert methods == ["fork"]  # tqdm's monitor thread would have forced "spawn"
+def test_index_progress_bar_leaves_the_pool_forking(tmp_path, library):
+    # in a fresh process: the test process itself may hold other tests' threads
+    code = (
+        "import sys\n"
+        "from colabmagic.cli import main\n"
+        "from colabmagic.fingerprint import pipeline\n"
+        "pipeline.BYTES_PER_WORKER = 1\n"  # a pool for this small library
+        "real, seen = pipeline._start_method, []\n"
+        "pipeline._start_method = lambda: seen.append(real()) or seen[-1]\n"
+        "try:\n"
+        f"    main(['fp', 'index', '--db', {str(tmp_path / 'db')!r}, {str(library)!r},"
+        " '--workers', '2'])\n"
+        "except SystemExit:\n    pass\n"
+        "print(seen, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # tqdm's monitor thread would have forced "spawn"
+    assert out.stderr.strip().splitlines()[-1] == "['fork']"
