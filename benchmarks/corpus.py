@@ -212,7 +212,7 @@ def source_tracks(
             pkg = s.name if s.is_dir() else s.parent.name
             exts = SOURCE_EXTENSIONS
             found += [(pkg, str(f.resolve())) for f in files if f.suffix.lower() in exts]
-    key = [(p, f, os.path.getsize(f)) for p, f in found]
+    key = [[p, f, os.path.getsize(f)] for p, f in found]  # as JSON gives it back
     cached = cache_dir / "sources.json"
     if cached.exists():
         data = json.loads(cached.read_text())
@@ -258,6 +258,8 @@ def _variant(kind: str, rng: random.Random, duration: float) -> tuple[dict[str, 
 def _ffmpeg_args(params: dict[str, Any]) -> list[str]:
     """Encoder options of a duplicate (see :func:`_variant`)."""
     args = ["-ac", "2"]
+    if "max_s" in params:
+        args += ["-t", f"{params['max_s']:.3f}"]
     if "trim_s" in params:
         args = ["-ss", f"{params['trim_s']:.3f}", *args]
     if "gain_db" in params:
@@ -277,10 +279,29 @@ def _ffmpeg_args(params: dict[str, Any]) -> list[str]:
 
 
 def _encode(src: str, dest: Path, params: dict[str, Any]) -> None:
-    """Transcode *src* to *dest* (written under a temporary name, then renamed: resumable)."""
+    """Transcode *src* to *dest* (written under a temporary name, then renamed: resumable).
+
+    A source that ffmpeg cannot read but libsndfile can (a few OGG files of the packages) goes
+    through a temporary WAV at its own rate.
+    """
     if dest.exists():
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _ffmpeg_encode(src, dest, params)
+    except RuntimeError:
+        import soundfile
+
+        y, sr = soundfile.read(src, dtype="float32", always_2d=True)
+        wav = dest.with_name(f".tmp-{dest.stem}.wav")
+        soundfile.write(wav, y, sr, subtype="FLOAT")
+        try:
+            _ffmpeg_encode(str(wav), dest, params)
+        finally:
+            wav.unlink(missing_ok=True)
+
+
+def _ffmpeg_encode(src: str, dest: Path, params: dict[str, Any]) -> None:
     tmp = dest.with_name(f".tmp-{dest.name}")
     args = _ffmpeg_args(params)
     pre, post = (args[:2], args[2:]) if "trim_s" in params else ([], args)
@@ -410,6 +431,7 @@ def build_corpus(
     workers: int = 2,
     held_out: float = HELD_OUT,
     min_seconds: float = MIN_SECONDS,
+    max_seconds: float | None = None,
     log: Callable[[str], None] | None = None,
     base_files: int = BASE_FILES,
 ) -> dict[str, Any]:
@@ -431,6 +453,9 @@ def build_corpus(
         Share of the distinct tracks kept out of the library (at least one when there are two).
     min_seconds : float
         Shorter source files are left out.
+    max_seconds : float, optional
+        Keep only the first *max_seconds* of every track (a smaller corpus of as many files,
+        quicker to build and to measure on a busy machine); whole tracks by default.
     log : callable, optional
         Receives progress lines.
     base_files : int
@@ -459,17 +484,22 @@ def build_corpus(
     total_files, files = files, min(files, max(base_files, len(indexed)))
     plan: list[tuple[str, Path, dict[str, Any]]] = []  # (source, dest, params)
     groups = []
+    cut = {"max_s": max_seconds} if max_seconds else {}
+
+    def length(t: SourceTrack) -> float:
+        return round(min(t.duration, max_seconds or t.duration), 3)
+
     for g, i in enumerate(indexed):
         t = tracks[i]
         dest = root / "library" / f"{_slug(t, i)}.mp3"
-        plan.append((t.path, dest, {}))
+        plan.append((t.path, dest, cut))
         entry = {"variant": "original", "params": {}, "offset_s": 0.0}
         groups.append(
             {
                 "group": g,
                 "source": t.path,
                 "package": t.package,
-                "duration": t.duration,
+                "duration": length(t),
                 "files": [{"path": str(dest.relative_to(root)), **entry}],
             }
         )
@@ -501,13 +531,13 @@ def build_corpus(
     for i in sorted(held):
         t = tracks[i]
         dest = root / "heldout" / f"{_slug(t, i)}.mp3"
-        plan.append((t.path, dest, {}))
+        plan.append((t.path, dest, cut))
         heldout.append(
             {
                 "path": str(dest.relative_to(root)),
                 "source": t.path,
                 "package": t.package,
-                "duration": t.duration,
+                "duration": length(t),
             }
         )
     # originals first (the duplicates are made from them), then everything else
@@ -540,7 +570,8 @@ def build_corpus(
         "indexed_tracks": len(groups),
         "held_out_tracks": len(heldout),
         "library_files": n,
-        "hours": round(sum(t.duration for t in tracks) / 3600, 3),
+        "max_seconds": max_seconds,
+        "hours": round(sum(length(t) for t in tracks) / 3600, 3),
         "library_hours": round(_library_seconds(groups) / 3600, 3),
         "packages": sorted({t.package for t in tracks}),
         "groups": groups,
@@ -609,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="concurrent encoders [2]")
     ap.add_argument("--source", action="append", help="audio dir/file instead of the packages")
     ap.add_argument("--min-seconds", type=float, default=MIN_SECONDS)
+    ap.add_argument("--max-seconds", type=float, help="keep only the first S s of each track")
     ap.add_argument(
         "--base-files", type=int, default=BASE_FILES,
         help=f"files built as the scale corpus; past them, derived recordings [{BASE_FILES}]",
@@ -621,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         sources=args.source,
         workers=args.workers,
         min_seconds=args.min_seconds,
+        max_seconds=args.max_seconds,
         log=lambda s: print(s, file=sys.stderr, flush=True),
         base_files=args.base_files,
     )

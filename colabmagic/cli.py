@@ -12,8 +12,6 @@ import json
 import click
 
 from colabmagic.errors import ColabMagicError
-from colabmagic.experiments.cli import exp
-from colabmagic.fingerprint.cli import fp
 
 
 def user_errors(fn):
@@ -33,14 +31,35 @@ def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=1, default=str))
 
 
-@click.group()
+class _LazyGroup(click.Group):
+    """A group whose big sub-command groups are imported only when they run (or are listed).
+
+    ``colabmagic fp ...`` must not pay for importing the experiment machinery (jsonschema alone
+    costs seconds on a busy machine), nor ``exp`` for NumPy/SciPy.
+    """
+
+    lazy = {
+        "fp": "colabmagic.fingerprint.cli:fp",
+        "exp": "colabmagic.experiments.cli:exp",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            import importlib
+
+            module, attr = self.lazy[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup)
 @click.version_option(package_name="colabmagic")
 def main() -> None:
     """colabmagic: run notebook cells on a remote GPU kernel as if they ran locally."""
 
-
-main.add_command(fp)
-main.add_command(exp)
 
 # -- demo and kernelspec commands (foundation, JupyterLab) ---------------------------------------
 

@@ -108,6 +108,11 @@ def index_cmd(
     if not items:
         msg = "give PATH arguments or --list FILE."
         raise click.UsageError(msg)
+    # no tqdm monitor thread: with a second thread alive the worker pool would be started with
+    # "spawn" (every worker importing NumPy/SciPy again, seconds of CPU) instead of "fork"
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0
     idx = Index(db)
     try:
         summary = idx.add(
@@ -204,6 +209,7 @@ def query_cmd(
                     "score": 0.0,
                     "offset_s": None,
                     "latency_s": 0.0,
+                    "cpu_s": 0.0,
                     "error": str(exc),
                 }
             if sink is not None:

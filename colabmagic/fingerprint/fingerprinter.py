@@ -267,37 +267,91 @@ class Fingerprinter:
         track = xp.searchsorted(starts, frames, side="right") - 1
         times = (frames - starts[track]).astype(xp.float32) + offsets  # exact up to the track
         fanout = self.query_fanout if query else self.fanout
-        parts = []
-        for v in variants:  # a handful of speed hypotheses, each fully vectorised
-            s = self.speeds[v]
-            h, t, tr = hashing.landmark_hashes(
-                be,
-                times,
-                freqs,
-                track,
-                fanout=fanout,
-                dt_max=self.dt_max,
-                df_max=self.df_max,
-                lookahead=4 * fanout,
-                time_scale=s,
-                freq_scale=1.0 / s,
-            )
-            parts.append((h, t, tr, xp.full(h.shape, v, dtype=xp.int8)))
-        h, t, tr, var = (xp.concatenate([p[k] for p in parts]) for k in range(4))
+        hashed = self._hash_variants(be, times, freqs, track, len(signals), fanout, variants)
+        peak_bounds = be.to_host(xp.searchsorted(track, xp.arange(len(signals) + 1)))
+        peak_xy = be.to_host(xp.stack([times, freqs], axis=1))
+        return [
+            Fingerprint(h, t, var, peak_xy[pa:pb])
+            for (h, t, var), (pa, pb) in zip(hashed, itertools.pairwise(peak_bounds), strict=True)
+        ]
+
+    def _hash_variants(
+        self,
+        be: Backend,
+        times: Any,
+        freqs: Any,
+        track: Any,
+        n_signals: int,
+        fanout: int,
+        variants: Sequence[int],
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``(hashes, times, variant)`` host arrays per signal, for peaks sorted by track."""
+        xp = be.xp
+        h, t, tr, pos = hashing.landmark_hashes_speeds(  # every speed hypothesis in one pass
+            be,
+            times,
+            freqs,
+            track,
+            [(self.speeds[v], 1.0 / self.speeds[v]) for v in variants],
+            fanout=fanout,
+            dt_max=self.dt_max,
+            df_max=self.df_max,
+            lookahead=4 * fanout,
+        )
+        var = be.to_device(np.asarray(variants, dtype=np.int8))[pos]
         if len(variants) > 1:
             order = xp.argsort(tr, kind="stable")
             h, t, tr, var = h[order], t[order], tr[order], var[order]
         # bounds are found where the arrays live; only what the caller keeps crosses back
-        numbers = xp.arange(len(signals) + 1)
-        bounds = be.to_host(xp.searchsorted(tr, numbers))
-        peak_bounds = be.to_host(xp.searchsorted(track, numbers))  # peaks are sorted by frame
+        bounds = be.to_host(xp.searchsorted(tr, xp.arange(n_signals + 1)))
         h = be.to_host(h)
         t = be.to_host(xp.maximum(t, 0).astype(xp.int32))
         var = be.to_host(var)
-        peak_xy = be.to_host(xp.stack([times, freqs], axis=1))
-        return [
-            Fingerprint(h[a:b], t[a:b], var[a:b], peak_xy[pa:pb])
-            for (a, b), (pa, pb) in zip(
-                itertools.pairwise(bounds), itertools.pairwise(peak_bounds), strict=True
-            )
-        ]
+        return [(h[a:b], t[a:b], var[a:b]) for a, b in itertools.pairwise(bounds)]
+
+    def speed_variants(
+        self,
+        fps: Sequence[Fingerprint],
+        variants: Sequence[int],
+        *,
+        backend: str | Backend = "numpy",
+    ) -> list[Fingerprint]:
+        """Query hashes of the speed hypotheses *variants*, made from query fingerprints' peaks.
+
+        The hashes of ``fingerprint_batch(signals, query=True, variants=variants)`` without
+        computing the spectrograms and peaks again: a query that finds nothing at the unchanged
+        speed is hashed under the other hypotheses from the peaks it already has.
+
+        Parameters
+        ----------
+        fps : sequence of Fingerprint
+            Query fingerprints (``query=True``) with their peaks.
+        variants : sequence of int
+            Indices into :attr:`speeds`.
+        backend : {"auto", "numpy", "cupy"} or Backend
+
+        Returns
+        -------
+        list of Fingerprint
+            One per fingerprint, holding only the hashes of *variants* (and the same peaks).
+        """
+        if any(f.peaks is None for f in fps):
+            msg = "speed_variants needs fingerprints with peaks; fingerprint the signals again."
+            raise ParameterError(msg)
+        if not variants or not all(0 <= v < len(self.speeds) for v in variants):
+            msg = f"variants={variants!r}: pick indices into speeds (0..{len(self.speeds) - 1})."
+            raise ParameterError(msg)
+        be = resolve_backend(backend)
+        peaks = [np.asarray(f.peaks, dtype=np.float32) for f in fps]
+        xy = np.concatenate(peaks) if peaks else np.zeros((0, 2), np.float32)
+        track = np.repeat(np.arange(len(fps)), [len(p) for p in peaks])
+        hashed = self._hash_variants(
+            be,
+            be.to_device(np.ascontiguousarray(xy[:, 0])),
+            be.to_device(np.ascontiguousarray(xy[:, 1])),
+            be.to_device(track),
+            len(fps),
+            self.query_fanout,
+            tuple(variants),
+        )
+        return [Fingerprint(h, t, var, p) for (h, t, var), p in zip(hashed, peaks, strict=True)]

@@ -7,7 +7,10 @@ hash ``f1 (8 bits) | df (7 bits) | dt (6 bits)`` and the anchor's frame.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from colabmagic.fingerprint._xp import Backend
 
@@ -58,22 +61,59 @@ def landmark_hashes(
     pair_track : array (int64)
         Track of every hash.
     """
+    h, t, tr, _ = landmark_hashes_speeds(
+        backend,
+        times,
+        freqs,
+        track,
+        [(time_scale, freq_scale)],
+        fanout=fanout,
+        dt_max=dt_max,
+        df_max=df_max,
+        lookahead=lookahead,
+    )
+    return h, t, tr
+
+
+def landmark_hashes_speeds(
+    backend: Backend,
+    times: Any,
+    freqs: Any,
+    track: Any,
+    scales: Sequence[tuple[float, float]],
+    *,
+    fanout: int,
+    dt_max: int,
+    df_max: int,
+    lookahead: int,
+) -> tuple[Any, Any, Any, Any]:
+    """:func:`landmark_hashes` under several ``(time_scale, freq_scale)`` at once.
+
+    One pass over a ``(len(scales), peaks, lookahead)`` array instead of one call per speed
+    hypothesis; the results are those of the calls concatenated in the order of *scales*, plus
+    the position in *scales* of every hash.
+    """
     xp = backend.xp
     n = times.shape[0]
-    t = times * xp.float32(time_scale)
-    f = freqs * xp.float32(freq_scale)
+    ts = xp.asarray(np.array([a for a, _ in scales], dtype=np.float32))[:, None]
+    fs = xp.asarray(np.array([b for _, b in scales], dtype=np.float32))[:, None]
+    t = times[None, :] * ts  # (v, n)
+    f = freqs[None, :] * fs
     j = xp.arange(n)[:, None] + xp.arange(1, lookahead + 1)[None, :]
     inside = j < n
     j = xp.minimum(j, max(n - 1, 0))
-    dt = xp.rint(t[j] - t[:, None]).astype(xp.int64)
-    df = xp.rint(f[j] - f[:, None]).astype(xp.int64)
-    valid = inside & (track[j] == track[:, None]) & (dt >= 1) & (dt <= dt_max)
+    same = inside & (track[j] == track[:, None])  # (n, lookahead), shared by every scale
+    # (v, n, lookahead), rounded but kept in float32 (exact small integers): the tests run on
+    # 4-byte values, and only the kept pairs are converted
+    dt = xp.rint(t[:, j] - t[:, :, None])
+    df = xp.rint(f[:, j] - f[:, :, None])
+    valid = same[None] & (dt >= 1) & (dt <= dt_max)
     valid &= xp.abs(df) <= df_max
-    valid &= xp.cumsum(valid, axis=1) <= fanout
-    rows, cols = xp.nonzero(valid)
-    f1 = xp.clip(xp.rint(f[rows]).astype(xp.int64), 0, F_MAX)
-    dtv = dt[rows, cols]
-    dfv = df[rows, cols] + DF_MAX + 1
+    valid &= xp.cumsum(valid, axis=2, dtype=xp.int16) <= fanout
+    which, rows, cols = xp.nonzero(valid)
+    f1 = xp.clip(xp.rint(f[which, rows]).astype(xp.int64), 0, F_MAX)
+    dtv = dt[which, rows, cols].astype(xp.int64)
+    dfv = df[which, rows, cols].astype(xp.int64) + DF_MAX + 1
     hashes = (f1 << (DF_BITS + DT_BITS)) | (dfv << DT_BITS) | dtv
-    anchor = xp.rint(t[rows]).astype(xp.int64)
-    return hashes.astype(xp.uint32), anchor, track[rows]
+    anchor = xp.rint(t[which, rows]).astype(xp.int64)
+    return hashes.astype(xp.uint32), anchor, track[rows], which

@@ -71,6 +71,8 @@ MERGE_FANOUT = 8
 TIME_MASK = np.uint64(0xFFFFFFFF)
 #: Most postings a query hash may have and still be looked up (see :attr:`Index.stop_postings`).
 MAX_POSTINGS = 256
+#: Shards smaller than this keep their binary searches (the table would outweigh them).
+TABLE_MIN_HASHES = 1 << 16
 
 
 class FingerprintIndexError(ColabMagicError):
@@ -213,13 +215,38 @@ def _between(keys: np.ndarray, lo: Any, hi: Any) -> slice:
 
 
 class _Shard:
-    __slots__ = ("hashes", "name", "peaks", "postings")
+    __slots__ = ("hashes", "looked_up", "name", "peaks", "postings", "table")
 
     def __init__(self, root: Path, name: str):
         self.name = name
         self.hashes = np.load(root / name / "hashes.npy", mmap_mode="r")
         self.postings = np.load(root / name / "postings.npy", mmap_mode="r")
         self.peaks = np.load(root / name / "peaks.npy", mmap_mode="r")
+        self.table: np.ndarray | None = None
+        self.looked_up = 0
+
+    def use_table(self, n: int) -> bool:
+        """Count *n* more hashes looked up; whether the start table is (now) there.
+
+        Binary searches at first; once this process has looked up an eighth as many hashes as
+        the shard holds, a table of where every hash value starts (``2**HASH_BITS + 1``
+        entries, one pass over the shard to build) replaces them: two gathers per hash instead
+        of ~40 scattered reads and no sort of the query's hashes, most of a query's lookup time.
+        """
+        self.looked_up += n
+        if self.table is None and 8 * self.looked_up >= len(self.hashes) >= TABLE_MIN_HASHES:
+            counts = np.bincount(self.hashes, minlength=1 << HASH_BITS)
+            self.table = np.zeros(len(counts) + 1, np.uint32)
+            np.cumsum(counts, out=self.table[1:])
+        return self.table is not None
+
+    def ranges(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[lo, hi)`` of every one of *hashes* (sorted, for the binary searches) here."""
+        if self.table is None:
+            lo = np.searchsorted(self.hashes, hashes, side="left")
+            return lo, np.searchsorted(self.hashes, hashes, side="right")
+        idx = hashes.astype(np.int64)
+        return self.table[idx].astype(np.int64), self.table[idx + 1].astype(np.int64)
 
 
 class Index:
@@ -397,17 +424,12 @@ class Index:
             Anchor frame of every hit in its track.
         """
         hashes = np.asarray(hashes, dtype=np.uint32)
-        # search the distinct hashes in sorted order (cache-friendly), then expand to the query
-        distinct, back = np.unique(hashes, return_inverse=True)
-        back = back.reshape(-1)
-        found = [
-            (
-                s,
-                np.searchsorted(s.hashes, distinct, side="left")[back],
-                np.searchsorted(s.hashes, distinct, side="right")[back],
-            )
-            for s in self._shards
-        ]
+        if all([s.use_table(len(hashes)) for s in self._shards]):  # every shard, no shortcut
+            found = [(s, *s.ranges(hashes)) for s in self._shards]
+        else:  # search the distinct hashes in sorted order (cache-friendly), then expand
+            distinct, back = np.unique(hashes, return_inverse=True)
+            back = back.reshape(-1)
+            found = [(s, *(a[back] for a in s.ranges(distinct))) for s in self._shards]
         total_per_hash = sum((hi - lo for _, lo, hi in found), np.zeros(len(hashes), np.int64))
         stop = total_per_hash > (self.stop_postings if max_postings is None else max_postings)
         which, post = [], []

@@ -77,16 +77,22 @@ def test_tiny_corpus_groups_offsets_and_held_out(tmp_path, sources):
 
 def test_same_seed_same_corpus_and_an_interrupted_build_resumes(tmp_path, sources):
     out = tmp_path / "corpus"
-    first = _build(out, sources, "--files", "5", "--seed", "1")
+    first = _build(out, sources, "--files", "5", "--seed", "1", "--max-seconds", "33")
+    assert max(g["duration"] for g in first["groups"]) == 33.0  # the first 33 s of each track
+    longest = max(first["groups"], key=lambda g: g["duration"])
+    y = load_audio(out / longest["files"][0]["path"])
+    assert abs(len(y) / 8000 - 33.0) < 0.1
     victim = out / first["groups"][0]["files"][-1]["path"]
     victim.unlink()  # as if the build had been interrupted there
     kept = out / first["groups"][1]["files"][0]["path"]
     mtime = kept.stat().st_mtime_ns
-    again = _build(out, sources, "--files", "5", "--seed", "1")
+    again = _build(out, sources, "--files", "5", "--seed", "1", "--max-seconds", "33")
     assert again == first
     assert victim.exists()
     assert kept.stat().st_mtime_ns == mtime  # not re-encoded
-    other = _build(tmp_path / "other", sources, "--files", "5", "--seed", "2")
+    other = _build(
+        tmp_path / "other", sources, "--files", "5", "--seed", "2", "--max-seconds", "33"
+    )
     assert other["groups"] != first["groups"] or other["heldout"] != first["heldout"]
 
 
