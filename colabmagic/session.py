@@ -314,8 +314,11 @@ class Session:
                     _, msg = self.client.session.recv(shell, zmq.NOBLOCK)
                     if msg and msg["parent_header"].get("msg_id") == result.msg_id:
                         got_reply = True
-                        result.status = msg["content"].get("status", "ok")
-                        result.execution_count = msg["content"].get("execution_count")
+                        c = msg["content"]
+                        result.status = c.get("status", "ok")
+                        result.execution_count = c.get("execution_count")
+                        if result.status == "error" and result.error is None:
+                            result.error = _remote_error(c)  # its IOPub error never came
             except KeyboardInterrupt:
                 if interrupted_by is None:
                     interrupted_by = "keyboard"
@@ -367,12 +370,7 @@ class Session:
                 result.result = RemoteDisplay(content.get("data", {}), content.get("metadata"))
                 relay.execute_result(result.result)
             elif kind == "error":
-                result.status = "error"
-                result.error = RemoteError(
-                    content.get("ename", "Error"),
-                    content.get("evalue", ""),
-                    content.get("traceback", []),
-                )
+                result.status, result.error = "error", _remote_error(content)
             else:
                 relay.handle(msg)
         return False
@@ -555,6 +553,11 @@ def _remote_info(reply: dict) -> dict:
     with contextlib.suppress(ValueError, SyntaxError, TypeError):
         return dict(ast.literal_eval(text))
     return {}
+
+
+def _remote_error(c: dict) -> RemoteError:
+    """The RemoteError of an ``error`` message's (or an error reply's) content."""
+    return RemoteError(c.get("ename", "Error"), c.get("evalue", ""), c.get("traceback", []))
 
 
 def _gpu_text(gpu: dict | None) -> str:

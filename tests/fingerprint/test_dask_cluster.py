@@ -6,6 +6,7 @@ byte, and no file is indexed twice. Bad clusters fail in one line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from colabmagic.errors import ConnectError, ParameterError
 from colabmagic.fingerprint import Index, dedup
 from colabmagic.fingerprint.audio import content_hash
 from colabmagic.fingerprint.pipeline import Job
-from colabmagic.testing import require
+from colabmagic.testing import require, wait_until
 
 from .conftest import SR, write_wav
 
@@ -70,10 +71,15 @@ def test_index_survives_a_worker_sigkill_and_equals_a_local_run(tmp_path, cluste
     def kill_w1_midway(number, _extracted):
         if number == 3:  # results have come back; the rest is queued on both workers
             with cluster.client() as c:
-                processing = c.processing()
                 w1 = [a for a, info in c.scheduler_info(n_workers=-1)["workers"].items()
                       if info["name"] == "w1"]  # fmt: skip
-                killed["had_tasks"] = len(processing.get(w1[0], ()))
+
+                def w1_busy():  # between two tasks w1 can show none: wait for it to take one
+                    killed["had_tasks"] = len(c.processing().get(w1[0], ()))
+                    return killed["had_tasks"]
+
+                with contextlib.suppress(TimeoutError):
+                    wait_until(w1_busy, timeout=10, interval=0.005, what="w1 to hold a task")
             cluster.kill("w1")
 
     remote = Index(tmp_path / "remote")
