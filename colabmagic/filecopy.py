@@ -30,6 +30,7 @@ from typing import Any
 
 from colabmagic import compress as _compress
 from colabmagic.errors import ColabMagicError, TransferError
+from colabmagic.remote.files import _hash_prefix  # one copy: the host's helper hashes alike
 
 FRAME = struct.Struct("!BQ")
 END = 255
@@ -199,19 +200,6 @@ def _read_line(helper: _Helper) -> dict:
         return json.loads(raw.decode())
     except ValueError:
         raise _Dropped(helper._why()) from None
-
-
-def _hash_prefix(f, n: int):
-    h = hashlib.sha256()
-    f.seek(0)
-    left = n
-    while left > 0:
-        block = f.read(min(CHUNK, left))
-        if not block:
-            break
-        h.update(block)
-        left -= len(block)
-    return h, n - left
 
 
 def _local_files(src: str) -> list[tuple[str, str, int]]:
