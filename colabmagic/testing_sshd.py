@@ -31,8 +31,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children(pid: int) -> list[int]:
-    """Direct children of *pid* (from /proc)."""
+def processes(*, ppid: int | None = None, pgid: int | None = None) -> list[int]:
+    """Live (non-zombie) processes with parent *ppid* and/or process group *pgid* (from /proc)."""
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -42,7 +42,9 @@ def _children(pid: int) -> list[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:
+        if fields[0] == "Z":
+            continue
+        if (ppid is None or int(fields[1]) == ppid) and (pgid is None or int(fields[2]) == pgid):
             out.append(int(name))
     return out
 
@@ -222,7 +224,7 @@ class SSHServer:
             return []
         out, todo = [], [self.proc.pid]
         while todo:
-            for child in _children(todo.pop()):
+            for child in processes(ppid=todo.pop()):
                 if _comm(child).startswith("sshd"):
                     out.append(child)
                     todo.append(child)

@@ -22,6 +22,7 @@ from colabmagic.remote import agent
 from colabmagic.remote.supervisor import alive
 from colabmagic.session import Session, registry
 from colabmagic.testing import wait_until
+from colabmagic.testing_sshd import processes
 from colabmagic.transport.local import LocalTransport
 from colabmagic.transport.ssh import SSHTransport
 
@@ -66,22 +67,6 @@ class OnLine(Relay):
         pass
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes in process group *pgid* (from /proc)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(name))
-    return out
-
-
 def test_agent_sigkill_mid_cell_stops_its_kernel_and_says_so(transport_factory):
     make, host = transport_factory
     s = Session.start(make(), name="sigkill")
@@ -110,7 +95,7 @@ def test_agent_sigkill_mid_cell_stops_its_kernel_and_says_so(transport_factory):
         assert "\n" not in str(err.value)
         # The kernel, and everything in its process group, is gone within 2 s of the kill.
         wait_until(
-            lambda: not alive(kpid) and not alive(child) and not group_members(kpid),
+            lambda: not alive(kpid) and not alive(child) and not processes(pgid=kpid),
             timeout=max(0.1, killed[0] + 2.0 - time.monotonic()),
             what="the kernel and its child to die with the agent",
         )
