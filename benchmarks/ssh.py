@@ -73,7 +73,11 @@ def forwarded_client(srv: SSHServer, cf_path: str) -> tuple[BlockingKernelClient
     argv = ["ssh", "-F", srv.ssh_config, "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes"]
     for name in ("shell", "iopub", "stdin", "control", "hb"):
         local[name] = free_port()
-        argv += ["-L", f"{local[name]}:127.0.0.1:{info[name + '_port']}"]
+        port = info[name + "_port"]
+        # The agent's kernels listen on Unix sockets (jupyter_client's ipc transport names them
+        # IP-PORT); OpenSSH forwards a local TCP port to a remote socket path just as well.
+        target = f"{info['ip']}-{port}" if info.get("transport") == "ipc" else f"127.0.0.1:{port}"
+        argv += ["-L", f"{local[name]}:{target}"]
     # A command session on the same connection: sshd turns TCP_NODELAY on only then.
     proc = subprocess.Popen([*argv, srv.name, "echo up; exec sleep 3600"], stdout=subprocess.PIPE)
     assert proc.stdout.readline().strip() == b"up"
@@ -82,6 +86,7 @@ def forwarded_client(srv: SSHServer, cf_path: str) -> tuple[BlockingKernelClient
         dict(
             info,
             ip="127.0.0.1",
+            transport="tcp",
             **{f"{k}_port": v for k, v in local.items()},
         )
     )
