@@ -34,6 +34,14 @@ larger ones: build 1,000, then 3,000, then 10,000 into the same ``--out`` and on
 files are encoded; the manifest lists the groups in order, so a benchmark can take the first
 N files' groups.
 
+``--derived-format flac`` makes the derived files cheap to build and to decode: rendered at the
+fingerprinter's 8 kHz mono (the transform too: rubberband on one 8 kHz channel costs ~1/11 of
+44.1 kHz stereo) and stored as FLAC; their duplicates are FLAC (trim, gain, another sample
+rate), MP3 at 16 kHz (bitrate) or Ogg/Opus/M4A at 8-16 kHz (container). The matcher sees the
+same 8 kHz audio either way; only the decoding work per hour differs, so a benchmark must
+measure its decode-only floor on the same files. ``mp3`` (the default) encodes them like the
+first 1,000.
+
 The corpus is generated, never committed. Files already built are kept (an interrupted build
 resumes); the source scan and dedup are cached in ``OUT/sources.json``.
 
@@ -257,6 +265,8 @@ def _variant(kind: str, rng: random.Random, duration: float) -> tuple[dict[str, 
 
 def _ffmpeg_args(params: dict[str, Any]) -> list[str]:
     """Encoder options of a duplicate (see :func:`_variant`)."""
+    if params.get("format") == "flac":
+        return _cheap_args(params)
     args = ["-ac", "2"]
     if "max_s" in params:
         args += ["-t", f"{params['max_s']:.3f}"]
@@ -276,6 +286,41 @@ def _ffmpeg_args(params: dict[str, Any]) -> list[str]:
     bitrate = params.get("bitrate_k", ORIGINAL_BITRATE)
     # LAME's fastest mode (-q 9): a third less CPU than its default, the same bitrate
     return [*args, "-c:a", "libmp3lame", "-b:a", f"{bitrate}k", "-compression_level", "9"]
+
+
+def _cheap_variant(
+    kind: str, rng: random.Random, duration: float
+) -> tuple[dict[str, Any], float, str]:
+    """:func:`_variant` for ``--derived-format flac``: mono, 8-16 kHz, cheap to encode/decode."""
+    params, offset, ext = _variant(kind, rng, duration)
+    params = {**params, "format": "flac"}
+    if kind == "bitrate":
+        params["bitrate_k"] = rng.choice([24, 32, 48, 64])
+    if kind == "samplerate":
+        params["rate"] = rng.choice([11025, 16000, 22050])
+    if kind in ("trim", "gain", "samplerate"):
+        ext = ".flac"
+    return params, offset, ext
+
+
+def _cheap_args(params: dict[str, Any]) -> list[str]:
+    """Encoder options of a ``--derived-format flac`` duplicate (see :func:`_cheap_variant`)."""
+    args = ["-ac", "1"]
+    if "trim_s" in params:
+        args = ["-ss", f"{params['trim_s']:.3f}", *args]
+    if "gain_db" in params:
+        args += ["-af", f"volume={params['gain_db']}dB"]
+    fmt = params.get("container")
+    if fmt == "ogg":
+        return [*args, "-ar", "16000", "-c:a", "libvorbis", "-q:a", "2"]
+    if fmt == "m4a":
+        return [*args, "-ar", "16000", "-c:a", "aac", "-b:a", "48k"]
+    if fmt == "opus":
+        return [*args, "-ar", "16000", "-c:a", "libopus", "-b:a", "24k"]
+    if "bitrate_k" in params:
+        return [*args, "-ar", "16000", "-c:a", "libmp3lame", "-b:a", f"{params['bitrate_k']}k",
+                "-compression_level", "9"]  # fmt: skip
+    return [*args, "-ar", str(params.get("rate", CHEAP_RATE)), "-c:a", "flac"]
 
 
 def _encode(src: str, dest: Path, params: dict[str, Any]) -> None:
@@ -337,7 +382,9 @@ def _ffmpeg(cmd: list[str], src: str, dest: Path) -> subprocess.CompletedProcess
 
 
 def _muxer(dest: Path) -> str:
-    return {".mp3": "mp3", ".ogg": "ogg", ".m4a": "ipod", ".opus": "opus"}[dest.suffix]
+    return {".mp3": "mp3", ".ogg": "ogg", ".m4a": "ipod", ".opus": "opus", ".flac": "flac"}[
+        dest.suffix
+    ]
 
 
 #: Library size built exactly as the issue-14 scale corpus; past it, derived recordings.
@@ -348,6 +395,10 @@ DERIVED_DUPLICATES = 3
 RESAMPLE_FACTORS = (0.72, 0.80, 0.88, 1.16, 1.28, 1.40)
 PITCH_SEMITONES = (-7, -5, -3, 3, 5, 7)
 DERIVED_SECONDS = (30.0, 90.0)
+#: ``--derived-format``: how derived recordings and their duplicates are stored.
+DERIVED_FORMATS = ("mp3", "flac")
+#: Sample rate of ``--derived-format flac`` files: the fingerprinter's (see module docstring).
+CHEAP_RATE = 8000
 
 
 def _transforms() -> list[tuple[str, float]]:
@@ -393,21 +444,27 @@ def derived_segments(tracks: list[SourceTrack], seed: int, n: int) -> list[dict[
 
 
 def _derive(seg: dict[str, Any], dest: Path) -> None:
-    """Render one derived recording: cut, transform, encode as the library's originals."""
+    """Render one derived recording: cut, transform, encode as the library's originals (MP3),
+    or at 8 kHz mono as FLAC (``--derived-format flac``, a ``.flac`` *dest*)."""
     if dest.exists():
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".tmp-{dest.name}")
-    rate = ORIGINAL_RATE
+    cheap = dest.suffix == ".flac"
+    rate = CHEAP_RATE if cheap else ORIGINAL_RATE
     if seg["kind"] == "resample":
         filt = f"aresample={rate},asetrate={rate * seg['factor']:.3f},aresample={rate}"
     else:
         filt = f"aresample={rate},rubberband=pitch={seg['factor']}"
+    if cheap:
+        filt = f"aformat=channel_layouts=mono,{filt}"  # downmixed first: 1 channel to shift
+        codec = ["-ac", "1", "-ar", str(rate), "-c:a", "flac", "-f", "flac"]
+    else:
+        codec = ["-ac", "2", "-ar", str(rate), "-c:a", "libmp3lame", "-b:a",
+                 f"{ORIGINAL_BITRATE}k", "-compression_level", "9", "-f", "mp3"]  # fmt: skip
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-threads", "1",
            "-ss", f"{seg['start_s']:.3f}", "-t", f"{seg['source_s']:.3f}", "-i", seg["source"],
-           "-vn", "-af", filt, "-ac", "2", "-ar", str(rate), "-c:a", "libmp3lame",
-           "-b:a", f"{ORIGINAL_BITRATE}k", "-compression_level", "9", "-map_metadata", "-1",
-           "-f", "mp3", str(tmp)]  # fmt: skip
+           "-vn", "-af", filt, *codec, "-map_metadata", "-1", str(tmp)]  # fmt: skip
     proc = _ffmpeg(cmd, seg["source"], dest)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -434,6 +491,7 @@ def build_corpus(
     max_seconds: float | None = None,
     log: Callable[[str], None] | None = None,
     base_files: int = BASE_FILES,
+    derived_format: str = "mp3",
 ) -> dict[str, Any]:
     """Build (or finish building) the corpus in *out*; returns the manifest it writes.
 
@@ -461,7 +519,12 @@ def build_corpus(
     base_files : int
         Files made as the scale corpus (originals and their duplicates); past this many the
         rest are derived recordings (see the module docstring).
+    derived_format : {"mp3", "flac"}
+        How the derived recordings and their duplicates are stored (see the module docstring).
     """
+    if derived_format not in DERIVED_FORMATS:
+        msg = f"--derived-format {derived_format!r}: use one of {', '.join(DERIVED_FORMATS)}."
+        raise SystemExit(msg)
     say = log or (lambda _s: None)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -525,7 +588,7 @@ def build_corpus(
                 }
             )
             n += 1
-    derived_plan = _plan_derived(root, tracks, groups, seed, total_files - n)
+    derived_plan = _plan_derived(root, tracks, groups, seed, total_files - n, derived_format)
     n += sum(len(g["files"]) for g in groups[len(indexed) :])
     heldout = []
     for i in sorted(held):
@@ -571,6 +634,7 @@ def build_corpus(
         "held_out_tracks": len(heldout),
         "library_files": n,
         "max_seconds": max_seconds,
+        "derived_format": derived_format,
         "hours": round(sum(length(t) for t in tracks) / 3600, 3),
         "library_hours": round(_library_seconds(groups) / 3600, 3),
         "packages": sorted({t.package for t in tracks}),
@@ -590,7 +654,12 @@ def build_corpus(
 
 
 def _plan_derived(
-    root: Path, tracks: list[SourceTrack], groups: list[dict[str, Any]], seed: int, extra: int
+    root: Path,
+    tracks: list[SourceTrack],
+    groups: list[dict[str, Any]],
+    seed: int,
+    extra: int,
+    derived_format: str = "mp3",
 ) -> list[tuple[Any, Path, dict[str, Any] | None]]:
     """Append derived groups to *groups* until they add *extra* files; return what to render.
 
@@ -607,14 +676,15 @@ def _plan_derived(
         g = len(groups)
         tag = f"{seg['kind']}{seg['factor']:g}"
         stem = _slug(tracks[seg["source_index"]], seg["source_index"])[:40]
-        dest = root / "derived" / f"{d:05d}-{stem}-{tag}-at{seg['start_s']:.0f}.mp3"
+        dest = root / "derived" / f"{d:05d}-{stem}-{tag}-at{seg['start_s']:.0f}.{derived_format}"
         plan.append((seg, dest, None))
         files = [{"path": str(dest.relative_to(root)), "variant": "original", "params": {},
                   "offset_s": 0.0}]  # fmt: skip
         rng = random.Random(f"{seed}-derived-{d}")
         kinds = rng.sample(VARIANTS, len(VARIANTS))
         for k in range(min(DERIVED_DUPLICATES, left - 1)):
-            params, offset, ext = _variant(kinds[k], rng, seg["duration"])
+            variant = _cheap_variant if derived_format == "flac" else _variant
+            params, offset, ext = variant(kinds[k], rng, seg["duration"])
             dup = dest.with_name(f"{dest.stem}.dup{k + 1}-{kinds[k]}{ext}")
             plan.append((dest, dup, params))
             files.append({"path": str(dup.relative_to(root)), "variant": kinds[k],
@@ -645,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
         "--base-files", type=int, default=BASE_FILES,
         help=f"files built as the scale corpus; past them, derived recordings [{BASE_FILES}]",
     )  # fmt: skip
+    ap.add_argument(
+        "--derived-format", choices=DERIVED_FORMATS, default="mp3",
+        help="derived files past --base-files: MP3 like the base, or cheap 8 kHz FLAC [mp3]",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     build_corpus(
         args.out,
@@ -656,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seconds=args.max_seconds,
         log=lambda s: print(s, file=sys.stderr, flush=True),
         base_files=args.base_files,
+        derived_format=args.derived_format,
     )
     return 0
 

@@ -29,6 +29,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -59,12 +60,20 @@ if __name__ == "__main__":
 
 
 class TreeMemory:
-    """Peak RssAnon and RssFile (kB) summed over a process and its descendants, and the
-    process's own VmHWM, sampled every *interval* seconds."""
+    """Peak memory (kB) of a process and its descendants, sampled every *interval* seconds.
+
+    - ``anon``: RssAnon summed over the tree. Forked workers share their parent's pages
+      copy-on-write, and each one's RssAnon counts them again, so this overstates;
+    - ``pss_anon``: the same from ``smaps_rollup``'s Pss_Anon, where a shared page counts once
+      (split between its sharers): what the tree really holds;
+    - ``parent_anon``: the CLI process alone (the index writer / dedup's queries);
+    - ``file``: file-backed resident pages (the mapped index; the kernel drops them at will);
+    - ``hwm``: the process's own VmHWM (anon + file).
+    """
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         self.pid = pid
-        self.anon = self.file = self.hwm = 0
+        self.anon = self.file = self.hwm = self.pss_anon = self.parent_anon = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
         self._thread.start()
@@ -82,6 +91,17 @@ class TreeMemory:
             pass
         return out
 
+    @staticmethod
+    def _pss_anon(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss_Anon:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def _tree(self) -> list[int]:
         parents: dict[int, int] = {}
         for e in os.listdir("/proc"):
@@ -97,14 +117,17 @@ class TreeMemory:
 
     def _run(self, interval: float) -> None:
         while not self._stop.is_set():
-            anon = file_ = 0
+            anon = file_ = pss = 0
             for pid in self._tree():
                 st = self._status(pid)
                 anon += st.get("RssAnon", 0) + st.get("RssShmem", 0)
                 file_ += st.get("RssFile", 0)
+                pss += self._pss_anon(pid)
                 if pid == self.pid:
                     self.hwm = max(self.hwm, st.get("VmHWM", 0))
+                    self.parent_anon = max(self.parent_anon, st.get("RssAnon", 0))
             self.anon, self.file = max(self.anon, anon), max(self.file, file_)
+            self.pss_anon = max(self.pss_anon, pss)
             self._stop.wait(interval)
 
     def stop(self) -> dict[str, float]:
@@ -113,6 +136,8 @@ class TreeMemory:
         mib = 1024
         return {
             "peak_anon_mib": self.anon / mib,
+            "peak_pss_anon_mib": self.pss_anon / mib,
+            "parent_anon_mib": self.parent_anon / mib,
             "peak_file_mib": self.file / mib,
             "parent_hwm_mib": self.hwm / mib,
         }
@@ -170,34 +195,48 @@ def run_size(args: argparse.Namespace, manifest: dict[str, Any], n: int) -> dict
     cli = [str(Path(sys.executable).with_name("colabmagic")), "fp"]
     res: dict[str, Any] = {"files": len(files), "groups": len(truth)}
     try:
-        dec = timed([sys.executable, "-c", DECODE, str(listing), str(args.workers)])
-        audio = float(dec.pop("stdout"))
-        res["audio_hours"] = audio / 3600
-        res["decode"] = {**dec, "x_realtime": audio / dec["seconds"]}
+        sample = files
+        if args.decode_sample < 1.0:  # a seeded sample: the floor's rate, not its whole run
+            k = max(1, round(args.decode_sample * len(files)))
+            sample = random.Random(f"decode-{n}").sample(files, k)
+        (work / "sample.txt").write_text("\n".join(sample))
+        dec = timed([sys.executable, "-c", DECODE, str(work / "sample.txt"), str(args.workers)])
+        decoded = float(dec.pop("stdout"))
+        floor = decoded / dec["seconds"]  # x realtime
+        res["decode"] = {**dec, "files": len(sample), "audio_hours": decoded / 3600,
+                         "x_realtime": floor}  # fmt: skip
         print(f"[{n}] decode-only: {res['decode']}", file=sys.stderr, flush=True)
         db = work / "db"
         idx = timed([*cli, "index", "--db", str(db), "--list", str(listing), "--workers",
                      str(args.workers), "--json"])  # fmt: skip
         summary = json.loads(idx.pop("stdout"))
+        audio = summary["audio_seconds"]
+        res["audio_hours"] = audio / 3600
         disk = sum(p.stat().st_size for p in db.rglob("*") if p.is_file())
         res["index"] = {
             **idx, "x_realtime": audio / idx["seconds"],
-            "vs_decode": dec["seconds"] / idx["seconds"],
+            "vs_decode": audio / idx["seconds"] / floor,
             "n_hashes": summary["index_n_hashes"], "disk_bytes": disk,
             "bytes_per_hash": disk / max(summary["index_n_hashes"], 1),
             "added": summary["added"], "skipped": summary["skipped"],
         }  # fmt: skip
         print(f"[{n}] index: {res['index']}", file=sys.stderr, flush=True)
         shutil.rmtree(db)
-        dd = timed([*cli, "dedup", *files, "--workers", str(args.workers), "--json",
-                    "--work-dir", str(work)])  # fmt: skip
+        dd = timed([*cli, "dedup", "--list", str(listing), "--workers", str(args.workers),
+                    "--json", "--work-dir", str(work)])  # fmt: skip
         groups = [g["files"] for g in json.loads(dd.pop("stdout"))["groups"]]
         res["dedup"] = {
             **dd, "x_realtime": audio / dd["seconds"],
-            "vs_decode": dec["seconds"] / dd["seconds"],
+            "vs_decode": audio / dd["seconds"] / floor,
             **score(groups, truth),
         }  # fmt: skip
         print(f"[{n}] dedup: {res['dedup']}", file=sys.stderr, flush=True)
+        if args.window_check:
+            env = {**os.environ, "FPSTREAM_WORK": str(work)}
+            win = timed([sys.executable, "-c", WINDOWS, str(listing), str(args.workers)], env)
+            res["dedup_windows"] = json.loads(win.pop("stdout"))
+            print(f"[{n}] windowed vs whole-file queries: {res['dedup_windows']}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         if args.old_code:
             env = {**os.environ, "PYTHONPATH": args.old_code}
             old = timed([sys.executable, "-c", OLD_DEDUP, str(listing), str(args.workers)], env)
@@ -222,12 +261,57 @@ print(json.dumps(res.groups))
 """
 
 
+WINDOWS = """
+import json, os, sys, threading, time
+from colabmagic.fingerprint import dedup as _api
+import importlib
+D = importlib.import_module("colabmagic.fingerprint.dedup")
+files = [f for f in open(sys.argv[1]).read().split("\\n") if f]
+peak = [0]
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) // 1024
+def sample(stop):
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss()); stop.wait(0.05)
+out = {}
+real = D._query_edges
+def both(*a):
+    # the same index and spilled queries, queried per window (as shipped) and per whole file
+    runs = {}
+    for name, chunk in (("windowed", D.QUERY_CHUNK), ("whole_file", 1 << 30)):
+        D.QUERY_CHUNK = chunk
+        peak[0] = rss(); stop = threading.Event()
+        t = threading.Thread(target=sample, args=(stop,)); t.start()
+        t0, c0 = time.perf_counter(), time.process_time()
+        runs[name] = real(*a)
+        out[name] = {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                     "peak_anon_mib": peak[0]}
+        stop.set(); t.join()
+    out["same_edges"] = sorted(runs["windowed"]) == sorted(runs["whole_file"])
+    out["cpu_ratio"] = out["windowed"]["cpu_s"] / max(out["whole_file"]["cpu_s"], 1e-9)
+    return runs["windowed"]
+D._query_edges = both
+_api(files, workers=int(sys.argv[2]), backend="numpy", work_dir=os.environ["FPSTREAM_WORK"])
+print(json.dumps(out))
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", required=True, help="a corpus.py output directory")
     ap.add_argument("--files", type=int, nargs="+", default=[1000, 3000, 10000])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work-dir", default=None, help="for the index and dedup's temp index")
+    ap.add_argument(
+        "--decode-sample", type=float, default=1.0,
+        help="decode-only floor on this seeded share of the files (its rate is the floor) [1]",
+    )  # fmt: skip
+    ap.add_argument(
+        "--window-check", action="store_true",
+        help="also time dedup's queries per window vs per whole file (same index, one process)",
+    )  # fmt: skip
     ap.add_argument("--old-code", default=None, help="PYTHONPATH of the dedup to compare with")
     ap.add_argument("--json", dest="json_out", help="append one JSON line per size here")
     args = ap.parse_args(argv)
@@ -241,9 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{res['files']} files, {res['audio_hours']:.1f} h: decode-only "
             f"{d['x_realtime']:.0f}x | index {i['x_realtime']:.0f}x ({i['vs_decode']:.2f} of "
-            f"decode), anon {i['peak_anon_mib']:.0f} MiB, mapped {i['peak_file_mib']:.0f} MiB, "
+            f"decode), anon {i['peak_anon_mib']:.0f} MiB (PSS {i['peak_pss_anon_mib']:.0f}, "
+            f"parent {i['parent_anon_mib']:.0f}), mapped {i['peak_file_mib']:.0f} MiB, "
             f"{i['disk_bytes'] / 1e6:.0f} MB = {i['bytes_per_hash']:.1f} B/hash | dedup "
-            f"{u['x_realtime']:.0f}x ({u['vs_decode']:.2f}), anon {u['peak_anon_mib']:.0f} MiB, "
+            f"{u['x_realtime']:.0f}x ({u['vs_decode']:.2f}), anon {u['peak_anon_mib']:.0f} MiB "
+            f"(PSS {u['peak_pss_anon_mib']:.0f}, parent {u['parent_anon_mib']:.0f}), "
             f"mapped {u['peak_file_mib']:.0f} MiB, precision {u['precision']:.4f} recall "
             f"{u['recall']:.4f} | load {i['load']}",
             flush=True,

@@ -72,6 +72,10 @@ class DaskProcesses:
             None,
         )  # fmt: skip
         try:
+            # the workers find the scheduler through its file: they start (import distributed,
+            # seconds of CPU) while it does, rather than after it
+            for i in range(self.n_workers):
+                self.add_worker(f"w{i}")
 
             def address() -> str | None:
                 with contextlib.suppress(OSError, ValueError, KeyError):
@@ -82,8 +86,6 @@ class DaskProcesses:
             self.address = wait_until(
                 address, timeout=60, interval=0.05, what="dask scheduler to start"
             )
-            for i in range(self.n_workers):
-                self.add_worker(f"w{i}")
             self.wait_workers(self.n_workers)
         except BaseException:
             self.__exit__(None, None, None)
@@ -100,13 +102,30 @@ class DaskProcesses:
 
     def add_worker(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start one more worker named *name* (with environment *env*, default inherited)."""
-        args = ["distributed.cli.dask_worker", self.address, "--host", "127.0.0.1",
+        where = [self.address] if self.address else [
+            "--scheduler-file", str(self.root / "scheduler.json")]  # fmt: skip
+        args = ["distributed.cli.dask_worker", *where, "--host", "127.0.0.1",
                 "--nthreads", str(self.nthreads), "--no-nanny", "--no-dashboard",
                 "--name", name, "--local-directory", str(self.root / name)]  # fmt: skip
         if self.resources:
             args += ["--resources", self.resources]
         self.workers[name] = self._spawn(name, args, env)
         return self.workers[name]
+
+    def wait_named(self, name: str, *, present: bool = True, timeout: float = 90) -> None:
+        """Wait until the worker started as *name* is connected to the scheduler (or, with
+        ``present=False``, until the scheduler has dropped it)."""
+
+        def listed() -> bool:
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            return any(w.get("name") == name for w in workers)
+
+        with self.client() as client:
+            wait_until(
+                lambda: listed() == present or (present and self._died(name)),
+                timeout=timeout, interval=0.05,
+                what=f"dask worker {name} to {'join' if present else 'leave'}",
+            )  # fmt: skip
 
     def client(self) -> Any:
         """A new ``distributed.Client`` of this cluster (close it)."""
@@ -131,13 +150,14 @@ class DaskProcesses:
         proc.wait(timeout=30)
 
     def __exit__(self, *exc: object) -> None:
-        procs = [*self.workers.values(), *([self.scheduler] if self.scheduler else [])]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+        # workers first: one stopped after the scheduler keeps retrying it until killed
+        for group in (list(self.workers.values()), [self.scheduler] if self.scheduler else []):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in group:
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=15)

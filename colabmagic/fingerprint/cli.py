@@ -229,7 +229,13 @@ def query_cmd(
 
 
 @fp.command(name="dedup")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("paths", nargs=-1, type=click.Path(exists=True))
+@click.option(
+    "--list",
+    "list_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="File of paths, one a line (for more files than a command line holds).",
+)
 @click.option("--workers", type=int, default=None, help="Decode+extract processes [all CPUs].")
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--scheduler", default=None, help="Dask scheduler address: decode on that cluster.")
@@ -243,6 +249,7 @@ def query_cmd(
 @_errors
 def dedup_cmd(
     paths: tuple[str, ...],
+    list_file: str | None,
     workers: int | None,
     backend: str,
     scheduler: str | None,
@@ -253,8 +260,14 @@ def dedup_cmd(
     from colabmagic.fingerprint.dedup import dedup
     from colabmagic.fingerprint.pipeline import default_workers
 
+    items: list[str] = list(paths)
+    if list_file:
+        items += [f for _, f in _read_list(list_file)]
+    if not items:
+        msg = "give PATH arguments or --list FILE."
+        raise click.UsageError(msg)
     res = dedup(
-        list(paths),
+        items,
         workers=workers or default_workers(),
         backend=backend,
         scheduler=scheduler,

@@ -9,7 +9,9 @@ no file is indexed twice.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +39,7 @@ def connect(scheduler: Any) -> tuple[Any, bool]:
     if isinstance(scheduler, Client):
         return scheduler, False
     try:
+        _refused(scheduler)
         client = Client(scheduler, set_as_default=False, timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -46,6 +49,22 @@ def connect(scheduler: Any) -> tuple[Any, bool]:
         )
         raise ConnectError(msg) from exc
     return client, True
+
+
+def _refused(address: Any) -> None:
+    """Raise ConnectionRefusedError at once when nothing listens at a ``tcp://HOST:PORT``.
+
+    Dask retries a refused connection until its timeout (15 s of silence for a mistyped port);
+    a refusal is a definite answer, so it is reported immediately. Other addresses (TLS, a
+    scheduler file, an unreachable host) are left to Dask and its timeout.
+    """
+    if not isinstance(address, str) or not address.startswith("tcp://"):
+        return
+    host, _, port = address[len("tcp://") :].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    with contextlib.suppress(socket.timeout):  # slow or filtered: Dask decides
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2.0).close()
 
 
 def check_workers(client: Any, timeout: float = CONNECT_TIMEOUT) -> None:

@@ -287,15 +287,16 @@ QUERY_CHUNK = 4096
 
 
 def _file_votes(
-    index: Index, fp: Fingerprint, chunk: int = QUERY_CHUNK
+    index: Index, fp: Fingerprint, chunk: int | None = None
 ) -> dict[int, tuple[int, int]]:
     """``{track: (aligned, offset)}`` of one file's query, in windows of *chunk* hashes.
 
     A hit's weight depends only on its own hash, and alignment counts add up over disjoint
     windows of query time, so a long file's windows are queried one by one and each track's
     counts are summed at its best offset (+-1 frame, the quantisation jitter between windows).
+    *chunk* defaults to :data:`QUERY_CHUNK` (read at call time).
     """
-    chunk = QUERY_CHUNK
+    chunk = chunk or QUERY_CHUNK
     order = np.argsort(fp.times, kind="stable")
     per_track: dict[int, dict[int, int]] = {}
     for a in range(0, len(order), chunk):

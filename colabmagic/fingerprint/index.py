@@ -64,8 +64,10 @@ Pending = tuple[Any, ...]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 3
-#: Most entries one step of a streaming merge reads (bounds the writer's memory: ~12 B each).
-MERGE_STEP = 1 << 22
+#: Most entries one step of a streaming merge reads. A step holds ~50 B per entry at its peak
+#: (the slices, their stable sort order and the reordered copies): 1M entries is ~50 MB, and the
+#: steps are still long sequential runs (12 MB of hashes and postings written per step).
+MERGE_STEP = 1 << 20
 #: Shards of the same size class merged together while an add runs (LSM fan-out).
 MERGE_FANOUT = 8
 TIME_MASK = np.uint64(0xFFFFFFFF)
@@ -833,7 +835,8 @@ class Index:
         pos = manifest["shards"].index(names[0])
         assert manifest["shards"][pos : pos + len(names)] == names
         shards = [s for s in self._shards if s.name in set(names)]
-        alive = self._alive if drop_removed else None
+        # with nothing removed there is nothing to drop: no filtering, no counting pass
+        alive = self._alive if drop_removed and manifest["removed"] else None
         hashes_grid = np.linspace(0, 1 << HASH_BITS, 4097).astype(np.uint32)
         hashes_grid[-1] = np.iinfo(np.uint32).max  # above every hash (they have HASH_BITS bits)
         hsteps = _steps([s.hashes for s in shards], hashes_grid, MERGE_STEP)

@@ -62,7 +62,80 @@ def _snapshot(idx: Index) -> tuple:
     return tracks, arrays
 
 
+def test_cli_index_and_dedup_with_scheduler_equal_local(tmp_path, cluster, tracks, monkeypatch):
+    d = tmp_path / "music"
+    d.mkdir()
+    for name in ("t0", "t1", "t2"):
+        write_wav(d / f"{name}.wav", tracks[name])
+    write_wav(d / "t1-excerpt.wav", tracks["t1"][5 * SR : 15 * SR])
+    (d / "t2-copy.wav").write_bytes((d / "t2.wav").read_bytes())
+    cli = [COLABMAGIC, "fp"]
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*cli, *args, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path,
+        )  # fmt: skip
+
+    def result(p: subprocess.Popen[str]) -> dict:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        return json.loads(out.strip().splitlines()[-1])
+
+    # both CLIs at once (each spends seconds importing and connecting), the local runs meanwhile;
+    # a relative path: the workers run in other directories
+    index_cli = start("index", "--db", "a", "music", "--scheduler", cluster.address)
+    dedup_cli = start("dedup", str(d), "--scheduler", cluster.address)
+    here = Index(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    here.add(["music"], workers=1, backend="numpy")
+    local_groups = dedup([d], workers=1, backend="numpy").to_dict()["groups"]
+    on_cluster = result(index_cli)
+    assert on_cluster["added"] == len(here) == 4
+    assert _snapshot(Index(tmp_path / "a", readonly=True)) == _snapshot(here)
+
+    groups = result(dedup_cli)["groups"]
+    assert groups == local_groups
+    files = sorted(sorted(Path(f).name for f in g["files"]) for g in groups)
+    assert files == [["t1-excerpt.wav", "t1.wav"], ["t2-copy.wav", "t2.wav"]]
+
+
+def test_bad_clusters_fail_in_one_line(tmp_path, cluster, tracks, monkeypatch):
+    f = write_wav(tmp_path / "x.wav", tracks["t0"])
+    with pytest.raises(
+        ConnectError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9 "
+    ):
+        Index(tmp_path / "db").add([f], scheduler="tcp://127.0.0.1:9")
+    assert len(Index(tmp_path / "db")) == 0  # the index is still valid (and empty)
+
+    # a worker whose PATH has Python but no ffmpeg
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    os.symlink(sys.executable, bare / "python")
+    require(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
+    cluster.add_worker("noffmpeg", env={**os.environ, "PATH": str(bare)})
+    cluster.wait_named("noffmpeg")
+    cli = subprocess.Popen(
+        [COLABMAGIC, "fp", "index", "--db", str(tmp_path / "db"),
+         str(f), "--scheduler", cluster.address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    with pytest.raises(
+        ParameterError, match=r"Dask worker\(s\) tcp://127.0.0.1:\d+ have no ffmpeg"
+    ):
+        dedup([f], scheduler=cluster.address)
+    _, err = cli.communicate(timeout=120)
+    assert cli.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("Error: Dask worker(s) tcp://127.0.0.1:")
+    assert "Traceback" not in err
+    assert len(Index(tmp_path / "db")) == 0
+    cluster.kill("noffmpeg")
+    cluster.wait_named("noffmpeg", present=False)  # gone before the next test's job
+
+
 def test_index_survives_a_worker_sigkill_and_equals_a_local_run(tmp_path, cluster, many_files):
+    """Last in this module: it leaves the cluster one worker short (restarting one costs
+    seconds, and the tests before it need any worker, not two)."""
     jobs = [Job(str(f), str(f), content_hash(f)) for f in many_files]
     local = Index(tmp_path / "local")
     local.add_jobs(jobs, workers=1, backend="numpy", commit_seconds=0)
@@ -92,66 +165,3 @@ def test_index_survives_a_worker_sigkill_and_equals_a_local_run(tmp_path, cluste
     assert (s.added, s.skipped) == (len(jobs), 0)
     assert _snapshot(remote) == _snapshot(local)
     assert [t.number for t in remote.tracks] == list(range(len(jobs)))  # each file once
-    cluster.add_worker("w2")  # back to two workers for the next tests
-    cluster.wait_workers(2)
-
-
-def test_cli_index_and_dedup_with_scheduler_equal_local(tmp_path, cluster, tracks, monkeypatch):
-    d = tmp_path / "music"
-    d.mkdir()
-    for name in ("t0", "t1", "t2"):
-        write_wav(d / f"{name}.wav", tracks[name])
-    write_wav(d / "t1-excerpt.wav", tracks["t1"][5 * SR : 15 * SR])
-    (d / "t2-copy.wav").write_bytes((d / "t2.wav").read_bytes())
-    cli = [COLABMAGIC, "fp"]
-
-    def run(*args: str) -> dict:
-        p = subprocess.run(
-            [*cli, *args, "--json"], capture_output=True, text=True, timeout=300, cwd=tmp_path
-        )
-        assert p.returncode == 0, p.stderr
-        return json.loads(p.stdout.strip().splitlines()[-1])
-
-    # a relative path: the workers run in other directories
-    on_cluster = run("index", "--db", "a", "music", "--scheduler", cluster.address)
-    here = Index(tmp_path / "b")
-    monkeypatch.chdir(tmp_path)
-    here.add(["music"], workers=1, backend="numpy")
-    assert on_cluster["added"] == len(here) == 4
-    assert _snapshot(Index(tmp_path / "a", readonly=True)) == _snapshot(here)
-
-    groups = run("dedup", str(d), "--scheduler", cluster.address)["groups"]
-    assert groups == dedup([d], workers=1, backend="numpy").to_dict()["groups"]
-    files = sorted(sorted(Path(f).name for f in g["files"]) for g in groups)
-    assert files == [["t1-excerpt.wav", "t1.wav"], ["t2-copy.wav", "t2.wav"]]
-
-
-def test_bad_clusters_fail_in_one_line(tmp_path, cluster, tracks, monkeypatch):
-    f = write_wav(tmp_path / "x.wav", tracks["t0"])
-    with pytest.raises(
-        ConnectError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9 "
-    ):
-        Index(tmp_path / "db").add([f], scheduler="tcp://127.0.0.1:9")
-    assert len(Index(tmp_path / "db")) == 0  # the index is still valid (and empty)
-
-    # a worker whose PATH has Python but no ffmpeg
-    bare = tmp_path / "bin"
-    bare.mkdir()
-    os.symlink(sys.executable, bare / "python")
-    require(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
-    cluster.add_worker("noffmpeg", env={**os.environ, "PATH": str(bare)})
-    cluster.wait_workers(3)
-    with pytest.raises(
-        ParameterError, match=r"Dask worker\(s\) tcp://127.0.0.1:\d+ have no ffmpeg"
-    ):
-        dedup([f], scheduler=cluster.address)
-    p = subprocess.run(
-        [COLABMAGIC, "fp", "index", "--db", str(tmp_path / "db"),
-         str(f), "--scheduler", cluster.address],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert p.returncode == 1
-    assert p.stderr.strip().splitlines()[-1].startswith("Error: Dask worker(s) tcp://127.0.0.1:")
-    assert "Traceback" not in p.stderr
-    assert len(Index(tmp_path / "db")) == 0
-    cluster.kill("noffmpeg")
