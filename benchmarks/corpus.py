@@ -604,7 +604,7 @@ def build_corpus(
             }
         )
     # originals first (the duplicates are made from them), then everything else
-    n_first = len(groups)
+    n_first = len(indexed)  # not len(groups): the derived groups were appended since
     todo = [p for p in plan if not p[1].exists()]
     say(f"{len(plan)} files planned, {len(todo)} to encode with {workers} ffmpeg processes")
     t1 = time.perf_counter()

@@ -81,7 +81,16 @@ def test_dedup_cli_and_errors(tmp_path, tracks):
     assert [sorted(p.split("/")[-1] for p in g["files"]) for g in out["groups"]] == [
         ["x.wav", "x_cut.wav"]
     ]
+    listing = tmp_path / "files.txt"  # more files than a command line holds go in a list
+    listing.write_text(f"# two files\n{tmp_path / 'x.wav'}\n\n{tmp_path / 'x_cut.wav'}\n")
+    listed = json.loads(
+        _run("dedup", "--list", str(listing), "--workers", "1", "--json").splitlines()[-1]
+    )
+    assert listed["groups"] == out["groups"]
     runner = CliRunner()
+    res = runner.invoke(main, ["fp", "dedup"])
+    assert res.exit_code != 0
+    assert "give PATH arguments or --list FILE" in res.output
     res = runner.invoke(main, ["fp", "query", "--db", str(tmp_path)])
     assert res.exit_code != 0
     assert "give query FILEs" in res.output

@@ -128,3 +128,40 @@ def test_derived_recordings_past_the_base_are_distinct_and_prefix_stable(tmp_pat
     res = dedup(files, workers=1, backend="numpy")
     found = sorted(sorted(truth[f] for f in group) for group in res.groups)
     assert found == sorted([g["group"]] * len(g["files"]) for g in big["groups"])
+
+
+def test_derived_format_flac_is_8k_mono_and_links_exactly_the_groups(tmp_path, sources):
+    """--derived-format flac: the derived recordings at the fingerprinter's 8 kHz mono (cheap to
+    build and decode), duplicates in other cheap forms; still one group per recording."""
+    import soundfile
+
+    out = tmp_path / "corpus"
+    m = _build(
+        out, sources, "--files", "21", "--base-files", "9", "--seed", "3",
+        "--derived-format", "flac",
+    )  # fmt: skip
+    assert m["derived_format"] == "flac"
+    derived = [g for g in m["groups"] if g["package"] == "derived"]
+    assert sum(len(g["files"]) for g in derived) == 12
+    exts = set()
+    for g in derived:
+        first = out / g["files"][0]["path"]
+        info = soundfile.info(first)
+        assert (first.suffix, info.samplerate, info.channels) == (".flac", 8000, 1)
+        assert abs(info.duration - g["duration"]) < 0.3
+        for f in g["files"][1:]:
+            exts.add(Path(f["path"]).suffix)
+            assert f["params"]["format"] == "flac"
+    assert exts <= {".flac", ".mp3", ".ogg", ".m4a", ".opus"}
+    files = [out / f["path"] for g in m["groups"] for f in g["files"]]
+    truth = {str(out / f["path"]): g["group"] for g in m["groups"] for f in g["files"]}
+    res = dedup(files, workers=1, backend="numpy")
+    found = sorted(sorted(truth[f] for f in group) for group in res.groups)
+    assert found == sorted([g["group"]] * len(g["files"]) for g in m["groups"])
+
+    bad = subprocess.run(
+        [sys.executable, str(CORPUS), "--out", str(tmp_path / "x"), "--derived-format", "wav"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "--derived-format: invalid choice: 'wav'" in bad.stderr

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 from colabmagic.errors import ConnectError, ParameterError
 from colabmagic.fingerprint import Index, dedup
 from colabmagic.fingerprint.audio import content_hash
+from colabmagic.fingerprint.cluster import CONNECT_TIMEOUT
 from colabmagic.fingerprint.pipeline import Job
 from colabmagic.testing import require, wait_until
 
@@ -102,10 +104,13 @@ def test_cli_index_and_dedup_with_scheduler_equal_local(tmp_path, cluster, track
 
 def test_bad_clusters_fail_in_one_line(tmp_path, cluster, tracks, monkeypatch):
     f = write_wav(tmp_path / "x.wav", tracks["t0"])
+    t0 = time.monotonic()
     with pytest.raises(
-        ConnectError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9 "
+        ConnectError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9 .*refused"
     ):
         Index(tmp_path / "db").add([f], scheduler="tcp://127.0.0.1:9")
+    # a refusal is an answer: not Dask's retries until its timeout
+    assert time.monotonic() - t0 < CONNECT_TIMEOUT
     assert len(Index(tmp_path / "db")) == 0  # the index is still valid (and empty)
 
     # a worker whose PATH has Python but no ffmpeg
