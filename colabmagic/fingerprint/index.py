@@ -244,8 +244,11 @@ class _Shard:
         self.looked_up += n
         if self.table is None and 8 * self.looked_up >= len(self.hashes) >= TABLE_MIN_HASHES:
             counts = np.bincount(self.hashes, minlength=1 << HASH_BITS)
-            self.table = np.zeros(len(counts) + 1, np.uint32)
-            np.cumsum(counts, out=self.table[1:])
+            table = np.zeros(len(counts) + 1, np.uint32)
+            np.cumsum(counts, out=table[1:])
+            # published only when complete: dedup's query threads share this shard, and one that
+            # saw a half-filled table would find no postings for most hashes
+            self.table = table
         return self.table is not None
 
     def ranges(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

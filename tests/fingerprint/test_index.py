@@ -305,3 +305,34 @@ def test_ctrl_c_keeps_finished_files_and_a_rerun_finishes(tmp_path, tracks, buil
     assert [t.id for t in final.tracks] == todo  # each file once, in order
     assert len({t.content_hash for t in final.tracks}) == n
     assert final.tracks[-1].number == n - 1  # no number spent on a file indexed twice
+
+
+def test_threads_sharing_an_index_see_the_same_postings(built_index, monkeypatch):
+    """dedup queries from threads; the start table a shard builds on first heavy use must be
+    published whole (a thread that saw it half-filled found no postings: lost duplicates)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from colabmagic.fingerprint import index as ix
+
+    ref = Index(built_index, readonly=True)
+    hashes = np.asarray(ref._shards[0].hashes)
+    queries = [hashes[i::16].copy() for i in range(16)]
+    expected = [[a.tolist() for a in ref.lookup(q, max_postings=1 << 20)] for q in queries]
+    monkeypatch.setattr(ix, "TABLE_MIN_HASHES", 1)
+    real_zeros = np.zeros
+
+    def slow_zeros(*a, **k):  # widen the window between allocating the table and filling it
+        out = real_zeros(*a, **k)
+        if len(out) == (1 << 21) + 1:
+            import time
+
+            time.sleep(0.2)
+        return out
+
+    for _ in range(3):
+        idx = Index(built_index, readonly=True)  # a fresh process's view: no table yet
+        monkeypatch.setattr(ix.np, "zeros", slow_zeros)
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda q: idx.lookup(q, max_postings=1 << 20), queries * 2))
+        monkeypatch.setattr(ix.np, "zeros", real_zeros)
+        assert [[a.tolist() for a in g] for g in got] == expected * 2
