@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -333,6 +334,6 @@ def test_threads_sharing_an_index_see_the_same_postings(built_index, monkeypatch
         idx = Index(built_index, readonly=True)  # a fresh process's view: no table yet
         monkeypatch.setattr(ix.np, "zeros", slow_zeros)
         with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(idx.lookup, queries * 2, [1 << 20] * 32))
+            got = list(pool.map(functools.partial(idx.lookup, max_postings=1 << 20), queries * 2))
         monkeypatch.setattr(ix.np, "zeros", real_zeros)
         assert [[a.tolist() for a in g] for g in got] == expected * 2
