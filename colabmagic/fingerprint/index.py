@@ -414,6 +414,16 @@ class Index:
         """
         return max(32, min(MAX_POSTINGS, int(100 * self.n_hashes / (1 << HASH_BITS))))
 
+    def postings_per_hash(self, hashes: np.ndarray) -> np.ndarray:
+        """How many postings each of *hashes* has, over all shards (int64; a range lookup each,
+        no postings read)."""
+        hashes = np.asarray(hashes, dtype=np.uint32)
+        total = np.zeros(len(hashes), np.int64)
+        for s in self._shards:
+            lo, hi = s.ranges(hashes)
+            total += hi - lo
+        return total
+
     def lookup(
         self, hashes: np.ndarray, *, max_postings: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

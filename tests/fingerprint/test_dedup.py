@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import shutil
 
 import numpy as np
@@ -102,8 +103,31 @@ def test_streamed_batches_give_the_same_groups_and_leave_no_files(tmp_path, trac
         assert [(e.a, e.b, e.offset_s) for e in ev1] == [(e.a, e.b, e.offset_s) for e in ev2]
         for e1, e2 in zip(ev1, ev2, strict=True):
             assert e1.aligned == pytest.approx(e2.aligned, rel=0.1)
+    monkeypatch.setattr(dedup_module, "QUERY_CHUNK", 4096)
+    monkeypatch.setattr(dedup_module, "QUERY_HITS", 60)  # windows cut by postings hit instead
+    with pytest.warns(UserWarning, match="broken.wav"):
+        few_hits = dedup([lib], workers=2, backend="numpy")
+    assert few_hits.groups == all_.groups
+    for ev1, ev2 in zip(few_hits.evidence, all_.evidence, strict=True):
+        assert [(e.a, e.b, e.offset_s) for e in ev1] == [(e.a, e.b, e.offset_s) for e in ev2]
+        for e1, e2 in zip(ev1, ev2, strict=True):
+            assert e1.aligned == pytest.approx(e2.aligned, rel=0.1)
     assert len(one.groups) == 3
     assert one.skipped_files == [str(lib / "broken.wav")]
     assert list(work.iterdir()) == []  # the temporary index and spill are gone
     with pytest.raises(ParameterError, match="batch=0"):
         dedup([lib], batch=0)
+
+
+def test_query_windows_bound_hashes_and_hits():
+    from colabmagic.fingerprint.dedup import _windows
+
+    hits = np.array([5, 5, 5, 50, 0, 0, 1, 1, 1, 1])
+    assert _windows(hits, 4, 1000) == [(0, 4), (4, 8), (8, 10)]  # by hashes
+    assert _windows(hits, 100, 10) == [(0, 2), (2, 3), (3, 4), (4, 10)]  # by hits
+    assert _windows(np.zeros(0, np.int64), 4, 10) == []
+    spans = _windows(np.random.default_rng(0).integers(0, 40, 5000), 4096, 1000)
+    assert spans[0][0] == 0
+    assert spans[-1][1] == 5000
+    assert all(a < b for a, b in spans)
+    assert all(x[1] == y[0] for x, y in itertools.pairwise(spans))
