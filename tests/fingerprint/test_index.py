@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -320,20 +321,18 @@ def test_threads_sharing_an_index_see_the_same_postings(built_index, monkeypatch
     queries = [hashes[i::16].copy() for i in range(16)]
     expected = [[a.tolist() for a in ref.lookup(q, max_postings=1 << 20)] for q in queries]
     monkeypatch.setattr(ix, "TABLE_MIN_HASHES", 1)
-    real_zeros = np.zeros
+    real_table = ix._start_table
 
-    def slow_zeros(*a, **k):  # widen the window between allocating the table and filling it
-        out = real_zeros(*a, **k)
-        if len(out) == (1 << 21) + 1:
-            import time
+    def slow_table(hashes):  # a slow build: other threads query meanwhile
+        time.sleep(0.2)
+        return real_table(hashes)
 
-            time.sleep(0.2)
-        return out
-
+    monkeypatch.setattr(ix, "_start_table", slow_table)
     for _ in range(3):
         idx = Index(built_index, readonly=True)  # a fresh process's view: no table yet
-        monkeypatch.setattr(ix.np, "zeros", slow_zeros)
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(functools.partial(idx.lookup, max_postings=1 << 20), queries * 2))
-        monkeypatch.setattr(ix.np, "zeros", real_zeros)
         assert [[a.tolist() for a in g] for g in got] == expected * 2
+        assert all(s.table is not None for s in idx._shards)
+    counts = np.bincount(hashes, minlength=(1 << 21) + 1)  # the table = cumulative counts
+    np.testing.assert_array_equal(real_table(hashes), np.concatenate([[0], np.cumsum(counts)])[:-1])
