@@ -285,9 +285,9 @@ def _query_edges(
 #: the hits in memory (~200 bytes each, up to MAX_POSTINGS per hash) do not grow with its length.
 QUERY_CHUNK = 4096
 #: Most postings one window may hit: a window ends early when its hashes have this many. The
-#: hits per hash grow with the index (its mean postings per hash, up to MAX_POSTINGS), so a
-#: window bounded by hashes alone held ~4x more hits at 3,000 files than at 1,000 (dedup's
-#: query phase: 200 -> 550 MiB); bounded by hits it is ~50 MB per query thread at any size.
+#: hits per hash grow with the index (its mean postings per hash, up to MAX_POSTINGS per hash),
+#: so a window bounded by hashes alone could hold up to 4096 * 256 hits (~200 MB) per query
+#: thread in a large index; bounded by hits it is ~50 MB at any size.
 QUERY_HITS = 1 << 18
 
 
