@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from colabmagic.fingerprint import dedup, load_audio
 from colabmagic.testing import require
 
-from .conftest import ffmpeg, synth_music, write_wav
+from .conftest import SR, ffmpeg, synth_music, write_wav
 
 CORPUS = Path(__file__).resolve().parents[2] / "benchmarks" / "corpus.py"
 
@@ -128,3 +129,56 @@ def test_derived_recordings_past_the_base_are_distinct_and_prefix_stable(tmp_pat
     res = dedup(files, workers=1, backend="numpy")
     found = sorted(sorted(truth[f] for f in group) for group in res.groups)
     assert found == sorted([g["group"]] * len(g["files"]) for g in big["groups"])
+
+
+def _corpus_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fp_corpus", CORPUS)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fp_corpus"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_relations_name_shared_music_with_its_offset_and_nothing_else(tmp_path):
+    """Music that source dedup left in two recordings (a shared passage, one piece in two
+    packages) is recorded in the manifest with its offset; unrelated music is not."""
+    corpus = _corpus_module()
+    a, c, d = synth_music(700, 30.0), synth_music(701, 30.0), synth_music(702, 30.0)
+    (tmp_path / "library").mkdir()
+    (tmp_path / "heldout").mkdir()
+    files = {
+        "library/a.wav": a,
+        "library/b.wav": np.concatenate([a[4 * SR : 16 * SR], c[: 18 * SR]]),  # a's 4-16 s
+        "library/d.wav": d,
+        "heldout/h.wav": 0.5 * a[: 28 * SR],  # the same piece, quieter, shorter
+    }
+    for rel, y in files.items():
+        write_wav(tmp_path / rel, y)
+    manifest = {
+        "distinct_tracks": 4,
+        "groups": [
+            {"group": g, "package": "p", "files": [{"path": p, "offset_s": 0.0}]}
+            for g, p in enumerate(["library/a.wav", "library/b.wav", "library/d.wav"])
+        ],
+        "heldout": [{"path": "heldout/h.wav"}],
+    }
+    m = corpus.relate(tmp_path, manifest, workers=1)
+    assert len(m["related"]) == 1
+    r = m["related"][0]
+    assert sorted(r["groups"]) == [0, 1]
+    assert r["kind"] == "shared passage"
+    start_of_1_in_0 = r["offset_s"] if r["groups"] == [0, 1] else -r["offset_s"]
+    assert abs(start_of_1_in_0 - 4.0) < 0.05
+    assert r["spectral_r"] > r["spectral_null"] + 0.2  # the independent check agrees
+    h0, h1 = sorted(m["heldout"][0]["related"], key=lambda r: r["group"])
+    assert (h0["group"], h0["kind"]) == (0, "same recording")
+    assert abs(h0["offset_s"]) < 0.05
+    assert (h1["group"], h1["kind"]) == (1, "shared passage")  # b holds a's 4-16 s
+    assert abs(h1["offset_s"] + 4.0) < 0.05  # h starts 4 s before b
+    assert h1["shared_s"] == pytest.approx(12.0, abs=1.0)
+    assert m["distinct_tracks"] == 3  # the held-out track is group 0's recording
+    again = corpus.relate(tmp_path, m, workers=1)  # idempotent on a related manifest
+    assert again["distinct_tracks"] == 3
+    assert again["related"] == m["related"]
