@@ -20,6 +20,18 @@ Steps (every choice drawn from ``--seed``, so a rebuild gives the same corpus):
    bitrate, a trimmed start, -6 dB, another sample rate, another container (OGG, M4A, Opus).
 5. **Manifest** (``manifest.json``): the true groups (one per distinct track), each file with its
    variant, parameters and ``offset_s``, the time of the original at which the file starts.
+6. **Relations** (:func:`relate`): step 2 judges whole source tracks at a 5 % bar, and missed
+   music that two built recordings share (one piece in two packages, rendered once from a
+   tracker module and once to OGG; two tracks that open with the same 30 s; a theme and its
+   arrangement). Every built original and held-out file is cut into 5 s windows that are
+   queried against an index of all of them; two or more windows that match another file at
+   one offset, and the band-energy correlation at that offset (:func:`spectral_agreement`:
+   the listening check, no fingerprint in it), give ``manifest["related"]`` (pairs of groups)
+   and ``heldout[i]["related"]``: ``kind`` "same recording" when >= 80 % of the overlap
+   correlates, else "shared passage", with ``offset_s`` and the seconds shared. Groups and
+   files stay as built (the held-out draw and every name are unchanged), so rerunning the
+   build command on a finished corpus encodes nothing and rewrites only the manifest;
+   ``distinct_tracks`` counts a recording held by two groups once.
 
 **Past 1,000 files** (``--files 10000``, issue 18) there are not enough distinct recordings among
 the packages, so the first 1,000 files are built exactly as above and the rest are *derived*
@@ -596,7 +608,7 @@ def build_corpus(
     os.replace(tmp, root / "manifest.json")
     say(
         f"corpus: {n} library files ({manifest['library_hours']:.1f} h), {len(heldout)} held "
-        f"out, {len(tracks)} distinct tracks ({manifest['hours']:.1f} h) in "
+        f"out, {manifest['distinct_tracks']} distinct tracks ({manifest['hours']:.1f} h) in "
         f"{time.perf_counter() - t0:.0f} s"
     )
     return manifest
