@@ -213,7 +213,7 @@ def _chance(xp: Any, index: Index, be: Backend, hits: Any, count: Any, n_var: in
     """
     from scipy.special import gammainc  # P(X >= k) of Poisson(lam) = gammainc(k, lam)
 
-    _, frames = index.peak_keys()
+    frames = np.asarray(index._track_frames)  # not peak_keys(): dedup's index loads no peaks
     bins = float(np.sum(frames[index._alive])) * max(n_var, 1)
     lam = be.to_host(hits).astype(np.float64) / max(bins, 1.0)
     k = np.maximum(be.to_host(count), 1).astype(np.float64)
