@@ -341,12 +341,12 @@ def dedup_cli(
     true_pairs = {frozenset(p) for fs in members.values() for p in combinations(fs, 2)}
     related_pairs: set[frozenset[str]] = set()  # groups sharing a passage: neither way
     same: dict[frozenset[int], dict[int, float]] = {}  # one recording in two groups
-    for r in manifest.get("related", []):
-        a, b = r["groups"]
+    for rel in manifest.get("related", []):
+        a, b = rel["groups"]
         cross = {frozenset((x, y)) for x in members[a] for y in members[b]}
-        if r["kind"] == "same recording":
+        if rel["kind"] == "same recording":
             true_pairs |= cross
-            same[frozenset((a, b))] = {a: 0.0, b: r["offset_s"]}
+            same[frozenset((a, b))] = {a: 0.0, b: rel["offset_s"]}
         else:
             related_pairs |= cross
     found_all = {frozenset(map(key, p)) for g in res["groups"] for p in combinations(g["files"], 2)}
