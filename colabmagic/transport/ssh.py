@@ -244,6 +244,21 @@ def _read_line(chan: paramiko.Channel, buf: bytearray) -> bytes | None:
     return line
 
 
+def _send_all(chan: paramiko.Channel, view: memoryview) -> None:
+    """``chan.sendall(view)`` a packet's worth of bytes at a time.
+
+    paramiko takes ``bytes`` as they are but a memoryview only after two caught exceptions per
+    packet (``util.asbytes``), and ``sendall`` of ``bytes`` copies the rest at every packet.
+    """
+    off, end = 0, len(view)
+    while off < end:
+        sent = chan.send(view[off : off + ssh_connect.MAX_PACKET].tobytes())
+        if not sent:
+            msg = "channel closed"
+            raise EOFError(msg)
+        off += sent
+
+
 class ChannelPipe:
     """A :class:`~colabmagic.proxy.Pipe` over an SSH exec channel.
 
@@ -281,7 +296,9 @@ class ChannelPipe:
         chan, inner = self.chan, self._inner
         try:
             while True:
-                data = chan.recv(_PUMP_CHUNK)
+                # Take all that is buffered: paramiko's BufferedPipe drops what a smaller read
+                # takes from the front of its array, moving the rest (up to the window) each time.
+                data = chan.recv(ssh_connect.WINDOW_SIZE)
                 if not data:
                     break
                 inner.sendall(data)
@@ -300,7 +317,7 @@ class ChannelPipe:
                 n = inner.recv_into(buf)
                 if not n:
                     break
-                chan.sendall(view[:n])
+                _send_all(chan, view[:n])
         except (OSError, EOFError, paramiko.SSHException):
             pass
         finally:
