@@ -332,6 +332,24 @@ def dedup_cli(
     )
     r = run_timed(cmd)
     res = json.loads(r["stdout"].strip().splitlines()[-1])
+    return {
+        "files": res["files"],
+        "audio_s": res["audio_seconds"],
+        "wall_s": r["wall_s"],
+        "x_realtime": res["audio_seconds"] / r["wall_s"],
+        "cpu_s": r["cpu_s"],
+        "x_realtime_per_cpu_s": res["audio_seconds"] / r["cpu_s"] if r["cpu_s"] else None,
+        **score_dedup(res, manifest, root),
+        "skipped": res["skipped"],
+        "peak_rss_tree": r["peak_rss_tree"],
+        "load": load(),
+    }
+
+
+def score_dedup(res: dict[str, Any], manifest: dict[str, Any], root: Path) -> dict[str, Any]:
+    """``fp dedup --json`` output *res* against the manifest: pairwise precision / recall and
+    the evidence offsets. Files of one recording in two groups (a "same recording" relation)
+    are true pairs; pairs across a "shared passage" count neither way."""
     truth: dict[str, tuple[int, float]] = {}
     for g in manifest["groups"]:
         for f in g["files"]:
@@ -339,18 +357,19 @@ def dedup_cli(
     key = lambda p: str(Path(p).resolve())  # noqa: E731
     members = {g["group"]: [key(root / f["path"]) for f in g["files"]] for g in manifest["groups"]}
     true_pairs = {frozenset(p) for fs in members.values() for p in combinations(fs, 2)}
-    related_pairs: set[frozenset[str]] = set()  # groups sharing a passage: neither way
     same: dict[frozenset[int], dict[int, float]] = {}  # one recording in two groups
     for rel in manifest.get("related", []):
         a, b = rel["groups"]
-        cross = {frozenset((x, y)) for x in members[a] for y in members[b]}
         if rel["kind"] == "same recording":
-            true_pairs |= cross
+            true_pairs |= {frozenset((x, y)) for x in members[a] for y in members[b]}
             same[frozenset((a, b))] = {a: 0.0, b: rel["offset_s"]}
-        else:
-            related_pairs |= cross
+    also, _ = relations(manifest)
+    related_pairs = {  # groups sharing music but not the same recording: neither way
+        frozenset((x, y)) for a, bs in also.items() for b in bs
+        for x in members[a] for y in members[b] if a != b
+    } - true_pairs  # fmt: skip
     found_all = {frozenset(map(key, p)) for g in res["groups"] for p in combinations(g["files"], 2)}
-    found_pairs = found_all - (related_pairs - true_pairs)
+    found_pairs = found_all - related_pairs
     tp = len(true_pairs & found_pairs)
     offsets_ok, offsets_n, worst = 0, 0, 0.0
     for g in res["groups"]:
@@ -366,12 +385,6 @@ def dedup_cli(
             worst = max(worst, err)
             offsets_ok += int(err <= 0.05)
     return {
-        "files": res["files"],
-        "audio_s": res["audio_seconds"],
-        "wall_s": r["wall_s"],
-        "x_realtime": res["audio_seconds"] / r["wall_s"],
-        "cpu_s": r["cpu_s"],
-        "x_realtime_per_cpu_s": res["audio_seconds"] / r["cpu_s"] if r["cpu_s"] else None,
         "groups_found": len(res["groups"]),
         "groups_true": sum(len(g["files"]) > 1 for g in manifest["groups"]),
         "pairs_true": len(true_pairs),
@@ -383,11 +396,8 @@ def dedup_cli(
         "evidence_offsets_right": offsets_ok,
         "evidence_offsets": offsets_n,
         "worst_offset_error_s": worst,
-        "skipped": res["skipped"],
         "false_pairs": sorted(sorted(p) for p in found_pairs - true_pairs)[:200],
         "missed_pairs": sorted(sorted(p) for p in true_pairs - found_pairs)[:200],
-        "peak_rss_tree": r["peak_rss_tree"],
-        "load": load(),
     }
 
 
@@ -433,15 +443,34 @@ def relations(manifest: dict[str, Any]) -> tuple[dict[int, set[int]], dict[str, 
     """Groups that share music, from the manifest's ``related`` entries (``corpus.py``).
 
     Returns ``{group: related groups}`` and ``{held-out path: indexed groups it shares music
-    with}``.
+    with}``. A group that is the same recording as another shares whatever that one shares.
     """
+    same = _same_recording(manifest)
     also: dict[int, set[int]] = {}
     for r in manifest.get("related", []):
         a, b = r["groups"]
-        also.setdefault(a, set()).add(b)
-        also.setdefault(b, set()).add(a)
-    held = {h["path"]: {r["group"] for r in h.get("related", [])} for h in manifest["heldout"]}
+        for x in same.get(a, {a}):
+            for y in same.get(b, {b}) - {x}:
+                also.setdefault(x, set()).add(y)
+                also.setdefault(y, set()).add(x)
+    held = {
+        h["path"]: {g for r in h.get("related", []) for g in same.get(r["group"], {r["group"]})}
+        for h in manifest["heldout"]
+    }
     return also, held
+
+
+def _same_recording(manifest: dict[str, Any]) -> dict[int, set[int]]:
+    """``{group: every group holding the same recording}`` (itself included; only groups with
+    a "same recording" relation are listed)."""
+    comp: dict[int, set[int]] = {}
+    for r in manifest.get("related", []):
+        if r["kind"] == "same recording":
+            a, b = r["groups"]
+            merged = comp.get(a, {a}) | comp.get(b, {b})
+            for g in merged:
+                comp[g] = merged
+    return comp
 
 
 def _plan(

@@ -182,3 +182,52 @@ def test_relations_name_shared_music_with_its_offset_and_nothing_else(tmp_path):
     again = corpus.relate(tmp_path, m, workers=1)  # idempotent on a related manifest
     assert again["distinct_tracks"] == 3
     assert again["related"] == m["related"]
+
+
+def test_scale_benchmark_scores_dedup_against_the_relations(tmp_path):
+    """fingerprint_scale's dedup scoring: one recording in two groups gives true pairs (offsets
+    in one time base), a shared passage counts neither way, anything else is a false pair."""
+    import importlib.util
+
+    path = CORPUS.with_name("fingerprint_scale.py")
+    spec = importlib.util.spec_from_file_location("fp_scale_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["fp_scale_bench"] = bench
+    spec.loader.exec_module(bench)
+
+    def group(g, *files):
+        return {"group": g, "files": [{"path": p, "offset_s": o} for p, o in files]}
+
+    manifest = {
+        "groups": [
+            group(0, ("a0", 0.0), ("a1", 5.0)),  # a1: a trimmed copy, starts 5 s into a0
+            group(1, ("b0", 0.0)),  # the same recording as group 0, starting 2 s into it
+            group(2, ("c0", 0.0)),  # shares a passage with group 0
+            group(3, ("d0", 0.0)),
+        ],
+        "related": [
+            {"groups": [0, 1], "kind": "same recording", "offset_s": 2.0},
+            {"groups": [0, 2], "kind": "shared passage", "offset_s": 0.0},
+        ],
+        "heldout": [{"path": "h0", "related": [{"group": 3, "offset_s": 0.0}]}],
+    }
+    f = {p: str(tmp_path / p) for p in ("a0", "a1", "b0", "c0", "d0")}
+    ev = [
+        {"a": f["a0"], "b": f["a1"], "offset_s": 5.0},
+        {"a": f["a0"], "b": f["b0"], "offset_s": 2.0},  # b0 starts 2 s into a0
+        {"a": f["b0"], "b": f["a1"], "offset_s": 3.0},
+        {"a": f["a0"], "b": f["c0"], "offset_s": 0.0},
+    ]
+    res = {"groups": [{"files": [f["a0"], f["a1"], f["b0"], f["c0"]], "evidence": ev}]}
+    s = bench.score_dedup(res, manifest, tmp_path)
+    assert s["pairs_true"] == 3  # a0-a1, a0-b0, a1-b0
+    assert (s["pairs_found"], s["precision"], s["recall"]) == (3, 1.0, 1.0)
+    # c0 with a0 and a1, and with b0: the same recording shares the same passage
+    assert (s["pairs_related"], s["pairs_related_found"]) == (3, 3)
+    assert (s["evidence_offsets"], s["evidence_offsets_right"]) == (3, 3)
+    res["groups"][0]["files"].append(f["d0"])  # an unrelated file joined: 4 false pairs
+    s = bench.score_dedup(res, manifest, tmp_path)
+    assert s["precision"] == pytest.approx(3 / 7)
+    also, held = bench.relations(manifest)
+    assert also == {0: {1, 2}, 1: {0, 2}, 2: {0, 1}}
+    assert held == {"h0": {3}}
