@@ -14,11 +14,13 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from colabmagic.relay import Relay
 from colabmagic.testing import wait_until
 
 _NO_EXTENSIONS = repr(  # a Python literal: how traitlets reads a dict on the command line
@@ -120,3 +122,37 @@ def jupyter_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# A cell printing 20 numbered lines over 3 s: long enough to drop the link in the middle.
+CELL = "import time\nfor i in range(20):\n    print(i, flush=True)\n    time.sleep(0.15)\n"
+
+
+class Lines(Relay):
+    """Collects a cell's stdout; calls *on_line()* (in a thread) once when line *at* arrives.
+
+    With :data:`CELL` and a drop caused in *on_line*, this is the mid-cell drop of the
+    exactly-once tests: :meth:`numbers` must come back as ``list(range(20))``.
+    """
+
+    def __init__(self, at: int | None = None, on_line=None):
+        self.text = ""
+        self.at, self.on_line = at, on_line
+        self.fired = threading.Event()
+        self.done = threading.Event()
+
+    def stream(self, name: str, text: str) -> None:
+        self.text += text
+        if self.at is not None and not self.fired.is_set() and f"\n{self.at}\n" in f"\n{self.text}":
+            self.fired.set()
+
+            def act():
+                try:
+                    self.on_line()
+                finally:
+                    self.done.set()
+
+            threading.Thread(target=act, daemon=True).start()
+
+    def numbers(self) -> list[int]:
+        return [int(x) for x in self.text.split()]

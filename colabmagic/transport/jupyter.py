@@ -92,6 +92,21 @@ def parse_server_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{path}"
 
 
+class TokenRefused(ConnectError):
+    """The server (or the Hub) refused the token: retrying cannot help."""
+
+
+def hub_urls(base: str) -> tuple[str, str] | None:
+    """For a JupyterHub single-user URL (``.../user/NAME/``): the Hub's ``api/user`` URL and its
+    token page (``.../hub/token``); None for any other server."""
+    parts = urllib.parse.urlsplit(base)
+    prefix, sep, rest = parts.path.rpartition("/user/")
+    if not sep or rest.count("/") != 1 or not rest.endswith("/"):
+        return None
+    root = f"{parts.scheme}://{parts.netloc}{prefix}/hub/"
+    return root + "api/user", root + "token"
+
+
 class Token:
     """A secret that stays out of reprs, logs and tracebacks' locals."""
 
@@ -186,11 +201,7 @@ class _Rest:
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code in (401, 403):
-                msg = (
-                    f"{shown}: the server refused the token (HTTP {exc.code}); check the token "
-                    "(and on JupyterHub its access:servers scope)"
-                )
-                raise ConnectError(msg) from None
+                raise TokenRefused(self.refused(shown, exc.code)) from None
             if exc.code == 404:
                 msg = f"{shown}: not found (HTTP 404)"
                 raise FileNotFoundError(msg) from None
@@ -204,6 +215,35 @@ class _Rest:
         if raw:
             return payload
         return json.loads(payload) if payload else None
+
+    def refused(self, shown: str, code: int) -> str:
+        """The one line for a refused token; on JupyterHub, asks the Hub what is wrong with it."""
+        hub = hub_urls(self.base)
+        if hub is None:
+            return f"{shown}: the server refused the token (HTTP {code}); check the token"
+        api, page = hub
+        req = urllib.request.Request(api, method="GET")  # noqa: S310 - http(s) only
+        req.add_header("Authorization", self._token.header())
+        try:
+            with urllib.request.urlopen(req, timeout=min(self.timeout, 10.0)) as resp:  # noqa: S310
+                scopes = json.loads(resp.read()).get("scopes", [])
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return (
+                f"{shown}: the hub does not accept this token (HTTP {code}; expired, revoked or "
+                f"from another hub); create one with the access:servers scope at {page}"
+            )
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
+            scopes = []
+        if not any(s.startswith("access:servers") for s in scopes):
+            return (
+                f"{shown}: the token lacks the access:servers scope (HTTP {code}); "
+                f"create one at {page}"
+            )
+        return (
+            f"{shown}: the hub refused the token (HTTP {code}): its access:servers scope does "
+            f"not cover this server (another user's?); create one at {page}"
+        )
 
     def kernel_model(self, kernel_id: str, timeout: float | None = None) -> dict:
         return self.request("GET", f"api/kernels/{kernel_id}", timeout=timeout)
@@ -437,7 +477,7 @@ class JupyterTransport:
                 msg = f"no kernel {kernel_id!r} on {self.target}"
                 raise PermanentLinkError(msg) from None
             if exc.code in (401, 403):
-                msg = f"{self.target}: the server refused the token (HTTP {exc.code})"
+                msg = self.rest.refused(f"websocket to {self.target}", exc.code)
                 raise PermanentLinkError(msg) from None
             msg = f"websocket to {self.target} failed: HTTP {exc.code}"
             raise ConnectError(msg) from None
