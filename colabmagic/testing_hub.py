@@ -16,6 +16,7 @@ Needs ``jupyterhub`` (PyPI) and ``configurable-http-proxy`` (Debian: node-config
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import secrets
@@ -118,7 +119,7 @@ class HubProcess:
     def ready(self) -> bool:
         try:
             return self.api("GET", "")[0] == 200
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not (yet) our proxy on that port
             return False
 
     def start_user(self, name: str, timeout: float = 180.0) -> str:
@@ -186,20 +187,6 @@ def jupyterhub(base: Path, *, timeout: float = 180.0) -> Iterator[HubProcess]:
     base.mkdir(parents=True, exist_ok=True)
     (base / "home").mkdir(exist_ok=True)
     service_token = secrets.token_hex(24)
-    port = _free_port()
-    options = {
-        "port": port,
-        "hub_port": _free_port(),
-        "proxy_api_port": _free_port(),
-        "dir": str(base),
-        "python": sys.executable,
-        "extensions": _NO_EXTENSIONS,
-        "timeout": int(timeout),
-        "service": SERVICE,
-        "service_token": service_token,
-    }
-    config = base / "jupyterhub_config.py"
-    config.write_text(_CONFIG.format(options=json.dumps(options)))
     env = dict(os.environ)
     env.pop("JUPYTER_TOKEN", None)
     env.pop("JUPYTERHUB_API_TOKEN", None)
@@ -208,19 +195,42 @@ def jupyterhub(base: Path, *, timeout: float = 180.0) -> Iterator[HubProcess]:
         env["NODE_PATH"] = os.pathsep.join([*paths, _DEBIAN_NODE_MODULES])
     # The venv's bin first: the hub finds configurable-http-proxy on PATH, the spawner the python.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    config = base / "jupyterhub_config.py"
     cmd = [sys.executable, "-m", "jupyterhub", "-f", str(config), "--no-ssl"]
-    with open(base / "hub.log", "wb") as logf:
-        proc = subprocess.Popen(
-            cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=base, env=env, start_new_session=True
-        )
-    hub = HubProcess(proc, port, service_token, base)
+    for attempt in range(3):  # another process may take a free port before the hub binds it
+        port = _free_port()
+        options = {
+            "port": port,
+            "hub_port": _free_port(),
+            "proxy_api_port": _free_port(),
+            "dir": str(base),
+            "python": sys.executable,
+            "extensions": _NO_EXTENSIONS,
+            "timeout": int(timeout),
+            "service": SERVICE,
+            "service_token": service_token,
+        }
+        config.write_text(_CONFIG.format(options=json.dumps(options)))
+        with open(base / "hub.log", "wb") as logf:
+            proc = subprocess.Popen(
+                cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=base, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        hub = HubProcess(proc, port, service_token, base)
+        try:
+            wait_until(
+                lambda: proc.poll() is not None or hub.ready(),  # noqa: B023 - called here
+                timeout=timeout,
+                interval=0.25,
+                what="jupyterhub to start",
+            )
+        except BaseException:
+            _stop(hub)
+            raise
+        if proc.poll() is None or attempt == 2 or "in use" not in hub.log.read_text().lower():
+            break
+        _stop(hub)
     try:
-        wait_until(
-            lambda: proc.poll() is not None or hub.ready(),
-            timeout=timeout,
-            interval=0.25,
-            what="jupyterhub to start",
-        )
         if proc.poll() is not None:
             msg = f"jupyterhub exited: {hub.log.read_text()[-3000:]}"
             raise RuntimeError(msg)

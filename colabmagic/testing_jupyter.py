@@ -8,6 +8,7 @@ Extra server options pass through, e.g.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import secrets
@@ -62,7 +63,7 @@ class ServerProcess:
     def ready(self) -> bool:
         try:
             return self.request("GET", "api/status")[0] == 200
-        except OSError:
+        except (OSError, http.client.HTTPException, ValueError):  # not (yet) our server there
             return False
 
     def kernel_ids(self) -> list[str]:
@@ -87,26 +88,34 @@ def jupyter_server(
     root = base / "root"
     root.mkdir(parents=True, exist_ok=True)
     token = token or secrets.token_hex(16)
-    port = _free_port()
     log = base / "server.log"
-    cmd = [
-        sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
-        f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True",
-        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-        f"--ServerApp.jpserver_extensions={_NO_EXTENSIONS}", *args,
-    ]  # fmt: skip
     env = dict(os.environ)
     env.pop("JUPYTER_TOKEN", None)
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=root, env=env)
-    server = ServerProcess(proc, port, token, root, log)
+    for attempt in range(3):  # another process may take the free port before the server binds it
+        port = _free_port()
+        cmd = [
+            sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True",
+            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+            f"--ServerApp.jpserver_extensions={_NO_EXTENSIONS}", *args,
+        ]  # fmt: skip
+        with open(log, "wb") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=root, env=env)
+        server = ServerProcess(proc, port, token, root, log)
+        try:
+            wait_until(
+                lambda: proc.poll() is not None or server.ready(),  # noqa: B023 - called here
+                timeout=timeout,
+                interval=0.2,
+                what="jupyter server to start",
+            )
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.poll() is None or "already in use" not in log.read_text() or attempt == 2:
+            break
     try:
-        wait_until(
-            lambda: proc.poll() is not None or server.ready(),
-            timeout=timeout,
-            interval=0.2,
-            what="jupyter server to start",
-        )
         if proc.poll() is not None:
             msg = f"jupyter server exited: {log.read_text()[-2000:]}"
             raise RuntimeError(msg)

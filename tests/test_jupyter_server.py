@@ -28,7 +28,6 @@ from colabmagic.testing_wan import WanRelay
 pytestmark = pytest.mark.timeout(600)
 
 
-
 def _have_server() -> bool:
     try:
         import jupyter_server as _  # noqa: F401

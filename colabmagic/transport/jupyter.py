@@ -133,13 +133,9 @@ def resolve_token(url: str, *, token_env: str | None = None, prompt: bool = True
     env = token_env or DEFAULT_TOKEN_ENV
     value = os.environ.get(env)
     if not value:
-        try:
-            import keyring
-
-            value = keyring.get_password(KEYRING_SERVICE, url)
-        except Exception:  # noqa: BLE001 - no keyring, or no backend: fall through
-            value = None
-    if not value and prompt and _can_prompt():
+        value = _from_keyring(url)
+    can_prompt = prompt and _can_prompt()
+    if not value and can_prompt:
         import getpass
 
         try:
@@ -148,11 +144,27 @@ def resolve_token(url: str, *, token_env: str | None = None, prompt: bool = True
             value = None
     if not value:
         msg = (
-            f"no token for {url}: set {env} (or name another variable with --token-env), "
-            f"or store it with keyring (service {KEYRING_SERVICE!r}, user = the URL)"
+            f"no token for {url}{'' if can_prompt else ' (and no terminal to ask on)'}: set {env} "
+            f"(or name another variable with --token-env), or store it with keyring "
+            f"(keyring set {KEYRING_SERVICE} {url})"
         )
         raise ConnectError(msg)
     return Token(value.strip())
+
+
+def _from_keyring(url: str) -> str | None:
+    """The token stored under service ``colabmagic``, user = the base URL (with or without its
+    final slash); None without keyring or a usable backend."""
+    try:
+        import keyring
+
+        for user in (url, url.rstrip("/")):
+            value = keyring.get_password(KEYRING_SERVICE, user)
+            if value:
+                return value
+    except Exception:  # noqa: BLE001, S110 - no keyring, or no backend: fall through
+        pass
+    return None
 
 
 def _can_prompt() -> bool:
