@@ -168,3 +168,47 @@ def test_no_token_and_no_terminal_is_one_line_naming_every_source(server, monkey
     finally:
         keyring.set_keyring(before)
     assert "\n" not in str(info.value)
+
+
+def test_a_redirect_to_another_origin_never_carries_the_token(tmp_path, monkeypatch):
+    """A server that redirects elsewhere (a stand-in, two loopback ports): nothing reaches B."""
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization") or "")
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirect(Elsewhere):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{other.server_port}{self.path}")
+            self.end_headers()
+
+        do_POST = do_GET
+
+    first = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (first, other)]
+    for t in threads:
+        t.start()
+    try:
+        monkeypatch.setenv("JUPYTER_TOKEN", "secret-token-value")
+        with pytest.raises(ConnectError, match="sends the token only to the server's own origin"):
+            colabmagic.connect(f"http://127.0.0.1:{first.server_port}/", register=False)
+        assert seen == []
+    finally:
+        for s in (first, other):
+            s.shutdown()
+            s.server_close()

@@ -17,7 +17,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import colabmagic
-from colabmagic.errors import CellTimeoutError, ConnectError
+from colabmagic.errors import CellTimeoutError, ConnectError, RemoteKernelDied
 from colabmagic.testing import require, wait_until
 from colabmagic.testing_hub import hub_missing, jupyterhub
 from colabmagic.testing_jupyter import CELL, Lines
@@ -171,3 +171,22 @@ def test_a_token_without_the_server_scope_is_one_clear_line(hub, ip, monkeypatch
     assert bobs not in str(info.value)
     # No kernel was started by any of the refused attempts.
     assert hub.kernels(USER) == before
+
+
+def test_a_stopped_single_user_server_ends_the_session_in_one_line(hub, monkeypatch):
+    """The Hub answers 424 for a server that no longer runs: the kernel died with it."""
+    url = hub.start_user("carol")
+    monkeypatch.setenv("JUPYTER_TOKEN", hub.user_token("carol", ["access:servers!server=carol/"]))
+    s = colabmagic.connect(url, register=False, connect_timeout=120, reconnect_timeout=120)
+    try:
+        assert s.run("print('up')").stdout == "up\n"
+        hub.stop_user("carol")
+        t0 = time.monotonic()
+        with pytest.raises(RemoteKernelDied, match="is no longer running") as info:
+            s.run("print('down')", timeout=120)
+        assert time.monotonic() - t0 < 60  # told at once, not after reconnect_timeout
+        assert f"start it again at {hub.url}hub/home" in str(info.value)
+    finally:
+        s.close()
+    with pytest.raises(ConnectError, match="is no longer running"):
+        colabmagic.connect(url, register=False)

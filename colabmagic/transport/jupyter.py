@@ -96,15 +96,25 @@ class TokenRefused(ConnectError):
     """The server (or the Hub) refused the token: retrying cannot help."""
 
 
-def hub_urls(base: str) -> tuple[str, str] | None:
-    """For a JupyterHub single-user URL (``.../user/NAME/``): the Hub's ``api/user`` URL and its
-    token page (``.../hub/token``); None for any other server."""
+class ServerGone(ConnectError):
+    """JupyterHub answered for a single-user server that no longer runs (HTTP 424)."""
+
+
+def hub_root(base: str) -> str | None:
+    """For a JupyterHub single-user URL (``.../user/NAME/``) the Hub's own URL (``.../hub/``);
+    None for any other server."""
     parts = urllib.parse.urlsplit(base)
     prefix, sep, rest = parts.path.rpartition("/user/")
     if not sep or rest.count("/") != 1 or not rest.endswith("/"):
         return None
-    root = f"{parts.scheme}://{parts.netloc}{prefix}/hub/"
-    return root + "api/user", root + "token"
+    return f"{parts.scheme}://{parts.netloc}{prefix}/hub/"
+
+
+def _covers(scopes: list[str], base: str) -> bool:
+    """Whether JupyterHub *scopes* grant access to the single-user server at *base*."""
+    user = urllib.parse.unquote(urllib.parse.urlsplit(base).path.rstrip("/").rpartition("/")[2])
+    granted = {"access:servers", f"access:servers!user={user}", f"access:servers!server={user}/"}
+    return bool(granted & set(scopes))
 
 
 class Token:
@@ -180,6 +190,30 @@ def _can_prompt() -> bool:
         return False
 
 
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only within the server's origin: urllib would resend the Authorization
+    header to any host (even from https to http), so a redirect elsewhere is refused instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if _origin(newurl) != _origin(req.full_url):
+            scheme, host, port = _origin(newurl)
+            shown = f"{scheme}://{host}" + (f":{port}" if port else "")
+            msg = (
+                f"{req.full_url.split('?')[0]} redirected to {shown} (HTTP {code}); "
+                "colabmagic sends the token only to the server's own origin"
+            )
+            raise TokenRefused(msg)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects)
+
+
 class _Rest:
     """Blocking REST calls with the token in the Authorization header (used from threads)."""
 
@@ -208,7 +242,7 @@ class _Rest:
             req.add_header(k, v)
         shown = f"{method} {self.base}{path.lstrip('/').split('?')[0]}"
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:  # noqa: S310
+            with _OPENER.open(req, timeout=timeout or self.timeout) as resp:
                 payload = resp.read()
         except urllib.error.HTTPError as exc:
             exc.close()
@@ -217,8 +251,12 @@ class _Rest:
             if exc.code == 404:
                 msg = f"{shown}: not found (HTTP 404)"
                 raise FileNotFoundError(msg) from None
+            if exc.code == 424:  # JupyterHub: "server no longer running"
+                raise ServerGone(self.gone()) from None
             msg = f"{shown}: HTTP {exc.code} {exc.reason}"
             raise ConnectError(msg) from None
+        except ConnectError:  # a redirect off the server's origin (an OSError too)
+            raise
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             # HTTPException: a response cut mid-body (IncompleteRead) is a lost connection too
             reason = getattr(exc, "reason", exc)
@@ -230,14 +268,14 @@ class _Rest:
 
     def refused(self, shown: str, code: int) -> str:
         """The one line for a refused token; on JupyterHub, asks the Hub what is wrong with it."""
-        hub = hub_urls(self.base)
+        hub = hub_root(self.base)
         if hub is None:
             return f"{shown}: the server refused the token (HTTP {code}); check the token"
-        api, page = hub
-        req = urllib.request.Request(api, method="GET")  # noqa: S310 - http(s) only
+        page = hub + "token"
+        req = urllib.request.Request(hub + "api/user", method="GET")  # noqa: S310 - http(s) only
         req.add_header("Authorization", self._token.header())
         try:
-            with urllib.request.urlopen(req, timeout=min(self.timeout, 10.0)) as resp:  # noqa: S310
+            with _OPENER.open(req, timeout=min(self.timeout, 10.0)) as resp:
                 scopes = json.loads(resp.read()).get("scopes", [])
         except urllib.error.HTTPError as exc:
             exc.close()
@@ -252,9 +290,35 @@ class _Rest:
                 f"{shown}: the token lacks the access:servers scope (HTTP {code}); "
                 f"create one at {page}"
             )
+        if _covers(scopes, self.base):  # not the token: the Hub refuses for a stopped server
+            if self._status_code("api/status") == 424:
+                return self.gone()
+            return f"{shown}: the hub refused the request (HTTP {code}); is the server running?"
         return (
             f"{shown}: the hub refused the token (HTTP {code}): its access:servers scope does "
             f"not cover this server (another user's?); create one at {page}"
+        )
+
+    def _status_code(self, path: str) -> int | None:
+        """The HTTP status of a GET (with the token), without any diagnosis; None if unreachable."""
+        req = urllib.request.Request(self.base + path, method="GET")  # noqa: S310 - http(s) only
+        req.add_header("Authorization", self._token.header())
+        try:
+            with _OPENER.open(req, timeout=min(self.timeout, 10.0)) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return exc.code
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            return None
+
+    def gone(self) -> str:
+        """The one line for a JupyterHub single-user server that has stopped."""
+        where = hub_root(self.base)
+        start = f"start it again at {where}home and reconnect" if where else "start it again"
+        return (
+            f"the JupyterHub server {self.base} is no longer running (stopped or culled), "
+            f"and its kernels ended with it; {start}"
         )
 
     def kernel_model(self, kernel_id: str, timeout: float | None = None) -> dict:
@@ -325,6 +389,8 @@ class LinkPipe:
             self._transport.rest.kernel_model(self._kernel_id, timeout=3.0)
         except FileNotFoundError:
             return True, f"kernel {self._kernel_id} no longer exists on {self._transport.target}"
+        except ServerGone as exc:
+            return True, str(exc)
         except ConnectError:
             pass
         return False, reason
@@ -491,6 +557,8 @@ class JupyterTransport:
             if exc.code in (401, 403):
                 msg = self.rest.refused(f"websocket to {self.target}", exc.code)
                 raise PermanentLinkError(msg) from None
+            if exc.code == 424:
+                raise PermanentLinkError(self.rest.gone()) from None
             msg = f"websocket to {self.target} failed: HTTP {exc.code}"
             raise ConnectError(msg) from None
         except (OSError, asyncio.TimeoutError) as exc:
