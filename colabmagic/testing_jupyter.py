@@ -40,9 +40,11 @@ _NO_EXTENSIONS = repr(  # a Python literal: how traitlets reads a dict on the co
 class ServerProcess:
     """A running server: :attr:`url`, :attr:`port`, :attr:`token`, :attr:`root`, :attr:`log`."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, token: str, root: Path, log: Path):
+    def __init__(
+        self, proc: subprocess.Popen, port: int, token: str, root: Path, log: Path, base: str = "/"
+    ):
         self.proc, self.port, self.token, self.root, self.log = proc, port, token, root, log
-        self.url = f"http://127.0.0.1:{port}/"
+        self.url = f"http://127.0.0.1:{port}{base}"
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         """A REST call with the token; returns ``(status, json body)``."""
@@ -78,11 +80,12 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def jupyter_server(
-    base: Path, *args: str, token: str | None = None, timeout: float = 180.0
+    base: Path, *args: str, token: str | None = None, timeout: float = 180.0, base_url: str = "/"
 ) -> Iterator[ServerProcess]:
     """Run ``python -m jupyter_server`` under *base* (root dir and log there) until the block ends.
 
-    Every kernel it still runs is shut down through the server on exit.
+    *base_url* (``/a/b/``) is the server's ``ServerApp.base_url``; :attr:`ServerProcess.url`
+    includes it. Every kernel it still runs is shut down through the server on exit.
     """
     base = Path(base)
     root = base / "root"
@@ -97,11 +100,12 @@ def jupyter_server(
             sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
             f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True",
             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-            f"--ServerApp.jpserver_extensions={_NO_EXTENSIONS}", *args,
+            f"--ServerApp.jpserver_extensions={_NO_EXTENSIONS}", f"--ServerApp.base_url={base_url}",
+            *args,
         ]  # fmt: skip
         with open(log, "wb") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=root, env=env)
-        server = ServerProcess(proc, port, token, root, log)
+        server = ServerProcess(proc, port, token, root, log, base_url)
         try:
             wait_until(
                 lambda: proc.poll() is not None or server.ready(),  # noqa: B023 - called here

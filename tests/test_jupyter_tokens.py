@@ -212,3 +212,20 @@ def test_a_redirect_to_another_origin_never_carries_the_token(tmp_path, monkeypa
         for s in (first, other):
             s.shutdown()
             s.server_close()
+
+
+def test_a_plain_server_under_a_user_path_is_not_taken_for_a_hub(tmp_path, monkeypatch):
+    """``/user/x/`` alone does not make a hub: a refused token there gets the plain message."""
+    with jupyter_server(tmp_path / "srv", base_url="/user/x/") as srv:
+        url = srv.url
+        assert url.endswith("/user/x/")
+        monkeypatch.setenv("JUPYTER_TOKEN", "not-the-token")
+        with pytest.raises(ConnectError) as info:
+            colabmagic.connect(url, register=False)
+        assert str(info.value).endswith("the server refused the token (HTTP 403); check the token")
+        monkeypatch.setenv("JUPYTER_TOKEN", srv.token)
+        s = colabmagic.connect(url, register=False, connect_timeout=120)
+        try:
+            assert s.run("print('under /user/x/')").stdout == "under /user/x/\n"
+        finally:
+            s.close()

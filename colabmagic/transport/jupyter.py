@@ -279,6 +279,8 @@ class _Rest:
                 scopes = json.loads(resp.read()).get("scopes", [])
         except urllib.error.HTTPError as exc:
             exc.close()
+            if exc.code not in (401, 403):  # no hub there after all (a server under /user/x/)
+                return f"{shown}: the server refused the token (HTTP {code}); check the token"
             return (
                 f"{shown}: the hub does not accept this token (HTTP {code}; expired, revoked or "
                 f"from another hub); create one with the access:servers scope at {page}"
