@@ -4,6 +4,7 @@ running in the remote kernel, reached through the link's port forward."""
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import json
 import os
 import socket
@@ -17,6 +18,8 @@ from colabmagic import debug
 from colabmagic.errors import ColabMagicError, ParameterError, RemoteError
 from colabmagic.relay import Relay
 from colabmagic.session import Session
+from colabmagic.testing import require, wait_until
+from colabmagic.testing_jupyter import jupyter_server
 from colabmagic.transport.local import LocalTransport
 
 MODULE = """\
@@ -115,13 +118,37 @@ def listening_on(port: int) -> set[str]:
 
 
 @pytest.fixture(scope="module")
+def jserver(tmp_path_factory):
+    """A real ``jupyter server`` on 127.0.0.1 with a token."""
+    require(importlib.util.find_spec("jupyter_server") is not None, "jupyter_server is missing")
+    with jupyter_server(tmp_path_factory.mktemp("jserver")) as srv:
+        yield srv
+
+
+def jupyter_session(server, name: str, **options) -> Session:
+    from colabmagic.transport.jupyter import JupyterTransport, Token
+
+    transport = JupyterTransport(server.url, token=Token(server.token), **options)
+    return Session.start(transport, name=name, connect_timeout=120)
+
+
+@pytest.fixture(scope="module")
 def remote_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("remote")
 
 
-@pytest.fixture(scope="module", params=["local", pytest.param("ssh", marks=pytest.mark.ssh)])
+TRANSPORTS = ["local", pytest.param("ssh", marks=pytest.mark.ssh), "jupyter"]
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
 def session(request, colabmagic_root, remote_dir):
-    """A debugging session over each transport (the ssh one through a real sshd)."""
+    """A debugging session over each transport (ssh through a real sshd, jupyter through a real
+    ``jupyter server``, whose kernels run in the server's root)."""
+    if request.param == "jupyter":
+        s = jupyter_session(request.getfixturevalue("jserver"), "dbg-jupyter")
+        yield s
+        s.close()
+        return
     if request.param == "local":
         transport = LocalTransport(root=str(colabmagic_root))
     else:
@@ -136,6 +163,7 @@ def session(request, colabmagic_root, remote_dir):
             connect_timeout=10,
         )
     s = Session.start(transport, name=f"dbg-{request.param}", cwd=str(remote_dir))
+    assert s.remote_info["cwd"] == str(remote_dir)
     yield s
     s.close()
 
@@ -183,13 +211,14 @@ def test_cell_under_pdb_and_breakpoint_in_gpu_run(session, monkeypatch):
     assert "resumed 7" in out.text
 
 
-def test_vscode_breakpoint_in_uploaded_module(session, tmp_path, remote_dir):
+def test_vscode_breakpoint_in_uploaded_module(session, tmp_path):
     local_dir = tmp_path / "project"
     local_dir.mkdir()
     (local_dir / "dbgmod.py").write_text(MODULE)
     session.upload(str(local_dir / "dbgmod.py"), "dbgmod.py")
     info = debug.start_vscode(session, local_root=str(local_dir), launch_dir=str(tmp_path))
-    assert info.remote_root == str(remote_dir)
+    remote_dir = session.remote_info["cwd"]
+    assert info.remote_root == remote_dir
     launch = json.loads((tmp_path / ".vscode" / "launch.json").read_text())
     (cfg,) = launch["configurations"]
     assert cfg["connect"] == {"host": "127.0.0.1", "port": info.local_port}
