@@ -24,8 +24,9 @@ idempotent, and a stream once closed is never reopened by a resent ``open``.
 message). Each chunk is kept until the client acknowledges it (``ack``, also carried by every
 ``send``): at most :data:`WINDOW` chunks are unacknowledged, which is the flow control, and after a
 websocket drop ``resume`` hands back every chunk the client lacks, so no byte is lost whether or not
-the journal is installed. The reader threads are marked as debugger threads (``pydev_do_not_trace``),
-so a debugger that suspends all threads at a breakpoint does not suspend the relay it talks through.
+the journal is installed. The reader threads are marked as debugger threads
+(``pydev_do_not_trace``), so a debugger that suspends every thread at a breakpoint does not suspend
+the relay it talks through.
 """
 
 import socket
@@ -55,9 +56,7 @@ class Stream:
         self.held = {}  # client chunks that arrived ahead of a gap
         self.closed = False
         self.eof = False  # our eof is published (kept until acknowledged)
-        self.thread = threading.Thread(
-            target=self._read, name=f"colabmagic-tcp-{key}", daemon=True
-        )
+        self.thread = threading.Thread(target=self._read, name=f"colabmagic-tcp-{key}", daemon=True)
         self.thread.pydev_do_not_trace = True
         self.thread.is_pydev_daemon_thread = True
 
@@ -79,6 +78,7 @@ class Stream:
                 n = self.published
                 self.unacked.append((n, data))
                 self.eof = not data
+                self.forwarder.peak = max(self.forwarder.peak, len(self.unacked))
             self.forwarder.publish(self.key, n, data)
             if not data:
                 return
@@ -124,6 +124,7 @@ class Forwarder:
         self.streams = {}
         self.closed = deque(maxlen=_CLOSED_LIMIT)
         self.lock = threading.Lock()
+        self.peak = 0  # the most unacknowledged chunks any stream had (flow control, for tests)
 
     def publish(self, key, n, data):
         content = {"stream": key, "n": n, "eof": not data}
@@ -146,8 +147,9 @@ class Forwarder:
             sock.close()
             with self.lock:
                 self.closed.append(key)
-            return {"ok": False, "error": f"nothing listens on 127.0.0.1:{port} in the kernel ({exc})"}
-        sock.settimeout(30)
+            error = f"nothing listens on 127.0.0.1:{port} in the kernel ({exc})"
+            return {"ok": False, "error": error}
+        sock.settimeout(None)  # an idle connection (a debugger waiting) stays open
         stream = Stream(self, key, port, sock)
         with self.lock:
             self.streams[key] = stream
@@ -224,8 +226,6 @@ class Forwarder:
                 content, reply_buffers = self._resume(req.get("acks") or {})
             elif op == "close":
                 content = self._close_port(int(req["port"]), str(req.get("owner", "")))
-            elif op == "list":
-                content = {"ok": True, "streams": sorted(self.streams), "threads": self._threads()}
             else:
                 content = {"ok": False, "error": f"unknown operation {op!r}"}
         except Exception as exc:  # noqa: BLE001 - the client gets the reason in the reply
@@ -234,8 +234,10 @@ class Forwarder:
             stream, REPLY, content, parent, ident=ident, buffers=reply_buffers or None
         )
 
-    def _threads(self):
-        return sorted(t.name for t in threading.enumerate() if t.name.startswith("colabmagic-tcp-"))
+    def state(self):
+        """Open streams, live reader threads and the in-flight peak (for tests and diagnosis)."""
+        threads = [t.name for t in threading.enumerate() if t.name.startswith("colabmagic-tcp-")]
+        return {"streams": sorted(self.streams), "threads": sorted(threads), "peak": self.peak}
 
 
 def install(kernel=None):

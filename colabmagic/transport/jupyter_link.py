@@ -428,7 +428,14 @@ class KernelLink:
 
     def _from_proxy(self, channel: int, parts: list) -> None:
         if channel == wire.AGENT:
-            self._spawn(self._op(json.loads(bytes(parts[0]))))
+            op = json.loads(bytes(parts[0]))
+            if op.get("op") == "tcp_open":  # now: the stream's first bytes may follow in this batch
+                opened = self.forwards.open(int(op["stream"]), int(op["port"]))
+                self._event(
+                    {"event": "reply", "reply_to": op.get("id"), "op": "tcp_open", **opened}
+                )
+                return
+            self._spawn(self._op(op))
             return
         if channel == wire.TCP:
             self.forwards.data(wire.sid_int(parts[0]), parts[1])
@@ -856,8 +863,6 @@ class KernelLink:
                 self._event(reply)
                 self._event({"event": "shutdown"})
                 return
-            elif name == "tcp_open":
-                reply.update(self.forwards.open(int(op["stream"]), int(op["port"])))
             elif name == "tcp_close":
                 reply["closed"] = self.forwards.close_port(int(op["port"]))
             else:
