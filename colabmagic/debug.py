@@ -8,6 +8,12 @@ Jupyter stdin channel, so they work in JupyterLab, VS Code notebooks and termina
 127.0.0.1 only, forwards it through the link (:meth:`colabmagic.proxy.Proxy.forward`: no extra SSH
 tunnel, and the connection survives a dropped link) to a local 127.0.0.1 port, and writes an
 attach configuration into ``.vscode/launch.json``.
+
+Both work on every transport. Over SSH (and ``--local``) the agent opens the remote end of the
+forward; on a Jupyter-server target, which forwards no port, the link carries it through the kernel
+itself (:mod:`colabmagic.transport.jupyter_forward`: control-channel requests up, IOPub chunks down,
+answered while the kernel is stopped at a breakpoint), and pdb's prompts ride the websocket's stdin
+channel.
 """
 
 from __future__ import annotations
