@@ -351,7 +351,7 @@ def test_vscode_on_jupyter_survives_a_websocket_cut_and_stop_closes_both_ends(js
     local_dir = tmp_path / "project"
     local_dir.mkdir()
     (local_dir / "dbgmod.py").write_text(MODULE)
-    with WanRelay(("127.0.0.1", jserver.port)) as wan:
+    with WanRelay(("127.0.0.1", jserver.port), delay=0.05) as wan:
         s = jupyter_session(
             jserver, "dbg-cut", url=f"http://127.0.0.1:{wan.port}/", ping_interval=0.5
         )
@@ -360,10 +360,14 @@ def test_vscode_on_jupyter_survives_a_websocket_cut_and_stop_closes_both_ends(js
             info = debug.start_vscode(s, local_root=str(local_dir), launch_dir=str(tmp_path))
             mappings = [{"localRoot": str(local_dir), "remoteRoot": info.remote_root}]
 
-            def cut() -> None:  # the kernel is stopped at the breakpoint: cut the websocket
+            def cut() -> None:
+                # Stopped at the breakpoint, a request on its way (held 50 ms in the emulated
+                # link): cut the websocket under it. The forward resends it after the reconnect.
                 before = s.proxy.reconnects
+                seq = dap.send("threads")
                 assert wan.cut() >= 1
                 wait_until(lambda: s.proxy.reconnects > before, timeout=60, what="a reconnect")
+                assert any(t["name"] == "MainThread" for t in dap.response(seq)["threads"])
 
             dap = DAP(info.local_port)
             try:
