@@ -18,10 +18,12 @@ import threading
 
 import pytest
 
+from colabmagic.remote.tcp_forward import WINDOW
 from colabmagic.session import Session
 from colabmagic.testing import require, wait_until
 from colabmagic.testing_jupyter import jupyter_server
 from colabmagic.testing_wan import WanRelay
+from colabmagic.transport.jupyter_forward import BACKLOG
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -92,14 +94,15 @@ def recv_all(sock: socket.socket, n: int | None = None) -> bytes:
 
 @pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
 def test_bytes_exactly_once_across_cuts(server, journal):
-    """8 MiB echoed and 24 MiB downloaded while the websocket is cut twice."""
+    """32 MiB echoed (the peer blocks on its writes while we still send) and 24 MiB downloaded,
+    the websocket cut three times."""
     with WanRelay(("127.0.0.1", server.port)) as wan:
         s = start(f"http://127.0.0.1:{wan.port}/", server.token, journal=journal)
         try:
             remote_port = int(s.run(SERVER).stdout)
             local_port = s.proxy.forward(remote_port)
             # Echo: send and read at once (a thread sends), cut the websocket twice meanwhile.
-            payload = random.Random(1).randbytes(8 << 20)
+            payload = random.Random(1).randbytes(32 << 20)
             conn = socket.create_connection(("127.0.0.1", local_port), timeout=120)
             conn.sendall(b"E")
             reconnects = s.proxy.reconnects
@@ -108,7 +111,7 @@ def test_bytes_exactly_once_across_cuts(server, journal):
                 view = memoryview(payload)
                 for i in range(0, len(view), 1 << 20):
                     conn.sendall(view[i : i + (1 << 20)])
-                    if i in (2 << 20, 5 << 20):
+                    if i in (4 << 20, 20 << 20):
                         wan.cut()
 
             sender = threading.Thread(target=send, daemon=True)
@@ -143,9 +146,10 @@ def test_bytes_exactly_once_across_cuts(server, journal):
                 what="the kernel's forwarder to forget closed streams",
             )
             # Flow control: the kernel never had more than the window unacknowledged.
-            from colabmagic.remote.tcp_forward import WINDOW
-
-            assert 0 < remote_state(s)["peak"] <= WINDOW
+            state = remote_state(s)
+            assert 0 < state["peak"] <= WINDOW
+            # ... and never queued much more than the client's bound for its socket.
+            assert state["peak_backlog"] <= BACKLOG + WINDOW * (256 << 10), state
         finally:
             s.close()
 

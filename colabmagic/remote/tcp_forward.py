@@ -16,8 +16,11 @@ ipykernel: it answers while the main thread is stopped at a breakpoint)::
     colabmagic_tcp_request {"op": "close", "port": p, "owner": o}   (every stream to that port)
 
 ``send`` chunks are numbered per stream from 1; a duplicate (a request resent after a websocket
-drop) is answered and dropped, one ahead of a gap is held until the gap fills. ``open`` is
-idempotent, and a stream once closed is never reopened by a resent ``open``.
+drop) is answered and dropped, one ahead of a gap is held until the gap fills. A writer thread per
+stream writes them to the socket: the control thread never blocks on a slow peer (it must keep
+answering acks, or a peer that echoes would deadlock), and replies report the bytes still queued
+(``backlog``) so that the client stops sending above a bound. ``open`` is idempotent, and a stream
+once closed is never reopened by a resent ``open``.
 
 **Kernel -> client** bytes are read by one thread per stream and published on IOPub as
 ``colabmagic_tcp_data {"stream": k, "n": i, "eof": bool}`` + [bytes] (journaled like every IOPub
@@ -29,6 +32,7 @@ the journal is installed. The reader threads are marked as debugger threads
 the relay it talks through.
 """
 
+import contextlib
 import socket
 import threading
 from collections import deque
@@ -54,11 +58,17 @@ class Stream:
         self.unacked = deque()  # (n, data) not yet acknowledged by the client
         self.expect = 1  # the next client chunk to write
         self.held = {}  # client chunks that arrived ahead of a gap
+        self.outq = deque()  # client chunks in order, for the writer thread (None = close)
+        self.backlog = 0  # bytes in outq
         self.closed = False
         self.eof = False  # our eof is published (kept until acknowledged)
-        self.thread = threading.Thread(target=self._read, name=f"colabmagic-tcp-{key}", daemon=True)
-        self.thread.pydev_do_not_trace = True
-        self.thread.is_pydev_daemon_thread = True
+        self.threads = [
+            threading.Thread(target=self._read, name=f"colabmagic-tcp-{key}", daemon=True),
+            threading.Thread(target=self._write, name=f"colabmagic-tcp-{key}-w", daemon=True),
+        ]
+        for thread in self.threads:
+            thread.pydev_do_not_trace = True
+            thread.is_pydev_daemon_thread = True
 
     def _read(self):
         while True:
@@ -90,20 +100,39 @@ class Stream:
             self.cond.notify_all()
 
     def write(self, n, data):
-        """Apply client chunk *n* in order; False when the client closed the stream."""
-        if n < self.expect:
-            return True
-        self.held[n] = data
-        while self.expect in self.held:
-            chunk = self.held.pop(self.expect)
-            self.expect += 1
-            if not chunk:
-                return False
+        """Queue client chunk *n* in order (never blocks: the control thread must keep serving
+        acks, or an echoing peer would deadlock); False once the client's close is queued."""
+        with self.cond:
+            if n >= self.expect:
+                self.held[n] = data
+            while self.expect in self.held:
+                chunk = self.held.pop(self.expect)
+                self.expect += 1
+                self.outq.append(chunk or None)
+                self.backlog += len(chunk)
+                self.forwarder.peak_backlog = max(self.forwarder.peak_backlog, self.backlog)
+                self.cond.notify_all()
+            return not (self.outq and self.outq[-1] is None)
+
+    def _write(self):
+        while True:
+            with self.cond:
+                while not self.outq and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                chunk = self.outq.popleft()
+            if chunk is None:  # the client closed: after its last bytes, so do we
+                self.forwarder._drop(self.key)
+                return
             try:
                 self.sock.sendall(chunk)
-            except OSError:
-                return False
-        return True
+            except OSError:  # the peer is gone: the reader sees it and publishes our eof
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                return
+            with self.cond:
+                self.backlog -= len(chunk)
 
     def close(self):
         with self.cond:
@@ -125,6 +154,7 @@ class Forwarder:
         self.closed = deque(maxlen=_CLOSED_LIMIT)
         self.lock = threading.Lock()
         self.peak = 0  # the most unacknowledged chunks any stream had (flow control, for tests)
+        self.peak_backlog = 0  # the most bytes any stream had queued for its socket
 
     def publish(self, key, n, data):
         content = {"stream": key, "n": n, "eof": not data}
@@ -153,7 +183,8 @@ class Forwarder:
         stream = Stream(self, key, port, sock)
         with self.lock:
             self.streams[key] = stream
-        stream.thread.start()
+        for thread in stream.threads:
+            thread.start()
         return {"ok": True}
 
     def _drop(self, key):
@@ -171,10 +202,9 @@ class Forwarder:
         if "ack" in req:
             self._ack(stream, int(req["ack"]))
         data = bytes(buffers[0]) if buffers else b""
-        if not stream.write(int(req["n"]), data):
-            self._drop(key)
+        if not stream.write(int(req["n"]), data):  # the writer closes after the last bytes
             return {"ok": True, "closed": True}
-        return {"ok": True}
+        return {"ok": True, "backlog": stream.backlog}
 
     def _ack(self, stream, upto):
         stream.ack(upto)
@@ -221,7 +251,7 @@ class Forwarder:
                 target = self.streams.get(str(req["stream"]))
                 if target is not None:
                     self._ack(target, int(req["ack"]))
-                content = {"ok": True}
+                content = {"ok": True, "backlog": target.backlog if target is not None else 0}
             elif op == "resume":
                 content, reply_buffers = self._resume(req.get("acks") or {})
             elif op == "close":
@@ -237,7 +267,12 @@ class Forwarder:
     def state(self):
         """Open streams, live reader threads and the in-flight peak (for tests and diagnosis)."""
         threads = [t.name for t in threading.enumerate() if t.name.startswith("colabmagic-tcp-")]
-        return {"streams": sorted(self.streams), "threads": sorted(threads), "peak": self.peak}
+        return {
+            "streams": sorted(self.streams),
+            "threads": sorted(threads),
+            "peak": self.peak,
+            "peak_backlog": self.peak_backlog,
+        }
 
 
 def install(kernel=None):

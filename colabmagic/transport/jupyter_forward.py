@@ -11,9 +11,11 @@ difference, and any port works the same way (TensorBoard, a dashboard).
 
 Guarantees: the bytes of each direction arrive once and in order across websocket drops. Chunks
 are numbered per stream; the kernel drops resent duplicates and holds early ones, this side drops
-duplicates (a journal replay and a resume can both carry a chunk) and delivers in order. At most
-:data:`WINDOW` requests per stream are in flight, and the kernel keeps at most ``WINDOW``
-unacknowledged chunks per stream (its reader waits): that is the flow control. After a drop,
+duplicates (a journal replay and a resume can both carry a chunk) and delivers in order. Flow
+control: at most :data:`WINDOW` requests per stream are in flight, and we stop sending while the
+kernel reports more than :data:`BACKLOG` bytes queued for its socket; the kernel keeps at most
+``WINDOW`` unacknowledged chunks per stream (its reader waits). (Towards the local client the
+proxy buffers what its socket does not take yet, as over SSH.) After a drop,
 :meth:`KernelForwards.resume` resends the unanswered requests and asks the kernel for the chunks
 this side lacks. A close on either side closes the other. A kernel restart ends every stream.
 
@@ -30,6 +32,7 @@ through the link like any control message.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import uuid
@@ -42,6 +45,8 @@ log = logging.getLogger("colabmagic.jupyter")
 REQUEST = "colabmagic_tcp_request"
 DATA = "colabmagic_tcp_data"
 WINDOW = 16
+BACKLOG = 4 << 20  # bytes queued in the kernel for its socket above which we stop sending
+POLL = 0.02  # seconds between backlog checks while stopped
 
 
 class _Stream:
@@ -58,6 +63,8 @@ class _Stream:
         self.held: dict[int, bytes | None] = {}  # kernel chunks ahead of a gap (None = eof)
         self.acked = 0  # the last acknowledgement sent
         self.closing = False  # our close is queued: nothing more goes to the kernel
+        self.backlog = 0  # bytes the kernel has queued for its socket (from its last reply)
+        self.polling = False
 
 
 class KernelForwards:
@@ -158,6 +165,11 @@ class KernelForwards:
 
     # -- internals ---------------------------------------------------------------------------
     def _pump(self, stream: _Stream) -> None:
+        if stream.backlog > BACKLOG:  # the kernel's peer reads slower than we send: wait
+            if not stream.polling:
+                stream.polling = True
+                asyncio.get_running_loop().call_later(POLL, self._poll, stream)
+            return
         while stream.inflight < min(WINDOW, len(stream.pending)):
             item = stream.pending[stream.inflight]
             if item[0]["op"] == "send":
@@ -181,6 +193,7 @@ class KernelForwards:
                 self._forget(stream)
                 self._close_local(stream.sid)
                 return
+            stream.backlog = int(reply.get("backlog", 0))
             if reply.get("closed") or (stream.closing and not stream.pending):
                 self._forget(stream)
                 if not stream.closing:
@@ -189,6 +202,19 @@ class KernelForwards:
             self._pump(stream)
 
         return done
+
+    def _poll(self, stream: _Stream) -> None:
+        stream.polling = False
+        if self.streams.get(stream.sid) is not stream:
+            return
+        content = {"op": "ack", "stream": stream.key, "ack": stream.next_in - 1}
+
+        def answered(reply: dict, _buffers: list) -> None:
+            stream.backlog = int(reply.get("backlog", 0))
+            self._pump(stream)
+
+        if not self._post(content, [], answered):
+            stream.backlog = 0  # no websocket now: resume() pumps again after the reconnect
 
     def _on_resume(self, reply: dict, buffers: list) -> None:
         offset = 0
