@@ -345,7 +345,10 @@ def test_debugpy_already_in_use_is_a_clear_error(colabmagic_root, tmp_path):
 STATE = "import json; print(json.dumps(get_ipython().kernel._colabmagic_tcp_forward.state()))"
 
 
-def test_vscode_on_jupyter_survives_a_websocket_cut_and_stop_closes_both_ends(jserver, tmp_path):
+@pytest.mark.parametrize("drop", ["cut", "half-open"])
+def test_vscode_on_jupyter_survives_a_websocket_drop_and_stop_closes_both_ends(
+    drop, jserver, tmp_path
+):
     from colabmagic.testing_wan import WanRelay
 
     local_dir = tmp_path / "project"
@@ -365,7 +368,12 @@ def test_vscode_on_jupyter_survives_a_websocket_cut_and_stop_closes_both_ends(js
                 # link): cut the websocket under it. The forward resends it after the reconnect.
                 before = s.proxy.reconnects
                 seq = dap.send("threads")
-                assert wan.cut() >= 1
+                if drop == "cut":
+                    assert wan.cut() >= 1
+                else:  # no FIN, no RST: found by two missed pings
+                    wan.freeze()
+                    wait_until(lambda: s.proxy.state == "link-down", timeout=30, what="ping loss")
+                    wan.thaw()
                 wait_until(lambda: s.proxy.reconnects > before, timeout=60, what="a reconnect")
                 assert any(t["name"] == "MainThread" for t in dap.response(seq)["threads"])
 

@@ -190,3 +190,21 @@ def test_remote_close_restart_and_tcp_close(server):
         assert remote_state(s)["streams"] == []
     finally:
         s.close()
+
+
+def test_forward_over_json_frames(tmp_path_factory):
+    """A server that refuses the binary subprotocol: chunks travel as JSON frames with buffers."""
+    require(importlib.util.find_spec("jupyter_server") is not None, "jupyter_server is missing")
+    no_v1 = "--ZMQChannelsWebsocketConnection.kernel_ws_protocol="
+    with jupyter_server(tmp_path_factory.mktemp("jfwd-json"), no_v1) as srv:
+        s = start(srv.url, srv.token)
+        try:
+            assert not s.transport.links[s.kernel_id].current.v1
+            local_port = s.proxy.forward(int(s.run(SERVER).stdout))
+            n = 3 << 20
+            conn = socket.create_connection(("127.0.0.1", local_port), timeout=60)
+            conn.sendall(b"S%d\n" % n)
+            assert recv_all(conn) == random.Random(n).randbytes(n)
+            conn.close()
+        finally:
+            s.close()
