@@ -22,8 +22,10 @@ Prints medians and the ratios the issue's targets are stated in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -37,7 +39,7 @@ from jupyter_client import BlockingKernelClient, KernelManager
 
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
-from colabmagic.testing_sshd import SSHServer
+from colabmagic.testing_sshd import SSHServer, processes
 from colabmagic.transport.ssh import SSHTransport
 
 
@@ -100,17 +102,20 @@ def _tmpfs() -> str | None:
 
 
 def ssh_cat_throughput(
-    srv: SSHServer, path: str, size: int, to_dir: str | None = None
+    srv: SSHServer, path: str, size: int, to_dir: str | None = None, cpu: dict | None = None
 ) -> tuple[float, float]:
     """``cat | ssh`` payload rates up and down; into files in *to_dir* (else /dev/null)."""
     base = ["ssh", "-F", srv.ssh_config, "-o", "BatchMode=yes", srv.name]
+    cpu = {} if cpu is None else cpu
 
     def timed(cmd, **kw) -> float:
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, **kw)
-        return time.perf_counter() - t
+        key = "cat_up" if "stdin" in kw else "cat_down"
+        return cpu_call(srv, lambda: subprocess.run(cmd, check=True, **kw), cpu, key)
 
-    hs = statistics.median(timed([*base, "true"]) for _ in range(3))
+    hs = statistics.median(
+        cpu_call(srv, lambda: subprocess.run([*base, "true"], check=True), cpu, "handshake")
+        for _ in range(3)
+    )
     sink = os.path.join(to_dir, "cat-up.bin") if to_dir else "/dev/null"
     with open(path, "rb") as f:
         up = timed([*base, f"cat > {sink}"], stdin=f) - hs
@@ -130,6 +135,41 @@ def timed_call(fn) -> float:
     return time.perf_counter() - t
 
 
+def _proc_cpu(pid: int) -> tuple[float, list[int]]:
+    """CPU seconds of *pid* plus its reaped children's, and its live children."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    hz = os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[11:15]) / hz, processes(ppid=pid)
+
+
+def host_cpu(srv: SSHServer) -> float:
+    """CPU seconds used so far by sshd and everything under it (sessions, bridge, agent, kernel)."""
+    total, todo = 0.0, [srv.proc.pid]
+    while todo:
+        with contextlib.suppress(OSError):
+            cpu, children = _proc_cpu(todo.pop())
+            total += cpu
+            todo += children
+    return total
+
+
+def local_cpu() -> float:
+    """CPU seconds of this process and its reaped children (the ``ssh`` clients)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def cpu_call(srv: SSHServer, fn, into: dict, key: str) -> float:
+    """Run *fn*; add its CPU here and on the host to ``into[key]``; return its wall time."""
+    here, there = local_cpu(), host_cpu(srv)
+    wall = timed_call(fn)
+    loc, host, n = into.setdefault(key, [0.0, 0.0, 0])
+    into[key] = [loc + local_cpu() - here, host + host_cpu(srv) - there, n + 1]
+    return wall
+
+
 def sparse_f32(nbytes: int) -> np.ndarray:
     rng = np.random.default_rng(3)
     a = rng.random(nbytes // 4, dtype=np.float32)
@@ -141,10 +181,13 @@ def bulk_rows(s: Session, srv: SSHServer, root: str, arr: np.ndarray) -> dict:
     """Push/pull (compress none and auto) and file transfers, against cat | ssh in the same run."""
     size = arr.nbytes
     out: dict = {k: [] for k in ("push_none", "pull_none", "push_auto", "pull_auto")}
+    cpu = out["cpu"] = {}
     for _ in range(3):  # interleaved, so every mode sees the same machine state
         for mode in ("none", "auto"):
-            out[f"push_{mode}"].append(timed_call(lambda m=mode: s.push(big=arr, compress=m)))
-            out[f"pull_{mode}"].append(timed_call(lambda m=mode: s.pull("big", compress=m)))
+            push = lambda m=mode: s.push(big=arr, compress=m)  # noqa: E731
+            pull = lambda m=mode: s.pull("big", compress=m)  # noqa: E731
+            out[f"push_{mode}"].append(cpu_call(srv, push, cpu, f"push_{mode}"))
+            out[f"pull_{mode}"].append(cpu_call(srv, pull, cpu, f"pull_{mode}"))
     sp = sparse_f32(size)
     for mode in ("none", "auto"):
         out[f"sparse_push_{mode}"] = [timed_call(lambda m=mode: s.push(sp=sp, compress=m))]
@@ -155,7 +198,7 @@ def bulk_rows(s: Session, srv: SSHServer, root: str, arr: np.ndarray) -> dict:
     try:
         path = os.path.join(fdir, "payload.bin")
         arr.tofile(path)
-        out["cat_up"], out["cat_down"] = ssh_cat_throughput(srv, path, size)
+        out["cat_up"], out["cat_down"] = ssh_cat_throughput(srv, path, size, cpu=cpu)
         out["cat_file_up"], out["cat_file_down"] = ssh_cat_throughput(srv, path, size, fdir)
         for mode in ("none", "auto"):
             up, down = os.path.join(fdir, f"up-{mode}.bin"), os.path.join(fdir, "down.bin")
@@ -202,6 +245,23 @@ def print_bulk(b: dict, mib: int) -> None:
     for kind in ("push", "pull"):
         r = rate(f"{kind}_auto") / rate(f"{kind}_none")
         print(f"  {kind} random auto / none         : {r:7.2f}x  (target >= 0.95x)")
+    # CPU per GiB moved, here and on the host (sshd and all under it), load-independent: on a
+    # 2-core machine the sum over both cores bounds the rate whatever the load.
+    cpu = b["cpu"]
+    hs_loc, hs_host, hs_n = cpu.get("handshake", [0.0, 0.0, 1])
+    gib = size / (1 << 30)
+    print("CPU seconds per GiB (this machine's process + ssh clients | sshd and all under it):")
+    for label, key in (
+        ("cat | ssh up", "cat_up"),
+        ("ssh cat down", "cat_down"),
+        ("push random, none", "push_none"),
+        ("pull random, none", "pull_none"),
+    ):
+        loc, host, n = cpu[key]
+        if key.startswith("cat"):  # less one handshake per run, as the rates are
+            loc, host = loc - n * hs_loc / hs_n, host - n * hs_host / hs_n
+        loc, host = loc / n / gib, host / n / gib
+        print(f"  {label:<20}: {loc:5.2f} | {host:5.2f}  = {loc + host:5.2f} s/GiB")
 
 
 def connect_times(srv: SSHServer, root: str, starts: int) -> tuple[list[float], list[float]]:

@@ -253,8 +253,7 @@ class Channel:
         return serialize.loads(frames)
 
     def _receive(self, inbox, req: str, sizes: list[int], stats: TransferStats, timeout) -> tuple:
-        # Fresh anonymous memory (calloc maps it lazily): the pages are touched once, by the copy.
-        frames = [bytearray(int(n)) for n in sizes]
+        frames = [wire.alloc(int(n)) for n in sizes]
         left = stats.raw_bytes = sum(int(n) for n in sizes)
         self.meter.start()
         last = ""

@@ -128,11 +128,15 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _BIG = 8 << 20
 
 
-def _alloc(length: int):
+def alloc(length: int):
     """A writable buffer for a frame body; large ones come pre-faulted (MAP_POPULATE).
 
-    Touching fresh memory page by page costs about as much as the copy itself on small VMs;
-    pre-faulting in the kernel halves that for the multi-MiB frames that push/pull send.
+    Touching fresh memory page by page costs about as much as the copy itself on small VMs
+    (``bytearray(n)`` zero-fills, then faults every page in one by one); pre-faulting in one
+    system call halves that for a whole pushed or pulled value. Chunk-sized frames (4 MiB) stay
+    bytearrays: they are freed as fast as they come, and malloc hands the same, already faulted,
+    heap memory back (6x cheaper than a fresh mapping each time). Arrays unpickled into such a
+    buffer keep it alive, writable, as their base.
     """
     if length < _BIG or not _POPULATE:
         return bytearray(length)
@@ -240,7 +244,7 @@ class FramedStream:
                 continue
             # A frame larger than what has arrived: read the rest straight into its own buffer.
             self._header = (kind, seq, length)
-            self._body = _alloc(length)
+            self._body = alloc(length)
             self._body[: end - start] = buf[start:end]
             self._body_view = memoryview(self._body)
             self._body_got = end - start

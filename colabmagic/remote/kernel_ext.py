@@ -33,6 +33,7 @@ flight, so no hop ever holds more than a few chunks:
 """
 
 import copy
+import mmap
 import os
 import pickle
 import subprocess
@@ -70,10 +71,25 @@ def _pays(view, rate, cctx):
     return per_byte + size / len(sample) / rate + per_byte / 3 < 0.9 / rate
 
 
+def frame_buffer(n):
+    """Writable memory for a received frame of *n* bytes.
+
+    ``bytearray(n)`` zero-fills byte by byte and then faults every page in one at a time; a large
+    frame is instead an anonymous mapping populated in one system call (half the cost on a VM,
+    where page faults are dear). Arrays unpickled into it keep it alive, writable, as their base.
+    """
+    if n >= 1 << 20 and hasattr(mmap, "MAP_POPULATE"):
+        try:
+            return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+        except OSError:
+            pass
+    return bytearray(n)
+
+
 def _push_begin(comm, req, data):
     _pushes.clear()  # one transfer at a time per caller: a new one ends any abandoned one
     sizes = [int(n) for n in data["sizes"]]
-    _pushes[req] = {"frames": [bytearray(n) for n in sizes], "left": sum(sizes), "got": 0}
+    _pushes[req] = {"frames": [frame_buffer(n) for n in sizes], "left": sum(sizes), "got": 0}
 
 
 def _push_chunk(comm, req, data, buffers):

@@ -281,7 +281,9 @@ class ChannelPipe:
         chan, inner = self.chan, self._inner
         try:
             while True:
-                data = chan.recv(_PUMP_CHUNK)
+                # Take all that is buffered: paramiko's BufferedPipe drops what a smaller read
+                # takes from the front of its array, moving the rest (up to the window) each time.
+                data = chan.recv(ssh_connect.WINDOW_SIZE)
                 if not data:
                     break
                 inner.sendall(data)
