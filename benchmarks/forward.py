@@ -95,14 +95,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300, help="round trips per transport")
     parser.add_argument("--mib", type=int, default=32, help="MiB echoed per transport")
     args = parser.parse_args()
-    root = str(Path(__file__).resolve().parents[1])
     rows = {"direct": direct(args.n, args.mib)}
-    s = colabmagic.connect(local=True, root=root, register=False)
-    try:
-        rows["local"] = through(s, args.n, args.mib)
-    finally:
-        s.close()
     with tempfile.TemporaryDirectory() as tmp, jupyter_server(Path(tmp)) as srv:
+        s = colabmagic.connect(local=True, root=str(Path(tmp) / "agents"), register=False)
+        try:
+            rows["local"] = through(s, args.n, args.mib)
+        finally:
+            s.close()
         os.environ["JUPYTER_TOKEN"] = srv.token
         s = colabmagic.connect(srv.url, register=False, connect_timeout=180)
         try:
