@@ -303,11 +303,14 @@ def test_vscode_breakpoint_in_uploaded_module(session, tmp_path):
     dap = DAP(info.local_port)
     try:
         debug_a_breakpoint(session, dap, local_dir, cfg["pathMappings"])
-        dap.send("disconnect", terminateDebuggee=False)
+        # --stop closes the listener and the live debugger connection, at both ends
+        assert debug.stop_vscode(session) == 1
+        assert session.proxy.forwards == {}
+        with pytest.raises(ConnectionError, match="closed the connection"):
+            read_to_eof(dap)
     finally:
         dap.close()
-    assert debug.stop_vscode(session) == 1
-    assert session.proxy.forwards == {}
+    assert session.run("print('kernel fine')", relay=Capture()).stdout == "kernel fine\n"
 
 
 def test_launch_json_is_merged_and_never_clobbered(tmp_path):
