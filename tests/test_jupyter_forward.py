@@ -208,3 +208,23 @@ def test_forward_over_json_frames(tmp_path_factory):
             conn.close()
         finally:
             s.close()
+
+
+def test_chunks_lost_without_a_drop_are_resent(tmp_path_factory):
+    """The server's own IOPub rate limit drops messages with no websocket drop: the kernel resends
+    what nobody acknowledged, and the bytes still arrive exactly once, in order."""
+    require(importlib.util.find_spec("jupyter_server") is not None, "jupyter_server is missing")
+    limit = "--ZMQChannelsWebsocketConnection.iopub_msg_rate_limit=2"  # > 6 msgs in 3 s: dropped
+    with jupyter_server(tmp_path_factory.mktemp("jfwd-limit"), limit) as srv:
+        s = start(srv.url, srv.token)
+        try:
+            local_port = s.proxy.forward(int(s.run(SERVER).stdout))
+            n = 10 * 65536  # ten chunks: some are over the limit
+            conn = socket.create_connection(("127.0.0.1", local_port), timeout=120)
+            conn.sendall(b"S%d\n" % n)
+            assert recv_all(conn) == random.Random(n).randbytes(n)
+            conn.close()
+            assert s.proxy.reconnects == 0, "no websocket drop: the server dropped messages"
+            assert remote_state(s)["retransmits"] > 0
+        finally:
+            s.close()

@@ -27,14 +27,18 @@ once closed is never reopened by a resent ``open``.
 message). Each chunk is kept until the client acknowledges it (``ack``, also carried by every
 ``send``): at most :data:`WINDOW` chunks are unacknowledged, which is the flow control, and after a
 websocket drop ``resume`` hands back every chunk the client lacks, so no byte is lost whether or not
-the journal is installed. The reader threads are marked as debugger threads
-(``pydev_do_not_trace``), so a debugger that suspends every thread at a breakpoint does not suspend
-the relay it talks through.
+the journal is installed. A chunk IOPub loses with no drop (the server's IOPub rate limit, a full
+ZeroMQ queue) is published again when nothing was acknowledged for :data:`RTO` seconds (then after
+twice as long, up to 30 s); the client drops what it has and acknowledges again. The stream
+threads are marked as debugger threads (``pydev_do_not_trace``), so a debugger that suspends every
+thread at a breakpoint does not suspend the relay it talks through.
 """
 
 import contextlib
+import select
 import socket
 import threading
+import time
 from collections import deque
 
 REQUEST = "colabmagic_tcp_request"
@@ -42,6 +46,7 @@ REPLY = "colabmagic_tcp_reply"
 DATA = "colabmagic_tcp_data"
 CHUNK = 64 * 1024
 WINDOW = 16
+RTO = 1.0  # seconds without an acknowledgement before the unacknowledged chunks are resent
 _CLOSED_LIMIT = 4096
 
 
@@ -62,6 +67,8 @@ class Stream:
         self.backlog = 0  # bytes in outq
         self.closed = False
         self.eof = False  # our eof is published (kept until acknowledged)
+        self.progress = time.monotonic()  # the last publish or acknowledgement
+        self.rto = RTO
         self.threads = [
             threading.Thread(target=self._read, name=f"colabmagic-tcp-{key}", daemon=True),
             threading.Thread(target=self._write, name=f"colabmagic-tcp-{key}-w", daemon=True),
@@ -73,10 +80,19 @@ class Stream:
     def _read(self):
         while True:
             with self.cond:
-                while len(self.unacked) >= WINDOW and not self.closed:
-                    self.cond.wait()
+                while (len(self.unacked) >= WINDOW or self.eof) and not self.closed:
+                    if not self.cond.wait(RTO):
+                        break  # nothing acknowledged for a while: maybe retransmit
                 if self.closed:
                     return
+                blocked = len(self.unacked) >= WINDOW or self.eof
+            try:
+                readable = not blocked and select.select([self.sock], [], [], RTO)[0]
+            except (OSError, ValueError):
+                readable = True  # recv reports what happened to the socket
+            if not readable:
+                self._retransmit()
+                continue
             try:
                 data = self.sock.recv(CHUNK)
             except OSError:
@@ -88,13 +104,31 @@ class Stream:
                 n = self.published
                 self.unacked.append((n, data))
                 self.eof = not data
+                self.progress = time.monotonic()
                 self.forwarder.peak = max(self.forwarder.peak, len(self.unacked))
             self.forwarder.publish(self.key, n, data)
-            if not data:
-                return
+
+    def _retransmit(self):
+        """Publish the unacknowledged chunks again when none was acknowledged for RTO seconds.
+
+        IOPub can lose a message with no websocket drop (the server's IOPub rate limit, a full
+        ZeroMQ queue); without this the client would wait for it forever.
+        """
+        with self.cond:
+            stale = bool(self.unacked) and time.monotonic() - self.progress >= self.rto
+            kept = list(self.unacked) if stale else []
+            if stale:  # again after twice as long (up to 30 s) while nobody acknowledges
+                self.progress = time.monotonic()
+                self.rto = min(2 * self.rto, 30.0)
+                self.forwarder.retransmits += len(kept)
+        for n, data in kept:
+            self.forwarder.publish(self.key, n, data)
 
     def ack(self, upto):
         with self.cond:
+            if self.unacked and self.unacked[0][0] <= upto:
+                self.progress = time.monotonic()
+                self.rto = RTO
             while self.unacked and self.unacked[0][0] <= upto:
                 self.unacked.popleft()
             self.cond.notify_all()
@@ -155,6 +189,7 @@ class Forwarder:
         self.lock = threading.Lock()
         self.peak = 0  # the most unacknowledged chunks any stream had (flow control, for tests)
         self.peak_backlog = 0  # the most bytes any stream had queued for its socket
+        self.retransmits = 0  # chunks published again because no acknowledgement came
 
     def publish(self, key, n, data):
         content = {"stream": key, "n": n, "eof": not data}
@@ -272,6 +307,7 @@ class Forwarder:
             "threads": sorted(threads),
             "peak": self.peak,
             "peak_backlog": self.peak_backlog,
+            "retransmits": self.retransmits,
         }
 
 

@@ -17,7 +17,8 @@ kernel reports more than :data:`BACKLOG` bytes queued for its socket; the kernel
 ``WINDOW`` unacknowledged chunks per stream (its reader waits). (Towards the local client the
 proxy buffers what its socket does not take yet, as over SSH.) After a drop,
 :meth:`KernelForwards.resume` resends the unanswered requests and asks the kernel for the chunks
-this side lacks. A close on either side closes the other. A kernel restart ends every stream.
+this side lacks; a chunk lost with no drop is published again by the kernel after a second without
+an acknowledgement. A close on either side closes the other. A kernel restart ends every stream.
 
 Why not ipykernel's own debugger protocol (``debug_request``/``debug_reply`` on control,
 ``debug_event`` on IOPub, what JupyterLab's debugger uses) bridged to a local DAP server? It was
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -65,6 +67,7 @@ class _Stream:
         self.closing = False  # our close is queued: nothing more goes to the kernel
         self.backlog = 0  # bytes the kernel has queued for its socket (from its last reply)
         self.polling = False
+        self.reacked = 0.0  # when a resent chunk last made us acknowledge again
 
 
 class KernelForwards:
@@ -127,6 +130,9 @@ class KernelForwards:
             return  # another client's stream, or one already closed
         n = int(content.get("n", 0))
         if n < stream.next_in or n in stream.held:
+            if n < stream.next_in and time.monotonic() - stream.reacked > 0.2:
+                stream.reacked = time.monotonic()  # a resend: our acknowledgement was lost
+                self._ack(stream)
             return  # a duplicate
         eof = bool(content.get("eof"))
         stream.held[n] = None if eof else bytes(buffers[0]) if buffers else b""
