@@ -244,6 +244,21 @@ def _read_line(chan: paramiko.Channel, buf: bytearray) -> bytes | None:
     return line
 
 
+def _send_all(chan: paramiko.Channel, view: memoryview) -> None:
+    """``chan.sendall(view)`` a packet's worth of bytes at a time.
+
+    paramiko takes ``bytes`` as they are but a memoryview only after two caught exceptions per
+    packet (``util.asbytes``), and ``sendall`` of ``bytes`` copies the rest at every packet.
+    """
+    off, end = 0, len(view)
+    while off < end:
+        sent = chan.send(view[off : off + ssh_connect.MAX_PACKET].tobytes())
+        if not sent:
+            msg = "channel closed"
+            raise EOFError(msg)
+        off += sent
+
+
 class ChannelPipe:
     """A :class:`~colabmagic.proxy.Pipe` over an SSH exec channel.
 
@@ -302,7 +317,7 @@ class ChannelPipe:
                 n = inner.recv_into(buf)
                 if not n:
                     break
-                chan.sendall(view[:n])
+                _send_all(chan, view[:n])
         except (OSError, EOFError, paramiko.SSHException):
             pass
         finally:
