@@ -20,6 +20,18 @@ Steps (every choice drawn from ``--seed``, so a rebuild gives the same corpus):
    bitrate, a trimmed start, -6 dB, another sample rate, another container (OGG, M4A, Opus).
 5. **Manifest** (``manifest.json``): the true groups (one per distinct track), each file with its
    variant, parameters and ``offset_s``, the time of the original at which the file starts.
+6. **Relations** (:func:`relate`): step 2 judges whole source tracks at a 5 % bar, and missed
+   music that two built recordings share (one piece in two packages, rendered once from a
+   tracker module and once to OGG; two tracks that open with the same 30 s; a theme and its
+   arrangement). Every built original and held-out file is cut into 5 s windows that are
+   queried against an index of all of them; two or more windows that match another file at
+   one offset, and the band-energy correlation at that offset (:func:`spectral_agreement`:
+   the listening check, no fingerprint in it), give ``manifest["related"]`` (pairs of groups)
+   and ``heldout[i]["related"]``: ``kind`` "same recording" when >= 80 % of the overlap
+   correlates, else "shared passage", with ``offset_s`` and the seconds shared. Groups and
+   files stay as built (the held-out draw and every name are unchanged), so rerunning the
+   build command on a finished corpus encodes nothing and rewrites only the manifest;
+   ``distinct_tracks`` counts a recording held by two groups once.
 
 **Past 1,000 files** (``--files 10000``, issue 18) there are not enough distinct recordings among
 the packages, so the first 1,000 files are built exactly as above and the rest are *derived*
@@ -492,6 +504,7 @@ def build_corpus(
     log: Callable[[str], None] | None = None,
     base_files: int = BASE_FILES,
     derived_format: str = "mp3",
+    relations: bool = True,
 ) -> dict[str, Any]:
     """Build (or finish building) the corpus in *out*; returns the manifest it writes.
 
@@ -521,6 +534,10 @@ def build_corpus(
         rest are derived recordings (see the module docstring).
     derived_format : {"mp3", "flac"}
         How the derived recordings and their duplicates are stored (see the module docstring).
+    relations : bool
+        Record which built recordings share music (:func:`relate`: a few minutes for 1,000
+        files; it reads the built files, so rerunning a finished build redoes only this and
+        the manifest).
     """
     if derived_format not in DERIVED_FORMATS:
         msg = f"--derived-format {derived_format!r}: use one of {', '.join(DERIVED_FORMATS)}."
@@ -642,12 +659,20 @@ def build_corpus(
         "heldout": heldout,
         "dropped_duplicates": {t.path: t.duplicates for t in tracks if t.duplicates},
     }
+    if relations:
+        t2 = time.perf_counter()
+        relate(root, manifest, workers=workers)
+        say(
+            f"relations: {len(manifest['related'])} pairs of groups and "
+            f"{sum(len(h.get('related', [])) for h in heldout)} held-out links share music "
+            f"({time.perf_counter() - t2:.0f} s)"
+        )
     tmp = root / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, root / "manifest.json")
     say(
         f"corpus: {n} library files ({manifest['library_hours']:.1f} h), {len(heldout)} held "
-        f"out, {len(tracks)} distinct tracks ({manifest['hours']:.1f} h) in "
+        f"out, {manifest['distinct_tracks']} distinct tracks ({manifest['hours']:.1f} h) in "
         f"{time.perf_counter() - t0:.0f} s"
     )
     return manifest
@@ -698,6 +723,195 @@ def _plan_derived(
     return plan
 
 
+#: Relations: windows of each built original (and held-out file) queried against all of them.
+RELATION_WINDOW_S, RELATION_HOP_S = 5.0, 2.5
+#: Windows that must match another file at one offset (within 0.1 s) to call the music shared:
+#: a chance match does not repeat at the same offset.
+RELATION_MIN_WINDOWS = 2
+#: Share of the overlap whose 1 s blocks correlate (:func:`spectral_agreement`) for the two to be
+#: called the same recording rather than a shared passage.
+SAME_RECORDING_COVERAGE = 0.8
+
+
+def _band_frames(y: Any, sr: int = 8000) -> Any:
+    """Log energy in 32 bands (50 Hz-4 kHz) per 32 ms frame, each band standardised over time:
+    a coarse picture of the music that shares nothing with the fingerprint's peaks and hashes."""
+    import numpy as np
+
+    n, hop = 512, 256
+    if len(y) < n:
+        return np.zeros((0, 32))
+    frames = np.lib.stride_tricks.sliding_window_view(y, n)[::hop] * np.hanning(n)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    edges = np.unique(np.geomspace(4, n // 2, 33).astype(int))
+    bands = np.log(np.add.reduceat(power, edges[:-1], axis=1)[:, : len(edges) - 1] + 1e-9)
+    return (bands - bands.mean(0)) / (bands.std(0) + 1e-9)
+
+
+#: A 1 s block of the overlap counts as shared music when its band energies correlate this well.
+SHARED_BLOCK_R = 0.3
+
+
+def spectral_agreement(
+    ya: Any, yb: Any, offset_s: float, sr: int = 8000
+) -> tuple[float, float, float, float]:
+    """The listening check of a relation, independent of the fingerprint: how the band energies
+    of *ya* and *yb* correlate where *yb* starts *offset_s* into *ya*.
+
+    Returns the correlation over the whole overlap, the highest at eight other offsets (1.3-6.1 s
+    away: the null; same music gives ~0.4-1 against ~0-0.1), the seconds of 1 s blocks that
+    correlate above :data:`SHARED_BLOCK_R`, and the seconds of overlap.
+    """
+    import numpy as np
+
+    fa, fb = _band_frames(ya, sr), _band_frames(yb, sr)
+    per_s = sr / 256
+
+    def aligned(d: float) -> tuple[Any, Any]:
+        k = round(d * per_s)
+        a0, b0 = max(k, 0), max(-k, 0)
+        m = max(min(len(fa) - a0, len(fb) - b0), 0)
+        return fa[a0 : a0 + m], fb[b0 : b0 + m]
+
+    def corr(x: Any, y: Any) -> float:
+        return float(np.corrcoef(x.ravel(), y.ravel())[0, 1]) if len(x) >= 16 else 0.0
+
+    x, y = aligned(offset_s)
+    null = max(corr(*aligned(offset_s + s)) for s in (-6.1, -4.3, -2.9, -1.3, 1.3, 2.9, 4.3, 6.1))
+    block = int(per_s)
+    shared = sum(
+        corr(x[i : i + block], y[i : i + block]) > SHARED_BLOCK_R
+        for i in range(0, len(x) - block + 1, block)
+    )
+    return corr(x, y), null, float(shared), len(x) / per_s
+
+
+def find_related(
+    root: Path, items: list[tuple[str, str]], *, workers: int = 2
+) -> list[dict[str, Any]]:
+    """Pairs of the built files *items* (``(key, path relative to root)``) that hold the same
+    music: each file's 5 s windows (every 2.5 s) are queried against an index of all of them.
+
+    Source dedup works on whole tracks at a 5 % bar; this looks at what the corpus holds (the
+    cut that was encoded) window by window, so a shared intro, one piece rendered twice (a
+    tracker module and its OGG), or a re-used theme is caught too. Each pair comes with the
+    offset (*b* starts ``offset_s`` into *a*), how many windows agree, the share of the overlap
+    they cover (``kind``: "same recording" at >= :data:`SAME_RECORDING_COVERAGE`, else "shared
+    passage") and :func:`spectral_agreement` at that offset against its null.
+    """
+    import tempfile
+
+    import numpy as np
+
+    from colabmagic.fingerprint import Index, load_audio, match
+
+    sr = 8000
+    paths = {k: str(root / p) for k, p in items}
+    hits: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    audio = {}
+    with tempfile.TemporaryDirectory(prefix="corpus-rel-") as tmp:
+        idx = Index(Path(tmp) / "db")
+        idx.add(list(paths.items()), workers=workers, backend="numpy")
+        idx = Index(Path(tmp) / "db", readonly=True)
+        for k, p in paths.items():
+            y = audio[k] = load_audio(p, sample_rate=sr)
+            w, h = int(RELATION_WINDOW_S * sr), int(RELATION_HOP_S * sr)
+            for a in range(0, max(len(y) - w, 0) + 1, h):
+                for m in match(idx, y[a : a + w], top_k=5):
+                    if m.track != k and m.speed == 1.0:
+                        hits.setdefault((k, m.track), []).append((a / sr, a / sr - m.offset_s))
+    out = []
+    for (ka, kb), found in sorted(hits.items()):
+        offs = np.array([o for _, o in found])
+        support = [(int((np.abs(offs - o) <= 0.1).sum()), -abs(o), o) for o in offs]
+        n_best, _, d = max(support)  # the offset most windows agree on (the nearest 0 on a tie)
+        if n_best < RELATION_MIN_WINDOWS:
+            continue
+        agree = [s for s, o in found if abs(o - d) <= 0.1]
+        d = float(np.median([o for _, o in found if abs(o - d) <= 0.1]))
+        r, null, shared, overlap = spectral_agreement(audio[ka], audio[kb], d, sr)
+        coverage = shared / max(overlap, 1e-9)
+        kind = "same recording" if coverage >= SAME_RECORDING_COVERAGE else "shared passage"
+        out.append(
+            {
+                "a": ka,
+                "b": kb,
+                "offset_s": round(d, 3),
+                "windows": len(agree),
+                "kind": kind,
+                "shared_s": round(shared, 1),
+                "overlap_s": round(overlap, 1),
+                "spectral_r": round(r, 3),
+                "spectral_null": round(null, 3),
+            }
+        )
+    return _symmetric(out)
+
+
+def _symmetric(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per unordered pair: the direction with more agreeing windows (a before b on a
+    tie), so *a*'s windows are the evidence."""
+    best: dict[frozenset[str], dict[str, Any]] = {}
+    for p in pairs:
+        k = frozenset((p["a"], p["b"]))
+        if k not in best or (p["windows"], p["b"]) > (best[k]["windows"], best[k]["b"]):
+            best[k] = p
+    return sorted(best.values(), key=lambda p: (p["a"], p["b"]))
+
+
+def relate(root: Path, manifest: dict[str, Any], workers: int = 2) -> dict[str, Any]:
+    """Record in *manifest* which built recordings share music (see :func:`find_related`).
+
+    Groups stay as built (so the held-out draw and every file name stay the same and a built
+    corpus can be re-related without re-encoding); ``manifest["related"]`` lists pairs of
+    indexed groups, ``heldout[i]["related"]`` the indexed groups a held-out track shares music
+    with, and ``distinct_tracks`` counts a recording that is in two groups once.
+    """
+    items = [(f"g{g['group']}", g["files"][0]["path"]) for g in manifest["groups"]
+             if g.get("package") != "derived"]  # fmt: skip
+    items += [(f"h{i}", h["path"]) for i, h in enumerate(manifest["heldout"])]
+    pairs = find_related(root, items, workers=workers)
+    related = []
+    for h in manifest["heldout"]:
+        h.pop("related", None)
+    for p in pairs:
+        a, b = p["a"], p["b"]
+        if a[0] == "h" and b[0] == "h":
+            continue  # two held-out tracks: both negatives either way
+        if a[0] == "h" or b[0] == "h":
+            held, grp, sign = (a, b, -1) if a[0] == "h" else (b, a, 1)
+            entry = {k: p[k] for k in ("kind", "windows", "shared_s", "overlap_s")}
+            entry |= {"group": int(grp[1:]), "offset_s": sign * p["offset_s"]}
+            entry |= {k: p[k] for k in ("spectral_r", "spectral_null")}
+            manifest["heldout"][int(held[1:])].setdefault("related", []).append(entry)
+            continue  # offset_s: the held-out track starts that far into the group's
+        entry = {"groups": [int(a[1:]), int(b[1:])], **{k: v for k, v in p.items()
+                                                         if k not in ("a", "b")}}  # fmt: skip
+        related.append(entry)
+    manifest["related"] = related
+    parent = {g["group"]: g["group"] for g in manifest["groups"]}
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    merged = 0
+    for r in related:
+        if r["kind"] == "same recording" and find(r["groups"][0]) != find(r["groups"][1]):
+            parent[find(r["groups"][1])] = find(r["groups"][0])
+            merged += 1
+    held_same = sum(
+        any(r["kind"] == "same recording" for r in h.get("related", []))
+        for h in manifest["heldout"]
+    )
+    manifest["distinct_tracks_as_built"] = manifest.get(
+        "distinct_tracks_as_built", manifest["distinct_tracks"]
+    )
+    manifest["distinct_tracks"] = manifest["distinct_tracks_as_built"] - merged - held_same
+    return manifest
+
+
 def _library_seconds(groups: list[dict[str, Any]]) -> float:
     return sum(g["duration"] - f["offset_s"] for g in groups for f in g["files"])
 
@@ -719,6 +933,11 @@ def main(argv: list[str] | None = None) -> int:
         "--derived-format", choices=DERIVED_FORMATS, default="mp3",
         help="derived files past --base-files: MP3 like the base, or cheap 8 kHz FLAC [mp3]",
     )  # fmt: skip
+    ap.add_argument(
+        "--no-relations",
+        action="store_true",
+        help="skip the check of which built recordings share music (manifest 'related')",
+    )
     args = ap.parse_args(argv)
     build_corpus(
         args.out,
@@ -731,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
         log=lambda s: print(s, file=sys.stderr, flush=True),
         base_files=args.base_files,
         derived_format=args.derived_format,
+        relations=not args.no_relations,
     )
     return 0
 

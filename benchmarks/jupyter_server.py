@@ -1,6 +1,6 @@
 """Round trip and push/pull through a Jupyter server, against a direct kernel, in one run.
 
-Run: ``python benchmarks/jupyter_server.py [--n 200] [--mib 64]``
+Run: ``python benchmarks/jupyter_server.py [--n 200] [--rounds 5] [--mib 64]``
 
 Starts a real ``jupyter server`` on 127.0.0.1 (token auth) and measures:
 
@@ -13,7 +13,9 @@ Starts a real ``jupyter server`` on 127.0.0.1 (token auth) and measures:
 - push/pull of an N MiB array through the server (binary websocket buffers), against the same
   through ``--local`` (proxy -> bridge -> agent), the reference for bulk bytes.
 
-Prints medians, ratios and the load average: the machine is shared, so read the same-run ratios.
+The reference, the server path and the ``--local`` link are timed in alternating blocks
+(``--rounds``), so that load drifting on a shared machine hits all three alike. Prints medians,
+ratios and the load average.
 """
 
 from __future__ import annotations
@@ -40,51 +42,45 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def direct(n: int) -> float:
-    km = KernelManager()
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=120)
-    try:
+class Direct:
+    """The reference: jupyter_client ``execute_interactive("pass")`` on a KernelManager kernel."""
+
+    def __init__(self) -> None:
+        self.km = KernelManager()
+        self.km.start_kernel()
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=120)
+
+    def once(self) -> None:
+        self.kc.execute_interactive("pass", output_hook=lambda m: None)
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+def interleaved(fns: dict, n: int, rounds: int) -> dict[str, list[float]]:
+    """Round trips of each callable, *rounds* alternating blocks of n/rounds each.
+
+    The machine is shared: load drifts over a run, and blocks that alternate see the same drift,
+    so the ratio of their medians is fair where two back-to-back runs are not.
+    """
+    for fn in fns.values():
         for _ in range(10):
-            kc.execute_interactive("pass", output_hook=lambda m: None)
-        samples = []
-        for _ in range(n):
-            t = time.perf_counter()
-            kc.execute_interactive("pass", output_hook=lambda m: None)
-            samples.append(time.perf_counter() - t)
-        return median_ms(samples)
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    per = max(n // rounds, 1)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per):
+                t = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t)
+    return samples
 
 
-def through_server(url: str, n: int, payload: np.ndarray) -> tuple[float, float, float]:
-    s = colabmagic.connect(url, register=False, connect_timeout=180)
-    try:
-        return _measure(s, n, payload)
-    finally:
-        s.close()
-
-
-def through_local(n: int, payload: np.ndarray, root: str) -> tuple[float, float, float]:
-    s = colabmagic.connect(local=True, root=root, register=False)
-    try:
-        return _measure(s, n, payload)
-    finally:
-        s.close()
-
-
-def _measure(s, n: int, payload: np.ndarray) -> tuple[float, float, float]:
-    quiet = QuietRelay()
-    for _ in range(10):
-        s.run("pass", relay=quiet)
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        s.run("pass", relay=quiet)
-        samples.append(time.perf_counter() - t)
+def push_pull(s, payload: np.ndarray) -> tuple[float, float]:
     push, pull = [], []
     for _ in range(3):
         t = time.perf_counter()
@@ -95,7 +91,7 @@ def _measure(s, n: int, payload: np.ndarray) -> tuple[float, float, float]:
         pull.append(payload.nbytes / 2**20 / (time.perf_counter() - t))
         assert back.nbytes == payload.nbytes
         del back
-    return median_ms(samples), statistics.median(push), statistics.median(pull)
+    return statistics.median(push), statistics.median(pull)
 
 
 def naive(server, kernel_id: str, n: int, *, nodelay: bool, quickack: bool = False) -> float:
@@ -158,33 +154,54 @@ def naive(server, kernel_id: str, n: int, *, nodelay: bool, quickack: bool = Fal
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="cells per measurement")
+    p.add_argument("--rounds", type=int, default=5, help="alternating blocks (see interleaved)")
     p.add_argument("--mib", type=int, default=64, help="payload size for push/pull")
     args = p.parse_args()
     payload = np.random.default_rng(0).integers(0, 255, args.mib << 20, dtype=np.uint8)
+    quiet = QuietRelay()
+    load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         with jupyter_server(Path(tmp) / "server") as server:
             os.environ["JUPYTER_TOKEN"] = server.token
-            d_rt = direct(args.n)
-            c_rt, c_push, c_pull = through_server(server.url, args.n, payload)
+            ref = Direct()
+            s = colabmagic.connect(server.url, register=False, connect_timeout=180)
+            local = colabmagic.connect(local=True, root=str(Path(tmp) / "root"), register=False)
+            try:
+                rt = interleaved(
+                    {
+                        "direct": ref.once,
+                        "server": lambda: s.run("pass", relay=quiet),
+                        "local": lambda: local.run("pass", relay=quiet),
+                    },
+                    args.n,
+                    args.rounds,
+                )
+                load.append(os.getloadavg()[0])
+                c_push, c_pull = push_pull(s, payload)
+                l_push, l_pull = push_pull(local, payload)
+            finally:
+                s.close()
+                local.close()
+                ref.close()
             _, model = server.request("POST", "api/kernels", {})
             n_slow = naive(server, model["id"], max(args.n // 4, 20), nodelay=False)
             n_fast = naive(server, model["id"], args.n, nodelay=True)
             n_ack = naive(server, model["id"], args.n, nodelay=True, quickack=True)
             server.request("DELETE", f"api/kernels/{model['id']}")
-            l_rt, l_push, l_pull = through_local(args.n, payload, str(Path(tmp) / "root"))
-            d_rt2 = direct(args.n)
-    ref = min(d_rt, d_rt2)
-    print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
-    print(f"round trip of `pass`, median of {args.n}:")
-    print(f"  direct jupyter_client (before, after)  {d_rt:7.2f} / {d_rt2:.2f} ms")
-    print(
-        f"  colabmagic through the server          {c_rt:7.2f} ms   ratio {c_rt / ref:.2f}x "
-        "(target <= 1.3x)"
-    )
-    print(f"  naive websocket, no TCP_NODELAY        {n_slow:7.2f} ms   ratio {n_slow / ref:.2f}x")
-    print(f"  naive websocket, TCP_NODELAY           {n_fast:7.2f} ms   ratio {n_fast / ref:.2f}x")
-    print(f"  naive websocket, NODELAY + QUICKACK    {n_ack:7.2f} ms   ratio {n_ack / ref:.2f}x")
-    print(f"  colabmagic --local link                {l_rt:7.2f} ms   ratio {l_rt / ref:.2f}x")
+            load.append(os.getloadavg()[0])
+    d, c, lo = (median_ms(rt[k]) for k in ("direct", "server", "local"))
+    print(f"load average (1 min) at start / after round trips / end: {load[0]:.2f} / "
+          f"{load[1]:.2f} / {load[2]:.2f}")  # fmt: skip
+    print(f"round trip of `pass`, median of {len(rt['direct'])} each, in {args.rounds} "
+          "alternating blocks:")  # fmt: skip
+    print(f"  direct jupyter_client                  {d:7.2f} ms")
+    print(f"  colabmagic through the server          {c:7.2f} ms   ratio {c / d:.2f}x "
+          "(target <= 1.3x)")  # fmt: skip
+    print(f"  colabmagic --local link                {lo:7.2f} ms   ratio {lo / d:.2f}x")
+    print("  a plain websocket client (JSON frames, store_history=False), after the above:")
+    print(f"  naive websocket, no TCP_NODELAY        {n_slow:7.2f} ms   ratio {n_slow / d:.2f}x")
+    print(f"  naive websocket, TCP_NODELAY           {n_fast:7.2f} ms   ratio {n_fast / d:.2f}x")
+    print(f"  naive websocket, NODELAY + QUICKACK    {n_ack:7.2f} ms   ratio {n_ack / d:.2f}x")
     print(f"push/pull of {args.mib} MiB, median of 3:")
     print(f"  push through the server   {c_push:7.0f} MiB/s   (--local link {l_push:.0f} MiB/s)")
     print(f"  pull through the server   {c_pull:7.0f} MiB/s   (--local link {l_pull:.0f} MiB/s)")

@@ -39,7 +39,7 @@ from jupyter_client import BlockingKernelClient, KernelManager
 
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
-from colabmagic.testing_sshd import SSHServer, processes
+from colabmagic.testing_sshd import SSHServer
 from colabmagic.transport.ssh import SSHTransport
 
 
@@ -135,22 +135,32 @@ def timed_call(fn) -> float:
     return time.perf_counter() - t
 
 
-def _proc_cpu(pid: int) -> tuple[float, list[int]]:
-    """CPU seconds of *pid* plus its reaped children's, and its live children."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    hz = os.sysconf("SC_CLK_TCK")
-    return sum(int(x) for x in fields[11:15]) / hz, processes(ppid=pid)
+def _stats() -> dict[int, list[str]]:
+    """``/proc/PID/stat`` fields (after the command name) of every process, zombies included."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{name}/stat") as f:
+                out[int(name)] = f.read().rsplit(")", 1)[1].split()
+    return out
 
 
 def host_cpu(srv: SSHServer) -> float:
-    """CPU seconds used so far by sshd and everything under it (sessions, bridge, agent, kernel)."""
+    """CPU seconds used so far by sshd and everything under it (sessions, bridge, agent, kernel).
+
+    Each process counts its own time and that of the children it reaped; zombies count too (a
+    finished ``ssh`` session that sshd has not reaped yet still holds its time).
+    """
+    stats, hz = _stats(), os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
     total, todo = 0.0, [srv.proc.pid]
     while todo:
-        with contextlib.suppress(OSError):
-            cpu, children = _proc_cpu(todo.pop())
-            total += cpu
-            todo += children
+        pid = todo.pop()
+        if pid in stats:
+            total += sum(int(x) for x in stats[pid][11:15]) / hz
+        todo += children.get(pid, [])
     return total
 
 

@@ -8,10 +8,17 @@ Jupyter stdin channel, so they work in JupyterLab, VS Code notebooks and termina
 127.0.0.1 only, forwards it through the link (:meth:`colabmagic.proxy.Proxy.forward`: no extra SSH
 tunnel, and the connection survives a dropped link) to a local 127.0.0.1 port, and writes an
 attach configuration into ``.vscode/launch.json``.
+
+Both work on every transport. Over SSH (and ``--local``) the agent opens the remote end of the
+forward; on a Jupyter-server target, which forwards no port, the link carries it through the kernel
+itself (:mod:`colabmagic.transport.jupyter_forward`: control-channel requests up, IOPub chunks down,
+answered while the kernel is stopped at a breakpoint), and pdb's prompts ride the websocket's stdin
+channel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -91,8 +98,17 @@ def wait_for_client(session: Session, *, relay: Relay | None = None) -> None:
 
 
 def stop_vscode(session: Session) -> int:
-    """Close the local forwards to the kernel's debugpy; returns how many were closed."""
-    return sum(session.proxy.close_forward(lp) for lp in list(session.proxy.forwards))
+    """Close the forwards to the kernel's debugpy, here and on the host; returns how many.
+
+    The local listener closes, and so does every connection through it, at both ends (a
+    Jupyter-server link closes the kernel's sockets; a link without ``tcp_close`` ignores it).
+    """
+    closed = 0
+    for local_port, remote_port in list(session.proxy.forwards.items()):
+        closed += session.proxy.close_forward(local_port)
+        with contextlib.suppress(ColabMagicError):
+            session.proxy.call("tcp_close", port=remote_port, timeout=10.0)
+    return closed
 
 
 _COMMENTS = re.compile(r'("(?:\\.|[^"\\])*")|//[^\n]*|/\*.*?\*/', re.DOTALL)

@@ -8,17 +8,20 @@ Extra server options pass through, e.g.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import secrets
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from colabmagic.relay import Relay
 from colabmagic.testing import wait_until
 
 _NO_EXTENSIONS = repr(  # a Python literal: how traitlets reads a dict on the command line
@@ -37,9 +40,11 @@ _NO_EXTENSIONS = repr(  # a Python literal: how traitlets reads a dict on the co
 class ServerProcess:
     """A running server: :attr:`url`, :attr:`port`, :attr:`token`, :attr:`root`, :attr:`log`."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, token: str, root: Path, log: Path):
+    def __init__(
+        self, proc: subprocess.Popen, port: int, token: str, root: Path, log: Path, base: str = "/"
+    ):
         self.proc, self.port, self.token, self.root, self.log = proc, port, token, root, log
-        self.url = f"http://127.0.0.1:{port}/"
+        self.url = f"http://127.0.0.1:{port}{base}"
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         """A REST call with the token; returns ``(status, json body)``."""
@@ -60,7 +65,7 @@ class ServerProcess:
     def ready(self) -> bool:
         try:
             return self.request("GET", "api/status")[0] == 200
-        except OSError:
+        except (OSError, http.client.HTTPException, ValueError):  # not (yet) our server there
             return False
 
     def kernel_ids(self) -> list[str]:
@@ -75,36 +80,46 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def jupyter_server(
-    base: Path, *args: str, token: str | None = None, timeout: float = 180.0
+    base: Path, *args: str, token: str | None = None, timeout: float = 180.0, base_url: str = "/"
 ) -> Iterator[ServerProcess]:
     """Run ``python -m jupyter_server`` under *base* (root dir and log there) until the block ends.
 
-    Every kernel it still runs is shut down through the server on exit.
+    *base_url* (``/a/b/``) is the server's ``ServerApp.base_url``; :attr:`ServerProcess.url`
+    includes it. Every kernel it still runs is shut down through the server on exit.
     """
     base = Path(base)
     root = base / "root"
     root.mkdir(parents=True, exist_ok=True)
     token = token or secrets.token_hex(16)
-    port = _free_port()
     log = base / "server.log"
-    cmd = [
-        sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
-        f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True",
-        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-        f"--ServerApp.jpserver_extensions={_NO_EXTENSIONS}", *args,
-    ]  # fmt: skip
     env = dict(os.environ)
     env.pop("JUPYTER_TOKEN", None)
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=root, env=env)
-    server = ServerProcess(proc, port, token, root, log)
+    for attempt in range(3):  # another process may take the free port before the server binds it
+        port = _free_port()
+        cmd = [
+            sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True",
+            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+            f"--ServerApp.jpserver_extensions={_NO_EXTENSIONS}", f"--ServerApp.base_url={base_url}",
+            *args,
+        ]  # fmt: skip
+        with open(log, "wb") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=root, env=env)
+        server = ServerProcess(proc, port, token, root, log, base_url)
+        try:
+            wait_until(
+                lambda: proc.poll() is not None or server.ready(),  # noqa: B023 - called here
+                timeout=timeout,
+                interval=0.2,
+                what="jupyter server to start",
+            )
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.poll() is None or "already in use" not in log.read_text() or attempt == 2:
+            break
     try:
-        wait_until(
-            lambda: proc.poll() is not None or server.ready(),
-            timeout=timeout,
-            interval=0.2,
-            what="jupyter server to start",
-        )
         if proc.poll() is not None:
             msg = f"jupyter server exited: {log.read_text()[-2000:]}"
             raise RuntimeError(msg)
@@ -120,3 +135,37 @@ def jupyter_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# A cell printing 20 numbered lines over 3 s: long enough to drop the link in the middle.
+CELL = "import time\nfor i in range(20):\n    print(i, flush=True)\n    time.sleep(0.15)\n"
+
+
+class Lines(Relay):
+    """Collects a cell's stdout; calls *on_line()* (in a thread) once when line *at* arrives.
+
+    With :data:`CELL` and a drop caused in *on_line*, this is the mid-cell drop of the
+    exactly-once tests: :meth:`numbers` must come back as ``list(range(20))``.
+    """
+
+    def __init__(self, at: int | None = None, on_line=None):
+        self.text = ""
+        self.at, self.on_line = at, on_line
+        self.fired = threading.Event()
+        self.done = threading.Event()
+
+    def stream(self, name: str, text: str) -> None:
+        self.text += text
+        if self.at is not None and not self.fired.is_set() and f"\n{self.at}\n" in f"\n{self.text}":
+            self.fired.set()
+
+            def act():
+                try:
+                    self.on_line()
+                finally:
+                    self.done.set()
+
+            threading.Thread(target=act, daemon=True).start()
+
+    def numbers(self) -> list[int]:
+        return [int(x) for x in self.text.split()]

@@ -21,14 +21,11 @@ import pytest
 
 import colabmagic
 from colabmagic.errors import ConnectError, ParameterError, TransferError
-from colabmagic.relay import Relay
 from colabmagic.testing import require, wait_until
-from colabmagic.testing_jupyter import jupyter_server
+from colabmagic.testing_jupyter import CELL, Lines, jupyter_server
 from colabmagic.testing_wan import WanRelay
 
 pytestmark = pytest.mark.timeout(600)
-
-CELL = "import time\nfor i in range(20):\n    print(i, flush=True)\n    time.sleep(0.15)\n"
 
 
 def _have_server() -> bool:
@@ -70,32 +67,6 @@ def session(url: str, **options):
         yield s
     finally:
         s.close()
-
-
-class Lines(Relay):
-    """Collects stdout; calls *on_line(n)* (in a thread) once when line *at* arrives."""
-
-    def __init__(self, at: int | None = None, on_line=None):
-        self.text = ""
-        self.at, self.on_line = at, on_line
-        self.fired = threading.Event()
-        self.done = threading.Event()
-
-    def stream(self, name: str, text: str) -> None:
-        self.text += text
-        if self.at is not None and not self.fired.is_set() and f"\n{self.at}\n" in f"\n{self.text}":
-            self.fired.set()
-
-            def act():
-                try:
-                    self.on_line()
-                finally:
-                    self.done.set()
-
-            threading.Thread(target=act, daemon=True).start()
-
-    def numbers(self) -> list[int]:
-        return [int(x) for x in self.text.split()]
 
 
 # -- basics ----------------------------------------------------------------------------------

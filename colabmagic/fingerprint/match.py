@@ -15,7 +15,10 @@ query on the host and for a thousand on the GPU):
    offset, few consistent pairs) does not pass for a copy.
 
 The decision score is ``peak_z + HASH_WEIGHT * hash_score``; a match needs
-:data:`DEFAULT_MIN_SCORE`.
+:data:`DEFAULT_MIN_SCORE`, and a hash count at its offset that chance alone would not give in an
+index of this size (:data:`CHANCE_BINS`): the more tracks, the more (track, offset) bins a
+chance alignment can fall in, and a strong peak verdict resting on 3 aligned hashes proved to be
+chance on 1,000 files.
 """
 
 from __future__ import annotations
@@ -47,6 +50,17 @@ CANDIDATES = 5
 #: The other speed hypotheses skip hashes with more than ``stop_postings // SPEED_STOP``
 #: postings: six hash sets cost six times the lookups, and the common hashes say little.
 SPEED_STOP = 4
+#: Queries look up no hash with more postings than this, whatever the index's own stop list
+#: (:attr:`Index.stop_postings`: 100x the mean, up to 256, reached past ~8 h of audio). A
+#: query's work grows with its posting hits; such a hash weighs under 1/7 of a rare one. On
+#: the 1,000-file corpus (5.3 M hashes, stop list 251) 128 instead of 251 cut the 10 s CPU p90
+#: from 63 to 36 ms and cost one of 83 queries at -5 dB; 96 gave 30 ms and cost four.
+QUERY_MAX_POSTINGS = 128
+#: A match also needs an aligned hash count that chance reaches in at most this many bins of the
+#: index (expected; :func:`_chance`), i.e. in one query of 100. On the 1,000-file corpus three
+#: chance matches had 3 aligned hashes and a strong peak verdict (expected chance bins 0.5-1);
+#: every true match had 5 or more (at most 0.001 there).
+CHANCE_BINS = 1e-2
 _OFFSET_BIAS = 1 << 24
 #: Query frames per segment (1/8 s at the default rate) and the most one segment's votes count,
 #: in :func:`votes`. Tuned on the Wesnoth set (16 frames / 1.0 before: 0 dB 5 s 57 % -> 71 %).
@@ -116,6 +130,7 @@ class Votes(NamedTuple):
     query: Any = None  # query number (batches)
     hash_score: Any = None
     peak_z: Any = None
+    chance: Any = None  # expected (track, offset, speed) bins with this many aligned hashes
 
 
 def _lookup(index: Index, be: Backend, qh: Any, max_postings: int) -> tuple[Any, Any, Any]:
@@ -187,7 +202,22 @@ def _segment_scores(
 def _empty_votes(xp: Any) -> Votes:
     e = xp.zeros(0, dtype=xp.int64)
     z = xp.zeros(0, dtype=xp.float64)
-    return Votes(e, z, e, e, e, e, z, z)
+    return Votes(e, z, e, e, e, e, z, z, z)
+
+
+def _chance(xp: Any, index: Index, be: Backend, hits: Any, count: Any, n_var: int) -> Any:
+    """Expected number of ``(track, offset, speed)`` bins of the index that chance alone fills
+    with *count* or more aligned hashes, when a query's *hits* postings fall at random over the
+    bins its stage tries (every frame of every track, *n_var* speed hypotheses): Poisson tails
+    times the number of bins. A bigger index has more bins, so the same count means less.
+    """
+    from scipy.special import gammainc  # P(X >= k) of Poisson(lam) = gammainc(k, lam)
+
+    frames = np.asarray(index._track_frames)  # not peak_keys(): dedup's index loads no peaks
+    bins = float(np.sum(frames[index._alive])) * max(n_var, 1)
+    lam = be.to_host(hits).astype(np.float64) / max(bins, 1.0)
+    k = np.maximum(be.to_host(count), 1).astype(np.float64)
+    return xp.asarray(bins * gammainc(k, lam)) if be.is_device else bins * gammainc(k, lam)
 
 
 def _hash_votes(
@@ -200,6 +230,7 @@ def _hash_votes(
     n_var: int,
     per_query: int,
     max_postings: int | None = None,
+    chance: bool = True,
 ) -> Votes:
     """Hash stage for a batch: the best offset of every (query, track), best first per query.
 
@@ -230,6 +261,8 @@ def _hash_votes(
         rank = xp.arange(best.shape[0]) - xp.searchsorted(q_of, q_of, side="left")
         best, q_of = best[rank < per_query], q_of[rank < per_query]
     zero = xp.zeros(best.shape[0], dtype=xp.float64)
+    per_query = xp.bincount(qid[row])  # every posting hit of each query: the chance hits
+    stage_vars = int(xp.unique(qv).shape[0])
     return Votes(
         track=pair[best] % n_tracks,
         score=score[best],
@@ -239,6 +272,7 @@ def _hash_votes(
         query=q_of,
         hash_score=score[best],
         peak_z=zero,
+        chance=_chance(xp, index, be, per_query[q_of], count[best], stage_vars) if chance else zero,
     )
 
 
@@ -270,6 +304,7 @@ def _verify(
         query=v.query[order],
         hash_score=v.hash_score[order],
         peak_z=z[order],
+        chance=v.chance[order],
     )
 
 
@@ -324,11 +359,13 @@ def _identify(
         return _to_host(be, _verify(index, be, v, peak_t, peak_f, peak_start))
 
     arrays = (qid, qh, qt, qv)
-    first = stage(arrays, np.ones(len(qv), bool) if all_speeds else qv == 0, None)
+    stop = min(index.stop_postings, QUERY_MAX_POSTINGS)
+    first = stage(arrays, np.ones(len(qv), bool) if all_speeds else qv == 0, stop)
     if all_speeds or n_var == 1:
         return first
     best = np.full(len(fps), -np.inf)
-    np.maximum.at(best, first.query, first.score)
+    decided = _significant(first) | (min_score <= 0)
+    np.maximum.at(best, first.query, np.where(decided, first.score, -np.inf))
     retry = best < min_score
     if not retry.any():
         return first
@@ -345,7 +382,7 @@ def _identify(
         )
         arrays = _hash_arrays(full, numbers)
     # the other speeds, with a shorter stop list: a no-match query pays for six hash sets
-    second = stage(arrays, retry[arrays[0]] & (arrays[3] > 0), index.stop_postings // SPEED_STOP)
+    second = stage(arrays, retry[arrays[0]] & (arrays[3] > 0), stop // SPEED_STOP)
     merged = Votes(*(np.concatenate([a, b]) for a, b in zip(first, second, strict=True)))
     order = np.lexsort((-merged.score, merged.query))
     merged = Votes(*(a[order] for a in merged))
@@ -370,17 +407,26 @@ def votes(index: Index, fp: Fingerprint) -> Votes:
     n_var = int(fp.variant.max()) + 1 if len(fp.variant) else 1
     qt = fp.times.astype(np.int64)
     qid = np.zeros(len(qt), np.int64)
-    return _hash_votes(index, be, qid, fp.hashes, qt, fp.variant.astype(np.int64), n_var, 0)
+    variant = fp.variant.astype(np.int64)  # dedup's path: no chance test (5 % of its time)
+    return _hash_votes(index, be, qid, fp.hashes, qt, variant, n_var, 0, chance=False)
+
+
+def _significant(v: Votes) -> np.ndarray:
+    """Candidates whose aligned hash count is significant (:data:`CHANCE_BINS`; host arrays)."""
+    return np.asarray(v.chance) <= CHANCE_BINS
 
 
 def _matches(index: Index, v: Votes, a: int, b: int, top_k: int, min_score: float) -> list[Match]:
     """Match objects for rows ``a:b`` of *v* (one query, best first)."""
     fpr = index.fingerprinter
     out = []
-    for i in range(a, min(b, a + top_k)):
+    significant = np.asarray(v.chance[a:b]) <= CHANCE_BINS
+    for i in range(a, b):
         score = float(v.score[i])
-        if score < min_score:
+        if score < min_score or len(out) == top_k:
             break
+        if min_score > 0 and not significant[i - a]:
+            continue  # chance alignment (min_score 0 lists every candidate)
         runner_up = max(float(v.score[i + 1]), 0.0) if i + 1 < b else 0.0
         t = index.track(int(v.track[i]))
         out.append(
@@ -452,7 +498,8 @@ def match(
     top_k : int
         Return up to this many tracks.
     min_score : float
-        Tracks whose decision score is lower are not reported ("no match").
+        Tracks whose decision score is lower, or whose aligned hashes chance explains (see
+        :data:`CHANCE_BINS`), are not reported ("no match"); 0 lists every candidate.
     backend : {"auto", "numpy", "cupy"} or Backend
         Where the query's hashes are computed (the lookup itself runs on the host).
     all_speeds : bool

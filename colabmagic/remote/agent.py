@@ -170,6 +170,7 @@ class Agent:
         self.stopping = False
         self.kernel_sockets: dict = {}
         self.tcp = wire.TcpStreams()
+        self.tcp_ports: dict[int, int] = {}  # stream id -> the port it connects to
         self.transport = "ipc"
         self.supervisor_pid = supervisor_pid
 
@@ -396,6 +397,13 @@ class Agent:
             reply["info"] = self.info()
         elif name == "tcp_open":
             reply.update(self._tcp_open(int(op["stream"]), int(op["port"])))
+        elif name == "tcp_close":  # %colab_debug --stop: end live connections at both ends
+            port = int(op["port"])
+            doomed = [s for s, p in self.tcp_ports.items() if p == port and s in self.tcp.socks]
+            for sid in doomed:
+                self.tcp.close(sid)
+                self._down(wire.TCP, [wire.sid_bytes(sid), b""])
+            reply["closed"] = len(doomed)
         elif name == "shutdown":
             self.stopping = True
         else:
@@ -417,6 +425,8 @@ class Agent:
             self._down(wire.TCP, [wire.sid_bytes(sid), b""])
             return {"ok": False, "error": f"nothing listens on 127.0.0.1:{port} ({exc})"}
         self.tcp.add(sid, sock)
+        self.tcp_ports = {s: p for s, p in self.tcp_ports.items() if s in self.tcp.socks}
+        self.tcp_ports[sid] = port
         return {"ok": True}
 
     # -- bridges -----------------------------------------------------------------------------

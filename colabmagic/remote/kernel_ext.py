@@ -285,7 +285,15 @@ def start_debugpy(port):
     global _debugpy_port
     if _debugpy_port is not None:
         return _debugpy_port
-    import debugpy
+    try:
+        import debugpy
+    except ImportError:
+        msg = (
+            f"debugpy is not installed in the remote kernel's Python ({sys.executable}); "
+            "install it there (run %pip install debugpy in a %%gpu_run cell), then rerun "
+            "%colab_debug --vscode"
+        )
+        raise RuntimeError(msg) from None
 
     try:
         _, bound = debugpy.listen(("127.0.0.1", port))

@@ -92,6 +92,31 @@ def parse_server_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{path}"
 
 
+class TokenRefused(ConnectError):
+    """The server (or the Hub) refused the token: retrying cannot help."""
+
+
+class ServerGone(ConnectError):
+    """JupyterHub answered for a single-user server that no longer runs (HTTP 424)."""
+
+
+def hub_root(base: str) -> str | None:
+    """For a JupyterHub single-user URL (``.../user/NAME/``) the Hub's own URL (``.../hub/``);
+    None for any other server."""
+    parts = urllib.parse.urlsplit(base)
+    prefix, sep, rest = parts.path.rpartition("/user/")
+    if not sep or rest.count("/") != 1 or not rest.endswith("/"):
+        return None
+    return f"{parts.scheme}://{parts.netloc}{prefix}/hub/"
+
+
+def _covers(scopes: list[str], base: str) -> bool:
+    """Whether JupyterHub *scopes* grant access to the single-user server at *base*."""
+    user = urllib.parse.unquote(urllib.parse.urlsplit(base).path.rstrip("/").rpartition("/")[2])
+    granted = {"access:servers", f"access:servers!user={user}", f"access:servers!server={user}/"}
+    return bool(granted & set(scopes))
+
+
 class Token:
     """A secret that stays out of reprs, logs and tracebacks' locals."""
 
@@ -118,13 +143,9 @@ def resolve_token(url: str, *, token_env: str | None = None, prompt: bool = True
     env = token_env or DEFAULT_TOKEN_ENV
     value = os.environ.get(env)
     if not value:
-        try:
-            import keyring
-
-            value = keyring.get_password(KEYRING_SERVICE, url)
-        except Exception:  # noqa: BLE001 - no keyring, or no backend: fall through
-            value = None
-    if not value and prompt and _can_prompt():
+        value = _from_keyring(url)
+    can_prompt = prompt and _can_prompt()
+    if not value and can_prompt:
         import getpass
 
         try:
@@ -133,11 +154,27 @@ def resolve_token(url: str, *, token_env: str | None = None, prompt: bool = True
             value = None
     if not value:
         msg = (
-            f"no token for {url}: set {env} (or name another variable with --token-env), "
-            f"or store it with keyring (service {KEYRING_SERVICE!r}, user = the URL)"
+            f"no token for {url}{'' if can_prompt else ' (and no terminal to ask on)'}: set {env} "
+            f"(or name another variable with --token-env), or store it with keyring "
+            f"(keyring set {KEYRING_SERVICE} {url})"
         )
         raise ConnectError(msg)
     return Token(value.strip())
+
+
+def _from_keyring(url: str) -> str | None:
+    """The token stored under service ``colabmagic``, user = the base URL (with or without its
+    final slash); None without keyring or a usable backend."""
+    try:
+        import keyring
+
+        for user in (url, url.rstrip("/")):
+            value = keyring.get_password(KEYRING_SERVICE, user)
+            if value:
+                return value
+    except Exception:  # noqa: BLE001, S110 - no keyring, or no backend: fall through
+        pass
+    return None
 
 
 def _can_prompt() -> bool:
@@ -151,6 +188,30 @@ def _can_prompt() -> bool:
         return sys.stdin is not None and sys.stdin.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only within the server's origin: urllib would resend the Authorization
+    header to any host (even from https to http), so a redirect elsewhere is refused instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if _origin(newurl) != _origin(req.full_url):
+            scheme, host, port = _origin(newurl)
+            shown = f"{scheme}://{host}" + (f":{port}" if port else "")
+            msg = (
+                f"{req.full_url.split('?')[0]} redirected to {shown} (HTTP {code}); "
+                "colabmagic sends the token only to the server's own origin"
+            )
+            raise TokenRefused(msg)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects)
 
 
 class _Rest:
@@ -181,21 +242,21 @@ class _Rest:
             req.add_header(k, v)
         shown = f"{method} {self.base}{path.lstrip('/').split('?')[0]}"
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:  # noqa: S310
+            with _OPENER.open(req, timeout=timeout or self.timeout) as resp:
                 payload = resp.read()
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code in (401, 403):
-                msg = (
-                    f"{shown}: the server refused the token (HTTP {exc.code}); check the token "
-                    "(and on JupyterHub its access:servers scope)"
-                )
-                raise ConnectError(msg) from None
+                raise TokenRefused(self.refused(shown, exc.code)) from None
             if exc.code == 404:
                 msg = f"{shown}: not found (HTTP 404)"
                 raise FileNotFoundError(msg) from None
+            if exc.code == 424:  # JupyterHub: "server no longer running"
+                raise ServerGone(self.gone()) from None
             msg = f"{shown}: HTTP {exc.code} {exc.reason}"
             raise ConnectError(msg) from None
+        except ConnectError:  # a redirect off the server's origin (an OSError too)
+            raise
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             # HTTPException: a response cut mid-body (IncompleteRead) is a lost connection too
             reason = getattr(exc, "reason", exc)
@@ -204,6 +265,63 @@ class _Rest:
         if raw:
             return payload
         return json.loads(payload) if payload else None
+
+    def refused(self, shown: str, code: int) -> str:
+        """The one line for a refused token; on JupyterHub, asks the Hub what is wrong with it."""
+        hub = hub_root(self.base)
+        if hub is None:
+            return f"{shown}: the server refused the token (HTTP {code}); check the token"
+        page = hub + "token"
+        req = urllib.request.Request(hub + "api/user", method="GET")  # noqa: S310 - http(s) only
+        req.add_header("Authorization", self._token.header())
+        try:
+            with _OPENER.open(req, timeout=min(self.timeout, 10.0)) as resp:
+                scopes = json.loads(resp.read()).get("scopes", [])
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code not in (401, 403):  # no hub there after all (a server under /user/x/)
+                return f"{shown}: the server refused the token (HTTP {code}); check the token"
+            return (
+                f"{shown}: the hub does not accept this token (HTTP {code}; expired, revoked or "
+                f"from another hub); create one with the access:servers scope at {page}"
+            )
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
+            scopes = []
+        if not any(s.startswith("access:servers") for s in scopes):
+            return (
+                f"{shown}: the token lacks the access:servers scope (HTTP {code}); "
+                f"create one at {page}"
+            )
+        if _covers(scopes, self.base):  # not the token: the Hub refuses for a stopped server
+            if self._status_code("api/status") == 424:
+                return self.gone()
+            return f"{shown}: the hub refused the request (HTTP {code}); is the server running?"
+        return (
+            f"{shown}: the hub refused the token (HTTP {code}): its access:servers scope does "
+            f"not cover this server (another user's?); create one at {page}"
+        )
+
+    def _status_code(self, path: str) -> int | None:
+        """The HTTP status of a GET (with the token), without any diagnosis; None if unreachable."""
+        req = urllib.request.Request(self.base + path, method="GET")  # noqa: S310 - http(s) only
+        req.add_header("Authorization", self._token.header())
+        try:
+            with _OPENER.open(req, timeout=min(self.timeout, 10.0)) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return exc.code
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            return None
+
+    def gone(self) -> str:
+        """The one line for a JupyterHub single-user server that has stopped."""
+        where = hub_root(self.base)
+        start = f"start it again at {where}home and reconnect" if where else "start it again"
+        return (
+            f"the JupyterHub server {self.base} is no longer running (stopped or culled), "
+            f"and its kernels ended with it; {start}"
+        )
 
     def kernel_model(self, kernel_id: str, timeout: float | None = None) -> dict:
         return self.request("GET", f"api/kernels/{kernel_id}", timeout=timeout)
@@ -273,6 +391,8 @@ class LinkPipe:
             self._transport.rest.kernel_model(self._kernel_id, timeout=3.0)
         except FileNotFoundError:
             return True, f"kernel {self._kernel_id} no longer exists on {self._transport.target}"
+        except ServerGone as exc:
+            return True, str(exc)
         except ConnectError:
             pass
         return False, reason
@@ -437,8 +557,10 @@ class JupyterTransport:
                 msg = f"no kernel {kernel_id!r} on {self.target}"
                 raise PermanentLinkError(msg) from None
             if exc.code in (401, 403):
-                msg = f"{self.target}: the server refused the token (HTTP {exc.code})"
+                msg = self.rest.refused(f"websocket to {self.target}", exc.code)
                 raise PermanentLinkError(msg) from None
+            if exc.code == 424:
+                raise PermanentLinkError(self.rest.gone()) from None
             msg = f"websocket to {self.target} failed: HTTP {exc.code}"
             raise ConnectError(msg) from None
         except (OSError, asyncio.TimeoutError) as exc:

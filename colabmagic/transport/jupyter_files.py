@@ -18,6 +18,7 @@ import time
 import urllib.parse
 
 from colabmagic.errors import ConnectError, TransferError
+from colabmagic.transport.jupyter import TokenRefused
 
 log = logging.getLogger("colabmagic.jupyter")
 
@@ -58,7 +59,7 @@ def _retrying(what: str, fn, *args):
         try:
             return fn(*args)
         except ConnectError as exc:
-            if "refused the token" in str(exc) or time.monotonic() > deadline:
+            if isinstance(exc, TokenRefused) or time.monotonic() > deadline:
                 msg = f"{what} failed: {exc}"
                 raise TransferError(msg) from None
             log.info("%s: %s; retrying", what, exc)
@@ -153,7 +154,7 @@ def _upload_chunks(rest, f, dest: str, size: int, chunk: int, bar) -> None:
         try:
             rest.request("PUT", _api(dest), body)
         except ConnectError as exc:
-            if "refused the token" in str(exc) or time.monotonic() > deadline:
+            if isinstance(exc, TokenRefused) or time.monotonic() > deadline:
                 msg = f"upload of {dest} failed at byte {offset}: {exc}"
                 raise TransferError(msg) from None
             offset, number = _resume_point(rest, dest, offset, len(data), number)

@@ -43,6 +43,7 @@ import uuid
 from typing import Any
 
 from colabmagic import wire
+from colabmagic.transport.jupyter_forward import DATA, KernelForwards
 
 log = logging.getLogger("colabmagic.jupyter")
 
@@ -177,6 +178,7 @@ def bootstrap_source(*, mock_gpu: bool, journal: bool, env: dict | None) -> str:
     code += module("_colabmagic_reassembly", "remote/reassembly.py", "install")
     if journal:
         code += module("_colabmagic_journal", "remote/journal.py", "install")
+    code += module("_colabmagic_tcp_forward", "remote/tcp_forward.py", "install")
     if mock_gpu:
         code += module("colabmagic_gpu_mock", "gpu/mock.py", "install")
     code += ["__colabmagic_boot()", "del __colabmagic_boot"]
@@ -269,6 +271,7 @@ class KernelLink:
         self._writing = False
         self._wake: asyncio.Event | None = None
         self._tasks: set = set()
+        self.forwards = KernelForwards(self)  # Proxy.forward, carried through the kernel
 
     def _spawn(self, coro) -> None:
         """Run *coro* on the loop, keeping a reference until it ends."""
@@ -425,10 +428,17 @@ class KernelLink:
 
     def _from_proxy(self, channel: int, parts: list) -> None:
         if channel == wire.AGENT:
-            self._spawn(self._op(json.loads(bytes(parts[0]))))
+            op = json.loads(bytes(parts[0]))
+            if op.get("op") == "tcp_open":  # now: the stream's first bytes may follow in this batch
+                opened = self.forwards.open(int(op["stream"]), int(op["port"]))
+                self._event(
+                    {"event": "reply", "reply_to": op.get("id"), "op": "tcp_open", **opened}
+                )
+                return
+            self._spawn(self._op(op))
             return
         if channel == wire.TCP:
-            self._to_proxy(wire.TCP, [bytes(parts[0]), b""])  # no TCP forwarding here
+            self.forwards.data(wire.sid_int(parts[0]), parts[1])
             return
         if channel not in NAMES or len(parts) < 6 or bytes(parts[0]) != wire.DELIM:
             log.warning("kernel %s: dropping a malformed client message", self.kernel_id)
@@ -551,8 +561,8 @@ class KernelLink:
             self.own_ids.popitem(last=False)
         return pieces
 
-    async def _send_own(self, att: Attachment, channel: str, msg_type: str, content: dict):
-        """Send a request of our own; returns a future for its reply ``(header, content, bufs)``."""
+    def _post_own(self, att: Attachment, channel: str, msg_type: str, content: dict, buffers=()):
+        """Write a request of our own; returns its msg_id and a future for its reply."""
         header = new_header(msg_type, self.session_id)
         msg_id = header["msg_id"]
         self.own_ids[msg_id] = None
@@ -560,12 +570,19 @@ class KernelLink:
             self.own_ids.popitem(last=False)
         fut = asyncio.get_running_loop().create_future()
         self.waiters[msg_id] = fut
-        parts = [_dumps(header), b"{}", b"{}", _dumps(content)]
-        await att.ws.write_message(att.encode(channel, parts), binary=att.v1)
-        return fut
+        data = att.encode(channel, [_dumps(header), b"{}", b"{}", _dumps(content), *buffers])
+        written = att.ws.write_message(data, binary=isinstance(data, bytes))
+
+        def check(f) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                self._end(att, f"websocket write failed ({type(f.exception()).__name__})")
+
+        written.add_done_callback(check)
+        return msg_id, fut
 
     async def _ask(self, att, channel, msg_type, content, timeout) -> tuple:
-        fut = await self._send_own(att, channel, msg_type, content)
+        """Send a request of our own and wait for its reply ``(header, content, buffers)``."""
+        fut = self._post_own(att, channel, msg_type, content)[1]
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
@@ -633,8 +650,11 @@ class KernelLink:
                 self.seen_ids.popitem(last=False)
         msg_type = header.get("msg_type", "")
         pid = parent.get("msg_id")
-        if channel == "iopub" and msg_type == "status":
+        if channel == "iopub" and msg_type == "status" and pid not in self.own_ids:
             self._on_status(json.loads(bytes(parts[3])).get("execution_state"), seq, pid)
+        if channel == "iopub" and msg_type == DATA:
+            self.forwards.on_data(json.loads(bytes(parts[3])), parts[4:])
+            return
         if pid in self.own_ids:
             fut = self.waiters.pop(pid, None) if channel != "iopub" else None
             if fut is not None and not fut.done():
@@ -686,6 +706,7 @@ class KernelLink:
         """Install the kernel-side helpers (and journal) before any client message passes."""
         self.ready = False
         self.low, self.seen = 0, set()
+        self.forwards.reset()  # a fresh kernel has none of the old streams
         _, info, _ = await self._ask(att, "shell", "kernel_info_request", {}, 120.0)
         python = (info.get("language_info") or {}).get("name") == "python"
         journal = False
@@ -720,6 +741,7 @@ class KernelLink:
         pending = [k for k, v in self.outstanding.items() if not v["replied"] or not v["idle"]]
         if self.mode == "journal":
             await self._fetch_journal(att)
+        self.forwards.resume()
         if pending:
             await self._settle(att, pending)
 
@@ -841,8 +863,8 @@ class KernelLink:
                 self._event(reply)
                 self._event({"event": "shutdown"})
                 return
-            elif name == "tcp_open":
-                reply.update(ok=False, error="port forwarding is not available through a server")
+            elif name == "tcp_close":
+                reply["closed"] = self.forwards.close_port(int(op["port"]))
             else:
                 reply.update(ok=False, error=f"unknown operation {name!r}")
         except Exception as exc:  # noqa: BLE001 - the caller gets the reason in the reply

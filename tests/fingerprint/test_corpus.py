@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from colabmagic.fingerprint import dedup, load_audio
 from colabmagic.testing import require
 
-from .conftest import ffmpeg, synth_music, write_wav
+from .conftest import SR, ffmpeg, synth_music, write_wav
 
 CORPUS = Path(__file__).resolve().parents[2] / "benchmarks" / "corpus.py"
 
@@ -165,3 +166,105 @@ def test_derived_format_flac_is_8k_mono_and_links_exactly_the_groups(tmp_path, s
     )  # fmt: skip
     assert bad.returncode == 2
     assert "--derived-format: invalid choice: 'wav'" in bad.stderr
+
+
+def _corpus_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fp_corpus", CORPUS)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fp_corpus"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_relations_name_shared_music_with_its_offset_and_nothing_else(tmp_path):
+    """Music that source dedup left in two recordings (a shared passage, one piece in two
+    packages) is recorded in the manifest with its offset; unrelated music is not."""
+    corpus = _corpus_module()
+    a, c, d = synth_music(700, 30.0), synth_music(701, 30.0), synth_music(702, 30.0)
+    (tmp_path / "library").mkdir()
+    (tmp_path / "heldout").mkdir()
+    files = {
+        "library/a.wav": a,
+        "library/b.wav": np.concatenate([a[4 * SR : 16 * SR], c[: 18 * SR]]),  # a's 4-16 s
+        "library/d.wav": d,
+        "heldout/h.wav": 0.5 * a[: 28 * SR],  # the same piece, quieter, shorter
+    }
+    for rel, y in files.items():
+        write_wav(tmp_path / rel, y)
+    manifest = {
+        "distinct_tracks": 4,
+        "groups": [
+            {"group": g, "package": "p", "files": [{"path": p, "offset_s": 0.0}]}
+            for g, p in enumerate(["library/a.wav", "library/b.wav", "library/d.wav"])
+        ],
+        "heldout": [{"path": "heldout/h.wav"}],
+    }
+    m = corpus.relate(tmp_path, manifest, workers=1)
+    assert len(m["related"]) == 1
+    r = m["related"][0]
+    assert sorted(r["groups"]) == [0, 1]
+    assert r["kind"] == "shared passage"
+    start_of_1_in_0 = r["offset_s"] if r["groups"] == [0, 1] else -r["offset_s"]
+    assert abs(start_of_1_in_0 - 4.0) < 0.05
+    assert r["spectral_r"] > r["spectral_null"] + 0.2  # the independent check agrees
+    h0, h1 = sorted(m["heldout"][0]["related"], key=lambda r: r["group"])
+    assert (h0["group"], h0["kind"]) == (0, "same recording")
+    assert abs(h0["offset_s"]) < 0.05
+    assert (h1["group"], h1["kind"]) == (1, "shared passage")  # b holds a's 4-16 s
+    assert abs(h1["offset_s"] + 4.0) < 0.05  # h starts 4 s before b
+    assert h1["shared_s"] == pytest.approx(12.0, abs=1.0)
+    assert m["distinct_tracks"] == 3  # the held-out track is group 0's recording
+    again = corpus.relate(tmp_path, m, workers=1)  # idempotent on a related manifest
+    assert again["distinct_tracks"] == 3
+    assert again["related"] == m["related"]
+
+
+def test_scale_benchmark_scores_dedup_against_the_relations(tmp_path):
+    """fingerprint_scale's dedup scoring: one recording in two groups gives true pairs (offsets
+    in one time base), a shared passage counts neither way, anything else is a false pair."""
+    import importlib.util
+
+    path = CORPUS.with_name("fingerprint_scale.py")
+    spec = importlib.util.spec_from_file_location("fp_scale_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["fp_scale_bench"] = bench
+    spec.loader.exec_module(bench)
+
+    def group(g, *files):
+        return {"group": g, "files": [{"path": p, "offset_s": o} for p, o in files]}
+
+    manifest = {
+        "groups": [
+            group(0, ("a0", 0.0), ("a1", 5.0)),  # a1: a trimmed copy, starts 5 s into a0
+            group(1, ("b0", 0.0)),  # the same recording as group 0, starting 2 s into it
+            group(2, ("c0", 0.0)),  # shares a passage with group 0
+            group(3, ("d0", 0.0)),
+        ],
+        "related": [
+            {"groups": [0, 1], "kind": "same recording", "offset_s": 2.0},
+            {"groups": [0, 2], "kind": "shared passage", "offset_s": 0.0},
+        ],
+        "heldout": [{"path": "h0", "related": [{"group": 3, "offset_s": 0.0}]}],
+    }
+    f = {p: str(tmp_path / p) for p in ("a0", "a1", "b0", "c0", "d0")}
+    ev = [
+        {"a": f["a0"], "b": f["a1"], "offset_s": 5.0},
+        {"a": f["a0"], "b": f["b0"], "offset_s": 2.0},  # b0 starts 2 s into a0
+        {"a": f["b0"], "b": f["a1"], "offset_s": 3.0},
+        {"a": f["a0"], "b": f["c0"], "offset_s": 0.0},
+    ]
+    res = {"groups": [{"files": [f["a0"], f["a1"], f["b0"], f["c0"]], "evidence": ev}]}
+    s = bench.score_dedup(res, manifest, tmp_path)
+    assert s["pairs_true"] == 3  # a0-a1, a0-b0, a1-b0
+    assert (s["pairs_found"], s["precision"], s["recall"]) == (3, 1.0, 1.0)
+    # c0 with a0 and a1, and with b0: the same recording shares the same passage
+    assert (s["pairs_related"], s["pairs_related_found"]) == (3, 3)
+    assert (s["evidence_offsets"], s["evidence_offsets_right"]) == (3, 3)
+    res["groups"][0]["files"].append(f["d0"])  # an unrelated file joined: 4 false pairs
+    s = bench.score_dedup(res, manifest, tmp_path)
+    assert s["precision"] == pytest.approx(3 / 7)
+    also, held = bench.relations(manifest)
+    assert also == {0: {1, 2}, 1: {0, 2}, 2: {0, 1}}
+    assert held == {"h0": {3}}

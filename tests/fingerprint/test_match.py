@@ -145,3 +145,27 @@ def test_match_many_on_cupy_agrees_with_numpy(tracks, tmp_path):
             assert mb.score == pytest.approx(ma.score, rel=0.05)
     assert host[0][0].track == "t0"
     assert host[2] == []
+
+
+def test_chance_alignments_are_no_match_however_low_the_threshold(index, tracks):
+    """Candidates whose aligned hash count chance explains (a few hashes at one offset of one of
+    many tracks) are listed at min_score 0 but never reported as a match; the real one is."""
+    from colabmagic.fingerprint._xp import resolve_backend
+    from colabmagic.fingerprint.match import CHANCE_BINS, _chance, candidates
+
+    stranger = synth_music(4242, 10.0)
+    listed = match(index, stranger, top_k=3, min_score=0.0)
+    assert listed  # chance candidates exist ...
+    assert all(m.aligned <= 4 for m in listed)
+    assert match(index, stranger, min_score=1e-6) == []  # ... and none is a match
+    v = candidates(index, stranger, top_k=3)
+    assert (np.asarray(v.chance) > CHANCE_BINS).all()
+    (m,) = match(index, tracks["t2"][4 * SR : 9 * SR], min_score=1e-6)
+    assert m.track == "t2"
+    be = resolve_backend("numpy")
+    # 7x the bins (speed hypotheses here; tracks in a bigger index) hit by 7x the postings:
+    # the same count at the best of them is about 7x likelier by chance
+    one = _chance(np, index, be, np.array([2000]), np.array([3]), 1)[0]
+    seven = _chance(np, index, be, np.array([7 * 2000]), np.array([3]), 7)[0]
+    assert seven == pytest.approx(7 * one, rel=0.05)
+    assert _chance(np, index, be, np.array([2000]), np.array([8]), 1)[0] < CHANCE_BINS
