@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import tempfile
 import time
 import uuid
@@ -32,14 +31,11 @@ from pathlib import Path
 
 import numpy as np
 from jupyter_client import KernelManager
+from roundtrip import median_ms, push_pull  # beside this file: the --local link benchmark
 
 import colabmagic
 from colabmagic.relay import QuietRelay
 from colabmagic.testing_jupyter import jupyter_server
-
-
-def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000
 
 
 class Direct:
@@ -78,20 +74,6 @@ def interleaved(fns: dict, n: int, rounds: int) -> dict[str, list[float]]:
                 fn()
                 samples[name].append(time.perf_counter() - t)
     return samples
-
-
-def push_pull(s, payload: np.ndarray) -> tuple[float, float]:
-    push, pull = [], []
-    for _ in range(3):
-        t = time.perf_counter()
-        s.push(payload=payload)
-        push.append(payload.nbytes / 2**20 / (time.perf_counter() - t))
-        t = time.perf_counter()
-        back = s.pull("payload")
-        pull.append(payload.nbytes / 2**20 / (time.perf_counter() - t))
-        assert back.nbytes == payload.nbytes
-        del back
-    return statistics.median(push), statistics.median(pull)
 
 
 def naive(server, kernel_id: str, n: int, *, nodelay: bool, quickack: bool = False) -> float:

@@ -88,6 +88,21 @@ def direct(n: int, payload: np.ndarray) -> tuple[float, float, float]:
         km.shutdown_kernel(now=True)
 
 
+def push_pull(s, payload: np.ndarray) -> tuple[float, float]:
+    """Median MiB/s of three ``Session.push`` and three ``Session.pull`` of *payload*."""
+    push, pull = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        s.push(payload=payload)
+        push.append(payload.nbytes / 2**20 / (time.perf_counter() - t))
+        t = time.perf_counter()
+        back = s.pull("payload")
+        pull.append(payload.nbytes / 2**20 / (time.perf_counter() - t))
+        assert back.nbytes == payload.nbytes
+        del back
+    return statistics.median(push), statistics.median(pull)
+
+
 def link(n: int, payload: np.ndarray, root: str) -> tuple[float, float, float]:
     s = colabmagic.connect(local=True, root=root, register=False)
     try:
@@ -99,17 +114,7 @@ def link(n: int, payload: np.ndarray, root: str) -> tuple[float, float, float]:
             t = time.perf_counter()
             s.run("pass", relay=quiet)
             samples.append(time.perf_counter() - t)
-        push, pull = [], []
-        for _ in range(3):
-            t = time.perf_counter()
-            s.push(payload=payload)
-            push.append(payload.nbytes / 2**20 / (time.perf_counter() - t))
-            t = time.perf_counter()
-            back = s.pull("payload")
-            pull.append(payload.nbytes / 2**20 / (time.perf_counter() - t))
-            assert back.nbytes == payload.nbytes
-            del back
-        return median_ms(samples), statistics.median(push), statistics.median(pull)
+        return median_ms(samples), *push_pull(s, payload)
     finally:
         s.close()
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from colabmagic import compress as _compress
 from colabmagic.errors import ColabMagicError, TransferError
-from colabmagic.remote.files import _hash_prefix  # one copy: the host's helper hashes alike
+from colabmagic.remote.files import _hash_prefix, tree  # one copy: the host's helper alike
 
 FRAME = struct.Struct("!BQ")
 END = 255
@@ -206,14 +206,7 @@ def _local_files(src: str) -> list[tuple[str, str, int]]:
     """(path, path relative to *src* with ``/``, size) of every file under *src* (or *src*)."""
     if os.path.isfile(src):
         return [(src, "", os.path.getsize(src))]
-    out = []
-    for root, dirs, files in os.walk(src):
-        dirs.sort()
-        for name in sorted(files):
-            p = os.path.join(root, name)
-            if os.path.isfile(p):
-                out.append((p, os.path.relpath(p, src).replace(os.sep, "/"), os.path.getsize(p)))
-    return out
+    return [(p, rel, os.path.getsize(p)) for p, rel in tree(src)]
 
 
 def _base(transport: Any, cwd: str | None) -> str | None:

@@ -484,7 +484,7 @@ class Syncer:
             if ls is not None and ls == rec["l"]:
                 os.remove(path)
                 res.deleted.append(rel)
-                _prune(self.local_dir, os.path.dirname(path))
+                _kernel._prune(self.local_dir, os.path.dirname(path))
             elif ls is not None:
                 res.kept.append(rel)
 
@@ -530,15 +530,6 @@ def _write_local(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-
-
-def _prune(root: str, directory: str) -> None:
-    while directory != root and directory.startswith(root + os.sep):
-        try:
-            os.rmdir(directory)
-        except OSError:
-            return
-        directory = os.path.dirname(directory)
 
 
 _last: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -77,15 +77,21 @@ def plan_get(req):
         }
     if not os.path.isdir(src):
         return {"src": src, "missing": True}
-    files = []
+    files = [{"path": p, "rel": rel, "size": _size(p)} for p, rel in tree(src)]
+    return {"src": src, "is_dir": True, "files": files, "zstd": zstandard is not None}
+
+
+def tree(src):
+    """``(path, path relative to src with /)`` of every file under directory *src*, sorted.
+
+    The client walks a local directory for an upload with this too, so both sides list alike.
+    """
     for root, dirs, names in os.walk(src):
         dirs.sort()
         for name in sorted(names):
             p = os.path.join(root, name)
             if os.path.isfile(p):
-                rel = os.path.relpath(p, src).replace(os.sep, "/")
-                files.append({"path": p, "rel": rel, "size": _size(p)})
-    return {"src": src, "is_dir": True, "files": files, "zstd": zstandard is not None}
+                yield p, os.path.relpath(p, src).replace(os.sep, "/")
 
 
 def _size(path):
