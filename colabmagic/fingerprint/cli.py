@@ -106,7 +106,7 @@ def index_cmd(
     if list_file:
         items += _read_list(list_file)
     if not items:
-        msg = "give PATH arguments or --list FILE."
+        msg = "no audio files to index: give PATH arguments or --list FILE."
         raise click.UsageError(msg)
     # no tqdm monitor thread: with a second thread alive the worker pool would be started with
     # "spawn" (every worker importing NumPy/SciPy again, seconds of CPU) instead of "fork"
@@ -264,7 +264,7 @@ def dedup_cmd(
     if list_file:
         items += [f for _, f in _read_list(list_file)]
     if not items:
-        msg = "give PATH arguments or --list FILE."
+        msg = "no audio files to compare: give PATH arguments or --list FILE."
         raise click.UsageError(msg)
     res = dedup(
         items,

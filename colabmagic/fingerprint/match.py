@@ -261,7 +261,7 @@ def _hash_votes(
         rank = xp.arange(best.shape[0]) - xp.searchsorted(q_of, q_of, side="left")
         best, q_of = best[rank < per_query], q_of[rank < per_query]
     zero = xp.zeros(best.shape[0], dtype=xp.float64)
-    per_query = xp.bincount(qid[row])  # every posting hit of each query: the chance hits
+    hits = xp.bincount(qid[row])  # every posting hit of each query: the chance hits
     stage_vars = int(xp.unique(qv).shape[0])
     return Votes(
         track=pair[best] % n_tracks,
@@ -272,7 +272,7 @@ def _hash_votes(
         query=q_of,
         hash_score=score[best],
         peak_z=zero,
-        chance=_chance(xp, index, be, per_query[q_of], count[best], stage_vars) if chance else zero,
+        chance=_chance(xp, index, be, hits[q_of], count[best], stage_vars) if chance else zero,
     )
 
 
@@ -364,7 +364,7 @@ def _identify(
     if all_speeds or n_var == 1:
         return first
     best = np.full(len(fps), -np.inf)
-    decided = _significant(first) | (min_score <= 0)
+    decided = _significant(first.chance) | (min_score <= 0)
     np.maximum.at(best, first.query, np.where(decided, first.score, -np.inf))
     retry = best < min_score
     if not retry.any():
@@ -411,16 +411,17 @@ def votes(index: Index, fp: Fingerprint) -> Votes:
     return _hash_votes(index, be, qid, fp.hashes, qt, variant, n_var, 0, chance=False)
 
 
-def _significant(v: Votes) -> np.ndarray:
-    """Candidates whose aligned hash count is significant (:data:`CHANCE_BINS`; host arrays)."""
-    return np.asarray(v.chance) <= CHANCE_BINS
+def _significant(chance: Any) -> np.ndarray:
+    """Which candidates' aligned hash counts are significant (:data:`CHANCE_BINS`; host arrays),
+    given their ``Votes.chance``."""
+    return np.asarray(chance) <= CHANCE_BINS
 
 
 def _matches(index: Index, v: Votes, a: int, b: int, top_k: int, min_score: float) -> list[Match]:
     """Match objects for rows ``a:b`` of *v* (one query, best first)."""
     fpr = index.fingerprinter
     out = []
-    significant = np.asarray(v.chance[a:b]) <= CHANCE_BINS
+    significant = _significant(v.chance[a:b])
     for i in range(a, b):
         score = float(v.score[i])
         if score < min_score or len(out) == top_k:
