@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from colabmagic import messages
 from colabmagic.errors import (
     CellTimeoutError,
     ColabMagicError,
@@ -164,7 +165,7 @@ class Session:
             while time.monotonic() < min(step, deadline) and not (got_reply and got_iopub):
                 events = dict(poller.poll(_POLL_MS))
                 if shell in events:
-                    _, msg = self.client.session.recv(shell, zmq.NOBLOCK)
+                    msg = messages.recv(self.client.session, shell)
                     if msg and msg["parent_header"].get("msg_id") == msg_id:
                         got_reply, step = True, time.monotonic() + 1.0
                         self.remote_info = _remote_info(msg["content"])
@@ -311,7 +312,7 @@ class Session:
                         got_idle |= self._drain_iopub(iopub, result, relay)
                     pending_exc = self._answer_input(stdin, result.msg_id) or pending_exc
                 if shell in events:
-                    _, msg = self.client.session.recv(shell, zmq.NOBLOCK)
+                    msg = messages.recv(self.client.session, shell)
                     if msg and msg["parent_header"].get("msg_id") == result.msg_id:
                         got_reply = True
                         c = msg["content"]
@@ -342,10 +343,7 @@ class Session:
 
     def _drain_iopub(self, sock, result: ExecutionResult, relay: Relay) -> bool:
         while True:
-            try:
-                _, msg = self.client.session.recv(sock, zmq.NOBLOCK)
-            except zmq.Again:
-                break
+            msg = messages.recv(self.client.session, sock)  # dates stay strings: see messages.py
             if msg is None:
                 break
             if msg["parent_header"].get("msg_id") != result.msg_id:

@@ -31,7 +31,7 @@ from typing import Any
 
 from colabmagic.errors import ConnectError, ParameterError
 from colabmagic.proxy import PermanentLinkError
-from colabmagic.transport.jupyter_link import V1, KernelLink
+from colabmagic.transport.jupyter_link import V1, Inbox, KernelLink
 
 log = logging.getLogger("colabmagic.jupyter")
 
@@ -548,9 +548,13 @@ class JupyterTransport:
             request_timeout=self.connect_timeout,
         )
         protocols = [V1] if self.subprotocol == "auto" else None
+        inbox = Inbox()
         try:
             ws = await websocket.websocket_connect(
-                request, subprotocols=protocols, max_message_size=_MAX_MESSAGE
+                request,
+                subprotocols=protocols,
+                max_message_size=_MAX_MESSAGE,
+                on_message_callback=inbox.put,
             )
         except httpclient.HTTPClientError as exc:
             if exc.code == 404:
@@ -566,7 +570,7 @@ class JupyterTransport:
         except (OSError, asyncio.TimeoutError) as exc:
             msg = f"cannot open the kernel websocket on {self.target} ({type(exc).__name__})"
             raise ConnectError(msg) from None
-        return ws, ws.selected_subprotocol
+        return ws, ws.selected_subprotocol, inbox
 
     def open_pipe(self, kernel_id: str) -> LinkPipe:
         """Open the kernel's websocket and return the proxy's end of a fresh link pipe."""
@@ -575,14 +579,14 @@ class JupyterTransport:
             self._loop = _Loop()
         session_id = link.next_session_id()
         try:
-            ws, subprotocol = self._loop.run(
+            ws, subprotocol, inbox = self._loop.run(
                 self._connect(kernel_id, session_id), self.connect_timeout + 5
             )
         except TimeoutError:
             msg = f"the kernel websocket on {self.target} did not open in {self.connect_timeout:g}s"
             raise ConnectError(msg) from None
         pipe = LinkPipe(self, kernel_id)
-        self._loop.spawn(link.serve(ws, subprotocol, pipe.inner))
+        self._loop.spawn(link.serve(ws, subprotocol, pipe.inner, inbox))
         return pipe
 
     # -- files -----------------------------------------------------------------------------

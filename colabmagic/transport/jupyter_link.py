@@ -32,6 +32,7 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
 import hmac
 import json
@@ -185,6 +186,39 @@ def bootstrap_source(*, mock_gpu: bool, journal: bool, env: dict | None) -> str:
     return "\n".join(code)
 
 
+class Inbox:
+    """The websocket's messages as tornado parses them (its ``on_message_callback``).
+
+    Tornado's ``read_message`` hands each message through a queue and a future: a turn of the
+    event loop per message, four per ``pass`` round trip. The callback delivers in the frame
+    parser's own turn instead. Messages that arrive before the link binds (a server replaying its
+    buffer right after the handshake) are held and delivered, in order, on :meth:`bind`.
+    """
+
+    def __init__(self) -> None:
+        self.held: list = []
+        self.fn: Any = None
+
+    def put(self, data) -> None:
+        if self.fn is None:
+            self.held.append(data)
+        else:
+            self.fn(data)
+
+    def bind(self, fn) -> None:
+        held, self.held = self.held, []
+        self.fn = fn
+        for data in held:
+            fn(data)
+
+    def unbind(self) -> None:
+        self.fn = _ignore
+
+
+def _ignore(_data) -> None:
+    """Where an ended attachment's late websocket messages go."""
+
+
 class Attachment:
     """One pipe and one websocket: lives from ``open_pipe`` until either end drops."""
 
@@ -199,6 +233,13 @@ class Attachment:
         self.buffered: list = []
         self.done: asyncio.Future | None = None
         self.pongs = 0
+        self.writer_on = False  # the pipe's writer callback is registered
+        ws_sock = _socket_of(ws)
+        self.quickack = None
+        if ws_sock is not None and hasattr(socket, "TCP_QUICKACK"):
+            self.quickack = functools.partial(
+                ws_sock.setsockopt, socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1
+            )
 
     def encode(self, channel: str, parts: list):
         return encode_v1(channel, parts) if self.v1 else encode_json(channel, parts)
@@ -249,6 +290,7 @@ class KernelLink:
         self.stable_session = stable_session
         self.poll_interval = poll_interval
         self.key = secrets.token_hex(32).encode()
+        self._mac = hmac.new(self.key, digestmod=hashlib.sha256)  # copied per message: no rekeying
         self.session_id = uuid.uuid4().hex
         self.mode: str | None = None  # "journal" | "server-buffer" once bootstrapped
         self.ready = False
@@ -286,8 +328,11 @@ class KernelLink:
         return self.session_id
 
     # -- one attachment --------------------------------------------------------------------
-    async def serve(self, ws, subprotocol: str | None, sock: socket.socket) -> None:
-        """Serve the proxy on *sock* through websocket *ws* until one of them ends."""
+    async def serve(self, ws, subprotocol: str | None, sock: socket.socket, inbox: Inbox) -> None:
+        """Serve the proxy on *sock* through websocket *ws* until one of them ends.
+
+        *inbox* is the :class:`Inbox` that *ws* was opened with (its message callback).
+        """
         loop = asyncio.get_running_loop()
         att = Attachment(ws, subprotocol, sock)
         att.done = loop.create_future()
@@ -301,8 +346,8 @@ class KernelLink:
         ws.on_pong = lambda _data: setattr(att, "pongs", att.pongs + 1)
         _tune(ws)
         loop.add_reader(sock.fileno(), self._on_pipe, att)
+        inbox.bind(lambda data: self._on_ws(att, data))
         tasks = [
-            loop.create_task(self._ws_reader(att)),
             loop.create_task(self._pinger(att)),
             loop.create_task(self._writer(att)),
         ]
@@ -315,6 +360,7 @@ class KernelLink:
             self.reason = reason
             log.info("kernel %s: connection ended (%s)", self.kernel_id, reason)
         finally:
+            inbox.unbind()
             for t in tasks:
                 t.cancel()
             with contextlib.suppress(ValueError, OSError):
@@ -373,11 +419,14 @@ class KernelLink:
         except wire.StreamClosed as exc:
             self._end(att, f"the proxy closed the pipe ({exc})")
             return
+        if done == (not att.writer_on):
+            return  # the common case, a small message written at once: no loop bookkeeping
         loop = asyncio.get_running_loop()
         if done:
             loop.remove_writer(att.sock.fileno())
         else:
             loop.add_writer(att.sock.fileno(), self._flush, att)
+        att.writer_on = not done
 
     def _welcome(self, att: Attachment, resume_from: int) -> None:
         self.down.ack(resume_from)
@@ -470,7 +519,7 @@ class KernelLink:
             self._wake.set()
 
     def _sign(self, body: list) -> bytes:
-        h = hmac.new(self.key, digestmod=hashlib.sha256)
+        h = self._mac.copy()
         for p in body:
             h.update(p)
         return h.hexdigest().encode()
@@ -588,37 +637,40 @@ class KernelLink:
         finally:
             self.waiters = {k: v for k, v in self.waiters.items() if v is not fut}
 
-    async def _ws_reader(self, att: Attachment) -> None:
-        while True:
+    def _on_ws(self, att: Attachment, data) -> None:
+        """One websocket message (None: the websocket closed), in tornado's parsing turn."""
+        if att.done.done():
+            return
+        if data is None:
+            code = getattr(att.ws, "close_code", None)
+            self._end(att, f"websocket closed (code {code})")
+            return
+        if att.quickack is not None:  # Linux clears it now and then: re-arm after every read
+            with contextlib.suppress(OSError):
+                att.quickack()
+        att.pongs += 1  # any traffic proves the link is alive
+        try:
+            channel, parts = att.decode(data)
+            header = json.loads(bytes(parts[0]))
+            parent = json.loads(bytes(parts[1]))
+        except (ValueError, IndexError, UnicodeDecodeError):
+            log.warning("kernel %s: dropping a malformed websocket message", self.kernel_id)
+            return
+        item = (header.get(SEQ), channel, parts, header, parent)
+        if att.recovering and parent.get("msg_id") not in self.own_ids:
+            att.buffered.append(item)  # held until the journal's answer is merged
+        elif self._reply_went_astray(channel, header, parent, parts):
+            # A request sent on a websocket that is gone finished: the server routed its
+            # reply to that dead connection. The journal has it: fetch, then deliver in order.
+            att.buffered.append(item)
+            att.recovering = True
+            self._spawn(self._guard(att, self._fetch_journal(att)))
+        else:
             try:
-                data = await att.ws.read_message()
-            except Exception as exc:  # noqa: BLE001 - any read failure is a drop
-                self._end(att, f"websocket read failed ({type(exc).__name__})")
-                return
-            if data is None:
-                code = getattr(att.ws, "close_code", None)
-                self._end(att, f"websocket closed (code {code})")
-                return
-            _quickack(att.ws)
-            att.pongs += 1  # any traffic proves the link is alive
-            try:
-                channel, parts = att.decode(data)
-                header = json.loads(bytes(parts[0]))
-                parent = json.loads(bytes(parts[1]))
-            except (ValueError, IndexError, UnicodeDecodeError):
-                log.warning("kernel %s: dropping a malformed websocket message", self.kernel_id)
-                continue
-            item = (header.get(SEQ), channel, parts, header, parent)
-            if att.recovering and parent.get("msg_id") not in self.own_ids:
-                att.buffered.append(item)  # held until the journal's answer is merged
-            elif self._reply_went_astray(channel, header, parent, parts):
-                # A request sent on a websocket that is gone finished: the server routed its
-                # reply to that dead connection. The journal has it: fetch, then deliver in order.
-                att.buffered.append(item)
-                att.recovering = True
-                self._spawn(self._guard(att, self._fetch_journal(att)))
-            else:
                 self._accept(*item)
+            except Exception:  # a bug here must end this connection, not tornado's parser
+                log.exception("kernel %s: delivering a message failed", self.kernel_id)
+                self._end(att, "delivering a message failed")
 
     def _reply_went_astray(self, channel: str, header: dict, parent: dict, parts: list) -> bool:
         if self.mode != "journal" or channel != "iopub" or header.get("msg_type") != "status":
@@ -650,8 +702,11 @@ class KernelLink:
                 self.seen_ids.popitem(last=False)
         msg_type = header.get("msg_type", "")
         pid = parent.get("msg_id")
-        if channel == "iopub" and msg_type == "status" and pid not in self.own_ids:
-            self._on_status(json.loads(bytes(parts[3])).get("execution_state"), seq, pid)
+        state = None
+        if channel == "iopub" and msg_type == "status":
+            state = json.loads(bytes(parts[3])).get("execution_state")
+            if pid not in self.own_ids:
+                self._on_status(state, seq, pid)
         if channel == "iopub" and msg_type == DATA:
             self.forwards.on_data(json.loads(bytes(parts[3])), parts[4:])
             return
@@ -666,7 +721,7 @@ class KernelLink:
             if channel in ("shell", "control") and msg_type.endswith("_reply"):
                 out["replied"] = True
             elif channel == "iopub" and msg_type == "status":
-                out["idle"] = json.loads(bytes(parts[3])).get("execution_state") == "idle"
+                out["idle"] = state == "idle"
             if out["replied"] and (out["idle"] or out["channel"] == "control"):
                 del self.outstanding[pid]
         body = [bytes(p) for p in parts[:4]]
