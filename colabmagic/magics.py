@@ -27,6 +27,14 @@ from colabmagic.errors import (
 from colabmagic.relay import CellRelay
 from colabmagic.session import Session, registry
 
+# Options several magics share (IPython's argument decorators are reusable).
+_on = argument("--on", metavar="NAME", help="session name")
+_compress = argument(
+    "--compress",
+    choices=("auto", "zstd", "none"),
+    help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
+)
+
 
 def _user_errors(fn):
     """Turn library errors into one-line UsageErrors; let remote errors through."""
@@ -303,12 +311,8 @@ class ColabMagics(Magics):
     # -- variables ---------------------------------------------------------------------------
     @magic_arguments()
     @argument("names", nargs="+", help="local variable names")
-    @argument("--on", metavar="NAME", help="session name")
-    @argument(
-        "--compress",
-        choices=("auto", "zstd", "none"),
-        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
-    )
+    @_on
+    @_compress
     @line_magic
     @_user_errors
     def colab_push(self, line: str = ""):
@@ -322,12 +326,8 @@ class ColabMagics(Magics):
 
     @magic_arguments()
     @argument("names", nargs="+", help="remote variable names")
-    @argument("--on", metavar="NAME", help="session name")
-    @argument(
-        "--compress",
-        choices=("auto", "zstd", "none"),
-        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
-    )
+    @_on
+    @_compress
     @line_magic
     @_user_errors
     def colab_pull(self, line: str = ""):
@@ -343,7 +343,7 @@ class ColabMagics(Magics):
     @argument("args", nargs="*", help="save: NAME VAR [VAR ...]; load: NAME")
     @argument("--list", action="store_true", help="list the snapshots on this machine")
     @argument("--delete", metavar="NAME", help="delete a snapshot")
-    @argument("--on", metavar="NAME", help="session name")
+    @_on
     @line_magic
     @_user_errors
     def colab_snapshot(self, line: str = ""):
@@ -386,12 +386,8 @@ class ColabMagics(Magics):
     @magic_arguments()
     @argument("local", help="local file or directory")
     @argument("remote", nargs="?", help="remote path (default: same name in the kernel's cwd)")
-    @argument("--on", metavar="NAME", help="session name")
-    @argument(
-        "--compress",
-        choices=("auto", "zstd", "none"),
-        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
-    )
+    @_on
+    @_compress
     @line_magic
     @_user_errors
     def colab_upload(self, line: str = ""):
@@ -409,12 +405,8 @@ class ColabMagics(Magics):
     @magic_arguments()
     @argument("remote", help="remote file or directory")
     @argument("local", nargs="?", help="local path (default: same name here)")
-    @argument("--on", metavar="NAME", help="session name")
-    @argument(
-        "--compress",
-        choices=("auto", "zstd", "none"),
-        help="zstd per chunk: auto (default: where it pays at the link's rate), zstd or none",
-    )
+    @_on
+    @_compress
     @line_magic
     @_user_errors
     def colab_download(self, line: str = ""):
@@ -434,7 +426,7 @@ class ColabMagics(Magics):
     @argument("--no-gitignore", action="store_true", help="do not honour .gitignore")
     @argument("--autoreload", action="store_true", help="reload changed modules in the kernel")
     @argument("--force", action="store_true", help="overwrite files changed on both sides")
-    @argument("--on", metavar="NAME", help="session name")
+    @_on
     @line_magic
     @_user_errors
     def colab_sync(self, line: str = ""):
@@ -467,7 +459,7 @@ class ColabMagics(Magics):
 
     # -- debugging ---------------------------------------------------------------------------
     @magic_arguments()
-    @argument("--on", metavar="NAME", help="session name")
+    @_on
     @argument("--vscode", action="store_true", help="let VS Code attach (debugpy via the link)")
     @argument("--port", type=int, default=0, help="local port for VS Code (default: any free)")
     @argument("--wait", action="store_true", help="block the kernel until VS Code attaches")

@@ -105,6 +105,27 @@ def attach_error(transport: Any, kernel_id: str, exc: ConnectError) -> ConnectEr
     return ConnectError(msg + (", ".join(alive) or "none"))
 
 
+class AgentFiles:
+    """``upload``/``download`` through the host's file helper, for transports with an agent.
+
+    The local and SSH transports both run :mod:`colabmagic.filecopy`'s helper on the host (a
+    subprocess here, an SSH exec channel there), so they share these two methods; a Jupyter server has no shell and uses
+    its contents API instead (:mod:`colabmagic.transport.jupyter_files`).
+    """
+
+    def upload(self, local: str, remote: str | None, *, cwd: str | None = None, **kw) -> int:
+        """Copy a local file or directory to the host: :func:`colabmagic.filecopy.upload`."""
+        from colabmagic import filecopy
+
+        return filecopy.upload(self, local, remote, cwd=cwd, **kw)
+
+    def download(self, remote: str, local: str | None, *, cwd: str | None = None, **kw) -> int:
+        """Copy a remote file or directory here: :func:`colabmagic.filecopy.download`."""
+        from colabmagic import filecopy
+
+        return filecopy.download(self, remote, local, cwd=cwd, **kw)
+
+
 class Transport(Protocol):
     """What a :class:`~colabmagic.session.Session` needs from a way of reaching a host."""
 

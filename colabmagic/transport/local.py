@@ -15,7 +15,7 @@ import time
 
 from colabmagic.errors import ConnectError
 from colabmagic.proxy import PermanentLinkError
-from colabmagic.transport import agent_start_args, bridge_failure, parse_agent_reply
+from colabmagic.transport import AgentFiles, agent_start_args, bridge_failure, parse_agent_reply
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 DEFAULT_ROOT = "~/.colabmagic/kernels"
@@ -94,7 +94,7 @@ class BridgeProcess:
         return rc == 4, bridge_failure(err, host="localhost") or f"bridge exited with {rc}"
 
 
-class LocalTransport:
+class LocalTransport(AgentFiles):
     """Agents as detached processes on this machine.
 
     Parameters
@@ -171,18 +171,6 @@ class LocalTransport:
 
     def stop_kernel(self, kernel_id: str) -> None:
         self._run("stop", "--id", kernel_id)
-
-    def upload(self, local: str, remote: str | None, *, cwd: str | None = None, **kw) -> int:
-        """Copy *local* to *remote* (relative to *cwd*): :func:`colabmagic.filecopy.upload`."""
-        from colabmagic import filecopy
-
-        return filecopy.upload(self, local, remote, cwd=cwd, **kw)
-
-    def download(self, remote: str, local: str | None, *, cwd: str | None = None, **kw) -> int:
-        """Copy *remote* (relative to *cwd*) here: :func:`colabmagic.filecopy.download`."""
-        from colabmagic import filecopy
-
-        return filecopy.download(self, remote, local, cwd=cwd, **kw)
 
     def close(self) -> None:
         self.bridges += list(self._pending.values())

@@ -37,7 +37,13 @@ import paramiko
 
 from colabmagic.errors import ConnectError, HostKeyError, ParameterError
 from colabmagic.proxy import PermanentLinkError
-from colabmagic.transport import agent_start_args, bridge_failure, parse_agent_reply, ssh_connect
+from colabmagic.transport import (
+    AgentFiles,
+    agent_start_args,
+    bridge_failure,
+    parse_agent_reply,
+    ssh_connect,
+)
 from colabmagic.transport.ssh_connect import Connection, Hop
 
 log = logging.getLogger("colabmagic.ssh")
@@ -362,7 +368,7 @@ class ChannelPipe:
         return rc in (EXIT_NO_AGENT, EXIT_NEEDS), text or f"the remote bridge exited with {rc}"
 
 
-class SSHTransport:
+class SSHTransport(AgentFiles):
     """Agents and kernels on an SSH host; see the module docstring.
 
     Parameters
@@ -712,18 +718,6 @@ class SSHTransport:
     def stop_kernel(self, kernel_id: str) -> None:
         """Shut agent *kernel_id* and its kernel down."""
         self._remote("stop", "--id", kernel_id)
-
-    def upload(self, local: str, remote: str | None, *, cwd: str | None = None, **kw) -> int:
-        """Copy a local file or directory to the host: :func:`colabmagic.filecopy.upload`."""
-        from colabmagic import filecopy
-
-        return filecopy.upload(self, local, remote, cwd=cwd, **kw)
-
-    def download(self, remote: str, local: str | None, *, cwd: str | None = None, **kw) -> int:
-        """Copy a remote file or directory here: :func:`colabmagic.filecopy.download`."""
-        from colabmagic import filecopy
-
-        return filecopy.download(self, remote, local, cwd=cwd, **kw)
 
     def close(self) -> None:
         """Close the pipes and the connection; the kernels keep running."""
