@@ -109,8 +109,8 @@ class AgentFiles:
     """``upload``/``download`` through the host's file helper, for transports with an agent.
 
     The local and SSH transports both run :mod:`colabmagic.filecopy`'s helper on the host (a
-    subprocess here, an SSH exec channel there), so they share these two methods; a Jupyter server has no shell and uses
-    its contents API instead (:mod:`colabmagic.transport.jupyter_files`).
+    subprocess here, an SSH exec channel there), so they share these two methods; a Jupyter
+    server has no shell and uses its contents API (:mod:`colabmagic.transport.jupyter_files`).
     """
 
     def upload(self, local: str, remote: str | None, *, cwd: str | None = None, **kw) -> int:
