@@ -14,6 +14,12 @@ local subprocess for ``--local``) to a small stdlib helper on the host,
   again when they do not (a corrupted partial file is redone, never trusted).
 - **Progress**: a tqdm bar in bytes, with rate and ETA.
 - Directories are copied recursively, each file atomically.
+- **A spare helper**: an exec on an SSH connection costs ~0.3 s on a loopback sshd (its session
+  setup, before Python starts), paid by every call. After each copy one spare helper is started
+  in the background; once up it says so and waits for its command on stdin, and the next copy
+  on that transport takes it (a 1 kB upload a second after another: 11-14 ms instead of
+  ~340 ms). A copy right after another waits for the spare, which started first. A spare that
+  died with its connection is skipped; the transport's ``close`` ends it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ import os
 import posixpath
 import struct
 import subprocess
+import threading
 import time
+import weakref
+from concurrent.futures import Future
 from typing import Any
 
 from colabmagic import compress as _compress
@@ -72,6 +81,11 @@ class _Helper:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )
+
+    def alive(self) -> bool:
+        if self.chan is not None:
+            return not self.chan.closed and not self.chan.exit_status_ready()
+        return self.proc.poll() is None
 
     def write(self, data) -> None:
         try:
@@ -154,6 +168,81 @@ class _Helper:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+SPARE_WAIT = 10.0  # seconds a copy waits for a spare still starting, before starting its own
+_spares: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transport -> Future
+_spares_lock = threading.Lock()
+
+
+def _helper(transport: Any, args: list[str]) -> _Helper:
+    """A helper running *args*: the transport's spare (waited for: it started before a fresh
+    one would), else a fresh one."""
+    with _spares_lock:
+        fut = _spares.pop(transport, None)
+    spare = None
+    if fut is not None:
+        try:
+            spare = fut.result(timeout=SPARE_WAIT)
+        except Exception:  # noqa: BLE001 - it failed or hangs: a fresh helper instead
+            fut.add_done_callback(_close_started)
+    if spare is not None:
+        if spare.alive():
+            try:
+                _send_line(spare, {"argv": args})
+                return spare
+            except _Dropped:
+                pass
+        spare.close()
+    return _Helper(transport, args)
+
+
+def _close_started(fut: Future) -> None:
+    if fut.exception() is None:
+        fut.result().close()
+
+
+def _warm(transport: Any) -> None:
+    """Start a spare helper for *transport*'s next copy, in the background."""
+    with _spares_lock:
+        if transport in _spares:
+            return
+        fut: Future = Future()
+        _spares[transport] = fut
+
+    def start() -> None:
+        helper = None
+        try:
+            helper = _Helper(transport, ["serve"])
+            _read_line(helper)  # {"ready": true}: the host's session and Python are up
+            fut.set_result(helper)
+        except Exception as exc:  # noqa: BLE001 - the next copy starts its own helper
+            if helper is not None:
+                helper.close()
+            fut.set_exception(exc)
+
+    threading.Thread(target=start, name="colabmagic-file-spare", daemon=True).start()
+
+
+def wait_spare(transport: Any, timeout: float = 30.0) -> bool:
+    """Wait until *transport*'s spare helper is up; False when there is none (or it failed)."""
+    with _spares_lock:
+        fut = _spares.get(transport)
+    if fut is None:
+        return False
+    try:
+        fut.result(timeout=timeout)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def close_spare(transport: Any) -> None:
+    """End *transport*'s spare helper, if any (its ``close`` calls this)."""
+    with _spares_lock:
+        fut = _spares.pop(transport, None)
+    if fut is not None:
+        fut.add_done_callback(_close_started)
 
 
 def _progress(total: int, desc: str, enabled: bool | None):
@@ -272,7 +361,7 @@ def upload(
             before = (len(remaining), moved[0])
             helper = None
             try:
-                helper = _Helper(transport, ["put"])
+                helper = _helper(transport, ["put"])
                 _send_line(helper, req)
                 plan = _read_line(helper)
                 peer = bool(plan.get("zstd"))
@@ -290,6 +379,7 @@ def upload(
             finally:
                 if helper is not None:
                     helper.close()
+    _warm(transport)
     return total
 
 
@@ -366,7 +456,7 @@ def download(
             before = (len(remaining), _sizes(targets))
             helper = None
             try:
-                helper = _Helper(transport, ["get", mode])
+                helper = _helper(transport, ["get", mode])
                 _send_line(helper, req)
                 answer = _read_line(helper)
                 if answer.get("missing"):
@@ -396,6 +486,7 @@ def download(
     finally:
         if bar is not None:
             bar.close()
+    _warm(transport)
     return sum(int(f["size"]) for f in plan["files"])
 
 

@@ -364,3 +364,34 @@ def test_files_compress_auto_on_a_slow_link(sshd_server, colabmagic_root, tmp_pa
 
 def test_chunk_constants_bound_the_window():
     assert transfer.CHUNK * transfer.WINDOW <= 32 * MiB
+
+
+def test_the_next_copy_takes_the_spare_helper(sshd_server, colabmagic_root, tmp_path):
+    """Only the first copy pays an exec; a dead spare is skipped; close() ends the spare."""
+    t = ssh_transport(sshd_server, colabmagic_root)
+    opened = []
+    real = t._session_channel
+    t._session_channel = lambda: opened.append(1) or real()
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(300_000))
+    try:
+        t.upload(str(src), str(tmp_path / "up1.bin"), progress=False)
+        assert filecopy.wait_spare(t)
+        spare = filecopy._spares[t].result()
+        assert spare.alive()
+        assert len(opened) == 2
+        t.upload(str(src), str(tmp_path / "up2.bin"), progress=False, retries=0)
+        assert filecopy.wait_spare(t)
+        assert len(opened) == 3  # the copy took the spare; one new spare, no other exec
+        assert (tmp_path / "up2.bin").read_bytes() == src.read_bytes()
+        dead = filecopy._spares[t].result()
+        dead.chan.close()  # as when its connection dropped
+        n = t.download(str(tmp_path / "up2.bin"), str(tmp_path / "down.bin"), retries=0)
+        assert n == 300_000
+        assert (tmp_path / "down.bin").read_bytes() == src.read_bytes()
+        assert filecopy.wait_spare(t)
+        last = filecopy._spares[t].result()
+    finally:
+        t.close()
+    wait_until(lambda: last.chan.closed, what="the spare closed with its transport")
+    assert t not in filecopy._spares

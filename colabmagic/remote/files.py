@@ -4,7 +4,8 @@
 SSH exec channel (or as a local subprocess), so it must stay self-contained: standard library,
 plus zstandard when the host has it. Two commands, each a session over stdin/stdout that
 carries a whole tree, so a directory costs one exec and a few round trips per file (JSON lines
-for the dialogue, frames for the data):
+for the dialogue, frames for the data). ``serve`` starts a spare: it answers ``{"ready": true}``
+once up, then reads its command as a JSON line ``{"argv": ["put"]}``:
 
 ``put``   in: the plan request ``{"dest", "base", "name", "is_dir", "files": [{"rel", "size"}]}``;
           out: where each file goes and the size of any partial file left by an interrupted
@@ -261,6 +262,12 @@ def get(out, source, offset, prefix_sha, mode, rate):
 
 
 def main(argv):
+    if argv[0] == "serve":  # a spare: up, then the command comes on stdin when a copy takes it
+        _reply(sys.stdout.buffer, {"ready": True})
+        cmd = _line(sys.stdin.buffer)
+        if cmd is None:
+            return 0
+        argv = [str(a) for a in cmd["argv"]]
     if argv[0] == "put":
         return serve_put()
     if argv[0] == "get":

@@ -125,6 +125,12 @@ class AgentFiles:
 
         return filecopy.download(self, remote, local, cwd=cwd, **kw)
 
+    def _close_files(self) -> None:
+        """End the spare helper that the last copy started (from the transport's ``close``)."""
+        from colabmagic import filecopy
+
+        filecopy.close_spare(self)
+
 
 class Transport(Protocol):
     """What a :class:`~colabmagic.session.Session` needs from a way of reaching a host."""

@@ -174,6 +174,7 @@ class LocalTransport(AgentFiles):
 
     def close(self) -> None:
         self.bridges += list(self._pending.values())
+        self._close_files()
         self._pending = {}
         for b in self.bridges:
             if b.proc.poll() is None:

@@ -721,6 +721,7 @@ class SSHTransport(AgentFiles):
 
     def close(self) -> None:
         """Close the pipes and the connection; the kernels keep running."""
+        self._close_files()
         with self._lock:
             pipes, self.pipes = self.pipes + list(self._pending.values()), []
             self._pending = {}
