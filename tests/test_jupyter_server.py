@@ -352,3 +352,28 @@ def test_kernelspec_for_a_jupyter_server_target(server, token_env, tmp_path, mon
         kc.stop_channels()
         km.shutdown_kernel()
     wait_until(lambda: set(server.kernel_ids()) <= before, timeout=30, what="kernel deleted")
+
+
+def test_a_delete_answered_500_waits_for_the_kernel_and_deletes_it_again(server, token_env):
+    """On a busy machine jupyter_server answered a DELETE with HTTP 500 (the link's shutdown op
+    had timed out and the provisioner's stop met it) and the kernel stayed: stop_kernel must
+    still leave none. The 500 is a stand-in raised here; the server and kernel are real."""
+    from colabmagic.transport.jupyter import JupyterTransport
+
+    t = JupyterTransport(server.url)
+    try:
+        kernel_id = t.start_kernel()
+        real, refused = t.rest.request, []
+
+        def once_500(method, path, *args, **kwargs):
+            if method == "DELETE" and not refused:
+                refused.append(path)
+                raise ConnectError(f"DELETE {path}: HTTP 500 Internal Server Error")
+            return real(method, path, *args, **kwargs)
+
+        t.rest.request = once_500
+        t.rest.delete(kernel_id, wait=1.0)
+        assert refused
+        assert kernel_id not in server.kernel_ids()
+    finally:
+        t.close()

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -332,9 +333,32 @@ class _Rest:
     def restart(self, kernel_id: str) -> None:
         self.request("POST", f"api/kernels/{kernel_id}/restart", {})
 
-    def delete(self, kernel_id: str) -> None:
+    def delete(self, kernel_id: str, wait: float = 60.0) -> None:
+        """DELETE the kernel; return once the server no longer lists it.
+
+        A DELETE that meets one still under way (the link's ``shutdown`` op timed out on a busy
+        machine, then the provisioner's stop) gets HTTP 500 from jupyter_server: the kernel is
+        then waited for, up to *wait* seconds, and deleted again if it is still there.
+        """
+        path = f"api/kernels/{kernel_id}"
+        try:
+            self.request("DELETE", path)
+            return
+        except FileNotFoundError:
+            return
+        except (TokenRefused, ServerGone):
+            raise
+        except ConnectError:
+            pass  # another shutdown under way, or a slow server: see whether it ends
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                self.kernel_model(kernel_id, timeout=10.0)
+            except FileNotFoundError:
+                return
+            time.sleep(0.2)
         with contextlib.suppress(FileNotFoundError):
-            self.request("DELETE", f"api/kernels/{kernel_id}")
+            self.request("DELETE", path)
 
     def ws_url(self, kernel_id: str, session_id: str) -> str:
         scheme = "wss" if self.base.startswith("https") else "ws"
