@@ -257,7 +257,9 @@ def _query_edges(
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for a in range(0, len(tracks), batch):
             numbers = range(a, min(a + batch, len(tracks)))
-            found = pool.map(lambda i: _file_votes(index, spill.fingerprint(i)), numbers)
+            found = pool.map(
+                lambda i: _file_votes(index, spill.fingerprint(i), min_count=min_aligned), numbers
+            )
             for i, v in zip(numbers, found, strict=True):
                 for j, (count, off) in v.items():  # a few tracks
                     if j == i:
@@ -305,33 +307,64 @@ def _windows(hits: np.ndarray, chunk: int, max_hits: int) -> list[tuple[int, int
 
 
 def _file_votes(
-    index: Index, fp: Fingerprint, chunk: int | None = None
+    index: Index, fp: Fingerprint, chunk: int | None = None, min_count: int = 1
 ) -> dict[int, tuple[int, int]]:
-    """``{track: (aligned, offset)}`` of one file's query, in windows of query time.
+    """``{track: (aligned, offset)}`` of one file's query, in windows of query time: only the
+    tracks with at least *min_count* aligned hashes.
 
     A window holds at most *chunk* hashes (default :data:`QUERY_CHUNK`) and about
     :data:`QUERY_HITS` postings (both read at call time), so neither a long file nor a large
     index makes one lookup's hits grow. A hit's weight depends only on its own hash, and
     alignment counts add up over disjoint windows of query time, so the windows are queried one
     by one and each track's counts are summed at its best offset (+-1 frame, the quantisation
-    jitter between windows).
+    jitter between windows). The sums are NumPy arrays: a query's chance hits reach most tracks
+    of a large index, and only the few that pass *min_count* become Python objects (per file,
+    work and memory follow the tracks it matches, not the size of the index).
     """
     chunk = chunk or QUERY_CHUNK
     order = np.argsort(fp.times, kind="stable")
     hits = index.postings_per_hash(fp.hashes[order])
     hits[hits > index.stop_postings] = 0  # not looked up (see Index.stop_postings)
-    per_track: dict[int, dict[int, int]] = {}
+    tracks, offsets, counts = [], [], []
     for a, b in _windows(hits, chunk, QUERY_HITS):
         sel = order[a:b]
         v = votes(index, Fingerprint(fp.hashes[sel], fp.times[sel], fp.variant[sel]))
-        for tr, count, off in zip(v.track, v.count, v.offset, strict=True):
-            offsets = per_track.setdefault(int(tr), {})
-            offsets[int(off)] = offsets.get(int(off), 0) + int(count)
-    out = {}
-    for tr, offsets in per_track.items():
-        best = max(offsets, key=lambda o: (offsets[o], -abs(o)))
-        out[tr] = (sum(offsets.get(best + d, 0) for d in (-1, 0, 1)), best)
-    return out
+        tracks.append(np.asarray(v.track, np.int64))
+        offsets.append(np.asarray(v.offset, np.int64))
+        counts.append(np.asarray(v.count, np.int64))
+    if not tracks:
+        return {}
+    return _best_offsets(
+        np.concatenate(tracks), np.concatenate(offsets), np.concatenate(counts), min_count
+    )
+
+
+def _best_offsets(
+    track: np.ndarray, offset: np.ndarray, count: np.ndarray, min_count: int
+) -> dict[int, tuple[int, int]]:
+    """Per track: the counts summed per offset over the windows, the offset with the most (the
+    one nearest 0, then the lowest, on a tie), and the sum at it +-1 frame; tracks whose sum
+    reaches *min_count*."""
+    bias = np.int64(1 << 40)  # offsets are frames: far inside +-2**40
+    key = track * (2 * bias) + (offset + bias)
+    keys, inverse = np.unique(key, return_inverse=True)
+    total = np.bincount(inverse.reshape(-1), weights=count).astype(np.int64)
+    k_track, k_off = keys // (2 * bias), keys % (2 * bias) - bias
+    # per track, best first: most counts, then nearest 0, then lowest offset
+    rank = np.lexsort((k_off, np.abs(k_off), -total, k_track))
+    first = np.ones(len(rank), bool)
+    first[1:] = k_track[rank][1:] != k_track[rank][:-1]
+    best = rank[first]
+    summed = total[best].copy()
+    for d in (-1, 1):  # the neighbours' counts, where those offsets were voted for
+        near = keys[best] + d
+        at = np.minimum(np.searchsorted(keys, near), len(keys) - 1)
+        summed += np.where(keys[at] == near, total[at], 0)
+    ok = summed >= min_count
+    return {
+        int(t): (int(c), int(o))
+        for t, c, o in zip(k_track[best][ok], summed[ok], k_off[best][ok], strict=True)
+    }
 
 
 def _collect_groups(
