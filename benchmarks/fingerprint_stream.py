@@ -19,7 +19,8 @@ workers): peak anonymous memory (what the tool holds) and peak file-backed resid
 (the mapped index, which the kernel can drop at will) are reported apart, with the peak of the
 parent alone. Disk is the index directory. Dedup's groups are scored pairwise against the
 manifest (pairs of groups its ``related`` entries say share a passage count neither way;
-``--keep-dedup DIR`` keeps each size's dedup output for a closer look); ``--old-code DIR``
+``--keep-dedup DIR`` keeps each size's dedup output for a closer look, ``--rescore DIR``
+scores it again); ``--old-code DIR``
 also runs another checkout's dedup (``git archive main colabmagic | tar -x -C DIR``) on the
 same files for the "same groups as today" check. The load
 average is printed with every figure: the machine is shared.
@@ -345,8 +346,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--old-code", default=None, help="PYTHONPATH of the dedup to compare with")
     ap.add_argument("--json", dest="json_out", help="append one JSON line per size here")
     ap.add_argument("--keep-dedup", help="save each size's `fp dedup --json` output in this dir")
+    ap.add_argument(
+        "--rescore", metavar="DIR",
+        help="only score the dedup-N.json that --keep-dedup saved in DIR against the manifest "
+        "as it is now (after the corpus's relations were rebuilt, say)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     manifest = json.loads((Path(args.corpus) / "manifest.json").read_text())
+    if args.rescore:
+        root = Path(args.corpus)
+        for n in args.files:
+            found = json.loads((Path(args.rescore) / f"dedup-{n}.json").read_text())
+            groups = [g["files"] for g in found["groups"]]
+            figures = score(groups, subset(manifest, root, n), related_pairs(manifest, root, n))
+            print(json.dumps({"files": n, **figures}), flush=True)
+        return 0
     for n in args.files:
         if n > manifest["library_files"]:
             print(f"skip {n}: the corpus has {manifest['library_files']} files", file=sys.stderr)
