@@ -14,6 +14,8 @@ with the same 2 worker processes:
 - ``colabmagic fp index --db DIR --list FILES --json``;
 - ``colabmagic fp dedup FILES... --json``.
 
+Each also reports its CPU seconds (the CLI and the workers it waited for) and the ratio to the
+floor per CPU second, which neither other jobs' load nor a pause of the run changes.
 Memory is sampled from ``/proc`` every 0.2 s over the whole process tree (the CLI and its
 workers): peak anonymous memory (what the tool holds) and peak file-backed resident pages
 (the mapped index, which the kernel can drop at will) are reported apart, with the peak of the
@@ -33,6 +35,7 @@ import itertools
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -150,17 +153,25 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run *cmd* from process start to exit; wall seconds, memory, its stdout's last line."""
-    t0 = time.perf_counter()
+    """Run *cmd* from process start to exit; wall seconds, CPU seconds of the process and the
+    workers it waited for (unaffected by other jobs' load, or by the job being paused),
+    memory, its stdout's last line."""
+    t0, c0 = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     mem = TreeMemory(proc.pid)
     out, err = proc.communicate()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     figures = mem.stop()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}): {err.strip()[-2000:]}")
-    return {"seconds": wall, **figures, "stdout": out.strip().splitlines()[-1], "load": load()}
+    last = out.strip().splitlines()[-1]
+    return {"seconds": wall, "cpu_s": cpu, **figures, "stdout": last, "load": load()}
 
 
 def pairs(groups: list[list[str]]) -> set[tuple[str, str]]:
@@ -229,8 +240,9 @@ def run_size(args: argparse.Namespace, manifest: dict[str, Any], n: int) -> dict
         dec = timed([sys.executable, "-c", DECODE, str(work / "sample.txt"), str(args.workers)])
         decoded = float(dec.pop("stdout"))
         floor = decoded / dec["seconds"]  # x realtime
+        floor_cpu = decoded / dec["cpu_s"]  # audio seconds per CPU second
         res["decode"] = {**dec, "files": len(sample), "audio_hours": decoded / 3600,
-                         "x_realtime": floor}  # fmt: skip
+                         "x_realtime": floor, "per_cpu_s": floor_cpu}  # fmt: skip
         print(f"[{n}] decode-only: {res['decode']}", file=sys.stderr, flush=True)
         db = work / "db"
         idx = timed([*cli, "index", "--db", str(db), "--list", str(listing), "--workers",
@@ -242,6 +254,7 @@ def run_size(args: argparse.Namespace, manifest: dict[str, Any], n: int) -> dict
         res["index"] = {
             **idx, "x_realtime": audio / idx["seconds"],
             "vs_decode": audio / idx["seconds"] / floor,
+            "vs_decode_cpu": audio / idx["cpu_s"] / floor_cpu,
             "n_hashes": summary["index_n_hashes"], "disk_bytes": disk,
             "bytes_per_hash": disk / max(summary["index_n_hashes"], 1),
             "added": summary["added"], "skipped": summary["skipped"],
@@ -258,6 +271,7 @@ def run_size(args: argparse.Namespace, manifest: dict[str, Any], n: int) -> dict
         res["dedup"] = {
             **dd, "x_realtime": audio / dd["seconds"],
             "vs_decode": audio / dd["seconds"] / floor,
+            "vs_decode_cpu": audio / dd["cpu_s"] / floor_cpu,
             **score(groups, truth, related_pairs(manifest, root, n)),
         }  # fmt: skip
         print(f"[{n}] dedup: {res['dedup']}", file=sys.stderr, flush=True)
@@ -370,10 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{res['files']} files, {res['audio_hours']:.1f} h: decode-only "
             f"{d['x_realtime']:.0f}x | index {i['x_realtime']:.0f}x ({i['vs_decode']:.2f} of "
-            f"decode), anon {i['peak_anon_mib']:.0f} MiB (PSS {i['peak_pss_anon_mib']:.0f}, "
+            f"decode, {i['vs_decode_cpu']:.2f} per CPU second), anon "
+            f"{i['peak_anon_mib']:.0f} MiB (PSS {i['peak_pss_anon_mib']:.0f}, "
             f"parent {i['parent_anon_mib']:.0f}), mapped {i['peak_file_mib']:.0f} MiB, "
             f"{i['disk_bytes'] / 1e6:.0f} MB = {i['bytes_per_hash']:.1f} B/hash | dedup "
-            f"{u['x_realtime']:.0f}x ({u['vs_decode']:.2f}), anon {u['peak_anon_mib']:.0f} MiB "
+            f"{u['x_realtime']:.0f}x ({u['vs_decode']:.2f}; {u['vs_decode_cpu']:.2f} per CPU s), "
+            f"anon {u['peak_anon_mib']:.0f} MiB "
             f"(PSS {u['peak_pss_anon_mib']:.0f}, parent {u['parent_anon_mib']:.0f}), "
             f"mapped {u['peak_file_mib']:.0f} MiB, precision {u['precision']:.4f} recall "
             f"{u['recall']:.4f} | load {i['load']}",
