@@ -20,12 +20,12 @@ Memory is sampled from ``/proc`` every 0.2 s over the whole process tree (the CL
 workers): peak anonymous memory (what the tool holds) and peak file-backed resident pages
 (the mapped index, which the kernel can drop at will) are reported apart, with the peak of the
 parent alone. Disk is the index directory. Dedup's groups are scored pairwise against the
-manifest (pairs of groups its ``related`` entries say share a passage count neither way;
-``--keep-dedup DIR`` keeps each size's dedup output for a closer look, ``--rescore DIR``
-scores it again); ``--old-code DIR``
-also runs another checkout's dedup (``git archive main colabmagic | tar -x -C DIR``) on the
-same files for the "same groups as today" check. The load
-average is printed with every figure: the machine is shared.
+manifest: pairs of groups that its ``related`` entries say share music count neither way.
+``--steps dedup`` times only one of the two commands; ``--keep-dedup DIR`` keeps each size's
+dedup output for a closer look and ``--rescore DIR`` scores it again; ``--old-code DIR`` also
+runs another checkout's dedup (``git archive main colabmagic | tar -x -C DIR``) on the same
+files for the "same groups as today" check. The load average is printed with every figure:
+the machine is shared.
 """
 
 from __future__ import annotations
@@ -244,44 +244,50 @@ def run_size(args: argparse.Namespace, manifest: dict[str, Any], n: int) -> dict
         res["decode"] = {**dec, "files": len(sample), "audio_hours": decoded / 3600,
                          "x_realtime": floor, "per_cpu_s": floor_cpu}  # fmt: skip
         print(f"[{n}] decode-only: {res['decode']}", file=sys.stderr, flush=True)
-        db = work / "db"
-        idx = timed([*cli, "index", "--db", str(db), "--list", str(listing), "--workers",
-                     str(args.workers), "--json"])  # fmt: skip
-        summary = json.loads(idx.pop("stdout"))
-        audio = summary["audio_seconds"]
-        res["audio_hours"] = audio / 3600
-        disk = sum(p.stat().st_size for p in db.rglob("*") if p.is_file())
-        res["index"] = {
-            **idx, "x_realtime": audio / idx["seconds"],
-            "vs_decode": audio / idx["seconds"] / floor,
-            "vs_decode_cpu": audio / idx["cpu_s"] / floor_cpu,
-            "n_hashes": summary["index_n_hashes"], "disk_bytes": disk,
-            "bytes_per_hash": disk / max(summary["index_n_hashes"], 1),
-            "added": summary["added"], "skipped": summary["skipped"],
-        }  # fmt: skip
-        print(f"[{n}] index: {res['index']}", file=sys.stderr, flush=True)
-        shutil.rmtree(db)
-        dd = timed([*cli, "dedup", "--list", str(listing), "--workers", str(args.workers),
-                    "--json", "--work-dir", str(work)])  # fmt: skip
-        found = json.loads(dd.pop("stdout"))
-        if args.keep_dedup:
-            Path(args.keep_dedup).mkdir(parents=True, exist_ok=True)
-            (Path(args.keep_dedup) / f"dedup-{n}.json").write_text(json.dumps(found))
-        groups = [g["files"] for g in found["groups"]]
-        res["dedup"] = {
-            **dd, "x_realtime": audio / dd["seconds"],
-            "vs_decode": audio / dd["seconds"] / floor,
-            "vs_decode_cpu": audio / dd["cpu_s"] / floor_cpu,
-            **score(groups, truth, related_pairs(manifest, root, n)),
-        }  # fmt: skip
-        print(f"[{n}] dedup: {res['dedup']}", file=sys.stderr, flush=True)
-        if args.window_check:
+        audio = None
+        if "index" in args.steps:
+            db = work / "db"
+            idx = timed([*cli, "index", "--db", str(db), "--list", str(listing), "--workers",
+                         str(args.workers), "--json"])  # fmt: skip
+            summary = json.loads(idx.pop("stdout"))
+            audio = summary["audio_seconds"]
+            res["audio_hours"] = audio / 3600
+            disk = sum(p.stat().st_size for p in db.rglob("*") if p.is_file())
+            res["index"] = {
+                **idx, "x_realtime": audio / idx["seconds"],
+                "vs_decode": audio / idx["seconds"] / floor,
+                "vs_decode_cpu": audio / idx["cpu_s"] / floor_cpu,
+                "n_hashes": summary["index_n_hashes"], "disk_bytes": disk,
+                "bytes_per_hash": disk / max(summary["index_n_hashes"], 1),
+                "added": summary["added"], "skipped": summary["skipped"],
+            }  # fmt: skip
+            print(f"[{n}] index: {res['index']}", file=sys.stderr, flush=True)
+            shutil.rmtree(db)
+        if "dedup" in args.steps:
+            dd = timed([*cli, "dedup", "--list", str(listing), "--workers", str(args.workers),
+                        "--json", "--work-dir", str(work)])  # fmt: skip
+            found = json.loads(dd.pop("stdout"))
+            if args.keep_dedup:
+                Path(args.keep_dedup).mkdir(parents=True, exist_ok=True)
+                (Path(args.keep_dedup) / f"dedup-{n}.json").write_text(json.dumps(found))
+            groups = [g["files"] for g in found["groups"]]
+            if audio is None:  # no index run: dedup's own count
+                audio = found["audio_seconds"]
+                res["audio_hours"] = audio / 3600
+            res["dedup"] = {
+                **dd, "x_realtime": audio / dd["seconds"],
+                "vs_decode": audio / dd["seconds"] / floor,
+                "vs_decode_cpu": audio / dd["cpu_s"] / floor_cpu,
+                **score(groups, truth, related_pairs(manifest, root, n)),
+            }  # fmt: skip
+            print(f"[{n}] dedup: {res['dedup']}", file=sys.stderr, flush=True)
+        if args.window_check and "dedup" in args.steps:
             env = {**os.environ, "FPSTREAM_WORK": str(work)}
             win = timed([sys.executable, "-c", WINDOWS, str(listing), str(args.workers)], env)
             res["dedup_windows"] = json.loads(win.pop("stdout"))
             print(f"[{n}] windowed vs whole-file queries: {res['dedup_windows']}",
                   file=sys.stderr, flush=True)  # fmt: skip
-        if args.old_code:
+        if args.old_code and "dedup" in args.steps:
             env = {**os.environ, "PYTHONPATH": args.old_code}
             old = timed([sys.executable, "-c", OLD_DEDUP, str(listing), str(args.workers)], env)
             old_groups = json.loads(old.pop("stdout"))
@@ -359,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--old-code", default=None, help="PYTHONPATH of the dedup to compare with")
     ap.add_argument("--json", dest="json_out", help="append one JSON line per size here")
+    ap.add_argument(
+        "--steps", nargs="+", choices=("index", "dedup"), default=["index", "dedup"],
+        help="which commands to time after the floor [index dedup]",
+    )  # fmt: skip
     ap.add_argument("--keep-dedup", help="save each size's `fp dedup --json` output in this dir")
     ap.add_argument(
         "--rescore", metavar="DIR",
@@ -380,21 +390,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {n}: the corpus has {manifest['library_files']} files", file=sys.stderr)
             continue
         res = run_size(args, manifest, n)
-        d, i, u = res["decode"], res["index"], res["dedup"]
-        print(
-            f"{res['files']} files, {res['audio_hours']:.1f} h: decode-only "
-            f"{d['x_realtime']:.0f}x | index {i['x_realtime']:.0f}x ({i['vs_decode']:.2f} of "
-            f"decode, {i['vs_decode_cpu']:.2f} per CPU second), anon "
-            f"{i['peak_anon_mib']:.0f} MiB (PSS {i['peak_pss_anon_mib']:.0f}, "
-            f"parent {i['parent_anon_mib']:.0f}), mapped {i['peak_file_mib']:.0f} MiB, "
-            f"{i['disk_bytes'] / 1e6:.0f} MB = {i['bytes_per_hash']:.1f} B/hash | dedup "
-            f"{u['x_realtime']:.0f}x ({u['vs_decode']:.2f}; {u['vs_decode_cpu']:.2f} per CPU s), "
-            f"anon {u['peak_anon_mib']:.0f} MiB "
-            f"(PSS {u['peak_pss_anon_mib']:.0f}, parent {u['parent_anon_mib']:.0f}), "
-            f"mapped {u['peak_file_mib']:.0f} MiB, precision {u['precision']:.4f} recall "
-            f"{u['recall']:.4f} | load {i['load']}",
-            flush=True,
-        )
+        d = res["decode"]
+        parts = [f"{res['files']} files, {res['audio_hours']:.1f} h: decode-only "
+                 f"{d['x_realtime']:.0f}x"]  # fmt: skip
+        if "index" in res:
+            i = res["index"]
+            parts.append(
+                f"index {i['x_realtime']:.0f}x ({i['vs_decode']:.2f} of decode, "
+                f"{i['vs_decode_cpu']:.2f} per CPU second), anon {i['peak_anon_mib']:.0f} MiB "
+                f"(PSS {i['peak_pss_anon_mib']:.0f}, parent {i['parent_anon_mib']:.0f}), mapped "
+                f"{i['peak_file_mib']:.0f} MiB, {i['disk_bytes'] / 1e6:.0f} MB = "
+                f"{i['bytes_per_hash']:.1f} B/hash, load {i['load']}"
+            )
+        if "dedup" in res:
+            u = res["dedup"]
+            parts.append(
+                f"dedup {u['x_realtime']:.0f}x ({u['vs_decode']:.2f}; {u['vs_decode_cpu']:.2f} "
+                f"per CPU s), anon {u['peak_anon_mib']:.0f} MiB (PSS {u['peak_pss_anon_mib']:.0f}, "
+                f"parent {u['parent_anon_mib']:.0f}), mapped {u['peak_file_mib']:.0f} MiB, "
+                f"precision {u['precision']:.4f} recall {u['recall']:.4f}, load {u['load']}"
+            )
+        print(" | ".join(parts), flush=True)
         if args.json_out:
             with open(args.json_out, "a") as fh:
                 fh.write(json.dumps(res) + "\n")
