@@ -39,7 +39,9 @@ recordings: 30-90 s segments of the distinct tracks, each changed by a transform
 must not link (its speed search covers +-5 %): resampled by 0.72, 0.80, 0.88, 1.16, 1.28 or
 1.40 (speed and pitch together), or pitch-shifted by -7, -5, -3, +3, +5 or +7 semitones at the
 same tempo (rubberband). Neighbouring factors are >= 9 % apart, and the segments of one source
-in one transform never overlap, so no two derived files hold the same recording. Each derived
+in one transform never overlap; but game music loops, so two segments of one source can hold the
+same bars, which under the same transform is the same audio: the relations step checks every
+source-and-transform with two or more recordings (:func:`relate_derived`). Each derived
 recording gets duplicates like the first 1,000 (another bitrate, trim, gain, sample rate,
 container), three per recording, the scale corpus's ratio. Every size is a prefix of the
 larger ones: build 1,000, then 3,000, then 10,000 into the same ``--out`` and only the new
@@ -909,7 +911,34 @@ def relate(root: Path, manifest: dict[str, Any], workers: int = 2) -> dict[str, 
         "distinct_tracks_as_built", manifest["distinct_tracks"]
     )
     manifest["distinct_tracks"] = manifest["distinct_tracks_as_built"] - merged - held_same
+    manifest["related"] += relate_derived(root, manifest, workers=workers)
     return manifest
+
+
+def relate_derived(root: Path, manifest: dict[str, Any], workers: int = 2) -> list[dict[str, Any]]:
+    """Pairs of derived recordings that share music: ``related`` entries like :func:`relate`'s.
+
+    Segments of one source never overlap, but game music loops: two segments of one track can
+    hold the same bars, and under the same transform they are the same audio (at 3,000 files,
+    16 pairs of groups, all from 30-min looping tracks; dedup rightly linked them). Only
+    recordings that share their source and transform with another are checked
+    (:func:`find_related` on their originals): a different transform changes the audio beyond
+    what the matcher links, and the sources were deduplicated before.
+    """
+    buckets: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for g in manifest["groups"]:
+        d = g.get("derived")
+        if d:
+            buckets.setdefault((g["source"], d["kind"], d["factor"]), []).append(g)
+    items = [(f"g{g['group']}", g["files"][0]["path"])
+             for gs in buckets.values() if len(gs) > 1 for g in gs]  # fmt: skip
+    if not items:
+        return []
+    return [
+        {"groups": [int(p["a"][1:]), int(p["b"][1:])],
+         **{k: v for k, v in p.items() if k not in ("a", "b")}}
+        for p in find_related(root, items, workers=workers)
+    ]  # fmt: skip
 
 
 def _library_seconds(groups: list[dict[str, Any]]) -> float:

@@ -14,13 +14,18 @@ with the same 2 worker processes:
 - ``colabmagic fp index --db DIR --list FILES --json``;
 - ``colabmagic fp dedup FILES... --json``.
 
+Each also reports its CPU seconds (the CLI and the workers it waited for) and the ratio to the
+floor per CPU second, which neither other jobs' load nor a pause of the run changes.
 Memory is sampled from ``/proc`` every 0.2 s over the whole process tree (the CLI and its
 workers): peak anonymous memory (what the tool holds) and peak file-backed resident pages
 (the mapped index, which the kernel can drop at will) are reported apart, with the peak of the
 parent alone. Disk is the index directory. Dedup's groups are scored pairwise against the
-manifest; ``--old-code DIR`` also runs another checkout's dedup (``git archive main
-colabmagic | tar -x -C DIR``) on the same files for the "same groups as today" check. The load
-average is printed with every figure: the machine is shared.
+manifest: pairs of groups that its ``related`` entries say share music count neither way.
+``--steps dedup`` times only one of the two commands; ``--keep-dedup DIR`` keeps each size's
+dedup output for a closer look and ``--rescore DIR`` scores it again; ``--old-code DIR`` also
+runs another checkout's dedup (``git archive main colabmagic | tar -x -C DIR``) on the same
+files for the "same groups as today" check. The load average is printed with every figure:
+the machine is shared.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import itertools
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -147,31 +153,62 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run *cmd* from process start to exit; wall seconds, memory, its stdout's last line."""
-    t0 = time.perf_counter()
+    """Run *cmd* from process start to exit; wall seconds, CPU seconds of the process and the
+    workers it waited for (unaffected by other jobs' load, or by the job being paused),
+    memory, its stdout's last line."""
+    t0, c0 = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     mem = TreeMemory(proc.pid)
     out, err = proc.communicate()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     figures = mem.stop()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}): {err.strip()[-2000:]}")
-    return {"seconds": wall, **figures, "stdout": out.strip().splitlines()[-1], "load": load()}
+    last = out.strip().splitlines()[-1]
+    return {"seconds": wall, "cpu_s": cpu, **figures, "stdout": last, "load": load()}
 
 
 def pairs(groups: list[list[str]]) -> set[tuple[str, str]]:
     return {tuple(sorted(p)) for g in groups for p in itertools.combinations(g, 2)}
 
 
-def score(found: list[list[str]], truth: list[list[str]]) -> dict[str, float]:
+def score(
+    found: list[list[str]], truth: list[list[str]], related: set[tuple[str, str]] | None = None
+) -> dict[str, float]:
+    """Pairwise precision / recall of *found* groups against *truth*; pairs in *related* (two
+    recordings that share a passage: see :func:`related_pairs`) count neither way."""
+    related = related or set()
     f, t = pairs(found), pairs(truth)
     return {
-        "precision": len(f & t) / len(f) if f else 1.0,
+        "precision": len(f & t) / len(f - related) if f - related else 1.0,
         "recall": len(f & t) / len(t) if t else 1.0,
-        "false_pairs": len(f - t),
+        "false_pairs": len(f - t - related),
         "missed_pairs": len(t - f),
+        "related_pairs_found": len((f - t) & related),
     }
+
+
+def related_pairs(manifest: dict[str, Any], root: Path, n: int) -> set[tuple[str, str]]:
+    """File pairs of the first groups up to *n* files that the manifest's ``related`` entries
+    (``corpus.py``'s relation step) say share music without being one recording."""
+    members, total = {}, 0
+    for g in manifest["groups"]:
+        if total + len(g["files"]) > n:
+            break
+        members[g["group"]] = [str(root / f["path"]) for f in g["files"]]
+        total += len(g["files"])
+    out = set()
+    for rel in manifest.get("related", []):
+        a, b = rel["groups"]
+        if a in members and b in members:
+            out |= {tuple(sorted((x, y))) for x in members[a] for y in members[b]}
+    return out
 
 
 def subset(manifest: dict[str, Any], root: Path, n: int) -> list[list[str]]:
@@ -203,46 +240,60 @@ def run_size(args: argparse.Namespace, manifest: dict[str, Any], n: int) -> dict
         dec = timed([sys.executable, "-c", DECODE, str(work / "sample.txt"), str(args.workers)])
         decoded = float(dec.pop("stdout"))
         floor = decoded / dec["seconds"]  # x realtime
+        floor_cpu = decoded / dec["cpu_s"]  # audio seconds per CPU second
         res["decode"] = {**dec, "files": len(sample), "audio_hours": decoded / 3600,
-                         "x_realtime": floor}  # fmt: skip
+                         "x_realtime": floor, "per_cpu_s": floor_cpu}  # fmt: skip
         print(f"[{n}] decode-only: {res['decode']}", file=sys.stderr, flush=True)
-        db = work / "db"
-        idx = timed([*cli, "index", "--db", str(db), "--list", str(listing), "--workers",
-                     str(args.workers), "--json"])  # fmt: skip
-        summary = json.loads(idx.pop("stdout"))
-        audio = summary["audio_seconds"]
-        res["audio_hours"] = audio / 3600
-        disk = sum(p.stat().st_size for p in db.rglob("*") if p.is_file())
-        res["index"] = {
-            **idx, "x_realtime": audio / idx["seconds"],
-            "vs_decode": audio / idx["seconds"] / floor,
-            "n_hashes": summary["index_n_hashes"], "disk_bytes": disk,
-            "bytes_per_hash": disk / max(summary["index_n_hashes"], 1),
-            "added": summary["added"], "skipped": summary["skipped"],
-        }  # fmt: skip
-        print(f"[{n}] index: {res['index']}", file=sys.stderr, flush=True)
-        shutil.rmtree(db)
-        dd = timed([*cli, "dedup", "--list", str(listing), "--workers", str(args.workers),
-                    "--json", "--work-dir", str(work)])  # fmt: skip
-        groups = [g["files"] for g in json.loads(dd.pop("stdout"))["groups"]]
-        res["dedup"] = {
-            **dd, "x_realtime": audio / dd["seconds"],
-            "vs_decode": audio / dd["seconds"] / floor,
-            **score(groups, truth),
-        }  # fmt: skip
-        print(f"[{n}] dedup: {res['dedup']}", file=sys.stderr, flush=True)
-        if args.window_check:
+        audio = None
+        if "index" in args.steps:
+            db = work / "db"
+            idx = timed([*cli, "index", "--db", str(db), "--list", str(listing), "--workers",
+                         str(args.workers), "--json"])  # fmt: skip
+            summary = json.loads(idx.pop("stdout"))
+            audio = summary["audio_seconds"]
+            res["audio_hours"] = audio / 3600
+            disk = sum(p.stat().st_size for p in db.rglob("*") if p.is_file())
+            res["index"] = {
+                **idx, "x_realtime": audio / idx["seconds"],
+                "vs_decode": audio / idx["seconds"] / floor,
+                "vs_decode_cpu": audio / idx["cpu_s"] / floor_cpu,
+                "n_hashes": summary["index_n_hashes"], "disk_bytes": disk,
+                "bytes_per_hash": disk / max(summary["index_n_hashes"], 1),
+                "added": summary["added"], "skipped": summary["skipped"],
+            }  # fmt: skip
+            print(f"[{n}] index: {res['index']}", file=sys.stderr, flush=True)
+            shutil.rmtree(db)
+        if "dedup" in args.steps:
+            dd = timed([*cli, "dedup", "--list", str(listing), "--workers", str(args.workers),
+                        "--json", "--work-dir", str(work)])  # fmt: skip
+            found = json.loads(dd.pop("stdout"))
+            if args.keep_dedup:
+                Path(args.keep_dedup).mkdir(parents=True, exist_ok=True)
+                (Path(args.keep_dedup) / f"dedup-{n}.json").write_text(json.dumps(found))
+            groups = [g["files"] for g in found["groups"]]
+            if audio is None:  # no index run: dedup's own count
+                audio = found["audio_seconds"]
+                res["audio_hours"] = audio / 3600
+            res["dedup"] = {
+                **dd, "x_realtime": audio / dd["seconds"],
+                "vs_decode": audio / dd["seconds"] / floor,
+                "vs_decode_cpu": audio / dd["cpu_s"] / floor_cpu,
+                **score(groups, truth, related_pairs(manifest, root, n)),
+            }  # fmt: skip
+            print(f"[{n}] dedup: {res['dedup']}", file=sys.stderr, flush=True)
+        if args.window_check and "dedup" in args.steps:
             env = {**os.environ, "FPSTREAM_WORK": str(work)}
             win = timed([sys.executable, "-c", WINDOWS, str(listing), str(args.workers)], env)
             res["dedup_windows"] = json.loads(win.pop("stdout"))
             print(f"[{n}] windowed vs whole-file queries: {res['dedup_windows']}",
                   file=sys.stderr, flush=True)  # fmt: skip
-        if args.old_code:
+        if args.old_code and "dedup" in args.steps:
             env = {**os.environ, "PYTHONPATH": args.old_code}
             old = timed([sys.executable, "-c", OLD_DEDUP, str(listing), str(args.workers)], env)
             old_groups = json.loads(old.pop("stdout"))
             res["dedup_old_code"] = {
-                **old, "x_realtime": audio / old["seconds"], **score(old_groups, truth),
+                **old, "x_realtime": audio / old["seconds"],
+                **score(old_groups, truth, related_pairs(manifest, root, n)),
                 "same_groups": sorted(map(sorted, old_groups)) == sorted(map(sorted, groups)),
             }  # fmt: skip
             print(f"[{n}] old dedup: {res['dedup_old_code']}", file=sys.stderr, flush=True)
@@ -314,26 +365,52 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--old-code", default=None, help="PYTHONPATH of the dedup to compare with")
     ap.add_argument("--json", dest="json_out", help="append one JSON line per size here")
+    ap.add_argument(
+        "--steps", nargs="+", choices=("index", "dedup"), default=["index", "dedup"],
+        help="which commands to time after the floor [index dedup]",
+    )  # fmt: skip
+    ap.add_argument("--keep-dedup", help="save each size's `fp dedup --json` output in this dir")
+    ap.add_argument(
+        "--rescore", metavar="DIR",
+        help="only score the dedup-N.json that --keep-dedup saved in DIR against the manifest "
+        "as it is now (after the corpus's relations were rebuilt, say)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     manifest = json.loads((Path(args.corpus) / "manifest.json").read_text())
+    if args.rescore:
+        root = Path(args.corpus)
+        for n in args.files:
+            found = json.loads((Path(args.rescore) / f"dedup-{n}.json").read_text())
+            groups = [g["files"] for g in found["groups"]]
+            figures = score(groups, subset(manifest, root, n), related_pairs(manifest, root, n))
+            print(json.dumps({"files": n, **figures}), flush=True)
+        return 0
     for n in args.files:
         if n > manifest["library_files"]:
             print(f"skip {n}: the corpus has {manifest['library_files']} files", file=sys.stderr)
             continue
         res = run_size(args, manifest, n)
-        d, i, u = res["decode"], res["index"], res["dedup"]
-        print(
-            f"{res['files']} files, {res['audio_hours']:.1f} h: decode-only "
-            f"{d['x_realtime']:.0f}x | index {i['x_realtime']:.0f}x ({i['vs_decode']:.2f} of "
-            f"decode), anon {i['peak_anon_mib']:.0f} MiB (PSS {i['peak_pss_anon_mib']:.0f}, "
-            f"parent {i['parent_anon_mib']:.0f}), mapped {i['peak_file_mib']:.0f} MiB, "
-            f"{i['disk_bytes'] / 1e6:.0f} MB = {i['bytes_per_hash']:.1f} B/hash | dedup "
-            f"{u['x_realtime']:.0f}x ({u['vs_decode']:.2f}), anon {u['peak_anon_mib']:.0f} MiB "
-            f"(PSS {u['peak_pss_anon_mib']:.0f}, parent {u['parent_anon_mib']:.0f}), "
-            f"mapped {u['peak_file_mib']:.0f} MiB, precision {u['precision']:.4f} recall "
-            f"{u['recall']:.4f} | load {i['load']}",
-            flush=True,
-        )
+        d = res["decode"]
+        parts = [f"{res['files']} files, {res['audio_hours']:.1f} h: decode-only "
+                 f"{d['x_realtime']:.0f}x"]  # fmt: skip
+        if "index" in res:
+            i = res["index"]
+            parts.append(
+                f"index {i['x_realtime']:.0f}x ({i['vs_decode']:.2f} of decode, "
+                f"{i['vs_decode_cpu']:.2f} per CPU second), anon {i['peak_anon_mib']:.0f} MiB "
+                f"(PSS {i['peak_pss_anon_mib']:.0f}, parent {i['parent_anon_mib']:.0f}), mapped "
+                f"{i['peak_file_mib']:.0f} MiB, {i['disk_bytes'] / 1e6:.0f} MB = "
+                f"{i['bytes_per_hash']:.1f} B/hash, load {i['load']}"
+            )
+        if "dedup" in res:
+            u = res["dedup"]
+            parts.append(
+                f"dedup {u['x_realtime']:.0f}x ({u['vs_decode']:.2f}; {u['vs_decode_cpu']:.2f} "
+                f"per CPU s), anon {u['peak_anon_mib']:.0f} MiB (PSS {u['peak_pss_anon_mib']:.0f}, "
+                f"parent {u['parent_anon_mib']:.0f}), mapped {u['peak_file_mib']:.0f} MiB, "
+                f"precision {u['precision']:.4f} recall {u['recall']:.4f}, load {u['load']}"
+            )
+        print(" | ".join(parts), flush=True)
         if args.json_out:
             with open(args.json_out, "a") as fh:
                 fh.write(json.dumps(res) + "\n")

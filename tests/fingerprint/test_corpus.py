@@ -221,6 +221,52 @@ def test_relations_name_shared_music_with_its_offset_and_nothing_else(tmp_path):
     assert again["related"] == m["related"]
 
 
+def test_derived_recordings_of_a_looping_source_are_related(tmp_path):
+    """Two segments of one looping source under one transform hold the same bars: relate()
+    records that pair (dedup links them, rightly) with its offset, and any other pair of that
+    source and transform that shares music; a recording alone under its transform is not
+    checked; distinct_tracks still counts the sources."""
+    corpus = _corpus_module()
+    loop, other, x, y = (synth_music(s, 16.0) for s in (710, 711, 712, 713))
+    (tmp_path / "derived").mkdir()
+    (tmp_path / "library").mkdir()
+    files = {
+        "library/base.wav": synth_music(714, 30.0),
+        "derived/a.wav": np.concatenate([x, loop]),  # the loop at 16 s
+        "derived/b.wav": np.concatenate([loop[: 12 * SR], y]),  # its first 12 s at 0 s
+        "derived/c.wav": np.concatenate([other, y[: 8 * SR]]),  # 8 s of b's tail
+        "derived/d.wav": np.concatenate([loop, x]),  # the loop, but another transform
+    }
+    for rel, sig in files.items():
+        write_wav(tmp_path / rel, sig)
+
+    def derived(g, path, kind, factor):
+        return {"group": g, "package": "derived", "source": "/music/loop.ogg",
+                "derived": {"kind": kind, "factor": factor, "start_s": 40.0 * g},
+                "files": [{"path": path, "offset_s": 0.0}]}  # fmt: skip
+
+    manifest = {
+        "distinct_tracks": 1,
+        "groups": [
+            {"group": 0, "package": "p", "files": [{"path": "library/base.wav", "offset_s": 0}]},
+            derived(1, "derived/a.wav", "resample", 0.8),
+            derived(2, "derived/b.wav", "resample", 0.8),
+            derived(3, "derived/c.wav", "resample", 0.8),
+            derived(4, "derived/d.wav", "pitch", 1.189),
+        ],
+        "heldout": [],
+    }
+    m = corpus.relate(tmp_path, manifest, workers=1)
+    pairs = {tuple(sorted(r["groups"])): r for r in m["related"]}
+    assert set(pairs) == {(1, 2), (2, 3)}  # d is alone under its transform: not checked
+    assert pairs[(2, 3)]["shared_s"] == pytest.approx(8.0, abs=1.5)
+    r = pairs[(1, 2)]
+    start_of_2_in_1 = r["offset_s"] if r["groups"] == [1, 2] else -r["offset_s"]
+    assert abs(start_of_2_in_1 - 16.0) < 0.05
+    assert r["shared_s"] == pytest.approx(12.0, abs=1.5)
+    assert m["distinct_tracks"] == 1
+
+
 def test_scale_benchmark_scores_dedup_against_the_relations(tmp_path):
     """fingerprint_scale's dedup scoring: one recording in two groups gives true pairs (offsets
     in one time base), a shared passage counts neither way, anything else is a false pair."""

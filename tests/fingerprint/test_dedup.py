@@ -131,3 +131,32 @@ def test_query_windows_bound_hashes_and_hits():
     assert spans[-1][1] == 5000
     assert all(a < b for a, b in spans)
     assert all(x[1] == y[0] for x, y in itertools.pairwise(spans))
+
+
+def test_votes_at_neighbouring_offsets_are_summed_and_chance_tracks_dropped():
+    """A copy that starts part of a frame later has its aligned hashes split between two
+    neighbouring offsets (and a long file's windows may each see a different one): a track's
+    count is the sum at its best offset +-1, and tracks under the bar never leave NumPy."""
+    from colabmagic.fingerprint.dedup import _best_offsets
+
+    track = np.array([5, 5, 5, 5, 7, 9, 9], np.int64)
+    offset = np.array([10, 11, 11, 40, 3, -2, 2], np.int64)
+    count = np.array([30, 15, 10, 20, 5, 12, 12], np.int64)
+    # track 5: 30 at 10 and 25 at 11 (two windows), 20 at 40; track 9: a tie, 0's side first
+    assert _best_offsets(track, offset, count, 10) == {5: (55, 10), 9: (12, -2)}
+
+
+def test_a_copy_trimmed_by_part_of_a_frame_is_grouped_at_its_offset(tmp_path):
+    """Copies cut a quarter and three quarters of a frame (64 and 192 samples) after 2 s are
+    grouped with the original, at 2 s and that part of a frame."""
+    y = synth_music(901, 40.0)
+    write_wav(tmp_path / "a.wav", y)
+    write_wav(tmp_path / "t64.wav", y[2 * SR + 64 :])
+    write_wav(tmp_path / "t192.wav", y[2 * SR + 192 :])
+    res = dedup([tmp_path], workers=1, backend="numpy")
+    assert [[p.rsplit("/", 1)[-1] for p in g] for g in res.groups] == [
+        ["a.wav", "t64.wav", "t192.wav"]
+    ]
+    ev = {frozenset(p.rsplit("/", 1)[-1] for p in (e.a, e.b)): e for e in res.evidence[0]}
+    for name, shift in (("t64.wav", 64), ("t192.wav", 192)):
+        assert abs(ev[frozenset(("a.wav", name))].offset_s - (2 + shift / SR)) < 0.033
