@@ -91,3 +91,15 @@ def sshd_server(tmp_path_factory):
     server = SSHServer("box", directory=str(tmp_path_factory.mktemp("sshd"))).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def ip():
+    """A real IPython shell with colabmagic loaded (modules that keep one per module define their
+    own, module-scoped, ``ip``)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "colabmagic")
+    yield shell
+    shell.run_line_magic("unload_ext", "colabmagic")

@@ -18,7 +18,6 @@ import numpy as np
 import paramiko
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 
 import colabmagic
 from colabmagic import colab, linkstate, routes, snapshot, userkey
@@ -42,14 +41,6 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(path))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     return path
-
-
-@pytest.fixture
-def ip():
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "colabmagic")
-    yield shell
-    shell.run_line_magic("unload_ext", "colabmagic")
 
 
 class Runtime:

@@ -38,15 +38,6 @@ def hub(tmp_path_factory):
         yield h
 
 
-@pytest.fixture
-def ip():
-    from IPython.core.interactiveshell import InteractiveShell
-
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "colabmagic")
-    return shell
-
-
 def test_colab_connect_through_the_hub_cell_interrupt_restart_and_a_cut(
     hub, ip, monkeypatch, capsys, caplog
 ):
