@@ -4,7 +4,8 @@ jupyter_client's ``Session.recv`` turns the ISO date of every header and parent 
 ``datetime`` (through dateutil): on the 2-core machine we measure on, that is about a quarter of
 the client's CPU for a ``pass`` round trip (four messages), paid while the reply waits.
 :meth:`Session.run` reads none of those dates. :func:`recv` checks the signature and refuses
-replays exactly as jupyter_client does, then unpacks the four JSON parts; dates stay strings.
+replays exactly as jupyter_client does, then unpacks the four JSON parts; dates stay strings, and
+messages are not adapted from protocol versions before 5 (ipykernel and today's kernels speak 5.x).
 Everything else (``Session.client``, for users and for the comm relay) keeps jupyter_client's
 own parsing.
 """
