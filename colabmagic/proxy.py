@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from colabmagic import wire
+from colabmagic import inproc, wire
 from colabmagic.errors import ConnectError
 
 log = logging.getLogger("colabmagic.proxy")
@@ -96,7 +96,7 @@ class Proxy:
         self.connection_file: str | None = None
         self.lost_messages = 0
         self.reconnects = 0
-        self._ctx = zmq.Context()
+        self.context = zmq.Context()  # an in-process client shares it: colabmagic/inproc.py
         self._cmds: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -110,7 +110,7 @@ class Proxy:
         self._last_down = 0
         self._acked_down, self._ack_due = 0, 0.0
         self._agent_last_up = 0
-        self._id = os.urandom(8).hex()  # a new proxy numbers its messages from 1 again
+        self._id = self.inproc_name = os.urandom(8).hex()  # numbers from 1 again; inproc.url
         self._pipe: Pipe | None = None
         self._stream: wire.FramedStream | None = None
         self._hello_pending = False
@@ -125,7 +125,7 @@ class Proxy:
 
     # -- setup -------------------------------------------------------------------------------
     def _bind(self, wanted: dict[str, int]) -> None:
-        ctx = self._ctx
+        ctx = self.context
         self._shell = ctx.socket(zmq.ROUTER)
         self._control = ctx.socket(zmq.ROUTER)
         self._stdin = ctx.socket(zmq.ROUTER)
@@ -147,10 +147,9 @@ class Proxy:
                     ports[key] = int(wanted[key])
                 else:
                     ports[key] = sock.bind_to_random_port("tcp://127.0.0.1")
+                sock.bind(inproc.url(self.inproc_name, ports[key]))
             except zmq.ZMQError:
-                for s in self._sockets:
-                    s.close(linger=0)
-                ctx.term()
+                ctx.destroy(linger=0)
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
@@ -277,13 +276,11 @@ class Proxy:
         self._post("close")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        for sock in self._sockets:
-            sock.close(linger=0)
         for listener in list(self._listeners):
             listener.close()
         self._listeners.clear()
         self._tcp.close_all()
-        self._ctx.term()
+        self.context.destroy(linger=0)  # ours and an in-process client's sockets (inproc.py)
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)

@@ -10,7 +10,8 @@ A :class:`Session` is the Python API under the magics and usable without IPython
 
 It starts (or attaches to) an agent through a transport, serves the kernel locally through a
 :class:`~colabmagic.proxy.Proxy`, and talks to it with an ordinary jupyter_client
-``BlockingKernelClient``, so everything a Jupyter client can do works unchanged.
+``BlockingKernelClient`` (over ZeroMQ ``inproc``, :mod:`colabmagic.inproc`), so everything a
+Jupyter client can do works unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from colabmagic import messages
+from colabmagic import inproc, messages
 from colabmagic.errors import (
     CellTimeoutError,
     ColabMagicError,
@@ -101,12 +102,7 @@ class Session:
         try:
             self.proxy.start(timeout=connect_timeout)
             self.mock_gpu = bool(self.proxy.agent_info.get("mock_gpu", mock_gpu))
-            from jupyter_client.blocking import BlockingKernelClient
-
-            self.client = BlockingKernelClient()
-            self.client.load_connection_info(self.proxy.connection_info)
-            self.client.session.key = self.proxy.connection_info["key"].encode()
-            self.client.start_channels(hb=False)
+            self.client = inproc.client_for(self.proxy)  # inproc sockets: no loopback TCP hop
             self._wait_ready(connect_timeout)
         except BaseException:
             self.proxy.close()
