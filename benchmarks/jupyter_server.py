@@ -8,14 +8,17 @@ Starts a real ``jupyter server`` on 127.0.0.1 (token auth) and measures:
   ``KernelManager`` (no server, no colabmagic) -- the reference;
 - ``colabmagic``: ``Session.run("pass")`` through the Jupyter-server transport (proxy -> link ->
   kernel websocket with TCP_NODELAY/TCP_QUICKACK -> server -> kernel), as ``%%gpu_run`` does;
-- ``naive websocket``: a plain websocket-client (JSON frames) with TCP_NODELAY turned off, as a
-  client that leaves Nagle on meets the server; and the same client with TCP_NODELAY on;
+- ``bare websocket``: a plain websocket-client (JSON frames, TCP_NODELAY and TCP_QUICKACK) on a
+  plain kernel of the same server, sending the same request: the floor of any client through the
+  server, i.e. what the server hop itself costs;
+- ``naive websocket``: that client with TCP_NODELAY turned off, as a client that leaves Nagle on
+  meets the server; and with TCP_NODELAY on (no QUICKACK);
 - push/pull of an N MiB array through the server (binary websocket buffers), against the same
   through ``--local`` (proxy -> bridge -> agent), the reference for bulk bytes.
 
-The reference, the server path and the ``--local`` link are timed in alternating blocks
-(``--rounds``), so that load drifting on a shared machine hits all three alike. Prints medians,
-ratios and the load average.
+The reference, the server path, the ``--local`` link and the bare client are timed in
+alternating blocks (``--rounds``), so that load drifting on a shared machine hits them alike.
+Prints medians, ratios and the load average.
 """
 
 from __future__ import annotations
@@ -76,30 +79,41 @@ def interleaved(fns: dict, n: int, rounds: int) -> dict[str, list[float]]:
     return samples
 
 
-def naive(server, kernel_id: str, n: int, *, nodelay: bool, quickack: bool = False) -> float:
-    """A plain websocket client: JSON frames, one request, wait for its reply and idle."""
-    import websocket
+class Naive:
+    """A plain websocket client: JSON frames, one request, wait for its reply and idle.
 
-    ws = websocket.create_connection(
-        f"ws://127.0.0.1:{server.port}/api/kernels/{kernel_id}/channels?session_id=naive",
-        header=[f"Authorization: token {server.token}"],
-        timeout=120,
-    )
-    # websocket-client turns TCP_NODELAY on by default; a naive client in most stacks has it off.
-    ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
-    session = uuid.uuid4().hex
+    It sends the request ``Session.run`` and the reference send (``store_history=True``: the
+    kernel writes its history database, about 1.5 ms of a round trip here), so with TCP_NODELAY
+    and TCP_QUICKACK it is the floor of any client through the server: what the server hop
+    itself costs, with no proxy, no journal and no bootstrap in the kernel.
+    """
 
-    def once() -> None:
-        msg_id = uuid.uuid4().hex
+    def __init__(self, server, kernel_id: str, *, nodelay: bool, quickack: bool = False) -> None:
+        import websocket
+
+        self.ws = websocket.create_connection(
+            f"ws://127.0.0.1:{server.port}/api/kernels/{kernel_id}/channels"
+            f"?session_id={uuid.uuid4().hex}",
+            header=[f"Authorization: token {server.token}"],
+            timeout=120,
+        )
+        # websocket-client turns TCP_NODELAY on by default; a naive client in most stacks has it
+        # off.
+        self.ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
+        self.quickack = quickack
+        self.session = uuid.uuid4().hex
+
+    def once(self) -> None:
+        ws, msg_id = self.ws, uuid.uuid4().hex
         header = {
             "msg_id": msg_id,
             "msg_type": "execute_request",
             "username": "bench",
-            "session": session,
+            "session": self.session,
             "date": "",
             "version": "5.3",
         }
-        content = {"code": "pass", "silent": False, "store_history": False}
+        content = {"code": "pass", "silent": False, "store_history": True}
         content.update(user_expressions={}, allow_stdin=False, stop_on_error=True)
         msg = {
             "header": header,
@@ -112,7 +126,7 @@ def naive(server, kernel_id: str, n: int, *, nodelay: bool, quickack: bool = Fal
         reply = idle = False
         while not (reply and idle):
             got = json.loads(ws.recv())
-            if quickack:  # Linux clears it after a while: re-arm after every read, as the link does
+            if self.quickack:  # Linux clears it after a while: re-arm after every read, as we do
                 ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             if got.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
@@ -120,17 +134,18 @@ def naive(server, kernel_id: str, n: int, *, nodelay: bool, quickack: bool = Fal
             reply = reply or kind == "execute_reply"
             idle = idle or (kind == "status" and got["content"]["execution_state"] == "idle")
 
-    try:
+    def median(self, n: int) -> float:
         for _ in range(5):
-            once()
+            self.once()
         samples = []
         for _ in range(n):
             t = time.perf_counter()
-            once()
+            self.once()
             samples.append(time.perf_counter() - t)
         return median_ms(samples)
-    finally:
-        ws.close()
+
+    def close(self) -> None:
+        self.ws.close()
 
 
 def main() -> None:
@@ -142,18 +157,23 @@ def main() -> None:
     payload = np.random.default_rng(0).integers(0, 255, args.mib << 20, dtype=np.uint8)
     quiet = QuietRelay()
     load = [os.getloadavg()[0]]
+    n_slow: list[float] = []
+    n_fast: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         with jupyter_server(Path(tmp) / "server") as server:
             os.environ["JUPYTER_TOKEN"] = server.token
             ref = Direct()
             s = colabmagic.connect(server.url, register=False, connect_timeout=180)
             local = colabmagic.connect(local=True, root=str(Path(tmp) / "root"), register=False)
+            _, model = server.request("POST", "api/kernels", {})  # a plain kernel, no bootstrap
+            bare = Naive(server, model["id"], nodelay=True, quickack=True)
             try:
                 rt = interleaved(
                     {
                         "direct": ref.once,
                         "server": lambda: s.run("pass", relay=quiet),
                         "local": lambda: local.run("pass", relay=quiet),
+                        "bare": bare.once,
                     },
                     args.n,
                     args.rounds,
@@ -162,16 +182,20 @@ def main() -> None:
                 c_push, c_pull = push_pull(s, payload)
                 l_push, l_pull = push_pull(local, payload)
             finally:
+                bare.close()
                 s.close()
                 local.close()
                 ref.close()
-            _, model = server.request("POST", "api/kernels", {})
-            n_slow = naive(server, model["id"], max(args.n // 4, 20), nodelay=False)
-            n_fast = naive(server, model["id"], args.n, nodelay=True)
-            n_ack = naive(server, model["id"], args.n, nodelay=True, quickack=True)
+            for nodelay, n in ((False, max(args.n // 4, 20)), (True, args.n)):
+                client = Naive(server, model["id"], nodelay=nodelay)
+                try:
+                    (n_slow if not nodelay else n_fast).append(client.median(n))
+                finally:
+                    client.close()
             server.request("DELETE", f"api/kernels/{model['id']}")
             load.append(os.getloadavg()[0])
-    d, c, lo = (median_ms(rt[k]) for k in ("direct", "server", "local"))
+    d, c, lo, b = (median_ms(rt[k]) for k in ("direct", "server", "local", "bare"))
+    slow, fast = n_slow[0], n_fast[0]
     print(f"load average (1 min) at start / after round trips / end: {load[0]:.2f} / "
           f"{load[1]:.2f} / {load[2]:.2f}")  # fmt: skip
     print(f"round trip of `pass`, median of {len(rt['direct'])} each, in {args.rounds} "
@@ -180,10 +204,11 @@ def main() -> None:
     print(f"  colabmagic through the server          {c:7.2f} ms   ratio {c / d:.2f}x "
           "(target <= 1.3x)")  # fmt: skip
     print(f"  colabmagic --local link                {lo:7.2f} ms   ratio {lo / d:.2f}x")
-    print("  a plain websocket client (JSON frames, store_history=False), after the above:")
-    print(f"  naive websocket, no TCP_NODELAY        {n_slow:7.2f} ms   ratio {n_slow / d:.2f}x")
-    print(f"  naive websocket, TCP_NODELAY           {n_fast:7.2f} ms   ratio {n_fast / d:.2f}x")
-    print(f"  naive websocket, NODELAY + QUICKACK    {n_ack:7.2f} ms   ratio {n_ack / d:.2f}x")
+    print(f"  bare websocket client, NODELAY+QUICKACK{b:7.2f} ms   ratio {b / d:.2f}x "
+          "(the server hop's floor: a plain kernel, JSON frames, nothing else)")  # fmt: skip
+    print("  the same plain client after the above, on the same kernel:")
+    print(f"  naive websocket, no TCP_NODELAY        {slow:7.2f} ms   ratio {slow / d:.2f}x")
+    print(f"  naive websocket, TCP_NODELAY           {fast:7.2f} ms   ratio {fast / d:.2f}x")
     print(f"push/pull of {args.mib} MiB, median of 3:")
     print(f"  push through the server   {c_push:7.0f} MiB/s   (--local link {l_push:.0f} MiB/s)")
     print(f"  pull through the server   {c_pull:7.0f} MiB/s   (--local link {l_pull:.0f} MiB/s)")
