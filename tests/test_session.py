@@ -11,12 +11,15 @@ import hashlib
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
+import zmq
 
 import colabmagic
+from colabmagic import inproc
 from colabmagic.errors import (
     CellTimeoutError,
     NotConnectedError,
@@ -478,6 +481,36 @@ def test_close_keep_leaves_kernel_running_and_attach_finds_state(transport_kind,
         s2.close()
     gone = {k["id"]: k for k in t2.list_kernels()}
     assert gone[kid]["state"] == "stopped"
+
+
+def test_session_uses_inproc_and_the_connection_file_still_serves_other_clients(colabmagic_root):
+    """The Session reaches its proxy over ZeroMQ inproc (colabmagic/inproc.py); the connection
+    file still names TCP ports that another client (jupyter console, the provisioner's) uses
+    beside it; and close() does not hang on a socket left open on the shared context."""
+    from jupyter_client.blocking import BlockingKernelClient
+
+    s = Session.start(LocalTransport(root=str(colabmagic_root)), name="inproc")
+    try:
+        urls = {s.client.shell_channel.socket.get(zmq.LAST_ENDPOINT)}
+        assert all(u.startswith(b"inproc://colabmagic-") for u in urls), urls
+        assert s.client.get_connection_info()["transport"] == "tcp"
+        other = BlockingKernelClient(connection_file=s.proxy.connection_file)
+        other.load_connection_file()
+        other.start_channels(hb=False)
+        try:
+            reply = other.execute_interactive("shared = 'from tcp'", timeout=60)
+            assert reply["content"]["status"] == "ok"
+            assert s.run("print(shared)", relay=QuietRelay()).stdout == "from tcp\n"
+        finally:
+            other.stop_channels()
+        left_open = s.proxy.context.socket(zmq.DEALER)  # e.g. a channel a user made and forgot
+        left_open.connect(inproc.url(s.proxy.inproc_name, s.proxy.connection_info["shell_port"]))
+    finally:
+        closer = threading.Thread(target=s.close, daemon=True)
+        closer.start()
+        closer.join(30)
+    assert not closer.is_alive(), "Session.close hung on the shared ZeroMQ context"
+    assert left_open.closed
 
 
 def test_attach_to_unknown_kernel_lists_running_ones(colabmagic_root):
