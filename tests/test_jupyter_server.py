@@ -377,3 +377,32 @@ def test_a_delete_answered_500_waits_for_the_kernel_and_deletes_it_again(server,
         assert kernel_id not in server.kernel_ids()
     finally:
         t.close()
+
+
+def test_a_link_step_cancelled_before_it_starts_leaves_no_coroutine_unawaited():
+    """A connection that ends at once cancels its bootstrap/recover task before it runs; the
+    step's coroutine must not exist yet then (it did, and Python warned at garbage collection:
+    "coroutine 'KernelLink._recover' was never awaited", seen once in a full run)."""
+    import asyncio
+    import gc
+    import types
+    import warnings
+
+    from colabmagic.transport.jupyter_link import KernelLink
+
+    link = KernelLink("k", rest=None)
+
+    async def main() -> None:
+        att = types.SimpleNamespace(done=None)
+        tasks = [asyncio.create_task(link._guard(att, s)) for s in (link._recover, link._bootstrap)]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(main())
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]

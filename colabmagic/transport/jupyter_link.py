@@ -353,9 +353,9 @@ class KernelLink:
         ]
         try:
             if first or not self.ready:
-                tasks.append(loop.create_task(self._guard(att, self._bootstrap(att))))
+                tasks.append(loop.create_task(self._guard(att, self._bootstrap)))
             else:
-                tasks.append(loop.create_task(self._guard(att, self._recover(att))))
+                tasks.append(loop.create_task(self._guard(att, self._recover)))
             reason = await att.done
             self.reason = reason
             log.info("kernel %s: connection ended (%s)", self.kernel_id, reason)
@@ -378,9 +378,11 @@ class KernelLink:
         if att.done is not None and not att.done.done():
             att.done.set_result(reason)
 
-    async def _guard(self, att: Attachment, coro) -> None:
+    async def _guard(self, att: Attachment, step) -> None:
+        """Run ``step(att)``, ending *att* if it fails. The coroutine is made here, not by the
+        caller: a task cancelled before it starts would leave it never awaited."""
         try:
-            await coro
+            await step(att)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reported as the end of this connection
@@ -664,7 +666,7 @@ class KernelLink:
             # reply to that dead connection. The journal has it: fetch, then deliver in order.
             att.buffered.append(item)
             att.recovering = True
-            self._spawn(self._guard(att, self._fetch_journal(att)))
+            self._spawn(self._guard(att, self._fetch_journal))
         else:
             try:
                 self._accept(*item)
@@ -742,7 +744,7 @@ class KernelLink:
                 self.ready = False
                 att = self.current
                 if att is not None:
-                    self._spawn(self._guard(att, self._bootstrap(att)))
+                    self._spawn(self._guard(att, self._bootstrap))
 
     async def _pinger(self, att: Attachment) -> None:
         missed = 0
@@ -910,7 +912,7 @@ class KernelLink:
                 await loop.run_in_executor(None, self.rest.restart, self.kernel_id)
                 att = self.current
                 if att is not None:
-                    self._spawn(self._guard(att, self._bootstrap(att)))
+                    self._spawn(self._guard(att, self._bootstrap))
             elif name == "info":
                 reply["info"] = self.info()
             elif name == "shutdown":
