@@ -178,9 +178,11 @@ def _corpus_module():
     return mod
 
 
-def test_relations_name_shared_music_with_its_offset_and_nothing_else(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_relations_name_shared_music_with_its_offset_and_nothing_else(tmp_path, workers):
     """Music that source dedup left in two recordings (a shared passage, one piece in two
-    packages) is recorded in the manifest with its offset; unrelated music is not."""
+    packages) is recorded in the manifest with its offset; unrelated music is not. Two worker
+    processes find exactly what one finds."""
     corpus = _corpus_module()
     a, c, d = synth_music(700, 30.0), synth_music(701, 30.0), synth_music(702, 30.0)
     (tmp_path / "library").mkdir()
@@ -201,7 +203,7 @@ def test_relations_name_shared_music_with_its_offset_and_nothing_else(tmp_path):
         ],
         "heldout": [{"path": "heldout/h.wav"}],
     }
-    m = corpus.relate(tmp_path, manifest, workers=1)
+    m = corpus.relate(tmp_path, manifest, workers=workers)
     assert len(m["related"]) == 1
     r = m["related"][0]
     assert sorted(r["groups"]) == [0, 1]
