@@ -788,6 +788,28 @@ def spectral_agreement(
     return corr(x, y), null, float(shared), len(x) / per_s
 
 
+#: The read-only index that :func:`_window_hits` matches against (set before a worker pool forks).
+_RELATION_INDEX: Any = None
+
+
+def _window_hits(item: tuple[str, str]) -> tuple[str, list[tuple[str, float, float]]]:
+    """``(key, [(other track, window start s, offset of key in it s), ...])`` for the 5 s windows
+    of one file (``(key, path)``) matched against :data:`_RELATION_INDEX` at the unchanged
+    speed."""
+    from colabmagic.fingerprint import load_audio, match
+
+    k, path = item
+    sr = 8000
+    y = load_audio(path, sample_rate=sr)
+    w, h = int(RELATION_WINDOW_S * sr), int(RELATION_HOP_S * sr)
+    rows = []
+    for a in range(0, max(len(y) - w, 0) + 1, h):
+        for m in match(_RELATION_INDEX, y[a : a + w], top_k=5):
+            if m.track != k and m.speed == 1.0:
+                rows.append((m.track, a / sr, a / sr - m.offset_s))
+    return k, rows
+
+
 def find_related(
     root: Path, items: list[tuple[str, str]], *, workers: int = 2
 ) -> list[dict[str, Any]]:
@@ -799,29 +821,44 @@ def find_related(
     tracker module and its OGG), or a re-used theme is caught too. Each pair comes with the
     offset (*b* starts ``offset_s`` into *a*), how many windows agree, the share of the overlap
     they cover (``kind``: "same recording" at >= :data:`SAME_RECORDING_COVERAGE`, else "shared
-    passage") and :func:`spectral_agreement` at that offset against its null.
+    passage") and :func:`spectral_agreement` at that offset against its null. The windows are
+    matched on *workers* forked processes, a file to each (the same pairs as one process).
     """
+    import multiprocessing
     import tempfile
 
     import numpy as np
 
-    from colabmagic.fingerprint import Index, load_audio, match
+    from colabmagic.fingerprint import Index, load_audio
 
+    global _RELATION_INDEX
     sr = 8000
     paths = {k: str(root / p) for k, p in items}
     hits: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    audio = {}
     with tempfile.TemporaryDirectory(prefix="corpus-rel-") as tmp:
         idx = Index(Path(tmp) / "db")
         idx.add(list(paths.items()), workers=workers, backend="numpy")
-        idx = Index(Path(tmp) / "db", readonly=True)
-        for k, p in paths.items():
-            y = audio[k] = load_audio(p, sample_rate=sr)
-            w, h = int(RELATION_WINDOW_S * sr), int(RELATION_HOP_S * sr)
-            for a in range(0, max(len(y) - w, 0) + 1, h):
-                for m in match(idx, y[a : a + w], top_k=5):
-                    if m.track != k and m.speed == 1.0:
-                        hits.setdefault((k, m.track), []).append((a / sr, a / sr - m.offset_s))
+        _RELATION_INDEX = Index(Path(tmp) / "db", readonly=True)
+        # the longest files first, so that two workers finish together
+        todo = sorted(paths.items(), key=lambda kp: -os.path.getsize(kp[1]))
+        try:
+            if workers > 1 and len(todo) > 1:
+                with multiprocessing.get_context("fork").Pool(workers) as pool:
+                    found = list(pool.imap_unordered(_window_hits, todo))
+            else:
+                found = [_window_hits(kp) for kp in todo]
+        finally:
+            _RELATION_INDEX = None
+    for k, rows in sorted(found):  # per file, its windows in order: as one process finds them
+        for track, t, off in rows:
+            hits.setdefault((k, track), []).append((t, off))
+    audio: dict[str, Any] = {}
+
+    def decoded(k: str) -> Any:
+        if k not in audio:
+            audio[k] = load_audio(paths[k], sample_rate=sr)
+        return audio[k]
+
     out = []
     for (ka, kb), found in sorted(hits.items()):
         offs = np.array([o for _, o in found])
@@ -831,7 +868,7 @@ def find_related(
             continue
         agree = [s for s, o in found if abs(o - d) <= 0.1]
         d = float(np.median([o for _, o in found if abs(o - d) <= 0.1]))
-        r, null, shared, overlap = spectral_agreement(audio[ka], audio[kb], d, sr)
+        r, null, shared, overlap = spectral_agreement(decoded(ka), decoded(kb), d, sr)
         coverage = shared / max(overlap, 1e-9)
         kind = "same recording" if coverage >= SAME_RECORDING_COVERAGE else "shared passage"
         out.append(

@@ -178,9 +178,11 @@ def _corpus_module():
     return mod
 
 
-def test_relations_name_shared_music_with_its_offset_and_nothing_else(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_relations_name_shared_music_with_its_offset_and_nothing_else(tmp_path, workers):
     """Music that source dedup left in two recordings (a shared passage, one piece in two
-    packages) is recorded in the manifest with its offset; unrelated music is not."""
+    packages) is recorded in the manifest with its offset; unrelated music is not. Two worker
+    processes find exactly what one finds."""
     corpus = _corpus_module()
     a, c, d = synth_music(700, 30.0), synth_music(701, 30.0), synth_music(702, 30.0)
     (tmp_path / "library").mkdir()
@@ -201,7 +203,7 @@ def test_relations_name_shared_music_with_its_offset_and_nothing_else(tmp_path):
         ],
         "heldout": [{"path": "heldout/h.wav"}],
     }
-    m = corpus.relate(tmp_path, manifest, workers=1)
+    m = corpus.relate(tmp_path, manifest, workers=workers)
     assert len(m["related"]) == 1
     r = m["related"][0]
     assert sorted(r["groups"]) == [0, 1]
@@ -314,3 +316,35 @@ def test_scale_benchmark_scores_dedup_against_the_relations(tmp_path):
     also, held = bench.relations(manifest)
     assert also == {0: {1, 2}, 1: {0, 2}, 2: {0, 1}}
     assert held == {"h0": {3}}
+
+
+def test_caps_benchmark_with_the_shipped_caps_gives_the_cli_recall(tmp_path, sources):
+    """fingerprint_scale.py end to end on a tiny corpus (index and queries through the CLI), then
+    fingerprint_caps.py on its index and queries: with the shipped caps, in-process recall and
+    false positives are the CLI's, cell by cell (run after other caps in the same process); a
+    malformed --caps is one clear line."""
+    out, work = tmp_path / "corpus", tmp_path / "work"
+    _build(out, sources, "--files", "9", "--seed", "3")
+    scale = CORPUS.with_name("fingerprint_scale.py")
+    cmd = [sys.executable, str(scale), "--corpus", str(out), "--workdir", str(work)]
+    cmd += ["--queries", "24", "--heldout-queries", "12", "--steps", "index,queries"]
+    cmd += ["--decode-once", "--json", str(tmp_path / "scale.json")]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    run = json.loads((tmp_path / "scale.json").read_text())
+    caps_py = CORPUS.with_name("fingerprint_caps.py")
+    cmd = [sys.executable, str(caps_py), "--corpus", str(out), "--workdir", str(work)]
+    cmd += ["--json", str(tmp_path / "scale.json"), "--caps", "8/8/8", "128/4/256"]
+    cmd += ["--conditions", "clean,snr0,speed0.95", "--out", str(tmp_path / "caps.json")]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    caps = json.loads((tmp_path / "caps.json").read_text())
+    for cell, c in caps["128/4/256"].items():
+        cli = run["queries"]["cells"][cell]
+        assert (c["recall"], c["false_positives"]) == (cli["recall"], cli["false_positives"])
+    assert set(caps["128/4/256"]) == {f"{c}@{s}s" for c in ("clean", "snr0", "speed0.95")
+                                      for s in (5, 10)}  # fmt: skip
+    assert 0.0 <= caps["hash_shares"]["over_8"] <= 1.0
+    bad = [sys.executable, str(caps_py), "--corpus", str(out), "--workdir", str(work)]
+    bad += ["--json", str(tmp_path / "scale.json"), "--caps", "128/0/256"]
+    bad = subprocess.run(bad, capture_output=True, text=True, check=False)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1].startswith("--caps '128/0/256': give QUERY_MAX")
