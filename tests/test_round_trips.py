@@ -5,7 +5,9 @@ test sshd. It counts request/response *turns* (an upward run of bytes followed b
 one). The turns of a bare paramiko handshake and authentication through the same relay are SSH's
 own; the rest are ours. The delay is large so that the counting does not depend on the machine's
 load: with a short one, a burst of kernel messages slower than the one-way delay is split by an
-acknowledgement into two "turns" that nobody waits for.
+acknowledgement into two "turns" that nobody waits for. Even at 100 ms a heavily loaded machine
+did that once (5 turns against 4 for a re-attach): the re-attach is counted twice and the fewer
+turns kept: load can add turns, never remove one.
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ def test_connect_and_reattach_round_trips(wan, sshd_server, colabmagic_root):
     try:
         s.run("kept = 7", relay=QuietRelay())
         kid = s.kernel_id
-        s.close(keep=True)
-        _quiet(wan)
-        s = Session.start(transport(), name="turns", attach=kid)
-        attach = wan.round_trips() - own
-        assert s.pull("kept") == 7
+        attaches = []
+        for _ in range(2):  # load can only add turns (module docstring): the fewer one counts
+            s.close(keep=True)
+            _quiet(wan)
+            s = Session.start(transport(), name="turns", attach=kid)
+            attaches.append(wan.round_trips() - own)
+            assert s.pull("kept") == 7
     finally:
         s.close()
     assert connect <= CONNECT_LIMIT, f"connect took {connect} round trips beyond SSH's {own}"
-    assert attach <= ATTACH_LIMIT, f"re-attach took {attach} round trips beyond SSH's {own}"
+    attach = min(attaches)
+    assert attach <= ATTACH_LIMIT, f"re-attach took {attaches} round trips beyond SSH's {own}"
