@@ -275,7 +275,7 @@ def _query_edges(
     edges: dict[tuple[int, int], Evidence] = {}
     for i, j, count, off in candidates:
         shorter = int(min(looked[i], looked[j]))
-        if count < min_aligned or count < min_fraction * shorter:
+        if count < min_fraction * shorter:  # _file_votes kept only count >= min_aligned
             continue
         di, dj = tracks[i].duration, tracks[j].duration
         a_, b_ = (j, i) if di <= dj else (i, j)
@@ -338,32 +338,31 @@ def _file_votes(
     n_looked = int((hits <= stop).sum())
     hits[hits > stop] = 0  # not looked up (see Index.stop_postings)
     times = fp.times.astype(np.int64)
-    bias = np.int64(1 << 40)  # offsets are frames: far inside +-2**40
     keys, counts = [], []
     for a, b in _windows(hits, chunk, QUERY_HITS):
         sel = order[a:b]
         which, track, ref_time = index.lookup(fp.hashes[sel], max_postings=stop)
-        key = track * (2 * bias) + (ref_time - times[sel][which] + bias)
+        key = track * (2 * _BIAS) + (ref_time - times[sel][which] + _BIAS)
         k, c = np.unique(key, return_counts=True)
         keys.append(k)
         counts.append(c)
     if not keys:
         return {}, n_looked
-    key, count = np.concatenate(keys), np.concatenate(counts)
-    return _best_offsets(key // (2 * bias), key % (2 * bias) - bias, count, min_count), n_looked
+    return _best_offsets(np.concatenate(keys), np.concatenate(counts), min_count), n_looked
 
 
-def _best_offsets(
-    track: np.ndarray, offset: np.ndarray, count: np.ndarray, min_count: int
-) -> dict[int, tuple[int, int]]:
-    """Per track: the counts summed per offset over the windows, the offset with the most (the
-    one nearest 0, then the lowest, on a tie), and the sum at it +-1 frame; tracks whose sum
-    reaches *min_count*."""
-    bias = np.int64(1 << 40)  # offsets are frames: far inside +-2**40
-    key = track * (2 * bias) + (offset + bias)
+#: Offsets (frames) packed with their track as ``track * 2 * _BIAS + offset + _BIAS``: offsets
+#: are far inside +-2**40.
+_BIAS = np.int64(1 << 40)
+
+
+def _best_offsets(key: np.ndarray, count: np.ndarray, min_count: int) -> dict[int, tuple[int, int]]:
+    """Per track (*key*: packed ``(track, offset)``, see :data:`_BIAS`): the counts summed per
+    offset over the windows, the offset with the most (the one nearest 0, then the lowest, on a
+    tie), and the sum at it +-1 frame; tracks whose sum reaches *min_count*."""
     keys, inverse = np.unique(key, return_inverse=True)
     total = np.bincount(inverse.reshape(-1), weights=count).astype(np.int64)
-    k_track, k_off = keys // (2 * bias), keys % (2 * bias) - bias
+    k_track, k_off = keys // (2 * _BIAS), keys % (2 * _BIAS) - _BIAS
     # per track, best first: most counts, then nearest 0, then lowest offset
     rank = np.lexsort((k_off, np.abs(k_off), -total, k_track))
     first = np.ones(len(rank), bool)

@@ -137,13 +137,14 @@ def test_votes_at_neighbouring_offsets_are_summed_and_chance_tracks_dropped():
     """A copy that starts part of a frame later has its aligned hashes split between two
     neighbouring offsets (and a long file's windows may each see a different one): a track's
     count is the sum at its best offset +-1, and tracks under the bar never leave NumPy."""
-    from colabmagic.fingerprint.dedup import _best_offsets
+    from colabmagic.fingerprint.dedup import _BIAS, _best_offsets
 
     track = np.array([5, 5, 5, 5, 7, 9, 9], np.int64)
     offset = np.array([10, 11, 11, 40, 3, -2, 2], np.int64)
     count = np.array([30, 15, 10, 20, 5, 12, 12], np.int64)
     # track 5: 30 at 10 and 25 at 11 (two windows), 20 at 40; track 9: a tie, 0's side first
-    assert _best_offsets(track, offset, count, 10) == {5: (55, 10), 9: (12, -2)}
+    key = track * (2 * _BIAS) + offset + _BIAS
+    assert _best_offsets(key, count, 10) == {5: (55, 10), 9: (12, -2)}
 
 
 def test_a_copy_trimmed_by_part_of_a_frame_is_grouped_at_its_offset(tmp_path):
