@@ -101,6 +101,10 @@ def jupyter_server(
             f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True",
             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
             f"--ServerApp.jpserver_extensions={_NO_EXTENSIONS}", f"--ServerApp.base_url={base_url}",
+            # Kernels on Unix sockets: a TCP port jupyter_client picked and released can be
+            # taken by another test's connection before the kernel binds it, and the restarter
+            # retries the same ports until the server drops the kernel (seen in CI).
+            "--KernelManager.transport=ipc",
             *args,
         ]  # fmt: skip
         with open(log, "wb") as logf:
