@@ -259,19 +259,30 @@ def _query_edges(
     size (at 10,000 files the median duplicate pair's was half its 3,000-file value). Both
     files' counts are known once every file has been queried, so the pairs wait until then
     (only those with *min_aligned* hashes at one offset: a few per file).
+
+    Each pair is counted once, by the query of its lower-numbered file (``after``): the votes
+    are symmetric. Sampling is by hash value, so the hits of *i*'s sampled hashes on *j* are
+    exactly the pairs of equal hashes in both files' samples, and a hash is skipped (too many
+    postings) for both or neither; *j*'s query would find the same counts at the negated
+    offsets. Counting both halves was half of the vote work, and a file's hits on itself
+    (every hash at offset 0, and again at every repeat of a looping piece) more.
     """
     looked = np.zeros(len(tracks), np.int64)
     candidates: list[tuple[int, int, int, int]] = []
+    index.plan_lookups(int(spill.offsets[-1]))
     # NumPy's sorts and searches release the GIL: threads share the index and overlap
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for a in range(0, len(tracks), batch):
             numbers = range(a, min(a + batch, len(tracks)))
             found = pool.map(
-                lambda i: _file_votes(index, spill.fingerprint(i), min_count=min_aligned), numbers
+                lambda i: _file_votes(
+                    index, spill.fingerprint(i), min_count=min_aligned, after=tracks[i].number
+                ),
+                numbers,
             )
             for i, (v, n_looked) in zip(numbers, found, strict=True):
                 looked[i] = n_looked
-                candidates += [(i, j, count, off) for j, (count, off) in v.items() if j != i]
+                candidates += [(i, j, count, off) for j, (count, off) in v.items()]
     edges: dict[tuple[int, int], Evidence] = {}
     for i, j, count, off in candidates:
         shorter = int(min(looked[i], looked[j]))
@@ -317,10 +328,15 @@ def _windows(hits: np.ndarray, chunk: int, max_hits: int) -> list[tuple[int, int
 
 
 def _file_votes(
-    index: Index, fp: Fingerprint, chunk: int | None = None, min_count: int = 1
+    index: Index,
+    fp: Fingerprint,
+    chunk: int | None = None,
+    min_count: int = 1,
+    after: int = -1,
 ) -> tuple[dict[int, tuple[int, int]], int]:
     """``{track: (aligned, offset)}`` of one file's query, in windows of query time: only the
-    tracks with at least *min_count* aligned hashes; and how many of its hashes were looked up.
+    tracks numbered above *after* with at least *min_count* aligned hashes; and how many of
+    its hashes were looked up.
 
     A window holds at most *chunk* hashes (default :data:`QUERY_CHUNK`) and about
     :data:`QUERY_HITS` postings (both read at call time), so neither a long file nor a large
@@ -342,6 +358,9 @@ def _file_votes(
     for a, b in _windows(hits, chunk, QUERY_HITS):
         sel = order[a:b]
         which, track, ref_time = index.lookup(fp.hashes[sel], max_postings=stop)
+        if after >= 0:
+            keep = track > after
+            which, track, ref_time = which[keep], track[keep], ref_time[keep]
         key = track * (2 * _BIAS) + (ref_time - times[sel][which] + _BIAS)
         k, c = np.unique(key, return_counts=True)
         keys.append(k)
@@ -359,10 +378,23 @@ _BIAS = np.int64(1 << 40)
 def _best_offsets(key: np.ndarray, count: np.ndarray, min_count: int) -> dict[int, tuple[int, int]]:
     """Per track (*key*: packed ``(track, offset)``, see :data:`_BIAS`): the counts summed per
     offset over the windows, the offset with the most (the one nearest 0, then the lowest, on a
-    tie), and the sum at it +-1 frame; tracks whose sum reaches *min_count*."""
+    tie), and the sum at it +-1 frame; tracks whose sum reaches *min_count*.
+
+    The per-track ranking (a four-key sort) runs only over the tracks that can reach
+    *min_count*: on the full-length corpus a query's keys number ~10^5-10^6, nearly all single
+    chance hits, and sorting them all was half of dedup's query time.
+    """
     keys, inverse = np.unique(key, return_inverse=True)
     total = np.bincount(inverse.reshape(-1), weights=count).astype(np.int64)
-    k_track, k_off = keys // (2 * _BIAS), keys % (2 * _BIAS) - _BIAS
+    k_track = keys // (2 * _BIAS)
+    # A track's sum is its best offset's count plus two neighbours', so at most 3x its largest
+    # count: tracks whose largest is below a third of min_count cannot pass (chance hits: most
+    # of the keys). Only the others are ranked, with every one of their keys (same result).
+    starts = np.flatnonzero(np.r_[True, k_track[1:] != k_track[:-1]])
+    hopeful = np.maximum.reduceat(total, starts) * 3 >= min_count if len(keys) else starts > 0
+    kept = np.repeat(hopeful, np.diff(np.r_[starts, len(keys)]))
+    keys, total, k_track = keys[kept], total[kept], k_track[kept]
+    k_off = keys % (2 * _BIAS) - _BIAS
     # per track, best first: most counts, then nearest 0, then lowest offset
     rank = np.lexsort((k_off, np.abs(k_off), -total, k_track))
     first = np.ones(len(rank), bool)

@@ -421,6 +421,14 @@ class Index:
         """
         return max(32, min(MAX_POSTINGS, int(100 * self.n_hashes / (1 << HASH_BITS))))
 
+    def plan_lookups(self, n: int) -> None:
+        """Say that about *n* hashes will be looked up (a batch job such as dedup): every shard
+        for which that pays builds its start table now (see :meth:`_Shard.use_table`) instead
+        of after an eighth of its size has been looked up by binary search."""
+        for s in self._shards:
+            s.use_table(n)
+            s.looked_up -= n  # counted again as the lookups happen
+
     def postings_per_hash(self, hashes: np.ndarray) -> np.ndarray:
         """How many postings each of *hashes* has, over all shards (int64; a range lookup each,
         no postings read)."""

@@ -161,3 +161,91 @@ def test_a_copy_trimmed_by_part_of_a_frame_is_grouped_at_its_offset(tmp_path):
     ev = {frozenset(p.rsplit("/", 1)[-1] for p in (e.a, e.b)): e for e in res.evidence[0]}
     for name, shift in (("t64.wav", 64), ("t192.wav", 192)):
         assert abs(ev[frozenset(("a.wav", name))].offset_s - (2 + shift / SR)) < 0.033
+
+
+def _best_offsets_by_the_book(key, count, min_count):
+    """The documented rule in plain Python: per track the counts summed per offset, the offset
+    with the most (nearest 0, then lowest, on a tie), and its sum +-1 frame."""
+    from colabmagic.fingerprint.dedup import _BIAS
+
+    votes: dict[int, dict[int, int]] = {}
+    for k, c in zip(key.tolist(), count.tolist(), strict=True):
+        t, o = divmod(k, 2 * int(_BIAS))
+        per = votes.setdefault(t, {})
+        per[o - int(_BIAS)] = per.get(o - int(_BIAS), 0) + c
+    out = {}
+    for t, per in votes.items():
+        best = min(per, key=lambda o: (-per[o], abs(o), o))
+        total = per[best] + per.get(best - 1, 0) + per.get(best + 1, 0)
+        if total >= min_count:
+            out[t] = (total, best)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_only_tracks_that_can_reach_the_bar_are_ranked_with_the_same_result(seed):
+    """Tracks whose largest count is under a third of the bar are dropped before the ranking;
+    the result is the documented rule's, including a track that passes only on its
+    neighbours (4 + 3 + 3 = 10) and one just under (3 + 3 + 3)."""
+    from colabmagic.fingerprint.dedup import _BIAS, _best_offsets
+
+    rng = np.random.default_rng(seed)
+    n = 5000  # chance hits: single counts spread over many tracks and offsets
+    track = rng.integers(0, 300, n)
+    offset = rng.integers(-500, 500, n)
+    count = np.ones(n, np.int64)
+    track = np.r_[track, 1000, 1000, 1000, 1001, 1001, 1001, 1002, 1002]
+    offset = np.r_[offset, 7, 6, 8, 7, 6, 8, -3, -3]
+    count = np.r_[count, 4, 3, 3, 3, 3, 3, 9, 2]  # 1000 passes, 1001 does not, 1002 does
+    key = track.astype(np.int64) * (2 * _BIAS) + offset + _BIAS
+    order = rng.permutation(len(key))
+    key, count = key[order], count[order]
+    for bar in (1, 3, 10):
+        got = _best_offsets(key, count, bar)
+        assert got == _best_offsets_by_the_book(key, count, bar)
+    got = _best_offsets(key, count, 10)
+    assert got[1000] == (10, 7)
+    assert got[1002] == (11, -3)
+    assert 1001 not in got
+    assert _best_offsets(np.zeros(0, np.int64), np.zeros(0, np.int64), 10) == {}
+
+
+def test_each_pair_is_counted_once_by_its_lower_numbered_file(tmp_path):
+    """Votes are symmetric (sampling by hash value, the same skip list both ways): file j's
+    query finds file i's count at the negated offset, so each file counts only the files after
+    it; a looping piece, a copy of one pass of it and a trimmed copy give the same groups and
+    evidence as counting both ways."""
+    dedup_module = importlib.import_module("colabmagic.fingerprint.dedup")
+    from colabmagic.fingerprint import Fingerprinter, Index
+    from colabmagic.fingerprint.audio import load_audio
+
+    a = synth_music(911, 20.0)
+    files = {
+        "loop.wav": np.r_[a, a, synth_music(912, 6.0)],
+        "a.wav": a,
+        "a_trim.wav": a[3 * SR :],
+        "other.wav": synth_music(913, 20.0),
+    }
+    for name, y in files.items():
+        write_wav(tmp_path / name, y)
+    fpr = Fingerprinter()
+    idx = Index(tmp_path / "db", fingerprinter=fpr)
+    idx.add([(n, tmp_path / n) for n in files])
+    sampled = {}
+    for t in idx.tracks:
+        fp = fpr.fingerprint(load_audio(tmp_path / t.id, sample_rate=fpr.sample_rate))
+        keep = dedup_module._sample(fp.hashes, 4)
+        sampled[t.number] = dedup_module.Fingerprint(fp.hashes[keep], fp.times[keep], fp.peaks[:0])
+    both = {n: dedup_module._file_votes(idx, q, min_count=1)[0] for n, q in sampled.items()}
+    pairs = 0
+    for i, q in sampled.items():
+        once, _ = dedup_module._file_votes(idx, q, min_count=1, after=i)
+        assert once == {j: v for j, v in both[i].items() if j > i}
+        for j, (count, off) in once.items():
+            assert both[j][i] == (count, -off)
+            pairs += count >= 10
+    assert pairs >= 3  # loop~a, loop~a_trim, a~a_trim at least
+    groups = dedup([tmp_path / n for n in files], workers=2, backend="numpy").groups
+    assert [sorted(p.rsplit("/", 1)[-1] for p in g) for g in groups] == [
+        ["a.wav", "a_trim.wav", "loop.wav"]
+    ]

@@ -336,3 +336,28 @@ def test_threads_sharing_an_index_see_the_same_postings(built_index, monkeypatch
         assert all(s.table is not None for s in idx._shards)
     counts = np.bincount(hashes, minlength=(1 << 21) + 1)  # the table = cumulative counts
     np.testing.assert_array_equal(real_table(hashes), np.concatenate([[0], np.cumsum(counts)])[:-1])
+
+
+def test_plan_lookups_builds_the_start_tables_up_front(tmp_path, monkeypatch):
+    """A batch job that will look up many hashes (dedup) gets every shard's start table at
+    once, not after an eighth of the shard was searched by bisection; the postings found are
+    the same, and a small plan leaves the shard to bisect."""
+    from colabmagic.fingerprint import index as ix
+
+    monkeypatch.setattr(ix, "TABLE_MIN_HASHES", 1000)
+    rng = np.random.default_rng(0)
+    idx = Index(tmp_path / "db")
+    for t in range(3):
+        n = 4000
+        record = {"id": f"t{t}", "path": f"t{t}", "duration": 30.0, "content_hash": f"h{t}"}
+        hashes = rng.integers(0, 1 << 21, n).astype(np.uint32)
+        idx.add_fingerprints([(record, hashes, np.sort(rng.integers(0, 900, n)).astype(np.int32))])
+    assert len(idx._shards) == 3
+    queries = rng.integers(0, 1 << 21, 300).astype(np.uint32)
+    before = [a.tolist() for a in idx.lookup(queries, max_postings=1 << 20)]
+    fresh = Index(tmp_path / "db", readonly=True)
+    fresh.plan_lookups(10)
+    assert all(s.table is None for s in fresh._shards)
+    fresh.plan_lookups(4000 // 8)
+    assert all(s.table is not None for s in fresh._shards)
+    assert [a.tolist() for a in fresh.lookup(queries, max_postings=1 << 20)] == before
