@@ -144,7 +144,7 @@ def test_votes_at_neighbouring_offsets_are_summed_and_chance_tracks_dropped():
     count = np.array([30, 15, 10, 20, 5, 12, 12], np.int64)
     # track 5: 30 at 10 and 25 at 11 (two windows), 20 at 40; track 9: a tie, 0's side first
     key = track * (2 * _BIAS) + offset + _BIAS
-    assert _best_offsets(key, count, 10) == {5: (55, 10), 9: (12, -2)}
+    assert _best_offsets(np.repeat(key, count), 10) == {5: (55, 10), 9: (12, -2)}
 
 
 def test_a_copy_trimmed_by_part_of_a_frame_is_grouped_at_its_offset(tmp_path):
@@ -163,16 +163,16 @@ def test_a_copy_trimmed_by_part_of_a_frame_is_grouped_at_its_offset(tmp_path):
         assert abs(ev[frozenset(("a.wav", name))].offset_s - (2 + shift / SR)) < 0.033
 
 
-def _best_offsets_by_the_book(key, count, min_count):
-    """The documented rule in plain Python: per track the counts summed per offset, the offset
-    with the most (nearest 0, then lowest, on a tie), and its sum +-1 frame."""
+def _best_offsets_by_the_book(key, min_count):
+    """The documented rule in plain Python: per track the hits per offset, the offset with the
+    most (nearest 0, then lowest, on a tie), and its sum +-1 frame."""
     from colabmagic.fingerprint.dedup import _BIAS
 
     votes: dict[int, dict[int, int]] = {}
-    for k, c in zip(key.tolist(), count.tolist(), strict=True):
+    for k in key.tolist():
         t, o = divmod(k, 2 * int(_BIAS))
         per = votes.setdefault(t, {})
-        per[o - int(_BIAS)] = per.get(o - int(_BIAS), 0) + c
+        per[o - int(_BIAS)] = per.get(o - int(_BIAS), 0) + 1
     out = {}
     for t, per in votes.items():
         best = min(per, key=lambda o: (-per[o], abs(o), o))
@@ -184,9 +184,9 @@ def _best_offsets_by_the_book(key, count, min_count):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_only_tracks_that_can_reach_the_bar_are_ranked_with_the_same_result(seed):
-    """Tracks whose largest count is under a third of the bar are dropped before the ranking;
-    the result is the documented rule's, including a track that passes only on its
-    neighbours (4 + 3 + 3 = 10) and one just under (3 + 3 + 3)."""
+    """Only offsets with a third of the bar are ranked; the result is the documented rule's,
+    including a track that passes only on its neighbours (4 + 3 + 3 = 10), one just under
+    (3 + 3 + 3), and ties between offsets at the same distance from 0."""
     from colabmagic.fingerprint.dedup import _BIAS, _best_offsets
 
     rng = np.random.default_rng(seed)
@@ -194,20 +194,21 @@ def test_only_tracks_that_can_reach_the_bar_are_ranked_with_the_same_result(seed
     track = rng.integers(0, 300, n)
     offset = rng.integers(-500, 500, n)
     count = np.ones(n, np.int64)
-    track = np.r_[track, 1000, 1000, 1000, 1001, 1001, 1001, 1002, 1002]
-    offset = np.r_[offset, 7, 6, 8, 7, 6, 8, -3, -3]
-    count = np.r_[count, 4, 3, 3, 3, 3, 3, 9, 2]  # 1000 passes, 1001 does not, 1002 does
-    key = track.astype(np.int64) * (2 * _BIAS) + offset + _BIAS
-    order = rng.permutation(len(key))
-    key, count = key[order], count[order]
-    for bar in (1, 3, 10):
-        got = _best_offsets(key, count, bar)
-        assert got == _best_offsets_by_the_book(key, count, bar)
-    got = _best_offsets(key, count, 10)
+    track = np.r_[track, 1000, 1000, 1000, 1001, 1001, 1001, 1002, 1002, 1003, 1003]
+    offset = np.r_[offset, 7, 6, 8, 7, 6, 8, -3, -3, 5, -5]
+    count = np.r_[count, 4, 3, 3, 3, 3, 3, 9, 2, 6, 6]  # 1000 passes, 1001 not; 1002, 1003 do
+    key = np.repeat(track.astype(np.int64) * (2 * _BIAS) + offset + _BIAS, count)
+    key = key[rng.permutation(len(key))]
+    for bar in (1, 2, 3, 6, 10, 12):
+        assert _best_offsets(key, bar) == _best_offsets_by_the_book(key, bar)
+    got = _best_offsets(key, 10)
     assert got[1000] == (10, 7)
     assert got[1002] == (11, -3)
     assert 1001 not in got
-    assert _best_offsets(np.zeros(0, np.int64), np.zeros(0, np.int64), 10) == {}
+    assert 1003 not in got
+    assert _best_offsets(key, 6)[1003] == (6, -5)  # a tie at +-5: the lower offset
+    assert _best_offsets(np.zeros(0, np.int64), 10) == {}
+    assert _best_offsets(key[:2], 10) == {}
 
 
 def test_each_pair_is_counted_once_by_its_lower_numbered_file(tmp_path):
