@@ -243,6 +243,26 @@ def _ahead(fn: Callable[[Any], Any], items: Iterable[Any], depth: int) -> Iterat
             yield done
 
 
+def _content_hashes(items: Sequence[tuple[str, str]], threads: int) -> list[str | OSError]:
+    """:func:`content_hash` of every ``(id, path)``'s file, or the error reading it.
+
+    In *threads* threads (BLAKE2b and the reads release the GIL): every byte of the collection
+    is read before the first file can be decoded (64 h of MP3, 4 GB: 7.4 CPU-seconds), and in
+    one thread the other cores waited for it.
+    """
+
+    def one(item: tuple[str, str]) -> str | OSError:
+        try:
+            return content_hash(item[1])
+        except OSError as exc:
+            return exc
+
+    if threads <= 1 or len(items) < 2:
+        return [one(it) for it in items]
+    with ThreadPoolExecutor(threads) as pool:  # joined before any worker process is forked
+        return list(pool.map(one, items))
+
+
 def _between(keys: np.ndarray, lo: Any, hi: Any) -> slice:
     """The slice of sorted *keys* in ``[lo, hi)``."""
     return slice(int(np.searchsorted(keys, lo)), int(np.searchsorted(keys, hi)))
@@ -667,11 +687,9 @@ class Index:
             self.reload()
             self._collect_garbage(self._manifest)
             jobs, seen = [], set(self._by_hash)
-            for track_id, path in items:
-                try:
-                    chash = content_hash(path)
-                except OSError as exc:
-                    self._skip(summary, path, f"{path}: cannot read ({exc.strerror}); skipped.")
+            for (track_id, path), chash in zip(items, _content_hashes(items, workers), strict=True):
+                if isinstance(chash, OSError):
+                    self._skip(summary, path, f"{path}: cannot read ({chash.strerror}); skipped.")
                     continue
                 if chash in seen:
                     summary.known += 1

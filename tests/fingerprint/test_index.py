@@ -403,3 +403,22 @@ def test_merge_steps_ahead_come_in_order_and_hold_a_bounded_number():
     with pytest.raises(ValueError, match="step 3"):
         out.extend(_ahead(fails_at_3, range(10), 2))
     assert out == [0, 1, 2]
+
+
+def test_files_are_hashed_in_threads_and_an_unreadable_one_is_skipped(tmp_path, tracks):
+    """Content hashes come from a thread per worker, in the files' order: a second copy of
+    one content is known and a file that cannot be read is one warning and skipped."""
+    a = write_wav(tmp_path / "a.wav", tracks["t0"][: 8 * SR])
+    shutil.copy(a, tmp_path / "a_copy.wav")
+    write_wav(tmp_path / "b.wav", tracks["t1"][: 8 * SR])
+    (tmp_path / "locked.wav").write_bytes(b"RIFF")
+    (tmp_path / "locked.wav").chmod(0)
+    items = [(n, tmp_path / n) for n in ("a.wav", "locked.wav", "a_copy.wav", "b.wav")]
+    idx = Index(tmp_path / "db")
+    if os.access(tmp_path / "locked.wav", os.R_OK):  # root reads anything: a missing file then
+        items[1] = ("locked.wav", tmp_path / "gone" / "locked.wav")
+    with pytest.warns(UserWarning, match=r"locked\.wav: cannot read"):
+        s = idx.add(items, workers=2)
+    assert (s.added, s.known, s.skipped) == (2, 1, 1)
+    assert [t.id for t in idx.tracks] == ["a.wav", "b.wav"]
+    assert s.skipped_files == [str(items[1][1])]
