@@ -1,6 +1,7 @@
 """Where dedup's CPU goes: its query phase on an existing index, section by section (issue 14).
 
     nice -n 19 python benchmarks/dedup_profile.py --db ~/fpwork/db [--files 200] [--threads 2]
+    nice -n 19 python benchmarks/dedup_profile.py --phases ~/fpcorpus/library --db ~/fpwork/db
 
 ``fp dedup`` is decode + fingerprint (the worker processes), the index build and spill (the
 parent), then one query per file against the index of all files. This replays the query phase
@@ -11,12 +12,15 @@ and its edges (``--json`` keeps them, so two versions of the code can be compare
 edge), then a seeded sample of ``--files`` files timed section by section (process CPU): the
 lookups (ranges and postings gathered), building the packed keys, and the counting/ranking of
 :func:`~colabmagic.fingerprint.dedup._best_offsets`; with the hits' and offsets' counts.
+``--phases LIBRARY`` instead runs the whole of ``dedup()`` in this process and splits its CPU by
+phase (this process's own and its worker processes').
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import os
 import time
@@ -102,6 +106,61 @@ def sections(index: Any, spill: Spill, numbers: list[int], min_count: int) -> di
     }
 
 
+def phases(library: str, work_dir: str | None, workers: int) -> dict[str, Any]:
+    """dedup() in this process on *library*, CPU by phase: this process's own (index build,
+    spill, queries, grouping) and its reaped children's (the workers and their ffmpegs:
+    decode + fingerprint), read at each phase boundary."""
+    import resource
+
+    from colabmagic.fingerprint import index as ix
+    from colabmagic.fingerprint import pipeline
+
+    marks: list[tuple[str, float, float, float]] = []
+
+    def mark(label: str) -> None:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        marks.append(
+            (label, time.perf_counter(), me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime)
+        )
+
+    def timed(obj: Any, name: str, label: str) -> None:
+        real = getattr(obj, name)
+
+        def run(*a: Any, **k: Any) -> Any:
+            mark(f"{label} start")
+            try:
+                return real(*a, **k)
+            finally:
+                mark(f"{label} end")
+
+        setattr(obj, name, run)
+
+    timed(ix.Index, "_compact_locked", "final merge")
+    timed(D, "_query_edges", "queries")
+    timed(D, "_collect_groups", "grouping")
+    real_pool = pipeline._pool_map
+
+    def pool_map(*a: Any, **k: Any) -> Any:
+        yield from real_pool(*a, **k)
+        mark("workers done")
+
+    pipeline._pool_map = pool_map
+    mark("start")
+    res = D.dedup([library], workers=workers, backend="numpy", work_dir=work_dir)
+    mark("end")
+    out = [
+        {
+            "phase": f"{a[0]} -> {b[0]}",
+            "wall_s": b[1] - a[1],
+            "self_cpu_s": b[2] - a[2],
+            "children_cpu_s": b[3] - a[3],
+        }
+        for a, b in itertools.pairwise(marks)
+    ]
+    return {"phases": out, "audio_s": res.audio_seconds, "groups": len(res.groups), "load": load()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", required=True, help="an index fp index built from the files")
@@ -110,7 +169,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-whole", action="store_true", help="only the sampled sections")
     ap.add_argument("--json", dest="json_out", help="figures and the whole phase's edges")
+    ap.add_argument("--phases", metavar="LIBRARY", help="instead: dedup() on LIBRARY, by phase")
+    ap.add_argument("--work-dir", help="--phases: dedup's temporary index goes here")
     args = ap.parse_args()
+    if args.phases:
+        r = phases(args.phases, args.work_dir, args.threads)
+        for p in r["phases"]:
+            print(f"  {p['phase']:36s} wall {p['wall_s']:7.1f} s, this process "
+                  f"{p['self_cpu_s']:6.1f} CPU-s, workers {p['children_cpu_s']:6.1f}")  # fmt: skip
+        print(f"{r['audio_s']:.0f} s of audio, {r['groups']} groups; {r['load']}")
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(r, f, indent=1)
+        return
     from colabmagic.fingerprint.index import Index
 
     index = Index(args.db, readonly=True)
