@@ -39,15 +39,13 @@ merge plans with; format 2 indexes must be rebuilt (one clear error says so).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import shutil
 import sys
 import uuid
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,10 +70,6 @@ FORMAT_VERSION = 3
 #: (the slices, their stable sort order and the reordered copies): 1M entries is ~50 MB, and the
 #: steps are still long sequential runs (12 MB of hashes and postings written per step).
 MERGE_STEP = 1 << 20
-#: Merge steps computed at once, in threads, ahead of the one being written (NumPy's slicing,
-#: sorting and gathering and the file writes release the GIL): the final merge of a large add
-#: runs when the workers are done, and one thread would leave the other cores idle.
-MERGE_THREADS = 2
 #: Shards of the same size class merged together while an add runs (LSM fan-out).
 MERGE_FANOUT = 8
 TIME_MASK = np.uint64(0xFFFFFFFF)
@@ -222,25 +216,6 @@ def _steps(arrays: Sequence[np.ndarray], grid: np.ndarray, limit: int) -> list[t
             start = i - 1
     steps.append((grid[start], grid[-1]))
     return steps
-
-
-def _ahead(fn: Callable[[Any], Any], items: Iterable[Any], depth: int) -> Iterator[Any]:
-    """``fn(item)`` for every item, in order, computed up to *depth* items ahead in threads.
-
-    At most *depth* results exist besides the one the caller holds, so memory stays a few
-    merge steps whatever the number of items.
-    """
-    if depth < 1:
-        yield from map(fn, items)
-        return
-    it = iter(items)
-    with ThreadPoolExecutor(depth) as pool:
-        running = deque(pool.submit(fn, x) for x in itertools.islice(it, depth))
-        while running:
-            done = running.popleft().result()
-            for x in itertools.islice(it, 1):
-                running.append(pool.submit(fn, x))
-            yield done
 
 
 def _content_hashes(items: Sequence[tuple[str, str]], threads: int) -> list[str | OSError]:
@@ -907,10 +882,7 @@ class Index:
 
         Key range by key range (each at most ~:data:`MERGE_STEP` entries), every shard's slice is
         read from its memory map, merged (stable: shard order, i.e. track order, within a hash)
-        and appended to the new files; memory stays a few steps whatever the index size. The
-        steps are independent: :data:`MERGE_THREADS` are computed ahead of the one being
-        written, and the peaks are merged beside the hashes, so a merge that runs alone (the
-        final one of an add, after the workers) uses more than one core.
+        and appended to the new files; memory stays one step whatever the index size.
         """
         manifest = json.loads(json.dumps(self._manifest))
         pos = manifest["shards"].index(names[0])
@@ -927,27 +899,24 @@ class Index:
         ) << np.uint64(T_BITS + F_BITS)
         psteps = _steps([s.peaks for s in shards], peaks_grid, MERGE_STEP)
 
-        def hash_step(step: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray]:
-            cut = [(s, _between(s.hashes, *step)) for s in shards]
-            h = np.concatenate([np.asarray(s.hashes[sl]) for s, sl in cut])
-            p = np.concatenate([np.asarray(s.postings[sl]) for s, sl in cut])
-            if alive is not None:
-                keep = alive[(p >> np.uint64(32)).astype(np.int64)]
-                h, p = h[keep], p[keep]
-            order = np.argsort(h, kind="stable")
-            return h[order], p[order]
+        def hash_chunks() -> Iterable[tuple[np.ndarray, np.ndarray]]:
+            for lo, hi in hsteps:
+                cut = [(s, _between(s.hashes, lo, hi)) for s in shards]
+                h = np.concatenate([np.asarray(s.hashes[sl]) for s, sl in cut])
+                p = np.concatenate([np.asarray(s.postings[sl]) for s, sl in cut])
+                if alive is not None:
+                    keep = alive[(p >> np.uint64(32)).astype(np.int64)]
+                    h, p = h[keep], p[keep]
+                order = np.argsort(h, kind="stable")
+                yield h[order], p[order]
 
-        def peak_step(step: tuple[Any, Any]) -> np.ndarray:
-            k = np.concatenate([np.asarray(s.peaks[_between(s.peaks, *step)]) for s in shards])
-            if alive is not None:
-                k = k[alive[(k >> np.uint64(T_BITS + F_BITS)).astype(np.int64)]]
-            return np.sort(k)
-
-        def hash_chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            return _ahead(hash_step, hsteps, MERGE_THREADS)
-
-        def peak_chunks() -> Iterator[np.ndarray]:
-            return _ahead(peak_step, psteps, MERGE_THREADS - 1)
+        def peak_chunks() -> Iterable[np.ndarray]:
+            shift = np.uint64(T_BITS + F_BITS)
+            for lo, hi in psteps:
+                k = np.concatenate([np.asarray(s.peaks[_between(s.peaks, lo, hi)]) for s in shards])
+                if alive is not None:
+                    k = k[alive[(k >> shift).astype(np.int64)]]
+                yield np.sort(k)
 
         if alive is None:
             n_hashes = sum(int(s.hashes.shape[0]) for s in shards)
@@ -957,17 +926,11 @@ class Index:
             n_peaks = sum(len(k) for k in peak_chunks())
 
         def write(d: Path) -> None:
-            # the peaks are other files: written beside the hashes and postings, not after them
-            with ThreadPoolExecutor(1) as pool:
-                peaks = pool.submit(
-                    _save_npy_stream, [d / "peaks.npy"], [np.uint64], n_peaks,
-                    ((k,) for k in peak_chunks()),
-                )  # fmt: skip
-                _save_npy_stream(
-                    [d / "hashes.npy", d / "postings.npy"], [np.uint32, np.uint64], n_hashes,
-                    hash_chunks(),
-                )  # fmt: skip
-                peaks.result()
+            _save_npy_stream(
+                [d / "hashes.npy", d / "postings.npy"], [np.uint32, np.uint64], n_hashes,
+                hash_chunks(),
+            )  # fmt: skip
+            _save_npy_stream([d / "peaks.npy"], [np.uint64], n_peaks, ((k,) for k in peak_chunks()))
 
         name = self._publish_shard(write)
         infos = [manifest["shard_info"].pop(n) for n in names]

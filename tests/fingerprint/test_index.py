@@ -214,17 +214,12 @@ def _tracks(idx: Index) -> list[tuple]:
     return [(t.number, t.id, t.content_hash, t.n_hashes) for t in idx.tracks]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_streaming_merges_equal_a_one_shot_build(
-    built_index, library, tmp_path, monkeypatch, threads
-):
+def test_streaming_merges_equal_a_one_shot_build(built_index, library, tmp_path, monkeypatch):
     """A shard per file, LSM merges while adding and a final merge, each merge in many small
-    key-range steps (one after another, or computed ahead in threads): the same index, byte
-    for byte, as one shard written at once."""
+    key-range steps: the same index, byte for byte, as one shard written at once."""
     from colabmagic.fingerprint import index as ix
 
     monkeypatch.setattr(ix, "MERGE_STEP", 3000)  # ~10 steps per merge
-    monkeypatch.setattr(ix, "MERGE_THREADS", threads)
     monkeypatch.setattr(ix, "MERGE_FANOUT", 2)
     merges = []
     real_merge = ix.Index._merge
@@ -366,43 +361,6 @@ def test_plan_lookups_builds_the_start_tables_up_front(tmp_path, monkeypatch):
     fresh.plan_lookups(4000 // 8)
     assert all(s.table is not None for s in fresh._shards)
     assert [a.tolist() for a in fresh.lookup(queries, max_postings=1 << 20)] == before
-
-
-def test_merge_steps_ahead_come_in_order_and_hold_a_bounded_number():
-    """``_ahead`` yields fn(item) in the items' order however the threads finish, has at most
-    *depth* results beyond the one the caller holds, and passes an error on."""
-    import threading
-
-    from colabmagic.fingerprint.index import _ahead
-
-    started: list[int] = []
-    lock = threading.Lock()
-
-    def slow_if_even(x: int) -> int:
-        with lock:
-            started.append(x)
-        time.sleep(0.02 if x % 2 == 0 else 0.0)  # later items often finish first
-        return x * x
-
-    for depth in (0, 1, 3):
-        started.clear()
-        got = []
-        for y in _ahead(slow_if_even, range(20), depth):
-            with lock:
-                assert len(started) <= len(got) + 1 + depth  # bounded look-ahead
-            got.append(y)
-        assert got == [x * x for x in range(20)]
-
-    def fails_at_3(x: int) -> int:
-        if x == 3:
-            msg = "step 3"
-            raise ValueError(msg)
-        return x
-
-    out = []
-    with pytest.raises(ValueError, match="step 3"):
-        out.extend(_ahead(fails_at_3, range(10), 2))
-    assert out == [0, 1, 2]
 
 
 def test_files_are_hashed_in_threads_and_an_unreadable_one_is_skipped(tmp_path, tracks):
