@@ -9,7 +9,9 @@ subscriber. When the pipe breaks, the proxy keeps serving its local sockets, rec
 backoff through the transport's ``open_pipe`` and resumes from the last acknowledged sequence
 number, so clients see a delay and never a lost message.
 
-One thread runs the event loop; other threads talk to it through a queue and a wake-up pipe.
+One thread runs the event loop, its own or (when the pipe names a ``loop_host``) the asyncio loop
+that serves the pipe's other end (:mod:`colabmagic.loophost`); other threads talk to it through a
+queue and a wake-up pipe.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from colabmagic import inproc, wire
+from colabmagic import inproc, linkstate, loophost, wire
 from colabmagic.errors import ConnectError
 
 log = logging.getLogger("colabmagic.proxy")
@@ -40,7 +42,11 @@ _HEADER, _PARENT = 2, 3  # positions of the header and parent header after the d
 
 
 class Pipe(Protocol):
-    """A bidirectional byte stream to an agent (a bridge subprocess, an SSH channel...)."""
+    """A bidirectional byte stream to an agent (a bridge subprocess, an SSH channel...).
+
+    A pipe whose other end is served on this process's asyncio loop names that loop's
+    :class:`~colabmagic.loophost.ZmqSelector` as ``loop_host``: the proxy then polls there.
+    """
 
     read_fd: int
     write_fd: int
@@ -115,6 +121,8 @@ class Proxy:
         self._stream: wire.FramedStream | None = None
         self._hello_pending = False
         self._thread: threading.Thread | None = None
+        self._host = None
+        self._ended = threading.Event()
         self._tmpdir = tempfile.mkdtemp(prefix="colabmagic-")
         self._kernel_listeners: list[Callable[[dict], None]] = []
         self.tap: Callable[[list], bool] | None = None
@@ -159,10 +167,12 @@ class Proxy:
     def start(self, timeout: float = 60.0) -> dict:
         """Open the first pipe, handshake, and start serving; returns the connection info."""
         pipe = self.open_pipe()
-        self._thread = threading.Thread(
-            target=self._run, args=(pipe,), name=f"colabmagic-proxy-{self.name}", daemon=True
-        )
-        self._thread.start()
+        self._attach(pipe)
+        self._host = getattr(pipe, "loop_host", None)  # the link's own thread: loophost.py
+        if self._host is None:
+            self._thread = loophost.run_alone(self, f"colabmagic-proxy-{self.name}")
+        else:
+            self._host.add_guest(self)
         if not self._welcomed.wait(timeout):
             self.close()
             msg = (
@@ -274,8 +284,9 @@ class Proxy:
             return
         self._closing = True
         self._post("close")
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        poller = self._thread if self._host is None else self._host.thread
+        if poller is not None and poller is not threading.current_thread():
+            self._ended.wait(timeout)
         for listener in list(self._listeners):
             listener.close()
         self._listeners.clear()
@@ -359,79 +370,80 @@ class Proxy:
             self._stopped.wait(backoff)
             backoff = min(backoff * 2, 5.0)
 
-    def _run(self, pipe: Pipe) -> None:
-        try:
-            self._attach(pipe)
-            self._loop()
-        except Exception as exc:  # a bug must not leave clients hanging silently
-            log.exception("%s: proxy loop crashed", self.name)
-            self._die(f"internal error in the proxy: {exc!r}")
-        finally:
-            _close_pipe(self._detach())
+    def poll_setup(self, poller: zmq.Poller) -> float:
+        """Register what the proxy waits for (:class:`colabmagic.loophost.PollGuest`)."""
+        for sock in (self._shell, self._control, self._stdin, self._hb, self._wake_r):
+            poller.register(sock, zmq.POLLIN)
+        for listener in self._listeners:
+            poller.register(listener, zmq.POLLIN)
+        self._tcp.register(poller, zmq.POLLIN, zmq.POLLOUT)
+        stream = self._stream
+        if stream is not None:
+            out = zmq.POLLOUT if stream.wants_write() else 0
+            poller.register(
+                stream.read_fd, zmq.POLLIN | (out if stream.write_fd == stream.read_fd else 0)
+            )
+            if out and stream.write_fd != stream.read_fd:
+                poller.register(stream.write_fd, out)
+        return 1000 if self._last_down == self._acked_down else 20
 
-    def _loop(self) -> None:
-        local = {
-            self._shell: wire.SHELL,
-            self._control: wire.CONTROL,
-            self._stdin: wire.STDIN,
-        }
-        while not self._closing:
-            poller = zmq.Poller()
-            for sock in local:
-                poller.register(sock, zmq.POLLIN)
-            poller.register(self._hb, zmq.POLLIN)
-            poller.register(self._wake_r, zmq.POLLIN)
-            for listener in self._listeners:
-                poller.register(listener, zmq.POLLIN)
-            self._tcp.register(poller, zmq.POLLIN, zmq.POLLOUT)
-            stream = self._stream
-            if stream is not None:
-                poller.register(stream.read_fd, zmq.POLLIN)
-                if stream.wants_write():
-                    poller.register(stream.write_fd, zmq.POLLOUT)
-            events = dict(poller.poll(1000 if self._last_down == self._acked_down else 20))
-            if self._wake_r in events:
-                self._drain_commands()
-                if self._closing:
-                    return
-            for sock, channel in local.items():
-                if sock in events:
-                    for _ in range(256):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._up(sock, channel, frames)
-            for listener, port in list(self._listeners.items()):
-                if listener.fileno() in events:
-                    self._accept(listener, port)
-            for sid, data in self._tcp.handle(events, zmq.POLLIN, zmq.POLLOUT):
-                self._send_up(wire.TCP, [wire.sid_bytes(sid), data])
-            if self._hb in events:
-                # Heartbeats are answered here: liveness of the remote kernel is reported by
-                # the agent (kernel_died), which knows better than a ping through a slow link.
-                self._hb.send_multipart(self._hb.recv_multipart())
-            stream = self._stream
-            if stream is not None and stream.read_fd in events:
-                try:
-                    self._down(stream.read_frames())
-                except (wire.StreamClosed, wire.ProtocolError) as exc:
-                    self._link_lost(str(exc))
-                    continue
-                if stream.closed:  # it ended right after the frames just handled
-                    self._link_lost("end of stream")
-                    continue
-            stream = self._stream
-            if stream is not None:
-                try:  # a stream that closed under us is a lost link, whatever we were sending
-                    now = time.monotonic()  # ACKs at most every _ACK_EVERY: fewer turns
-                    ack = self._last_down > self._acked_down and now >= self._ack_due
-                    if ack and not self._hello_pending:
-                        stream.send_frame(wire.ACK, self._last_down, [])
-                        self._acked_down, self._ack_due = self._last_down, now + _ACK_EVERY
-                    stream.flush()
-                except wire.StreamClosed as exc:
-                    self._link_lost(str(exc))
+    def poll_events(self, events: dict) -> bool:
+        """Handle what the poll found; False once the proxy is closing."""
+        if self._wake_r in events:
+            self._drain_commands()
+        if self._closing:
+            return False
+        for sock, channel in (
+            (self._shell, wire.SHELL),
+            (self._control, wire.CONTROL),
+            (self._stdin, wire.STDIN),
+        ):
+            if sock in events:
+                for _ in range(256):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._up(sock, channel, frames)
+        for listener, port in list(self._listeners.items()):
+            if listener.fileno() in events:
+                self._accept(listener, port)
+        for sid, data in self._tcp.handle(events, zmq.POLLIN, zmq.POLLOUT):
+            self._send_up(wire.TCP, [wire.sid_bytes(sid), data])
+        if self._hb in events:
+            # Heartbeats are answered here: liveness of the remote kernel is reported by
+            # the agent (kernel_died), which knows better than a ping through a slow link.
+            self._hb.send_multipart(self._hb.recv_multipart())
+        stream = self._stream
+        if stream is not None and stream.read_fd in events:
+            try:
+                self._down(stream.read_frames())
+            except (wire.StreamClosed, wire.ProtocolError) as exc:
+                self._link_lost(str(exc))
+                return True
+            if stream.closed:  # it ended right after the frames just handled
+                self._link_lost("end of stream")
+                return True
+        stream = self._stream
+        if stream is not None:
+            try:  # a stream that closed under us is a lost link, whatever we were sending
+                now = time.monotonic()  # ACKs at most every _ACK_EVERY: fewer turns
+                ack = self._last_down > self._acked_down and now >= self._ack_due
+                if ack and not self._hello_pending:
+                    stream.send_frame(wire.ACK, self._last_down, [])
+                    self._acked_down, self._ack_due = self._last_down, now + _ACK_EVERY
+                stream.flush()
+            except wire.StreamClosed as exc:
+                self._link_lost(str(exc))
+        return True
+
+    def poll_end(self, error: BaseException | None) -> None:
+        """The proxy stopped polling; *error* if a bug stopped it (clients must not hang)."""
+        if error is not None:
+            log.error("%s: proxy loop crashed", self.name, exc_info=error)
+            self._die(f"internal error in the proxy: {error!r}")
+        _close_pipe(self._detach())
+        self._ended.set()
 
     def _drain_commands(self) -> None:
         try:
@@ -500,7 +512,7 @@ class Proxy:
     def _up(self, sock, channel: int, frames) -> None:
         ident = frames[0].bytes
         parts = [f.buffer for f in frames[1:]]
-        msg_id = _msg_id(parts, _HEADER)
+        msg_id = wire.msg_id_at(parts, _HEADER)
         if msg_id is None:
             log.warning("%s: dropping a malformed message from a client", self.name)
             return
@@ -511,7 +523,7 @@ class Proxy:
         self._send_up(channel, parts)
 
     def _route_back(self, parts, *, pop: bool) -> bytes | None:
-        return (self._route.pop if pop else self._route.get)(_msg_id(parts, _PARENT), None)
+        return (self._route.pop if pop else self._route.get)(wire.msg_id_at(parts, _PARENT), None)
 
     def _down(self, frames) -> None:
         for kind, seq, body in frames:
@@ -547,7 +559,7 @@ class Proxy:
         if info.get("state") == "dead":
             self.state = "dead"
             self.kernel_exit = info.get("exit")
-            self.dead_reason = _death_message(self.kernel_exit)
+            self.dead_reason = linkstate.death_message(self.kernel_exit)
         else:
             self.state = "up"
         self.reconnect_attempt = 0
@@ -584,7 +596,7 @@ class Proxy:
         if kind == "kernel_died":
             self.kernel_exit = {k: event.get(k) for k in ("exit_code", "signal", "pid")}
             self.state = "dead"
-            self.dead_reason = _death_message(self.kernel_exit)
+            self.dead_reason = linkstate.death_message(self.kernel_exit)
         elif kind == "kernel_ready":
             self.kernel_exit = None
             self.dead_reason = None
@@ -607,17 +619,3 @@ def _close_pipe(pipe: Pipe | None) -> None:
         pipe is not None and pipe.close()
     except OSError:
         pass
-
-
-def _msg_id(parts, which: int) -> str | None:
-    """The ``msg_id`` of a client message's header (``_HEADER``) or parent header (``_PARENT``)."""
-    i = wire.delim_index(parts, 4)
-    return None if i is None else wire.header_msg_id(parts, i + which)
-
-
-def _death_message(exit_info: dict | None) -> str:
-    if not exit_info:
-        return "the remote kernel died"
-    if exit_info.get("signal"):
-        return f"the remote kernel died (killed by {exit_info['signal']})"
-    return f"the remote kernel died (exit code {exit_info.get('exit_code')})"

@@ -124,6 +124,13 @@ def header_msg_id(parts, index: int):
     return header.get("msg_id") if isinstance(header, dict) else None
 
 
+def msg_id_at(parts, offset: int):
+    """The ``msg_id`` of the JSON part *offset* places after a client message's delimiter
+    (2: its header, 3: its parent header); None when the message is malformed."""
+    i = delim_index(parts, 4)
+    return None if i is None else header_msg_id(parts, i + offset)
+
+
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _BIG = 8 << 20
 

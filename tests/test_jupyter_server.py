@@ -78,6 +78,11 @@ def test_run_push_pull_and_subprotocol(which, server, request, monkeypatch):
         link = s.transport.links[s.kernel_id]
         assert link.current is not None
         assert link.current.v1 is (which == "v1")
+        # The proxy polls in the link's own thread (colabmagic/loophost.py): no hand-over.
+        selector = s.transport._loop.selector
+        assert s.proxy._host is selector
+        assert selector.thread is s.transport._loop.thread
+        assert s.proxy._thread is None
         r = s.run("import os; print('pid', os.getpid()); 6 * 7")
         assert r.stdout.startswith("pid ")
         assert r.result.data["text/plain"] == "42"

@@ -30,6 +30,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from colabmagic import loophost
 from colabmagic.errors import ConnectError, ParameterError
 from colabmagic.proxy import PermanentLinkError
 from colabmagic.transport.jupyter_link import V1, Inbox, KernelLink
@@ -367,10 +368,14 @@ class _Rest:
 
 
 class _Loop:
-    """One asyncio loop in a daemon thread, shared by the links of a transport."""
+    """One asyncio loop in a daemon thread, shared by the links of a transport and their proxies.
+
+    Its selector (:class:`colabmagic.loophost.ZmqSelector`) polls the proxies' ZeroMQ sockets
+    too, so a message between a link and its proxy changes no thread.
+    """
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop, self.selector = loophost.new_loop()
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="colabmagic-jupyter", daemon=True
         )
@@ -392,7 +397,8 @@ class _Loop:
 class LinkPipe:
     """The proxy's end of a socket pair whose other end a :class:`KernelLink` serves."""
 
-    def __init__(self, transport: JupyterTransport, kernel_id: str):
+    def __init__(self, transport: JupyterTransport, kernel_id: str, host: loophost.ZmqSelector):
+        self.loop_host = host  # the proxy polls in the link's thread
         self._outer, self.inner = socket.socketpair()
         for s in (self._outer, self.inner):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -609,7 +615,7 @@ class JupyterTransport:
         except TimeoutError:
             msg = f"the kernel websocket on {self.target} did not open in {self.connect_timeout:g}s"
             raise ConnectError(msg) from None
-        pipe = LinkPipe(self, kernel_id)
+        pipe = LinkPipe(self, kernel_id, self._loop.selector)
         self._loop.spawn(link.serve(ws, subprotocol, pipe.inner, inbox))
         return pipe
 
