@@ -9,9 +9,7 @@ subscriber. When the pipe breaks, the proxy keeps serving its local sockets, rec
 backoff through the transport's ``open_pipe`` and resumes from the last acknowledged sequence
 number, so clients see a delay and never a lost message.
 
-One thread runs the event loop, its own or (when the pipe names a ``loop_host``) the asyncio loop
-that serves the pipe's other end (:mod:`colabmagic.loophost`); other threads talk to it through a
-queue and a wake-up pipe.
+One thread runs the event loop; other threads talk to it through a queue and a wake-up pipe.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from colabmagic import inproc, linkstate, loophost, wire
+from colabmagic import inproc, linkstate, wire
 from colabmagic.errors import ConnectError
 
 log = logging.getLogger("colabmagic.proxy")
@@ -44,8 +42,8 @@ _HEADER, _PARENT = 2, 3  # positions of the header and parent header after the d
 class Pipe(Protocol):
     """A bidirectional byte stream to an agent (a bridge subprocess, an SSH channel...).
 
-    A pipe whose other end is served on this process's asyncio loop names that loop's
-    :class:`~colabmagic.loophost.ZmqSelector` as ``loop_host``: the proxy then polls there.
+    A pipe to a part of this process may hand over its ``stream`` ready-made instead of
+    descriptors (a :mod:`colabmagic.mempipe` end, whose frames pass as objects).
     """
 
     read_fd: int
@@ -121,8 +119,6 @@ class Proxy:
         self._stream: wire.FramedStream | None = None
         self._hello_pending = False
         self._thread: threading.Thread | None = None
-        self._host = None
-        self._ended = threading.Event()
         self._tmpdir = tempfile.mkdtemp(prefix="colabmagic-")
         self._kernel_listeners: list[Callable[[dict], None]] = []
         self.tap: Callable[[list], bool] | None = None
@@ -167,12 +163,10 @@ class Proxy:
     def start(self, timeout: float = 60.0) -> dict:
         """Open the first pipe, handshake, and start serving; returns the connection info."""
         pipe = self.open_pipe()
-        self._attach(pipe)
-        self._host = getattr(pipe, "loop_host", None)  # the link's own thread: loophost.py
-        if self._host is None:
-            self._thread = loophost.run_alone(self, f"colabmagic-proxy-{self.name}")
-        else:
-            self._host.add_guest(self)
+        self._thread = threading.Thread(
+            target=self._run, args=(pipe,), name=f"colabmagic-proxy-{self.name}", daemon=True
+        )
+        self._thread.start()
         if not self._welcomed.wait(timeout):
             self.close()
             msg = (
@@ -284,9 +278,8 @@ class Proxy:
             return
         self._closing = True
         self._post("close")
-        poller = self._thread if self._host is None else self._host.thread
-        if poller is not None and poller is not threading.current_thread():
-            self._ended.wait(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
         for listener in list(self._listeners):
             listener.close()
         self._listeners.clear()
@@ -305,7 +298,8 @@ class Proxy:
     # -- the loop ----------------------------------------------------------------------------
     def _attach(self, pipe: Pipe) -> None:
         self._pipe = pipe
-        self._stream = wire.FramedStream(pipe.read_fd, pipe.write_fd)
+        stream = getattr(pipe, "stream", None)  # a mempipe end, or bytes on descriptors:
+        self._stream = stream or wire.FramedStream(pipe.read_fd, pipe.write_fd)
         hello = {"resume_from": self._last_down, "version": wire.PROTOCOL_VERSION}
         self._stream.send_json(wire.HELLO, 0, dict(hello, proxy=self._id))
         self._hello_pending = True
@@ -370,80 +364,79 @@ class Proxy:
             self._stopped.wait(backoff)
             backoff = min(backoff * 2, 5.0)
 
-    def poll_setup(self, poller: zmq.Poller) -> float:
-        """Register what the proxy waits for (:class:`colabmagic.loophost.PollGuest`)."""
-        for sock in (self._shell, self._control, self._stdin, self._hb, self._wake_r):
-            poller.register(sock, zmq.POLLIN)
-        for listener in self._listeners:
-            poller.register(listener, zmq.POLLIN)
-        self._tcp.register(poller, zmq.POLLIN, zmq.POLLOUT)
-        stream = self._stream
-        if stream is not None:
-            out = zmq.POLLOUT if stream.wants_write() else 0
-            poller.register(
-                stream.read_fd, zmq.POLLIN | (out if stream.write_fd == stream.read_fd else 0)
-            )
-            if out and stream.write_fd != stream.read_fd:
-                poller.register(stream.write_fd, out)
-        return 1000 if self._last_down == self._acked_down else 20
+    def _run(self, pipe: Pipe) -> None:
+        try:
+            self._attach(pipe)
+            self._loop()
+        except Exception as exc:  # a bug must not leave clients hanging silently
+            log.exception("%s: proxy loop crashed", self.name)
+            self._die(f"internal error in the proxy: {exc!r}")
+        finally:
+            _close_pipe(self._detach())
 
-    def poll_events(self, events: dict) -> bool:
-        """Handle what the poll found; False once the proxy is closing."""
-        if self._wake_r in events:
-            self._drain_commands()
-        if self._closing:
-            return False
-        for sock, channel in (
-            (self._shell, wire.SHELL),
-            (self._control, wire.CONTROL),
-            (self._stdin, wire.STDIN),
-        ):
-            if sock in events:
-                for _ in range(256):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._up(sock, channel, frames)
-        for listener, port in list(self._listeners.items()):
-            if listener.fileno() in events:
-                self._accept(listener, port)
-        for sid, data in self._tcp.handle(events, zmq.POLLIN, zmq.POLLOUT):
-            self._send_up(wire.TCP, [wire.sid_bytes(sid), data])
-        if self._hb in events:
-            # Heartbeats are answered here: liveness of the remote kernel is reported by
-            # the agent (kernel_died), which knows better than a ping through a slow link.
-            self._hb.send_multipart(self._hb.recv_multipart())
-        stream = self._stream
-        if stream is not None and stream.read_fd in events:
-            try:
-                self._down(stream.read_frames())
-            except (wire.StreamClosed, wire.ProtocolError) as exc:
-                self._link_lost(str(exc))
-                return True
-            if stream.closed:  # it ended right after the frames just handled
-                self._link_lost("end of stream")
-                return True
-        stream = self._stream
-        if stream is not None:
-            try:  # a stream that closed under us is a lost link, whatever we were sending
-                now = time.monotonic()  # ACKs at most every _ACK_EVERY: fewer turns
-                ack = self._last_down > self._acked_down and now >= self._ack_due
-                if ack and not self._hello_pending:
-                    stream.send_frame(wire.ACK, self._last_down, [])
-                    self._acked_down, self._ack_due = self._last_down, now + _ACK_EVERY
-                stream.flush()
-            except wire.StreamClosed as exc:
-                self._link_lost(str(exc))
-        return True
-
-    def poll_end(self, error: BaseException | None) -> None:
-        """The proxy stopped polling; *error* if a bug stopped it (clients must not hang)."""
-        if error is not None:
-            log.error("%s: proxy loop crashed", self.name, exc_info=error)
-            self._die(f"internal error in the proxy: {error!r}")
-        _close_pipe(self._detach())
-        self._ended.set()
+    def _loop(self) -> None:
+        local = {
+            self._shell: wire.SHELL,
+            self._control: wire.CONTROL,
+            self._stdin: wire.STDIN,
+        }
+        while not self._closing:
+            poller = zmq.Poller()
+            for sock in local:
+                poller.register(sock, zmq.POLLIN)
+            poller.register(self._hb, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+            for listener in self._listeners:
+                poller.register(listener, zmq.POLLIN)
+            self._tcp.register(poller, zmq.POLLIN, zmq.POLLOUT)
+            stream = self._stream
+            if stream is not None:
+                poller.register(stream.read_fd, zmq.POLLIN)
+                if stream.wants_write():
+                    poller.register(stream.write_fd, zmq.POLLOUT)
+            events = dict(poller.poll(1000 if self._last_down == self._acked_down else 20))
+            if self._wake_r in events:
+                self._drain_commands()
+                if self._closing:
+                    return
+            for sock, channel in local.items():
+                if sock in events:
+                    for _ in range(256):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._up(sock, channel, frames)
+            for listener, port in list(self._listeners.items()):
+                if listener.fileno() in events:
+                    self._accept(listener, port)
+            for sid, data in self._tcp.handle(events, zmq.POLLIN, zmq.POLLOUT):
+                self._send_up(wire.TCP, [wire.sid_bytes(sid), data])
+            if self._hb in events:
+                # Heartbeats are answered here: liveness of the remote kernel is reported by
+                # the agent (kernel_died), which knows better than a ping through a slow link.
+                self._hb.send_multipart(self._hb.recv_multipart())
+            stream = self._stream
+            if stream is not None and stream.read_fd in events:
+                try:
+                    self._down(stream.read_frames())
+                except (wire.StreamClosed, wire.ProtocolError) as exc:
+                    self._link_lost(str(exc))
+                    continue
+                if stream.closed:  # it ended right after the frames just handled
+                    self._link_lost("end of stream")
+                    continue
+            stream = self._stream
+            if stream is not None:
+                try:  # a stream that closed under us is a lost link, whatever we were sending
+                    now = time.monotonic()  # ACKs at most every _ACK_EVERY: fewer turns
+                    ack = self._last_down > self._acked_down and now >= self._ack_due
+                    if ack and not self._hello_pending:
+                        stream.send_frame(wire.ACK, self._last_down, [])
+                        self._acked_down, self._ack_due = self._last_down, now + _ACK_EVERY
+                    stream.flush()
+                except wire.StreamClosed as exc:
+                    self._link_lost(str(exc))
 
     def _drain_commands(self) -> None:
         try:

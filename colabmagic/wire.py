@@ -81,7 +81,12 @@ def encode_msg(channel: int, parts) -> list:
 
 
 def decode_msg(body) -> tuple:
-    """``(channel, parts)`` of a MSG body; the parts are memoryviews into *body* (no copy)."""
+    """``(channel, parts)`` of a MSG body; the parts are memoryviews into *body* (no copy).
+
+    A body that is already ``(channel, parts)`` (:mod:`colabmagic.mempipe`) is handed back.
+    """
+    if type(body) is tuple:
+        return body
     view = memoryview(body)
     try:
         channel, nparts = MSG_HEAD.unpack_from(view, 0)

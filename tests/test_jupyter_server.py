@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import colabmagic
+from colabmagic import mempipe
 from colabmagic.errors import ConnectError, ParameterError, TransferError
 from colabmagic.testing import require, wait_until
 from colabmagic.testing_jupyter import CELL, Lines, jupyter_server
@@ -78,11 +79,9 @@ def test_run_push_pull_and_subprotocol(which, server, request, monkeypatch):
         link = s.transport.links[s.kernel_id]
         assert link.current is not None
         assert link.current.v1 is (which == "v1")
-        # The proxy polls in the link's own thread (colabmagic/loophost.py): no hand-over.
-        selector = s.transport._loop.selector
-        assert s.proxy._host is selector
-        assert selector.thread is s.transport._loop.thread
-        assert s.proxy._thread is None
+        # The link hands frames to the proxy as objects (colabmagic/mempipe.py), not bytes.
+        assert isinstance(s.proxy._stream, mempipe.MemoryStream)
+        assert s.proxy._stream.peer is link.current.stream
         r = s.run("import os; print('pid', os.getpid()); 6 * 7")
         assert r.stdout.startswith("pid ")
         assert r.result.data["text/plain"] == "42"

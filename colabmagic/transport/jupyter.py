@@ -22,7 +22,6 @@ import ipaddress
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import urllib.error
@@ -30,7 +29,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from colabmagic import loophost
+from colabmagic import mempipe
 from colabmagic.errors import ConnectError, ParameterError
 from colabmagic.proxy import PermanentLinkError
 from colabmagic.transport.jupyter_link import V1, Inbox, KernelLink
@@ -368,14 +367,10 @@ class _Rest:
 
 
 class _Loop:
-    """One asyncio loop in a daemon thread, shared by the links of a transport and their proxies.
-
-    Its selector (:class:`colabmagic.loophost.ZmqSelector`) polls the proxies' ZeroMQ sockets
-    too, so a message between a link and its proxy changes no thread.
-    """
+    """One asyncio loop in a daemon thread, shared by the links of a transport."""
 
     def __init__(self) -> None:
-        self.loop, self.selector = loophost.new_loop()
+        self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="colabmagic-jupyter", daemon=True
         )
@@ -395,24 +390,18 @@ class _Loop:
 
 
 class LinkPipe:
-    """The proxy's end of a socket pair whose other end a :class:`KernelLink` serves."""
+    """The proxy's end of a :mod:`colabmagic.mempipe` pair whose other end a :class:`KernelLink`
+    serves: frames pass between the two threads as objects, never as bytes."""
 
-    def __init__(self, transport: JupyterTransport, kernel_id: str, host: loophost.ZmqSelector):
-        self.loop_host = host  # the proxy polls in the link's thread
-        self._outer, self.inner = socket.socketpair()
-        for s in (self._outer, self.inner):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.inner.setblocking(False)
-        self.read_fd = self.write_fd = self._outer.fileno()
+    def __init__(self, transport: JupyterTransport, kernel_id: str):
+        self.stream, self.inner = mempipe.pair()
+        self.read_fd = self.write_fd = self.stream.read_fd
         self.description = f"websocket to kernel {kernel_id} on {transport.target}"
         self._transport = transport
         self._kernel_id = kernel_id
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._outer.shutdown(socket.SHUT_RDWR)
-        self._outer.close()
+        self.stream.close()
 
     def failure(self) -> tuple[bool, str]:
         link = self._transport.links.get(self._kernel_id)
@@ -615,7 +604,7 @@ class JupyterTransport:
         except TimeoutError:
             msg = f"the kernel websocket on {self.target} did not open in {self.connect_timeout:g}s"
             raise ConnectError(msg) from None
-        pipe = LinkPipe(self, kernel_id, self._loop.selector)
+        pipe = LinkPipe(self, kernel_id)
         self._loop.spawn(link.serve(ws, subprotocol, pipe.inner, inbox))
         return pipe
 
