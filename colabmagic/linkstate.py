@@ -101,13 +101,3 @@ def status(session) -> dict:
     if error and session.proxy.state == "link-down":
         info["link_error"] = error
     return info
-
-
-def death_message(exit_info: dict | None) -> str:
-    """How ``%colab_status`` and errors name a remote kernel's death (*exit_info*: the agent's
-    ``exit_code``, ``signal``, ``pid``)."""
-    if not exit_info:
-        return "the remote kernel died"
-    if exit_info.get("signal"):
-        return f"the remote kernel died (killed by {exit_info['signal']})"
-    return f"the remote kernel died (exit code {exit_info.get('exit_code')})"

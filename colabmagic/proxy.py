@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from colabmagic import inproc, linkstate, wire
+from colabmagic import inproc, wire
 from colabmagic.errors import ConnectError
 
 log = logging.getLogger("colabmagic.proxy")
@@ -40,11 +40,7 @@ _HEADER, _PARENT = 2, 3  # positions of the header and parent header after the d
 
 
 class Pipe(Protocol):
-    """A bidirectional byte stream to an agent (a bridge subprocess, an SSH channel...).
-
-    A pipe to a part of this process may hand over its ``stream`` ready-made instead of
-    descriptors (a :mod:`colabmagic.mempipe` end, whose frames pass as objects).
-    """
+    """A bidirectional byte stream to an agent (a bridge subprocess, an SSH channel...)."""
 
     read_fd: int
     write_fd: int
@@ -298,8 +294,7 @@ class Proxy:
     # -- the loop ----------------------------------------------------------------------------
     def _attach(self, pipe: Pipe) -> None:
         self._pipe = pipe
-        stream = getattr(pipe, "stream", None)  # a mempipe end, or bytes on descriptors:
-        self._stream = stream or wire.FramedStream(pipe.read_fd, pipe.write_fd)
+        self._stream = wire.FramedStream(pipe.read_fd, pipe.write_fd)
         hello = {"resume_from": self._last_down, "version": wire.PROTOCOL_VERSION}
         self._stream.send_json(wire.HELLO, 0, dict(hello, proxy=self._id))
         self._hello_pending = True
@@ -505,7 +500,7 @@ class Proxy:
     def _up(self, sock, channel: int, frames) -> None:
         ident = frames[0].bytes
         parts = [f.buffer for f in frames[1:]]
-        msg_id = wire.msg_id_at(parts, _HEADER)
+        msg_id = _msg_id(parts, _HEADER)
         if msg_id is None:
             log.warning("%s: dropping a malformed message from a client", self.name)
             return
@@ -516,7 +511,7 @@ class Proxy:
         self._send_up(channel, parts)
 
     def _route_back(self, parts, *, pop: bool) -> bytes | None:
-        return (self._route.pop if pop else self._route.get)(wire.msg_id_at(parts, _PARENT), None)
+        return (self._route.pop if pop else self._route.get)(_msg_id(parts, _PARENT), None)
 
     def _down(self, frames) -> None:
         for kind, seq, body in frames:
@@ -552,7 +547,7 @@ class Proxy:
         if info.get("state") == "dead":
             self.state = "dead"
             self.kernel_exit = info.get("exit")
-            self.dead_reason = linkstate.death_message(self.kernel_exit)
+            self.dead_reason = _death_message(self.kernel_exit)
         else:
             self.state = "up"
         self.reconnect_attempt = 0
@@ -589,7 +584,7 @@ class Proxy:
         if kind == "kernel_died":
             self.kernel_exit = {k: event.get(k) for k in ("exit_code", "signal", "pid")}
             self.state = "dead"
-            self.dead_reason = linkstate.death_message(self.kernel_exit)
+            self.dead_reason = _death_message(self.kernel_exit)
         elif kind == "kernel_ready":
             self.kernel_exit = None
             self.dead_reason = None
@@ -612,3 +607,17 @@ def _close_pipe(pipe: Pipe | None) -> None:
         pipe is not None and pipe.close()
     except OSError:
         pass
+
+
+def _msg_id(parts, which: int) -> str | None:
+    """The ``msg_id`` of a client message's header (``_HEADER``) or parent header (``_PARENT``)."""
+    i = wire.delim_index(parts, 4)
+    return None if i is None else wire.header_msg_id(parts, i + which)
+
+
+def _death_message(exit_info: dict | None) -> str:
+    if not exit_info:
+        return "the remote kernel died"
+    if exit_info.get("signal"):
+        return f"the remote kernel died (killed by {exit_info['signal']})"
+    return f"the remote kernel died (exit code {exit_info.get('exit_code')})"

@@ -81,12 +81,7 @@ def encode_msg(channel: int, parts) -> list:
 
 
 def decode_msg(body) -> tuple:
-    """``(channel, parts)`` of a MSG body; the parts are memoryviews into *body* (no copy).
-
-    A body that is already ``(channel, parts)`` (:mod:`colabmagic.mempipe`) is handed back.
-    """
-    if type(body) is tuple:
-        return body
+    """``(channel, parts)`` of a MSG body; the parts are memoryviews into *body* (no copy)."""
     view = memoryview(body)
     try:
         channel, nparts = MSG_HEAD.unpack_from(view, 0)
@@ -127,13 +122,6 @@ def header_msg_id(parts, index: int):
     except (IndexError, ValueError):
         return None
     return header.get("msg_id") if isinstance(header, dict) else None
-
-
-def msg_id_at(parts, offset: int):
-    """The ``msg_id`` of the JSON part *offset* places after a client message's delimiter
-    (2: its header, 3: its parent header); None when the message is malformed."""
-    i = delim_index(parts, 4)
-    return None if i is None else header_msg_id(parts, i + offset)
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)

@@ -22,6 +22,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -29,7 +30,6 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from colabmagic import mempipe
 from colabmagic.errors import ConnectError, ParameterError
 from colabmagic.proxy import PermanentLinkError
 from colabmagic.transport.jupyter_link import V1, Inbox, KernelLink
@@ -390,18 +390,23 @@ class _Loop:
 
 
 class LinkPipe:
-    """The proxy's end of a :mod:`colabmagic.mempipe` pair whose other end a :class:`KernelLink`
-    serves: frames pass between the two threads as objects, never as bytes."""
+    """The proxy's end of a socket pair whose other end a :class:`KernelLink` serves."""
 
     def __init__(self, transport: JupyterTransport, kernel_id: str):
-        self.stream, self.inner = mempipe.pair()
-        self.read_fd = self.write_fd = self.stream.read_fd
+        self._outer, self.inner = socket.socketpair()
+        for s in (self._outer, self.inner):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.inner.setblocking(False)
+        self.read_fd = self.write_fd = self._outer.fileno()
         self.description = f"websocket to kernel {kernel_id} on {transport.target}"
         self._transport = transport
         self._kernel_id = kernel_id
 
     def close(self) -> None:
-        self.stream.close()
+        with contextlib.suppress(OSError):
+            self._outer.shutdown(socket.SHUT_RDWR)
+        self._outer.close()
 
     def failure(self) -> tuple[bool, str]:
         link = self._transport.links.get(self._kernel_id)

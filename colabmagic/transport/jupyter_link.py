@@ -44,7 +44,6 @@ import uuid
 from typing import Any
 
 from colabmagic import wire
-from colabmagic.mempipe import MemoryStream
 from colabmagic.transport.jupyter_forward import DATA, KernelForwards
 
 log = logging.getLogger("colabmagic.jupyter")
@@ -223,11 +222,11 @@ def _ignore(_data) -> None:
 class Attachment:
     """One pipe and one websocket: lives from ``open_pipe`` until either end drops."""
 
-    def __init__(self, ws, subprotocol: str | None, sock):
+    def __init__(self, ws, subprotocol: str | None, sock: socket.socket):
         self.ws = ws
         self.v1 = subprotocol == V1
         self.sock = sock
-        self.stream = sock  # the link's end of a colabmagic.mempipe pair
+        self.stream = wire.FramedStream(sock.fileno(), sock.fileno())
         self.hello_done = False
         self.ack_sent = 0
         self.recovering = False
@@ -329,7 +328,7 @@ class KernelLink:
         return self.session_id
 
     # -- one attachment --------------------------------------------------------------------
-    async def serve(self, ws, subprotocol: str | None, sock: MemoryStream, inbox: Inbox) -> None:
+    async def serve(self, ws, subprotocol: str | None, sock: socket.socket, inbox: Inbox) -> None:
         """Serve the proxy on *sock* through websocket *ws* until one of them ends.
 
         *inbox* is the :class:`Inbox` that *ws* was opened with (its message callback).
