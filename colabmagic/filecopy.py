@@ -82,6 +82,7 @@ VIAS = ("auto", "openssh", "paramiko")
 # is taken whatever its kind and the size.
 OPENSSH_MIN = 32 << 20
 PIPE_SIZE = 1 << 20
+SSH_EXIT_WAIT = 2.0  # seconds a closed ssh helper gets to end its session before it is killed
 
 
 def _source() -> str:
@@ -237,6 +238,16 @@ class _Helper:
             with contextlib.suppress(Exception):
                 self.chan.close()
             return
+        if self.kind == "openssh":  # let ssh end its session (the host reaps its side)
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            threading.Thread(target=self._end, args=(SSH_EXIT_WAIT,), daemon=True).start()
+        else:
+            self._end(0)
+
+    def _end(self, wait: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(wait)
         for s in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             with contextlib.suppress(OSError):
                 s.close()
