@@ -1,10 +1,20 @@
 """Files to and from the host: resumable, sha256-verified, atomic, compressed where it pays.
 
 ``%colab_upload`` / ``%colab_download`` and ``Session.upload`` / ``Session.download`` land here
-(through the transport). Each file streams over one exec channel of the SSH connection (or a
-local subprocess for ``--local``) to a small stdlib helper on the host,
+(through the transport). Each copy streams to a small stdlib helper on the host,
 ``colabmagic/remote/files.py``: a stream of frames, each a chunk of the file, raw or zstd
-(:mod:`colabmagic.compress` decides per chunk), then the file's sha256.
+(:mod:`colabmagic.compress` decides per chunk), then the file's sha256. What carries the stream
+(``via``, reported on the result as :class:`Copied`):
+
+- over SSH, the **OpenSSH client** (:mod:`colabmagic.transport.ssh_pipe`: ``ssh HOST python -c
+  HELPER``, its stdin/stdout the stream), which costs this side about half the CPU of paramiko.
+  Taken for a copy of :data:`OPENSSH_MIN` bytes or more, or whenever a spare ``ssh`` helper is
+  ready; a fresh one costs its own handshake, so smaller first copies use
+- an **exec channel** of the session's paramiko connection: also the fallback when ``ssh`` is
+  not on PATH or fails to start where paramiko works (a key only paramiko can unlock: logged,
+  and ``ssh`` is not tried again on that transport). A host key other than the one the
+  connection verified is a :class:`~colabmagic.errors.HostKeyError`, never a fallback;
+- a local subprocess for ``--local``.
 
 - **Atomic**: a file is written as ``.NAME.colabmagic-part`` beside its target and renamed only
   when its sha256 matches the source's; a target never holds half a file.
@@ -18,8 +28,9 @@ local subprocess for ``--local``) to a small stdlib helper on the host,
   setup, before Python starts), paid by every call. After each copy one spare helper is started
   in the background; once up it says so and waits for its command on stdin, and the next copy
   on that transport takes it (a 1 kB upload a second after another: 11-14 ms instead of
-  ~340 ms). A copy right after another waits for the spare, which started first. A spare that
-  died with its connection is skipped; the transport's ``close`` ends it.
+  ~340 ms). The spare is an ``ssh`` one when that route is usable. A copy right after another
+  waits for the spare, which started first. A spare that died with its connection is skipped;
+  the transport's ``close`` ends it.
 """
 
 from __future__ import annotations
