@@ -52,9 +52,9 @@ def _user_errors(fn):
 
 
 def _via(copied: int) -> str:
-    """`` (via openssh)``: what carried a file copy, when the transport says."""
+    """`` (via openssh)``: what carried a file copy over SSH (the transport says)."""
     via = getattr(copied, "via", "")
-    return f" (via {via})" if via else ""
+    return f" (via {via})" if via in ("openssh", "paramiko") else ""
 
 
 def _names(text: str | None) -> list[str]:

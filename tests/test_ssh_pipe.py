@@ -262,3 +262,21 @@ def test_the_next_copy_takes_the_ssh_spare(sshd_server, colabmagic_root, tmp_pat
     finally:
         t.close()
     wait_until(lambda: not ssh_children(), what="close() ends the spare ssh")
+
+
+def test_the_magics_say_what_carried_the_copy(ip, sshd_server, colabmagic_root, tmp_path, capsys):
+    from colabmagic.session import Session, registry
+
+    data = payload(tmp_path / "a.bin", filecopy.OPENSSH_MIN + 1)
+    s = Session.start(transport(sshd_server, colabmagic_root), name="pipemagic")
+    registry.add(s)
+    try:
+        ip.run_line_magic("colab_upload", f"--on pipemagic {tmp_path / 'a.bin'} {tmp_path / 'u'}")
+        assert f"uploaded {len(data)} bytes (via openssh)" in capsys.readouterr().out
+        ip.run_line_magic(
+            "colab_download", f"--on pipemagic {tmp_path / 'u'} {tmp_path / 'd'} --compress none"
+        )
+        assert f"downloaded {len(data)} bytes (via openssh)" in capsys.readouterr().out
+        assert (tmp_path / "d").read_bytes() == data
+    finally:
+        ip.run_line_magic("colab_disconnect", "pipemagic")
