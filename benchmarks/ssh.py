@@ -18,7 +18,7 @@ Starts a private OpenSSH sshd on 127.0.0.1 (``colabmagic.testing_sshd``) and mea
   take); against ``cat | ssh`` with OpenSSH's default cipher and with the AES-GCM that
   colabmagic's ssh is told to prefer; CPU seconds per GiB on both sides;
 - **crossover** (``--crossover``): the first copy on a connected transport (no spare) of
-  1-64 MiB through a fresh ``ssh`` against a fresh exec channel, to place
+  1-256 MiB through a fresh ``ssh`` against a fresh exec channel, to place
   ``filecopy.OPENSSH_MIN``;
 - **connect**: SSH handshake + remote kernel start + first reply, against a local
   ``KernelManager`` start + first reply.
@@ -363,7 +363,8 @@ def crossover(srv: SSHServer, root: str, sizes_mib: list[int], reps: int = 3) ->
 
 
 def print_crossover(c: dict) -> None:
-    print(f"first copy on a connected transport, no spare (median of 3), load {load()}:")
+    reps = len(next(iter(c.values())))
+    print(f"first copy on a connected transport, no spare (median of {reps}), load {load()}:")
     for mib in sorted({m for m, _ in c}):
         o, p = (statistics.median(c[(mib, v)]) for v in ("openssh", "paramiko"))
         print(f"  {mib:4d} MiB: fresh ssh {o * 1e3:7.0f} ms   fresh exec channel {p * 1e3:7.0f} ms")
@@ -478,7 +479,7 @@ def main() -> None:
     ap.add_argument("--starts", type=int, default=3, help="connects to time")
     ap.add_argument("--only", choices=("all", "files"), default="all", help="which rows")
     ap.add_argument(
-        "--crossover", action="store_true", help="also time first copies of 1-64 MiB per route"
+        "--crossover", action="store_true", help="also time first copies of 1-256 MiB per route"
     )
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="colabmagic-bench-")
@@ -491,7 +492,7 @@ def main() -> None:
                 files = file_rows(s, srv, arr)
             finally:
                 s.close()
-            cross = crossover(srv, root, [1, 4, 16, 32, 64]) if args.crossover else None
+            cross = crossover(srv, root, [1, 16, 64, 256], reps=5) if args.crossover else None
             print_files(files, args.mib)
             if cross:
                 print_crossover(cross)
@@ -516,7 +517,7 @@ def main() -> None:
         finally:
             s.close()
         remote, local = connect_times(srv, root, args.starts)
-        cross = crossover(srv, root, [1, 4, 16, 32, 64]) if args.crossover else None
+        cross = crossover(srv, root, [1, 16, 64, 256], reps=5) if args.crossover else None
 
     print(f"cell round trip (median of {len(ours)}):")
     print(f"  raw jupyter_client via ssh -L : {ms(raw):7.2f} ms")

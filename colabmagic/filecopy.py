@@ -88,10 +88,11 @@ class Copied(int):
 
 
 VIAS = ("auto", "openssh", "paramiko")
-# A fresh ``ssh`` costs ~0.25 s more than an exec channel on the open connection (its own
-# handshake); it pays from about this size on (benchmarks/ssh.py --crossover). A spare helper
-# is taken whatever its kind and the size.
-OPENSSH_MIN = 32 << 20
+# A fresh ``ssh`` costs ~0.15-0.2 s more than an exec channel on the open connection (its own
+# handshake and process); on loopback it pays from ~140 MiB on (``benchmarks/ssh.py
+# --crossover``: +180 ms at 1 MiB, +150 ms at 64 MiB, -230 ms at 256 MiB); on a slow link
+# never, for a first copy. A spare helper is taken whatever its kind and the size.
+OPENSSH_MIN = 128 << 20
 PIPE_SIZE = 1 << 20
 SSH_EXIT_WAIT = 2.0  # seconds a closed ssh helper gets to end its session before it is killed
 
@@ -109,9 +110,10 @@ class _Helper:
     subprocess here).
     """
 
-    def __init__(self, transport: Any, args: list[str], kind: str):
+    def __init__(self, transport: Any, args: list[str], kind: str, route=None):
         self.target = transport.target
         self.kind = kind
+        self.route = route
         self._buf = bytearray()
         self._big = bytearray()
         self._stderr: tuple[int | None, str] | None = None
@@ -125,11 +127,11 @@ class _Helper:
                 raise _Dropped(str(exc)) from None
             return
         if kind == "openssh":
-            route = ssh_pipe.route(transport)
-            if route is None:
+            self.route = route or ssh_pipe.route(transport)
+            if self.route is None:
                 msg = "no ssh client"
                 raise _NoStart(msg)
-            argv = route.argv(transport._command(["-c", _source(), *args]))
+            argv = self.route.argv(transport._command(["-c", _source(), *args]))
         else:
             argv = [transport.python, "-c", _source(), *args]
         self.proc = subprocess.Popen(
@@ -267,12 +269,12 @@ class _Helper:
         self.proc.wait()
 
 
-def _start(transport: Any, kind: str, args: list[str]) -> _Helper:
+def _start(transport: Any, kind: str, args: list[str], route=None) -> _Helper:
     """A helper of *kind* running *args*; an ``ssh`` one is first seen to answer (it starts as
     a spare), so that ``ssh`` failing to connect is told apart from the link dropping."""
     if kind != "openssh":
         return _Helper(transport, args, kind)
-    helper = _Helper(transport, ["serve"], kind)
+    helper = _Helper(transport, ["serve"], kind, route)
     try:
         try:
             _read_line(helper)  # {"ready": true}
@@ -280,8 +282,7 @@ def _start(transport: Any, kind: str, args: list[str]) -> _Helper:
             rc, err = helper.stderr()
             if rc != ssh_pipe.SSH_FAILED:
                 raise
-            route = ssh_pipe.route(transport)
-            why = route.failure(rc, err) if route else "no ssh client"  # HostKeyError raises
+            why = helper.route.failure(rc, err)  # HostKeyError raises
             raise _NoStart(why) from None
         if args != ["serve"]:
             _send_line(helper, {"argv": args})
@@ -370,6 +371,14 @@ def _warm(transport: Any, via: str) -> None:
     """Start a spare helper for *transport*'s next copy, in the background: through ``ssh``
     when *via* allows it and it works, else an exec channel."""
     kinds = _kinds(transport, via)
+    route = None
+    if kinds[0] == "openssh":  # taken now: the thread must not connect after a close
+        try:
+            route = ssh_pipe.route(transport)
+        except ColabMagicError:
+            return
+        if route is None:
+            kinds = kinds[1:] or kinds
     with _spares_lock:
         if transport in _spares:
             return
@@ -381,9 +390,9 @@ def _warm(transport: Any, via: str) -> None:
         try:
             if kinds[0] == "openssh":
                 try:
-                    helper = _start(transport, "openssh", ["serve"])
+                    helper = _start(transport, "openssh", ["serve"], route)
                 except _NoStart as exc:
-                    if len(kinds) == 1:
+                    if len(kinds) == 1 or getattr(fut, "abandoned", False):
                         raise
                     helper = _Helper(transport, ["serve"], "paramiko")
                     _read_line(helper)
@@ -421,6 +430,7 @@ def close_spare(transport: Any) -> None:
     with _spares_lock:
         _, fut = _spares.pop(transport, (None, None))
     if fut is not None:
+        fut.abandoned = True  # a spare still starting: no fallback, no new connection
         fut.add_done_callback(_close_started)
     ssh_pipe.close(transport)
 

@@ -24,8 +24,10 @@ MiB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
-def _needs_ssh():
+def _needs_ssh(monkeypatch):
     require(ssh_pipe.ssh_binary() is not None, "the OpenSSH client is not installed")
+    # what a fresh ssh needs to pay (128 MiB on loopback), scaled down to keep the tests small
+    monkeypatch.setattr(filecopy, "OPENSSH_MIN", 4 * MiB)
 
 
 def transport(server: SSHServer, root, **kw) -> SSHTransport:
