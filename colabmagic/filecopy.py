@@ -317,7 +317,10 @@ def _fresh(transport: Any, args: list[str], kinds: tuple[str, ...], size: int | 
             return _start(transport, "openssh", args)
         except _NoStart as exc:
             if len(kinds) == 1:
-                msg = f"the copy to {transport.target} through ssh could not start ({exc})"
+                msg = (
+                    f"the copy to {transport.target} through ssh could not start ({exc}); "
+                    "leave via='auto' to fall back to the session's connection"
+                )
                 raise TransferError(msg) from None
             helper = _Helper(transport, args, "paramiko")
             ssh_pipe.disable(transport, str(exc))  # the channel works where ssh does not
