@@ -117,6 +117,7 @@ class OpenSSHRoute:
             "  ForwardX11 no",
             "  ClearAllForwardings yes",
             "  RequestTTY no",
+            "  EscapeChar none",  # a binary stream: no ~. in it is ever a command
             "  PasswordAuthentication no",
             "  KbdInteractiveAuthentication no",
             "  Compression no",
