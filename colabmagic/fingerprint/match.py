@@ -3,10 +3,12 @@
 Two stages, both flat array work over every query of a batch at once (one code path for a single
 query on the host and for a thousand on the GPU):
 
-1. **Hash votes.** Every query hash is looked up by binary search in every shard; each hit votes
-   for ``(query, track, speed hypothesis, reference time - query time)``. Hits of the true track
-   pile up at one offset, chance hits spread out. The best offset of each track is a candidate;
-   its *hash score* is the weighted vote count there (see :func:`votes`).
+1. **Hash votes.** Each query looks its hashes up in every shard, rarest first, within a budget
+   of posting hits (:data:`QUERY_HIT_BUDGET`); each hit votes for ``(query, track, speed
+   hypothesis, reference time - query time)``. Hits of the true track pile up at one offset,
+   chance hits spread out; bins with fewer hits than the chance test could accept are dropped
+   before the offset histograms. The best offset of each track is a candidate; its *hash score*
+   is the weighted vote count there (see :func:`votes`).
 2. **Peak verification.** The :data:`CANDIDATES` best candidates of each query are re-scored by
    how many of the query's single peaks land on the track's peaks at that offset, against the
    chance rate measured at other offsets (:mod:`colabmagic.fingerprint.verify`). Under noise a
