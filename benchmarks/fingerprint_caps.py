@@ -1,17 +1,19 @@
-"""What the query path's posting caps cost and buy, on a scale run's index and queries (issue 14).
+"""What the query path's posting budgets cost and buy, on a scale run's index and queries (#14).
 
     python benchmarks/fingerprint_scale.py --corpus C --workdir W --json scale.json   # first
     python benchmarks/fingerprint_caps.py --corpus C --workdir W --json scale.json \\
-        [--caps 256/1/256 128/4/256] [--conditions speed0.95,speed1.05,snr0,snr-5]
+        [--budgets 60000/120000/256 120000/240000/256] [--conditions speed0.95,speed1.05,snr0]
 
-A query skips hashes with more postings than ``match.QUERY_MAX_POSTINGS`` (the speed stage:
-that // ``match.SPEED_STOP``; and never above the index's stop list, ``index.MAX_POSTINGS``).
-Each ``--caps`` entry ``Q/S/M`` sets those three in this process — an experiment, not a setting
-the tool offers — and runs the scale run's own query files (``queries_plan`` of its ``--json``)
-through :func:`colabmagic.fingerprint.match` on the kept index (``W/db``): recall and false
-positives per cell, scored as ``fingerprint_scale.py`` scores them, and CPU time per query
-(``time.process_time``; the load average is printed). It also prints the share of clean
-queries' hashes over each cap. The shipped caps (``128/4/256``) should give the CLI's recall.
+Each query looks its hashes up rarest first within a budget of posting hits per stage:
+``match.QUERY_HIT_BUDGET`` at the unchanged speed, ``match.SPEED_HIT_BUDGET`` over the six other
+speed hypotheses, never a hash over the index's stop list (``index.MAX_POSTINGS`` bounds it).
+Each ``--budgets`` entry ``B1/B2/M`` sets those three in this process — an experiment, not a
+setting the tool offers — and runs the scale run's own query files (``queries_plan`` of its
+``--json``) through :func:`colabmagic.fingerprint.match` on the kept index (``W/db``): recall
+and false positives per cell, scored as ``fingerprint_scale.py`` scores them, CPU time per
+query (``time.process_time``; the load average is printed) and the posting hits it looked up.
+It also prints the share of clean queries' hashes over a few posting counts. The shipped
+budgets (the default entry) should give the CLI's recall.
 """
 
 from __future__ import annotations
@@ -26,19 +28,28 @@ from typing import Any
 
 import numpy as np
 
-SHIPPED = "128/4/256"
+
+def shipped() -> str:
+    """The budgets this colabmagic ships, as ``B1/B2/M``."""
+    from colabmagic.fingerprint import index, match  # noqa: F401 (the modules, below)
+
+    m, i = sys.modules["colabmagic.fingerprint.match"], sys.modules["colabmagic.fingerprint.index"]
+    return f"{m.QUERY_HIT_BUDGET}/{m.SPEED_HIT_BUDGET}/{i.MAX_POSTINGS}"
 
 
-def parse_caps(text: str) -> tuple[int, int, int]:
-    """``"Q/S/M"`` -> (query cap, speed-stage divisor, index stop-list bound), all >= 1."""
+def parse_budgets(text: str) -> tuple[int, int, int]:
+    """``"B1/B2/M"`` -> (unchanged-speed budget, speed-stage budget, stop-list bound), >= 1."""
     try:
-        q, s, m = (int(v) for v in text.split("/"))
+        b1, b2, m = (int(v) for v in text.split("/"))
     except ValueError:
-        q = s = m = 0
-    if min(q, s, m) < 1:
-        msg = f"--caps {text!r}: give QUERY_MAX/SPEED_STOP/MAX_POSTINGS, positive, e.g. {SHIPPED}"
+        b1 = b2 = m = 0
+    if min(b1, b2, m) < 1:
+        msg = (
+            f"--budgets {text!r}: give QUERY_HIT_BUDGET/SPEED_HIT_BUDGET/MAX_POSTINGS, "
+            f"positive, e.g. {shipped()}"
+        )
         raise SystemExit(msg)
-    return q, s, m
+    return b1, b2, m
 
 
 def hash_shares(index: Any, files: list[str], caps: tuple[int, ...]) -> dict[str, float]:
@@ -61,39 +72,52 @@ def hash_shares(index: Any, files: list[str], caps: tuple[int, ...]) -> dict[str
     return out
 
 
-def run_caps(
+def run_budgets(
     db: str,
     plan: list[dict[str, Any]],
     group_of: dict[str, str],
-    caps: tuple[int, int, int],
+    budgets: tuple[int, int, int],
     min_score: float,
 ) -> dict[str, dict[str, Any]]:
-    """Recall, false positives and CPU ms per query of *plan*, per cell, under *caps*."""
+    """Recall, false positives, CPU ms and posting hits per query of *plan*, per cell, under
+    *budgets*."""
     from colabmagic.fingerprint import Index, match
     from colabmagic.fingerprint.audio import load_audio
 
     match_mod = sys.modules["colabmagic.fingerprint.match"]  # the package exports match()
     index_mod = sys.modules["colabmagic.fingerprint.index"]
-    saved = match_mod.QUERY_MAX_POSTINGS, match_mod.SPEED_STOP, index_mod.MAX_POSTINGS
-    match_mod.QUERY_MAX_POSTINGS, match_mod.SPEED_STOP, index_mod.MAX_POSTINGS = caps
+    saved = match_mod.QUERY_HIT_BUDGET, match_mod.SPEED_HIT_BUDGET, index_mod.MAX_POSTINGS
+    match_mod.QUERY_HIT_BUDGET, match_mod.SPEED_HIT_BUDGET, index_mod.MAX_POSTINGS = budgets
     try:
         idx = Index(db, readonly=True)
+        hits: list[int] = []
+        lookup = idx.lookup
+
+        def counted(*a: Any, **k: Any) -> Any:
+            found = lookup(*a, **k)
+            hits.append(len(found[0]))
+            return found
+
+        idx.lookup = counted  # type: ignore[method-assign]
         cells: dict[str, dict[str, Any]] = {}
         for q in plan:
             y = load_audio(q["file"], sample_rate=8000)
+            hits.clear()
             t0 = time.process_time()
             found = match(idx, y, top_k=1)
             cpu = time.process_time() - t0
             hit = bool(found) and found[0].score >= min_score
             group = group_of.get(found[0].track) if found else None
             right = group in {q["truth"], *q.get("also", ())}
-            c = cells.setdefault(f"{q['cond']}@{q['seconds']:g}s", {"pos": [], "fp": 0, "ms": []})
+            key = f"{q['cond']}@{q['seconds']:g}s"
+            c = cells.setdefault(key, {"pos": [], "fp": 0, "ms": [], "hits": []})
             c["ms"].append(1000 * cpu)
+            c["hits"].append(sum(hits))
             c["fp"] += int(hit and not right)
             if q["truth"] is not None:
                 c["pos"].append(hit and right)
     finally:
-        match_mod.QUERY_MAX_POSTINGS, match_mod.SPEED_STOP, index_mod.MAX_POSTINGS = saved
+        match_mod.QUERY_HIT_BUDGET, match_mod.SPEED_HIT_BUDGET, index_mod.MAX_POSTINGS = saved
     return {
         k: {
             "recall": float(np.mean(c["pos"])) if c["pos"] else None,
@@ -101,6 +125,7 @@ def run_caps(
             "false_positives": c["fp"],
             "cpu_median_ms": float(np.median(c["ms"])),
             "cpu_p90_ms": float(np.percentile(c["ms"], 90)),
+            "hits_median": float(np.median(c["hits"])),
         }
         for k, c in sorted(cells.items())
     }
@@ -111,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", required=True, help="directory built by benchmarks/corpus.py")
     ap.add_argument("--workdir", required=True, help="fingerprint_scale.py's --workdir (its db)")
     ap.add_argument("--json", required=True, help="fingerprint_scale.py's --json of that run")
-    ap.add_argument("--caps", nargs="+", default=["256/1/256", SHIPPED], help="Q/S/M each")
+    ap.add_argument("--budgets", nargs="+", help="B1/B2/M each (default: the shipped ones)")
     ap.add_argument("--conditions", default="speed0.95,speed1.05,snr0,snr-5")
     ap.add_argument("--out", help="write the figures here (JSON)")
     args = ap.parse_args(argv)
-    caps = [parse_caps(c) for c in args.caps]
+    budgets = [parse_budgets(b) for b in args.budgets or [shipped()]]
     run = json.loads(Path(args.json).read_text())
     if "queries_plan" not in run:
         raise SystemExit(f"{args.json}: no queries_plan; run fingerprint_scale.py with queries")
@@ -127,18 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     from colabmagic.fingerprint import Index
 
     clean = [q["file"] for q in run["queries_plan"] if q["cond"] == "clean" and q["truth"]][:40]
-    stops = sorted({c for q, s, m in caps for c in (q, max(q // s, 1), m)})
-    res: dict[str, Any] = {"hash_shares": hash_shares(Index(db, readonly=True), clean, stops)}
+    counts = sorted({32, 64, 128, *(m for *_, m in budgets)})
+    res: dict[str, Any] = {"hash_shares": hash_shares(Index(db, readonly=True), clean, counts)}
     print(f"clean queries' hashes: {json.dumps(res['hash_shares'])}", flush=True)
-    for c in caps:
-        name = "/".join(map(str, c))
-        res[name] = cells = run_caps(db, plan, group_of, c, run["min_score"])
+    for b in budgets:
+        name = "/".join(map(str, b))
+        res[name] = cells = run_budgets(db, plan, group_of, b, run["min_score"])
         a, b, d = os.getloadavg()
         for k, v in cells.items():
             print(
-                f"{name:12s} {k:15s} recall {v['recall']:6.1%} of {v['positives']}, "
+                f"{name:20s} {k:15s} recall {v['recall']:6.1%} of {v['positives']}, "
                 f"false positives {v['false_positives']}, CPU median / p90 "
-                f"{v['cpu_median_ms']:.1f} / {v['cpu_p90_ms']:.1f} ms; "
+                f"{v['cpu_median_ms']:.1f} / {v['cpu_p90_ms']:.1f} ms, "
+                f"{v['hits_median']:.0f} posting hits (median); "
                 f"load {a:.2f} {b:.2f} {d:.2f}",
                 flush=True,
             )

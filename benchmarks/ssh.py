@@ -12,12 +12,19 @@ Starts a private OpenSSH sshd on 127.0.0.1 (``colabmagic.testing_sshd``) and mea
   true`` is subtracted, so the handshake is excluded);
 - **push/pull, compress none and auto** of random bytes and of a sparse float32 array;
 - **files**: ``upload``/``download`` of the same N MiB (streamed, resumable, sha256-verified),
-  compress none and auto, on a warm transport (the first copy's exec, timed apart on one byte,
-  leaves the spare helper that later copies take);
+  compress none and auto, carried by the OpenSSH client (``via="openssh"``, what ``auto`` takes
+  for large copies) and by a paramiko exec channel (``via="paramiko"``), each on a ready spare
+  helper (the first copy's exec, timed apart on one byte, leaves the spare that later copies
+  take); against ``cat | ssh`` with OpenSSH's default cipher and with the AES-GCM that
+  colabmagic's ssh is told to prefer; CPU seconds per GiB on both sides;
+- **crossover** (``--crossover``): the first copy on a connected transport (no spare) of
+  1-256 MiB through a fresh ``ssh`` against a fresh exec channel, to place
+  ``filecopy.OPENSSH_MIN``;
 - **connect**: SSH handshake + remote kernel start + first reply, against a local
   ``KernelManager`` start + first reply.
 
-Prints medians and the ratios the issue's targets are stated in.
+Prints medians and the ratios the issue's targets are stated in. ``--only files`` runs the
+file rows alone (about a minute for 256 MiB: short enough to pause other work meanwhile).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from colabmagic import filecopy
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
 from colabmagic.testing_sshd import SSHServer
+from colabmagic.transport import ssh_pipe
 from colabmagic.transport.ssh import SSHTransport
 
 
@@ -104,18 +112,26 @@ def _tmpfs() -> str | None:
 
 
 def ssh_cat_throughput(
-    srv: SSHServer, path: str, size: int, to_dir: str | None = None, cpu: dict | None = None
+    srv: SSHServer,
+    path: str,
+    size: int,
+    to_dir: str | None = None,
+    cpu: dict | None = None,
+    cipher: str | None = None,
 ) -> tuple[float, float]:
     """``cat | ssh`` payload rates up and down; into files in *to_dir* (else /dev/null)."""
     base = ["ssh", "-F", srv.ssh_config, "-o", "BatchMode=yes", srv.name]
+    if cipher:
+        base[1:1] = ["-c", cipher]
     cpu = {} if cpu is None else cpu
+    tag = "_gcm" if cipher else ""
 
     def timed(cmd, **kw) -> float:
-        key = "cat_up" if "stdin" in kw else "cat_down"
+        key = ("cat_up" if "stdin" in kw else "cat_down") + tag
         return cpu_call(srv, lambda: subprocess.run(cmd, check=True, **kw), cpu, key)
 
     hs = statistics.median(
-        cpu_call(srv, lambda: subprocess.run([*base, "true"], check=True), cpu, "handshake")
+        cpu_call(srv, lambda: subprocess.run([*base, "true"], check=True), cpu, "handshake" + tag)
         for _ in range(3)
     )
     sink = os.path.join(to_dir, "cat-up.bin") if to_dir else "/dev/null"
@@ -205,50 +221,213 @@ def bulk_rows(s: Session, srv: SSHServer, root: str, arr: np.ndarray) -> dict:
         out[f"sparse_push_{mode}"] = [timed_call(lambda m=mode: s.push(sp=sp, compress=m))]
         out[f"sparse_pull_{mode}"] = [timed_call(lambda m=mode: s.pull("sp", compress=m))]
     s.run("del big, sp", relay=QuietRelay())
+    files = file_rows(s, srv, arr)
+    cpu.update(files.pop("cpu"))
+    out.update(files)
+    return out
+
+
+def _spare_cpu(t) -> float:
+    """CPU seconds the ready spare's ``ssh`` client used so far (its handshake: the copy that
+    takes it is measured without it, as ``cat | ssh`` is without one handshake)."""
+    _, fut = filecopy._spares.get(t, (None, None))
+    helper = fut.result() if fut is not None else None
+    if helper is None or helper.proc is None:
+        return 0.0
+    with open(f"/proc/{helper.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree(srv: SSHServer) -> int:
+    """How many processes run under sshd (its connections, sessions and their commands)."""
+    stats = _stats()
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    n, todo = 0, list(children.get(srv.proc.pid, []))
+    while todo:
+        pid = todo.pop()
+        n += 1
+        todo += children.get(pid, [])
+    return n
+
+
+def _settled(srv: SSHServer, n: int) -> None:
+    """Wait until sshd's tree is back to *n* processes (a finished ssh session reaped: its CPU
+    is then in its parents' counts, none lost to a re-parented orphan)."""
+    deadline = time.monotonic() + 10
+    while _tree(srv) > n and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def file_rows(s: Session, srv: SSHServer, arr: np.ndarray) -> dict:
+    """upload/download through ssh and through paramiko, against cat | ssh, in the same run."""
+    size = arr.nbytes
+    out: dict = {}
+    cpu = out["cpu"] = {}
+    t = s.transport
     # Files live on tmpfs when there is one, so the disk (shared, throttled) is not measured.
     fdir = tempfile.mkdtemp(prefix="colabmagic-bench-files-", dir=_tmpfs())
+    warm = filecopy._warm
     try:
         path = os.path.join(fdir, "payload.bin")
         arr.tofile(path)
         out["cat_up"], out["cat_down"] = ssh_cat_throughput(srv, path, size, cpu=cpu)
+        gcm = "aes128-gcm@openssh.com"
+        out["cat_up_gcm"], out["cat_down_gcm"] = ssh_cat_throughput(
+            srv, path, size, cpu=cpu, cipher=gcm
+        )
         out["cat_file_up"], out["cat_file_down"] = ssh_cat_throughput(srv, path, size, fdir)
         # The first copy on a transport pays one exec (sshd's session setup, then Python); it
         # leaves a spare helper for the next (filecopy's docstring). Timed apart, on 1 byte, as
-        # cat | ssh's handshake is; each payload row below waits for the spare to be up (as a
-        # copy a moment after another meets it), so rows time the copy, not an exec.
+        # cat | ssh's handshake is; each payload row below starts on a ready spare (as a copy a
+        # moment after another meets it) and starts no new one meanwhile, so rows time and
+        # count the copy, not an exec.
         tiny = os.path.join(fdir, "tiny.bin")
         with open(tiny, "wb") as f:
             f.write(b"x")
-        out["first_copy"] = timed_call(lambda: s.transport.upload(tiny, tiny + ".up"))
-        for mode in ("none", "auto"):
-            up, down = os.path.join(fdir, f"up-{mode}.bin"), os.path.join(fdir, "down.bin")
-            for key in (f"upload_{mode}", f"download_{mode}"):
-                out[key] = []
-            for _ in range(3):
-                filecopy.wait_spare(s.transport)  # as a copy a moment after another meets it
-                out[f"upload_{mode}"].append(
-                    timed_call(lambda u=up, m=mode: s.transport.upload(path, u, compress=m))
-                )
-                filecopy.wait_spare(s.transport)
-                out[f"download_{mode}"].append(
-                    timed_call(lambda u=up, d=down, m=mode: s.transport.download(u, d, compress=m))
-                )
-                os.unlink(up)
-                os.unlink(down)
+        base = _tree(srv)  # the session's connection; no spare yet
+        out["first_copy"] = timed_call(lambda: t.upload(tiny, tiny + ".up", via="paramiko"))
+        filecopy.close_spare(t)
+        up, down = os.path.join(fdir, "up.bin"), os.path.join(fdir, "down.bin")
+        for _ in range(3):  # interleaved, so every route sees the same machine state
+            for via in ("openssh", "paramiko"):
+                for mode in ("none", "auto"):
+                    for kind in ("upload", "download"):
+                        key = f"{kind}_{via}_{mode}"
+                        filecopy.close_spare(t)
+                        _settled(srv, base)
+                        warm(t, via)
+                        filecopy.wait_spare(t)
+                        before = _spare_cpu(t)
+                        filecopy._warm = lambda *a: None
+                        try:
+                            if kind == "upload":
+                                fn = lambda m=mode, v=via: t.upload(path, up, compress=m, via=v)  # noqa: E731
+                            else:
+                                fn = lambda m=mode, v=via: t.download(up, down, compress=m, via=v)  # noqa: E731
+
+                            walls: list[float] = []
+
+                            def settled(fn=fn, walls=walls):  # the copy; its host side reaped
+                                walls.append(timed_call(fn))
+                                _settled(srv, base)
+
+                            cpu_call(srv, settled, cpu, key)
+                            out.setdefault(key, []).append(walls[0])
+                        finally:
+                            filecopy._warm = warm
+                        loc, host, n = cpu[key]
+                        cpu[key] = [loc - before, host, n]
+                    os.unlink(up)
+                    os.unlink(down)
     finally:
+        filecopy._warm = warm
         shutil.rmtree(fdir, ignore_errors=True)
     return out
+
+
+def crossover(srv: SSHServer, root: str, sizes_mib: list[int], reps: int = 3) -> dict:
+    """The first upload on a connected transport (no spare): fresh ssh against fresh exec."""
+    fdir = tempfile.mkdtemp(prefix="colabmagic-bench-cross-", dir=_tmpfs())
+    out: dict = {}
+    warm = filecopy._warm
+    filecopy._warm = lambda *a: None  # no spare: every copy starts its own helper
+    try:
+        for mib in sizes_mib:
+            path = os.path.join(fdir, f"{mib}.bin")
+            with open(path, "wb") as f:
+                f.write(os.urandom(mib << 20))
+            for _ in range(reps):
+                for via in ("openssh", "paramiko"):
+                    t = transport(srv, root)
+                    try:
+                        t.connection()  # a session's transport is connected
+                        if via == "openssh":
+                            ssh_pipe.route(t)  # its files: written once per transport
+                        dt = timed_call(
+                            lambda p=path, v=via, tt=t: tt.upload(
+                                p, p + ".up", via=v, compress="none"
+                            )
+                        )
+                        out.setdefault((mib, via), []).append(dt)
+                    finally:
+                        t.close()
+            os.unlink(path)
+            os.unlink(path + ".up")
+    finally:
+        filecopy._warm = warm
+        shutil.rmtree(fdir, ignore_errors=True)
+    return out
+
+
+def print_crossover(c: dict) -> None:
+    reps = len(next(iter(c.values())))
+    print(f"first copy on a connected transport, no spare (median of {reps}), load {load()}:")
+    for mib in sorted({m for m, _ in c}):
+        o, p = (statistics.median(c[(mib, v)]) for v in ("openssh", "paramiko"))
+        print(f"  {mib:4d} MiB: fresh ssh {o * 1e3:7.0f} ms   fresh exec channel {p * 1e3:7.0f} ms")
+
+
+def load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def print_files(b: dict, mib: int) -> None:
+    size = mib << 20
+    rate = lambda key: size / statistics.median(b[key]) / 1e6  # noqa: E731
+    print(f"files {mib} MiB over ssh (median of 3), load {load()}:")
+    print(f"  cat | ssh 'cat >/dev/null'     : {b['cat_up']:7.0f} MB/s  (OpenSSH's default cipher)")
+    print(f"  ssh 'cat file' >/dev/null      : {b['cat_down']:7.0f} MB/s")
+    print(
+        f"  the same, -c aes128-gcm        : {b['cat_up_gcm']:7.0f} / {b['cat_down_gcm']:.0f} MB/s"
+    )
+    print(f"  cat | ssh 'cat > file' (tmpfs) : {b['cat_file_up']:7.0f} MB/s")
+    print(f"  ssh 'cat file' > file (tmpfs)  : {b['cat_file_down']:7.0f} MB/s")
+    for via in ("openssh", "paramiko"):
+        for mode in ("none", "auto"):
+            for kind, ref in (("upload", "cat_up"), ("download", "cat_down")):
+                key = f"{kind}_{via}_{mode}"
+                r = rate(key)
+                note = "  target >= 0.9x" if mode == "none" else ""
+                print(
+                    f"  {kind:<8} via {via:<8} {mode:<4}: {r:7.0f} MB/s  ratio {r / b[ref]:.2f}x"
+                    f"  ({r / b[ref + '_gcm']:.2f}x of -c aes128-gcm){note}"
+                )
+    print(f"  first copy on a transport (1 byte): {b['first_copy'] * 1e3:.0f} ms (one exec)")
+    cpu = b["cpu"]
+    gib = size / (1 << 30)
+    print("CPU seconds per GiB (this machine's process + ssh clients | sshd and all under it):")
+    keys = [("cat | ssh up", "cat_up"), ("ssh cat down", "cat_down")]
+    keys += [("cat | ssh -c gcm up", "cat_up_gcm"), ("ssh -c gcm cat down", "cat_down_gcm")]
+    keys += [
+        (f"{k} {v} {m}", f"{k}_{v}_{m}")
+        for v in ("openssh", "paramiko")
+        for m in ("none", "auto")
+        for k in ("upload", "download")
+    ]
+    _print_cpu(cpu, keys, gib)
+
+
+def _print_cpu(cpu: dict, keys: list[tuple[str, str]], gib: float) -> None:
+    for label, key in keys:
+        loc, host, n = cpu[key]
+        if key.startswith("cat"):  # less one handshake per run, as the rates are
+            hs = "handshake_gcm" if key.endswith("_gcm") else "handshake"
+            hs_loc, hs_host, hs_n = cpu.get(hs, [0.0, 0.0, 1])
+            loc, host = loc - n * hs_loc / hs_n, host - n * hs_host / hs_n
+        loc, host = loc / n / gib, host / n / gib
+        print(f"  {label:<28}: {loc:5.2f} | {host:5.2f}  = {loc + host:5.2f} s/GiB")
 
 
 def print_bulk(b: dict, mib: int) -> None:
     size = mib << 20
     rate = lambda key: size / statistics.median(b[key]) / 1e6  # noqa: E731
-    load = os.getloadavg()[0]
-    print(f"bulk {mib} MiB over ssh (median of 3; sparse: 1), load {load:.1f}:")
+    print(f"bulk {mib} MiB over ssh (median of 3; sparse: 1), load {load()}:")
     print(f"  cat | ssh 'cat >/dev/null'     : {b['cat_up']:7.0f} MB/s")
     print(f"  ssh 'cat file' >/dev/null      : {b['cat_down']:7.0f} MB/s")
-    print(f"  cat | ssh 'cat > file' (tmpfs) : {b['cat_file_up']:7.0f} MB/s")
-    print(f"  ssh 'cat file' > file (tmpfs)  : {b['cat_file_down']:7.0f} MB/s")
     rows = [
         ("push random, compress none", "push_none", "cat_up", "target >= 1.0x"),
         ("push random, compress auto", "push_auto", "cat_up", "auto >= 0.95x none"),
@@ -258,36 +437,18 @@ def print_bulk(b: dict, mib: int) -> None:
         ("push sparse f32, auto", "sparse_push_auto", "cat_up", ""),
         ("pull sparse f32, none", "sparse_pull_none", "cat_down", ""),
         ("pull sparse f32, auto", "sparse_pull_auto", "cat_down", ""),
-        ("upload random file, none", "upload_none", "cat_up", "target >= 0.9x"),
-        ("upload random file, auto", "upload_auto", "cat_up", ""),
-        ("download random file, none", "download_none", "cat_down", "target >= 0.9x"),
-        ("download random file, auto", "download_auto", "cat_down", ""),
-        ("upload, vs cat | ssh 'cat > file'", "upload_none", "cat_file_up", ""),
-        ("download, vs ssh 'cat file' > file", "download_none", "cat_file_down", ""),
     ]
     for label, key, ref, note in rows:
         print(f"  {label:<35}: {rate(key):7.0f} MB/s  ratio {rate(key) / b[ref]:.2f}x  {note}")
-    print(f"  first copy on a transport (1 byte): {b['first_copy'] * 1e3:.0f} ms (one exec)")
     for kind in ("push", "pull"):
         r = rate(f"{kind}_auto") / rate(f"{kind}_none")
         print(f"  {kind} random auto / none         : {r:7.2f}x  (target >= 0.95x)")
     # CPU per GiB moved, here and on the host (sshd and all under it), load-independent: on a
     # 2-core machine the sum over both cores bounds the rate whatever the load.
-    cpu = b["cpu"]
-    hs_loc, hs_host, hs_n = cpu.get("handshake", [0.0, 0.0, 1])
-    gib = size / (1 << 30)
     print("CPU seconds per GiB (this machine's process + ssh clients | sshd and all under it):")
-    for label, key in (
-        ("cat | ssh up", "cat_up"),
-        ("ssh cat down", "cat_down"),
-        ("push random, none", "push_none"),
-        ("pull random, none", "pull_none"),
-    ):
-        loc, host, n = cpu[key]
-        if key.startswith("cat"):  # less one handshake per run, as the rates are
-            loc, host = loc - n * hs_loc / hs_n, host - n * hs_host / hs_n
-        loc, host = loc / n / gib, host / n / gib
-        print(f"  {label:<20}: {loc:5.2f} | {host:5.2f}  = {loc + host:5.2f} s/GiB")
+    keys = [("cat | ssh up", "cat_up"), ("ssh cat down", "cat_down")]
+    keys += [("push random, none", "push_none"), ("pull random, none", "pull_none")]
+    _print_cpu(b["cpu"], keys, size / (1 << 30))
 
 
 def connect_times(srv: SSHServer, root: str, starts: int) -> tuple[list[float], list[float]]:
@@ -316,10 +477,26 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300, help="cells per round-trip measurement")
     ap.add_argument("--mib", type=int, default=256, help="payload size for push/pull")
     ap.add_argument("--starts", type=int, default=3, help="connects to time")
+    ap.add_argument("--only", choices=("all", "files"), default="all", help="which rows")
+    ap.add_argument(
+        "--crossover", action="store_true", help="also time first copies of 1-256 MiB per route"
+    )
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="colabmagic-bench-")
     size = args.mib << 20
     with SSHServer("box") as srv:
+        if args.only == "files":
+            s = Session.start(transport(srv, root), name="bench")
+            try:
+                arr = np.random.default_rng(0).integers(0, 255, size=size, dtype=np.uint8)
+                files = file_rows(s, srv, arr)
+            finally:
+                s.close()
+            cross = crossover(srv, root, [1, 16, 64, 256], reps=5) if args.crossover else None
+            print_files(files, args.mib)
+            if cross:
+                print_crossover(cross)
+            return
         s = Session.start(transport(srv, root), name="bench")
         try:
             cf = os.path.join(root, s.kernel_id, "kernel.json")
@@ -340,12 +517,16 @@ def main() -> None:
         finally:
             s.close()
         remote, local = connect_times(srv, root, args.starts)
+        cross = crossover(srv, root, [1, 16, 64, 256], reps=5) if args.crossover else None
 
     print(f"cell round trip (median of {len(ours)}):")
     print(f"  raw jupyter_client via ssh -L : {ms(raw):7.2f} ms")
     print(f"  Session.run over colabmagic ssh: {ms(ours):7.2f} ms")
     print(f"  ratio                          : {ms(ours) / ms(raw):7.2f}x   (target <= 1.2x)")
     print_bulk(bulk, args.mib)
+    print_files(bulk, args.mib)
+    if cross:
+        print_crossover(cross)
     print(f"connect to first reply (median of {args.starts}):")
     print(f"  local KernelManager            : {ms(local):7.0f} ms")
     print(f"  colabmagic over ssh            : {ms(remote):7.0f} ms")

@@ -51,6 +51,12 @@ def _user_errors(fn):
     return wrapper
 
 
+def _via(copied: int) -> str:
+    """`` (via openssh)``: what carried a file copy over SSH (the transport says)."""
+    via = getattr(copied, "via", "")
+    return f" (via {via})" if via in ("openssh", "paramiko") else ""
+
+
 def _names(text: str | None) -> list[str]:
     if not text:
         return []
@@ -400,7 +406,7 @@ class ColabMagics(Magics):
         """
         args = parse_argstring(self.colab_upload, line)
         n = registry.get(args.on).upload(args.local, args.remote, compress=args.compress)
-        print(f"uploaded {n} bytes")
+        print(f"uploaded {n} bytes{_via(n)}")
 
     @magic_arguments()
     @argument("remote", help="remote file or directory")
@@ -416,7 +422,7 @@ class ColabMagics(Magics):
         """
         args = parse_argstring(self.colab_download, line)
         n = registry.get(args.on).download(args.remote, args.local, compress=args.compress)
-        print(f"downloaded {n} bytes")
+        print(f"downloaded {n} bytes{_via(n)}")
 
     @magic_arguments()
     @argument("local_dir", nargs="?", help="project directory here (default: the last one, or .)")

@@ -22,6 +22,8 @@ from colabmagic.transport.ssh import SSHTransport
 pytestmark = pytest.mark.ssh
 MiB = 1 << 20
 LOST = 8 * MiB  # the most one cut may cost: the data in flight when the link dropped
+# What carries a file copy over SSH: the OpenSSH client, or an exec channel (its fallback).
+VIAS = pytest.mark.parametrize("via", ["openssh", "paramiko"])
 
 
 def ssh_transport(server, root, *, proxy_command: str | None = None) -> SSHTransport:
@@ -221,7 +223,9 @@ def _cut_at(relay: WanRelay, marks: list[int]) -> threading.Thread:
     return t
 
 
-def _upload_with_cuts(server, root, tmp_path, relay, size: int, limit: float) -> None:
+def _upload_with_cuts(
+    server, root, tmp_path, relay, size: int, limit: float, via: str = "auto"
+) -> None:
     src = tmp_path / "big.bin"
     with open(src, "wb") as f:
         for _ in range(size // (16 * MiB)):
@@ -230,7 +234,7 @@ def _upload_with_cuts(server, root, tmp_path, relay, size: int, limit: float) ->
     t = ssh_transport(server, root, proxy_command=through(relay))
     try:
         watcher = _cut_at(relay, [int(size * k / 4) for k in (1, 2, 3)])
-        n = t.upload(str(src), str(dest), compress="none", progress=False)
+        n = t.upload(str(src), str(dest), compress="none", progress=False, via=via)
         watcher.join(5)
     finally:
         t.close()
@@ -241,9 +245,11 @@ def _upload_with_cuts(server, root, tmp_path, relay, size: int, limit: float) ->
     assert relay.bytes_up <= limit, f"{relay.bytes_up / size:.3f} x the file crossed the link"
 
 
-def test_upload_cut_three_times_resumes(sshd_server, colabmagic_root, tmp_path, relay):
+@VIAS
+def test_upload_cut_three_times_resumes(sshd_server, colabmagic_root, tmp_path, relay, via):
     # what a cut costs is what was in flight (SSH window, pipe and socket buffers): a few MiB
-    _upload_with_cuts(sshd_server, colabmagic_root, tmp_path, relay, 96 * MiB, 96 * MiB + 3 * LOST)
+    limit = 96 * MiB + 3 * LOST
+    _upload_with_cuts(sshd_server, colabmagic_root, tmp_path, relay, 96 * MiB, limit, via)
 
 
 @pytest.mark.slow
@@ -253,8 +259,9 @@ def test_one_gib_upload_cut_three_times_sends_at_most_1_1_gib(
     _upload_with_cuts(sshd_server, colabmagic_root, tmp_path, relay, 1 << 30, 1.1 * (1 << 30))
 
 
+@VIAS
 def test_partial_upload_resumes_and_a_corrupted_one_is_redone(
-    sshd_server, colabmagic_root, tmp_path, relay
+    sshd_server, colabmagic_root, tmp_path, relay, via
 ):
     data = noise(32 * MiB, seed=5).tobytes()
     src = tmp_path / "w.bin"
@@ -267,7 +274,7 @@ def test_partial_upload_resumes_and_a_corrupted_one_is_redone(
         # a true prefix (an upload interrupted earlier): only the rest crosses
         part.write_bytes(data[: 24 * MiB])
         relay.reset_counters()
-        t.upload(str(src), str(remote), compress="none", progress=False)
+        t.upload(str(src), str(remote), compress="none", progress=False, via=via)
         assert (remote / "w.bin").read_bytes() == data
         assert not part.exists()
         assert relay.bytes_up < 10 * MiB, relay.bytes_up
@@ -275,7 +282,7 @@ def test_partial_upload_resumes_and_a_corrupted_one_is_redone(
         (remote / "w.bin").unlink()
         part.write_bytes(data[:1000] + b"X" + data[1001 : 24 * MiB])
         relay.reset_counters()
-        t.upload(str(src), str(remote), compress="none", progress=False)
+        t.upload(str(src), str(remote), compress="none", progress=False, via=via)
         assert (remote / "w.bin").read_bytes() == data
         assert not part.exists()
         assert relay.bytes_up > 32 * MiB
@@ -283,8 +290,9 @@ def test_partial_upload_resumes_and_a_corrupted_one_is_redone(
         t.close()
 
 
+@VIAS
 def test_download_resumes_after_a_cut_and_redoes_a_corrupted_partial(
-    sshd_server, colabmagic_root, tmp_path, relay
+    sshd_server, colabmagic_root, tmp_path, relay, via
 ):
     data = noise(48 * MiB, seed=6).tobytes()
     remote = tmp_path / "remote"
@@ -302,23 +310,27 @@ def test_download_resumes_after_a_cut_and_redoes_a_corrupted_partial(
 
         cutter = threading.Thread(target=watch, daemon=True)
         cutter.start()
-        t.download(str(remote / "r.bin"), str(here), compress="none", progress=False)
+        n = t.download(str(remote / "r.bin"), str(here), compress="none", progress=False, via=via)
+        assert n.via == via
         cutter.join(5)
         assert (here / "r.bin").read_bytes() == data
         assert not part.exists()
-        assert relay.bytes_down <= len(data) + LOST  # one cut costs at most what was in flight
+        # one cut costs at most what was in flight: the SSH window, and the frame being read
+        assert relay.bytes_down <= len(data) + LOST + filecopy.CHUNK
         # a corrupted local partial file is redone from the start
         (here / "r.bin").unlink()
         part.write_bytes(b"garbage" * 1000)
-        t.download(str(remote / "r.bin"), str(here), compress="none", progress=False)
+        n = t.download(str(remote / "r.bin"), str(here), compress="none", progress=False, via=via)
+        assert n.via == via
         assert (here / "r.bin").read_bytes() == data
         assert not part.exists()
     finally:
         t.close()
 
 
+@VIAS
 def test_a_failed_upload_leaves_no_target_and_the_next_call_resumes(
-    sshd_server, colabmagic_root, tmp_path, relay
+    sshd_server, colabmagic_root, tmp_path, relay, via
 ):
     src = tmp_path / "tree"
     (src / "sub").mkdir(parents=True)
@@ -329,12 +341,12 @@ def test_a_failed_upload_leaves_no_target_and_the_next_call_resumes(
     try:
         relay.cut_after(16 * MiB)
         with pytest.raises(TransferError, match="run it again to resume"):
-            t.upload(str(src), str(remote), compress="none", progress=False, retries=0)
+            t.upload(str(src), str(remote), compress="none", progress=False, retries=0, via=via)
         assert not (remote / "sub" / "a.bin").exists(), "never half a file under its name"
         assert (remote / "sub" / ".a.bin.colabmagic-part").exists()
         relay.reset_counters()
-        n = t.upload(str(src), str(remote), compress="none", progress=False)
-        assert n == 40 * MiB + 2
+        n = t.upload(str(src), str(remote), compress="none", progress=False, via=via)
+        assert (n, n.via) == (40 * MiB + 2, via)
         assert relay.bytes_up < 36 * MiB, "the second call resumed"
         assert (remote / "sub" / "a.bin").read_bytes() == (src / "sub" / "a.bin").read_bytes()
         assert (remote / "b.txt").read_text() == "b\n"
@@ -367,7 +379,9 @@ def test_chunk_constants_bound_the_window():
 
 
 def test_the_next_copy_takes_the_spare_helper(sshd_server, colabmagic_root, tmp_path):
-    """Only the first copy pays an exec; a dead spare is skipped; close() ends the spare."""
+    """Only the first copy pays an exec; a dead spare is skipped; close() ends the spare.
+
+    On exec channels (``via="paramiko"``); ``test_ssh_pipe.py`` has the ssh spare's test."""
     t = ssh_transport(sshd_server, colabmagic_root)
     opened = []
     real = t._session_channel
@@ -375,22 +389,24 @@ def test_the_next_copy_takes_the_spare_helper(sshd_server, colabmagic_root, tmp_
     src = tmp_path / "a.bin"
     src.write_bytes(os.urandom(300_000))
     try:
-        t.upload(str(src), str(tmp_path / "up1.bin"), progress=False)
+        t.upload(str(src), str(tmp_path / "up1.bin"), progress=False, via="paramiko")
         assert filecopy.wait_spare(t)
-        spare = filecopy._spares[t].result()
+        spare = filecopy._spares[t][1].result()
         assert spare.alive()
         assert len(opened) == 2
-        t.upload(str(src), str(tmp_path / "up2.bin"), progress=False, retries=0)
+        t.upload(str(src), str(tmp_path / "up2.bin"), progress=False, retries=0, via="paramiko")
         assert filecopy.wait_spare(t)
         assert len(opened) == 3  # the copy took the spare; one new spare, no other exec
         assert (tmp_path / "up2.bin").read_bytes() == src.read_bytes()
-        dead = filecopy._spares[t].result()
+        dead = filecopy._spares[t][1].result()
         dead.chan.close()  # as when its connection dropped
-        n = t.download(str(tmp_path / "up2.bin"), str(tmp_path / "down.bin"), retries=0)
+        n = t.download(
+            str(tmp_path / "up2.bin"), str(tmp_path / "down.bin"), retries=0, via="paramiko"
+        )
         assert n == 300_000
         assert (tmp_path / "down.bin").read_bytes() == src.read_bytes()
         assert filecopy.wait_spare(t)
-        last = filecopy._spares[t].result()
+        last = filecopy._spares[t][1].result()
     finally:
         t.close()
     wait_until(lambda: last.chan.closed, what="the spare closed with its transport")

@@ -3,10 +3,12 @@
 Two stages, both flat array work over every query of a batch at once (one code path for a single
 query on the host and for a thousand on the GPU):
 
-1. **Hash votes.** Every query hash is looked up by binary search in every shard; each hit votes
-   for ``(query, track, speed hypothesis, reference time - query time)``. Hits of the true track
-   pile up at one offset, chance hits spread out. The best offset of each track is a candidate;
-   its *hash score* is the weighted vote count there (see :func:`votes`).
+1. **Hash votes.** Each query looks its hashes up in every shard, rarest first, within a budget
+   of posting hits (:data:`QUERY_HIT_BUDGET`); each hit votes for ``(query, track, speed
+   hypothesis, reference time - query time)``. Hits of the true track pile up at one offset,
+   chance hits spread out; bins with fewer hits than the chance test could accept are dropped
+   before the offset histograms. The best offset of each track is a candidate; its *hash score*
+   is the weighted vote count there (see :func:`votes`).
 2. **Peak verification.** The :data:`CANDIDATES` best candidates of each query are re-scored by
    how many of the query's single peaks land on the track's peaks at that offset, against the
    chance rate measured at other offsets (:mod:`colabmagic.fingerprint.verify`). Under noise a
@@ -47,15 +49,21 @@ HASH_WEIGHT = 0.5
 #: Candidates per query that are verified by their peaks (the right track was always among the
 #: best three by hash score on the benchmark, down to -5 dB).
 CANDIDATES = 5
-#: The other speed hypotheses skip hashes with more than ``stop_postings // SPEED_STOP``
-#: postings: six hash sets cost six times the lookups, and the common hashes say little.
-SPEED_STOP = 4
-#: Queries look up no hash with more postings than this, whatever the index's own stop list
-#: (:attr:`Index.stop_postings`: 100x the mean, up to 256, reached past ~8 h of audio). A
-#: query's work grows with its posting hits; such a hash weighs under 1/7 of a rare one. On
-#: the 1,000-file corpus (5.3 M hashes, stop list 251) 128 instead of 251 cut the 10 s CPU p90
-#: from 63 to 36 ms and cost one of 83 queries at -5 dB; 96 gave 30 ms and cost four.
-QUERY_MAX_POSTINGS = 128
+#: Posting hits a query may look up: at the unchanged speed (every query pays it), and over the
+#: six other speed hypotheses together (only queries that found nothing at the unchanged speed).
+#: Each stage looks its hashes up rarest first, in whole posting counts, while the sum of their
+#: postings stays within the budget (:func:`_spend`): a query of rare hashes looks them all up
+#: and stops early; one whose hashes are all common (looping music, several copies of one
+#: recording) still gets its rarest ones, where a fixed posting cap gave it none. The budgets
+#: come from costs, not recall: on the 2-core machine a hit costs ~0.05 us of CPU through the
+#: hash stage (20 hits per us, with :func:`_could_pass`), and the rest of a 10 s query that pays
+#: both stages (decode, fingerprint, six speed variants, lookups, two verifications) 14-25 ms at
+#: the 90th percentile, by load; the 30 ms target leaves 5-16 ms, 100,000-300,000 hits, and
+#: the stages share the middle of that equally (a noisy query is found by the first, a sped-up
+#: one only by the second). Measured on 160 calibration excerpts of the 1,000-file corpus
+#: (seed 999), not the benchmark's queries.
+QUERY_HIT_BUDGET = 100_000
+SPEED_HIT_BUDGET = 100_000
 #: A match also needs an aligned hash count that chance reaches in at most this many bins of the
 #: index (expected; :func:`_chance`), i.e. in one query of 100. On the 1,000-file corpus three
 #: chance matches had 3 aligned hashes and a strong peak verdict (expected chance bins 0.5-1);
@@ -83,7 +91,8 @@ class Match:
     offset_s : float
         Where the query starts in the track, in seconds (negative: before the track starts).
     confidence : float
-        ``score`` relative to the next-best other track, in [0, 1]: 1 - runner_up / score.
+        ``score`` relative to the next-best other track, in [0, 1]: 1 - runner_up / score (1
+        when no other track has as many aligned hashes as the chance test could accept).
     speed : float
         The playback-speed hypothesis that matched (1.0: unchanged).
     path : str
@@ -133,18 +142,45 @@ class Votes(NamedTuple):
     chance: Any = None  # expected (track, offset, speed) bins with this many aligned hashes
 
 
-def _lookup(index: Index, be: Backend, qh: Any, max_postings: int) -> tuple[Any, Any, Any]:
-    """Every posting hit of the query hashes *qh*: (row in qh, track, reference time)."""
+def _spend(xp: Any, qid: Any, postings: Any, budget: int, stop: int) -> Any:
+    """Which query hashes a posting *budget* looks up (bool mask): per query, rarest first, in
+    whole posting counts, i.e. every hash with at most ``cap`` postings where ``cap`` is the
+    highest count (up to *stop*, the index's stop list) whose hashes, with all rarer ones, come
+    to at most *budget* posting hits. A per-query cap found by one ``bincount`` (no sort); the
+    hashes of one count are all in or all out, so no end of the query is favoured.
+    """
+    if postings.shape[0] == 0:
+        return xp.zeros(0, dtype=bool)
+    cost = xp.where(postings <= stop, postings, 0).astype(xp.int64)  # 0: never looked up
+    n_q = int(qid.max()) + 1
+    levels = stop + 1
+    spent = xp.bincount(
+        qid.astype(xp.int64) * levels + cost, weights=cost.astype(xp.float64),
+        minlength=n_q * levels,
+    ).reshape(n_q, levels)  # fmt: skip
+    fits = xp.cumsum(spent, axis=1) <= budget  # prefix sums rise: a run of True from 0
+    cap = fits.sum(axis=1) - 1  # the highest count whose hashes and all rarer ones fit
+    return (cost > 0) & (cost <= cap[qid])
+
+
+def _lookup(
+    index: Index, be: Backend, qh: Any, max_postings: int, select: Any = None
+) -> tuple[Any, Any, Any]:
+    """Every posting hit of the query hashes *qh*: (row in qh, track, reference time).
+
+    Hashes with more than *max_postings* postings are skipped, or those that
+    ``select(postings_per_hash)`` leaves out (a bool mask) when it is given.
+    """
     xp = be.xp
     if not be.is_device:
-        return index.lookup(qh, max_postings=max_postings)
+        return index.lookup(qh, max_postings=max_postings, select=select)
     shards = index.device_arrays(be)
     found = [
         (xp.searchsorted(h, qh, side="left"), xp.searchsorted(h, qh, side="right"))
         for h, _ in shards
     ]
     per_hash = sum(hi - lo for lo, hi in found)
-    stop = per_hash > max_postings
+    stop = ~select(per_hash) if select is not None else per_hash > max_postings
     rows, posts = [], []
     for (lo, hi), (_, post) in zip(found, shards, strict=True):
         count = xp.where(stop, 0, hi - lo)
@@ -220,6 +256,33 @@ def _chance(xp: Any, index: Index, be: Backend, hits: Any, count: Any, n_var: in
     return xp.asarray(bins * gammainc(k, lam)) if be.is_device else bins * gammainc(k, lam)
 
 
+def _least_count(index: Index, hits: np.ndarray, n_var: int) -> np.ndarray:
+    """Per query, the fewest aligned hashes that could pass the chance test (:func:`_chance`,
+    :data:`CHANCE_BINS`) given its *hits* posting hits over *n_var* speed hypotheses."""
+    from scipy.special import gammainc
+
+    frames = np.asarray(index._track_frames)
+    bins = float(np.sum(frames[index._alive])) * max(n_var, 1)
+    lam = np.asarray(hits, dtype=np.float64)[:, None] / max(bins, 1.0)
+    k = np.arange(1, 257, dtype=np.float64)[None, :]
+    passes = bins * gammainc(k, lam) <= CHANCE_BINS  # falls with k: a run of False, then True
+    return np.where(passes.any(axis=1), 257 - passes.sum(axis=1), 257).astype(np.int64)
+
+
+def _could_pass(xp: Any, key: Any, q: Any, least: Any) -> Any:
+    """Which hits lie in a (query, track, speed, offset) bin holding at least ``least[q]`` hits
+    (bool mask; a superset: bins are counted in a hashed table, and a collision only adds).
+
+    Every bin that the chance test could pass keeps all its hits, so the matches reported are
+    the same; the offset histograms (a sort and a dozen passes per hit) then see the few hits
+    of such bins instead of every chance hit, which is what makes a larger budget affordable.
+    """
+    size = 1 << max(10, key.shape[0].bit_length())  # about one hit per bucket
+    bucket = (key ^ (key >> 17) ^ (key >> 34)) & (size - 1)  # tracks differ above bit 24
+    counts = xp.bincount(bucket, minlength=size)
+    return counts[bucket] >= least[q]
+
+
 def _hash_votes(
     index: Index,
     be: Backend,
@@ -231,26 +294,50 @@ def _hash_votes(
     per_query: int,
     max_postings: int | None = None,
     chance: bool = True,
+    budget: int | None = None,
+    significant_only: bool = False,
 ) -> Votes:
     """Hash stage for a batch: the best offset of every (query, track), best first per query.
 
     Each hit of query hash ``h`` weighs ``1 / log2(2 + hits(h))``; the votes of one 1/8 s
     segment of the query count at most :data:`SEGMENT_CAP` (see :func:`votes`). Keeps the
     *per_query* best tracks of each query (0: all). Hashes with more than *max_postings* postings
-    (default :attr:`Index.stop_postings`) are not looked up.
+    (default :attr:`Index.stop_postings`) are not looked up; with a *budget*, each query looks
+    up its hashes rarest first within that many posting hits (:func:`_spend`). With
+    *significant_only*, only (track, offset) bins with as many hits as the chance test could
+    accept are histogrammed (:func:`_could_pass`): the same matches, fewer candidates.
     """
     xp = be.xp
     stop = index.stop_postings if max_postings is None else max_postings
-    row, track, ref_time = _lookup(index, be, qh, stop)
+    select = None
+    if budget is not None:
+
+        def select(postings: Any) -> Any:
+            return _spend(xp, qid, postings, budget, stop)
+
+    row, track, ref_time = _lookup(index, be, qh, stop, select)
     if row.shape[0] == 0:
         return _empty_votes(xp)
     per_row = xp.bincount(row, minlength=qh.shape[0])  # hits of each query hash
     weight_of = 1.0 / xp.log2(2.0 + xp.arange(int(per_row.max()) + 1, dtype=xp.float64))
     n_tracks = int(index._alive.shape[0])
+    hits = xp.bincount(qid[row])  # every posting hit of each query: the chance hits
+    stage_vars = int(xp.unique(qv).shape[0])
     q_time = qt[row]
     group = (qid[row] * n_tracks + track) * n_var + qv[row]
     key = group * (2 * _OFFSET_BIAS) + (ref_time - q_time + _OFFSET_BIAS)
+    if significant_only:  # bins chance could explain cannot become matches: not histogrammed
+        least = be.to_device(_least_count(index, be.to_host(hits), stage_vars))
+        keep = _could_pass(xp, key, qid[row], least)
+        if not bool(keep.any()):
+            return _empty_votes(xp)
+        row, key, q_time = row[keep], key[keep], q_time[keep]
     keys, score, count = _segment_scores(xp, key, q_time // SEGMENT_FRAMES, per_row[row], weight_of)
+    if significant_only:  # exactly those bins (a hashed count also kept some others)
+        enough = count >= least[keys // (2 * _OFFSET_BIAS) // (n_var * n_tracks)]
+        keys, score, count = keys[enough], score[enough], count[enough]
+        if keys.shape[0] == 0:
+            return _empty_votes(xp)
     g = keys // (2 * _OFFSET_BIAS)
     pair = g // n_var  # (query, track): sorted, as keys are
     best = be.best_of_runs(pair, score, count)  # best offset of every (query, track)
@@ -261,8 +348,6 @@ def _hash_votes(
         rank = xp.arange(best.shape[0]) - xp.searchsorted(q_of, q_of, side="left")
         best, q_of = best[rank < per_query], q_of[rank < per_query]
     zero = xp.zeros(best.shape[0], dtype=xp.float64)
-    hits = xp.bincount(qid[row])  # every posting hit of each query: the chance hits
-    stage_vars = int(xp.unique(qv).shape[0])
     return Votes(
         track=pair[best] % n_tracks,
         score=score[best],
@@ -353,15 +438,19 @@ def _identify(
     peak_f = be.to_device(np.ascontiguousarray(all_peaks[:, 1]))
     qid, qh, qt, qv = _hash_arrays(fps, np.arange(len(fps)))
 
-    def stage(arrays: tuple[np.ndarray, ...], mask: np.ndarray, stop: int | None) -> Votes:
+    def stage(arrays: tuple[np.ndarray, ...], mask: np.ndarray, budget: int) -> Votes:
         d = [be.to_device(np.ascontiguousarray(a[mask])) for a in arrays]
-        v = _hash_votes(index, be, *d, n_var=n_var, per_query=per_query, max_postings=stop)
+        v = _hash_votes(
+            index, be, *d, n_var=n_var, per_query=per_query, budget=budget,
+            significant_only=min_score > 0,
+        )  # fmt: skip
         return _to_host(be, _verify(index, be, v, peak_t, peak_f, peak_start))
 
     arrays = (qid, qh, qt, qv)
-    stop = min(index.stop_postings, QUERY_MAX_POSTINGS)
-    first = stage(arrays, np.ones(len(qv), bool) if all_speeds else qv == 0, stop)
-    if all_speeds or n_var == 1:
+    if all_speeds:  # every hypothesis at once, each with the unchanged speed's share (slower)
+        return stage(arrays, np.ones(len(qv), bool), QUERY_HIT_BUDGET * n_var)
+    first = stage(arrays, qv == 0, QUERY_HIT_BUDGET)
+    if n_var == 1:
         return first
     best = np.full(len(fps), -np.inf)
     decided = _significant(first.chance) | (min_score <= 0)
@@ -381,8 +470,8 @@ def _identify(
             [signals[i] for i in numbers], backend=be, query=True, variants=others
         )
         arrays = _hash_arrays(full, numbers)
-    # the other speeds, with a shorter stop list: a no-match query pays for six hash sets
-    second = stage(arrays, retry[arrays[0]] & (arrays[3] > 0), stop // SPEED_STOP)
+    # the other speeds, six hash sets sharing one budget: a no-match query pays for both stages
+    second = stage(arrays, retry[arrays[0]] & (arrays[3] > 0), SPEED_HIT_BUDGET)
     merged = Votes(*(np.concatenate([a, b]) for a, b in zip(first, second, strict=True)))
     order = np.lexsort((-merged.score, merged.query))
     merged = Votes(*(a[order] for a in merged))

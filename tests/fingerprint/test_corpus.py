@@ -318,11 +318,15 @@ def test_scale_benchmark_scores_dedup_against_the_relations(tmp_path):
     assert held == {"h0": {3}}
 
 
-def test_caps_benchmark_with_the_shipped_caps_gives_the_cli_recall(tmp_path, sources):
+def test_budget_benchmark_with_the_shipped_budgets_gives_the_cli_recall(tmp_path, sources):
     """fingerprint_scale.py end to end on a tiny corpus (index and queries through the CLI), then
-    fingerprint_caps.py on its index and queries: with the shipped caps, in-process recall and
-    false positives are the CLI's, cell by cell (run after other caps in the same process); a
-    malformed --caps is one clear line."""
+    fingerprint_caps.py on its index and queries: with the shipped posting budgets, in-process
+    recall and false positives are the CLI's, cell by cell (run after other budgets in the same
+    process); a malformed --budgets is one clear line."""
+    import colabmagic.fingerprint.index as im
+
+    mm = sys.modules["colabmagic.fingerprint.match"]  # the package exports the function match
+    shipped = f"{mm.QUERY_HIT_BUDGET}/{mm.SPEED_HIT_BUDGET}/{im.MAX_POSTINGS}"
     out, work = tmp_path / "corpus", tmp_path / "work"
     _build(out, sources, "--files", "9", "--seed", "3")
     scale = CORPUS.with_name("fingerprint_scale.py")
@@ -333,18 +337,22 @@ def test_caps_benchmark_with_the_shipped_caps_gives_the_cli_recall(tmp_path, sou
     run = json.loads((tmp_path / "scale.json").read_text())
     caps_py = CORPUS.with_name("fingerprint_caps.py")
     cmd = [sys.executable, str(caps_py), "--corpus", str(out), "--workdir", str(work)]
-    cmd += ["--json", str(tmp_path / "scale.json"), "--caps", "8/8/8", "128/4/256"]
+    cmd += ["--json", str(tmp_path / "scale.json"), "--budgets", "300/300/8", shipped]
     cmd += ["--conditions", "clean,snr0,speed0.95", "--out", str(tmp_path / "caps.json")]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     caps = json.loads((tmp_path / "caps.json").read_text())
-    for cell, c in caps["128/4/256"].items():
+    for cell, c in caps[shipped].items():
         cli = run["queries"]["cells"][cell]
         assert (c["recall"], c["false_positives"]) == (cli["recall"], cli["false_positives"])
-    assert set(caps["128/4/256"]) == {f"{c}@{s}s" for c in ("clean", "snr0", "speed0.95")
-                                      for s in (5, 10)}  # fmt: skip
+        assert c["hits_median"] <= mm.QUERY_HIT_BUDGET + mm.SPEED_HIT_BUDGET
+    for c in caps["300/300/8"].values():
+        assert c["hits_median"] <= 600  # both stages at most
+    assert set(caps[shipped]) == {f"{c}@{s}s" for c in ("clean", "snr0", "speed0.95")
+                                  for s in (5, 10)}  # fmt: skip
     assert 0.0 <= caps["hash_shares"]["over_8"] <= 1.0
     bad = [sys.executable, str(caps_py), "--corpus", str(out), "--workdir", str(work)]
-    bad += ["--json", str(tmp_path / "scale.json"), "--caps", "128/0/256"]
+    bad += ["--json", str(tmp_path / "scale.json"), "--budgets", "100/0/256"]
     bad = subprocess.run(bad, capture_output=True, text=True, check=False)
     assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines()[-1].startswith("--caps '128/0/256': give QUERY_MAX")
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("--budgets '100/0/256': give QUERY_HIT_BUDGET/SPEED_HIT_BUDGET")
