@@ -144,6 +144,12 @@ def ssh_cat_throughput(
             os.unlink(os.path.join(to_dir, name))
     else:
         down = timed([*base, f"cat {path}"], stdout=subprocess.DEVNULL) - hs
+    if min(up, down) <= hs:
+        msg = (
+            f"--mib {size >> 20} moves too few bytes to time against the ssh handshake "
+            f"({hs * 1e3:.0f} ms, subtracted): use --mib 64 or more"
+        )
+        raise SystemExit(msg)
     return size / up / 1e6, size / down / 1e6
 
 
@@ -375,12 +381,18 @@ def load() -> str:
         return " ".join(f.read().split()[:3])
 
 
+def _head(b: dict, mib: int, title: str, note: str = ""):
+    """Print *title* and the ``cat | ssh`` references; return the rate (MB/s) of a key of *b*."""
+    size = mib << 20
+    print(f"{title}, load {load()}:")
+    print(f"  cat | ssh 'cat >/dev/null'     : {b['cat_up']:7.0f} MB/s{note}")
+    print(f"  ssh 'cat file' >/dev/null      : {b['cat_down']:7.0f} MB/s")
+    return lambda key: size / statistics.median(b[key]) / 1e6
+
+
 def print_files(b: dict, mib: int) -> None:
     size = mib << 20
-    rate = lambda key: size / statistics.median(b[key]) / 1e6  # noqa: E731
-    print(f"files {mib} MiB over ssh (median of 3), load {load()}:")
-    print(f"  cat | ssh 'cat >/dev/null'     : {b['cat_up']:7.0f} MB/s  (OpenSSH's default cipher)")
-    print(f"  ssh 'cat file' >/dev/null      : {b['cat_down']:7.0f} MB/s")
+    rate = _head(b, mib, f"files {mib} MiB over ssh (median of 3)", "  (OpenSSH's default cipher)")
     print(
         f"  the same, -c aes128-gcm        : {b['cat_up_gcm']:7.0f} / {b['cat_down_gcm']:.0f} MB/s"
     )
@@ -424,10 +436,7 @@ def _print_cpu(cpu: dict, keys: list[tuple[str, str]], gib: float) -> None:
 
 def print_bulk(b: dict, mib: int) -> None:
     size = mib << 20
-    rate = lambda key: size / statistics.median(b[key]) / 1e6  # noqa: E731
-    print(f"bulk {mib} MiB over ssh (median of 3; sparse: 1), load {load()}:")
-    print(f"  cat | ssh 'cat >/dev/null'     : {b['cat_up']:7.0f} MB/s")
-    print(f"  ssh 'cat file' >/dev/null      : {b['cat_down']:7.0f} MB/s")
+    rate = _head(b, mib, f"bulk {mib} MiB over ssh (median of 3; sparse: 1)")
     rows = [
         ("push random, compress none", "push_none", "cat_up", "target >= 1.0x"),
         ("push random, compress auto", "push_auto", "cat_up", "auto >= 0.95x none"),
