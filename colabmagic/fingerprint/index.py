@@ -276,12 +276,16 @@ class _Shard:
         against 0.6 us per hash searched, 0.03 with the table), whatever the shard's size.
         """
         self.looked_up += n
-        enough = 8 * self.looked_up >= min(len(self.hashes), 1 << HASH_BITS)
+        self.plan(0)
+        return self.table is not None
+
+    def plan(self, n: int) -> None:
+        """Build the start table now if *n* more lookups would make it pay (the rule above)."""
+        enough = 8 * (self.looked_up + n) >= min(len(self.hashes), 1 << HASH_BITS)
         if self.table is None and enough and len(self.hashes) >= TABLE_MIN_HASHES:
             # published only when complete: dedup's query threads share this shard, and one that
             # saw a half-filled table would find no postings for most hashes
             self.table = _start_table(self.hashes)
-        return self.table is not None
 
     def ranges(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[lo, hi)`` of every one of *hashes* (sorted, for the binary searches) here."""
@@ -451,8 +455,7 @@ class Index:
         for which that pays builds its start table now (see :meth:`_Shard.use_table`) instead
         of after an eighth of its size has been looked up by binary search."""
         for s in self._shards:
-            s.use_table(n)
-            s.looked_up -= n  # counted again as the lookups happen
+            s.plan(n)  # the lookups are counted as they happen
 
     def postings_per_hash(self, hashes: np.ndarray) -> np.ndarray:
         """How many postings each of *hashes* has, over all shards (int64; a range lookup each,

@@ -241,31 +241,39 @@ def _empty_votes(xp: Any) -> Votes:
     return Votes(e, z, e, e, e, e, z, z, z)
 
 
+def _bins(index: Index, n_var: int) -> float:
+    """The ``(track, offset, speed)`` bins a stage tries: every frame of every live track,
+    *n_var* speed hypotheses."""
+    frames = np.asarray(index._track_frames)  # not peak_keys(): dedup's index loads no peaks
+    return float(np.sum(frames[index._alive])) * max(n_var, 1)
+
+
+def _expected(bins: float, hits: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Expected bins of *bins* that *hits* random hits fill with *count* or more: Poisson
+    tails times the number of bins (``P(X >= k)`` of Poisson(lam) is ``gammainc(k, lam)``)."""
+    from scipy.special import gammainc
+
+    return bins * gammainc(count, hits / max(bins, 1.0))
+
+
 def _chance(xp: Any, index: Index, be: Backend, hits: Any, count: Any, n_var: int) -> Any:
     """Expected number of ``(track, offset, speed)`` bins of the index that chance alone fills
     with *count* or more aligned hashes, when a query's *hits* postings fall at random over the
-    bins its stage tries (every frame of every track, *n_var* speed hypotheses): Poisson tails
-    times the number of bins. A bigger index has more bins, so the same count means less.
+    bins its stage tries (:func:`_bins`). A bigger index has more bins, so the same count means
+    less.
     """
-    from scipy.special import gammainc  # P(X >= k) of Poisson(lam) = gammainc(k, lam)
-
-    frames = np.asarray(index._track_frames)  # not peak_keys(): dedup's index loads no peaks
-    bins = float(np.sum(frames[index._alive])) * max(n_var, 1)
-    lam = be.to_host(hits).astype(np.float64) / max(bins, 1.0)
+    hits = be.to_host(hits).astype(np.float64)
     k = np.maximum(be.to_host(count), 1).astype(np.float64)
-    return xp.asarray(bins * gammainc(k, lam)) if be.is_device else bins * gammainc(k, lam)
+    e = _expected(_bins(index, n_var), hits, k)
+    return xp.asarray(e) if be.is_device else e
 
 
 def _least_count(index: Index, hits: np.ndarray, n_var: int) -> np.ndarray:
     """Per query, the fewest aligned hashes that could pass the chance test (:func:`_chance`,
     :data:`CHANCE_BINS`) given its *hits* posting hits over *n_var* speed hypotheses."""
-    from scipy.special import gammainc
-
-    frames = np.asarray(index._track_frames)
-    bins = float(np.sum(frames[index._alive])) * max(n_var, 1)
-    lam = np.asarray(hits, dtype=np.float64)[:, None] / max(bins, 1.0)
     k = np.arange(1, 257, dtype=np.float64)[None, :]
-    passes = bins * gammainc(k, lam) <= CHANCE_BINS  # falls with k: a run of False, then True
+    hits = np.asarray(hits, dtype=np.float64)[:, None]
+    passes = _expected(_bins(index, n_var), hits, k) <= CHANCE_BINS  # False..., then True
     return np.where(passes.any(axis=1), 257 - passes.sum(axis=1), 257).astype(np.int64)
 
 
