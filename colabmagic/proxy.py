@@ -110,7 +110,7 @@ class Proxy:
         self._last_down = 0
         self._acked_down, self._ack_due = 0, 0.0
         self._agent_last_up = 0
-        self._id = self.inproc_name = os.urandom(8).hex()  # numbers from 1 again; inproc.url
+        self.inproc_name = os.urandom(8).hex()  # new per proxy, so it numbers from 1 (HELLO)
         self._pipe: Pipe | None = None
         self._stream: wire.FramedStream | None = None
         self._hello_pending = False
@@ -296,7 +296,7 @@ class Proxy:
         self._pipe = pipe
         self._stream = wire.FramedStream(pipe.read_fd, pipe.write_fd)
         hello = {"resume_from": self._last_down, "version": wire.PROTOCOL_VERSION}
-        self._stream.send_json(wire.HELLO, 0, dict(hello, proxy=self._id))
+        self._stream.send_json(wire.HELLO, 0, dict(hello, proxy=self.inproc_name))
         self._hello_pending = True
 
     def _detach(self) -> Pipe | None:
