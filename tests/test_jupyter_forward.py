@@ -154,6 +154,43 @@ def test_bytes_exactly_once_across_cuts(server, journal):
             s.close()
 
 
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
+def test_a_stream_opened_as_the_websocket_drops(server, journal):
+    """The ``open`` of a stream is lost in a cut and the client keeps sending while the link
+    reconnects (and fetches the journal): no ``send`` may reach the kernel before the resent
+    ``open``, or the kernel answers "closed" for a stream it never saw and the connection ends
+    empty (seen in CI as 0 of 32 MiB echoed)."""
+    with WanRelay(("127.0.0.1", server.port)) as wan:
+        s = start(f"http://127.0.0.1:{wan.port}/", server.token, journal=journal)
+        try:
+            link = s.transport.links[s.kernel_id]
+            local_port = s.proxy.forward(int(s.run(SERVER).stdout))
+            reconnects = s.proxy.reconnects
+            wan.freeze()  # the open and the first bytes go into a link that carries nothing
+            conn = socket.create_connection(("127.0.0.1", local_port), timeout=120)
+            conn.sendall(b"E")
+            wait_until(lambda: link.forwards.streams, timeout=30, what="the open to be posted")
+            payload = random.Random(2).randbytes(8 << 20)
+
+            def send() -> None:  # from before the reconnect until after it
+                view = memoryview(payload)
+                for i in range(0, len(view), 16 << 10):
+                    conn.sendall(view[i : i + (16 << 10)])
+
+            wan.cut()
+            wan.thaw()
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            echoed = recv_all(conn, len(payload))
+            sender.join(60)
+            conn.close()
+            assert s.proxy.reconnects > reconnects, "the websocket was never cut"
+            assert len(echoed) == len(payload)
+            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+        finally:
+            s.close()
+
+
 def test_remote_close_restart_and_tcp_close(server):
     s = start(server.url, server.token)
     try:

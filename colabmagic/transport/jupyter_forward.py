@@ -87,6 +87,10 @@ class KernelForwards:
         self.by_key: dict[str, _Stream] = {}
         self.generation = 0
         self.waiting: set[str] = set()
+        # The attachment whose resume (or reset) ran: nothing is posted on a newer websocket
+        # before its resume, or a ``send`` could overtake the resent ``open`` of its stream (the
+        # kernel answers "closed" for a stream it does not know) while the journal is fetched.
+        self.attached: Any = None
 
     # -- from the proxy ----------------------------------------------------------------------
     def open(self, sid: int, port: int) -> dict:
@@ -149,9 +153,11 @@ class KernelForwards:
             self._ack(stream)
 
     # -- the link's life ---------------------------------------------------------------------
-    def resume(self) -> None:
-        """A new websocket is up: resend what is unanswered, fetch what we lack."""
+    def resume(self, att: Any) -> None:
+        """A new websocket (attachment *att*) is up: resend what is unanswered, fetch what we
+        lack. Until this runs, nothing is posted on *att*."""
         self.generation += 1
+        self.attached = att
         for msg_id in self.waiting:
             self.link.waiters.pop(msg_id, None)
         self.waiting.clear()
@@ -163,8 +169,10 @@ class KernelForwards:
             stream.inflight = 0
             self._pump(stream)
 
-    def reset(self) -> None:
-        """The kernel is new (restarted): its streams are gone, so close ours."""
+    def reset(self, att: Any) -> None:
+        """The kernel behind attachment *att* is new (restarted): its streams are gone, so close
+        ours."""
+        self.attached = att
         for stream in list(self.streams.values()):
             self._forget(stream)
             self._close_local(stream.sid)
@@ -242,7 +250,9 @@ class KernelForwards:
         """Send one control request on the current websocket; False when none is usable."""
         link = self.link
         att = link.current
-        if att is None or att.done is None or att.done.done() or not link.ready:
+        if att is None or att is not self.attached or att.done is None or att.done.done():
+            return False
+        if not link.ready:
             return False
         try:
             msg_id, fut = link._post_own(att, "control", REQUEST, content, buffers)

@@ -763,7 +763,7 @@ class KernelLink:
         """Install the kernel-side helpers (and journal) before any client message passes."""
         self.ready = False
         self.low, self.seen = 0, set()
-        self.forwards.reset()  # a fresh kernel has none of the old streams
+        self.forwards.reset(att)  # a fresh kernel has none of the old streams
         _, info, _ = await self._ask(att, "shell", "kernel_info_request", {}, 120.0)
         python = (info.get("language_info") or {}).get("name") == "python"
         journal = False
@@ -798,7 +798,7 @@ class KernelLink:
         pending = [k for k, v in self.outstanding.items() if not v["replied"] or not v["idle"]]
         if self.mode == "journal":
             await self._fetch_journal(att)
-        self.forwards.resume()
+        self.forwards.resume(att)
         if pending:
             await self._settle(att, pending)
 
