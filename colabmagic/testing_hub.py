@@ -71,6 +71,9 @@ c.Spawner.cmd = [o["python"], "-m", "jupyterhub.singleuser"]
 c.Spawner.args = [
     "--ServerApp.allow_root=True",
     "--ServerApp.jpserver_extensions=" + o["extensions"],
+    # Kernels on Unix sockets, as in testing_jupyter: a TCP port picked and released can be taken
+    # before the kernel binds it; the kernel then hangs unanswering (seen in a full run).
+    "--KernelManager.transport=ipc",
 ]
 c.Spawner.start_timeout = o["timeout"]
 c.Spawner.http_timeout = o["timeout"]

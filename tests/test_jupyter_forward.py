@@ -128,13 +128,17 @@ def test_bytes_exactly_once_across_cuts(server, journal):
                 timeout=30,
                 what="the remote end to see our close",
             )
-            # Download: the kernel's server sends and closes; a cut in the middle.
+            # Download: the kernel's server sends and closes; a cut in the middle. (By bytes, not
+            # by a timer: a timer could fire after the download, during a later cell, whose
+            # output a drop may lose without the journal.)
             n = 24 << 20
+            reconnects = s.proxy.reconnects
             conn = socket.create_connection(("127.0.0.1", local_port), timeout=120)
+            wan.cut_after(8 << 20)
             conn.sendall(b"S%d\n" % n)
-            threading.Timer(0.5, wan.cut).start()
             got = recv_all(conn)  # ends when the remote close arrives here
             conn.close()
+            assert s.proxy.reconnects > reconnects, "the download was never cut"
             assert len(got) == n
             assert (
                 hashlib.sha256(got).digest()
@@ -262,6 +266,14 @@ def test_chunks_lost_without_a_drop_are_resent(tmp_path_factory):
             assert recv_all(conn) == random.Random(n).randbytes(n)
             conn.close()
             assert s.proxy.reconnects == 0, "no websocket drop: the server dropped messages"
-            assert remote_state(s)["retransmits"] > 0
+            # The limit drops cell output too (the state cell's stdout, while the window still
+            # counts the transfer): read it again, slower than the limit, until it comes.
+            state = wait_until(
+                lambda: s.run(STATE).stdout,
+                timeout=60,
+                interval=3,
+                what="the state cell's output past the server's IOPub rate limit",
+            )
+            assert json.loads(state)["retransmits"] > 0
         finally:
             s.close()
