@@ -3,8 +3,9 @@
 A :class:`~colabmagic.session.Session` and its :class:`~colabmagic.proxy.Proxy` live in one
 process. Over loopback TCP every message between them crosses two ZeroMQ I/O threads and the
 kernel's TCP stack; over ``inproc`` the Session's socket hands it to the proxy's directly. On a
-2-core machine that is worth 0.8 to 2 ms of a ~7 ms round trip of ``pass``
-(``benchmarks/jupyter_server.py``), more under load, where each thread wake-up waits for a core.
+2-core machine that was worth 0.84 ms of a ~7 ms round trip of ``pass`` (the same run of
+``benchmarks/jupyter_server.py`` before and after; more under load, where each thread wake-up
+waits for a core).
 
 The proxy binds each of its sockets twice: to ``tcp://127.0.0.1:PORT``, which its connection
 file names for every other client (JupyterLab through the provisioner, ``jupyter console
