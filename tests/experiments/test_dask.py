@@ -24,7 +24,7 @@ def client():
     require(distributed is not None, "dask.distributed is not installed (colabmagic[dask])")
     with distributed.LocalCluster(
         n_workers=1, threads_per_worker=2, processes=False, resources={"GPU": 2},
-        dashboard_address=None,
+        dashboard_address=":0",
     ) as cluster, distributed.Client(cluster) as cl:  # fmt: skip
         yield cl
 
