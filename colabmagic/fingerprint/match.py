@@ -39,6 +39,7 @@ from colabmagic.fingerprint.audio import load_audio
 from colabmagic.fingerprint.fingerprinter import Fingerprint
 from colabmagic.fingerprint.index import Index
 from colabmagic.fingerprint.pipeline import now
+from colabmagic.fingerprint.speedprobe import best_bin_counts, spend_sampled
 from colabmagic.fingerprint.verify import peak_evidence
 
 #: Default decision threshold on ``peak_z + HASH_WEIGHT * hash_score``: 10 % above every score
@@ -49,21 +50,35 @@ HASH_WEIGHT = 0.5
 #: Candidates per query that are verified by their peaks (the right track was always among the
 #: best three by hash score on the benchmark, down to -5 dB).
 CANDIDATES = 5
-#: Posting hits a query may look up: at the unchanged speed (every query pays it), and over the
-#: six other speed hypotheses together (only queries that found nothing at the unchanged speed).
-#: Each stage looks its hashes up rarest first, in whole posting counts, while the sum of their
-#: postings stays within the budget (:func:`_spend`): a query of rare hashes looks them all up
-#: and stops early; one whose hashes are all common (looping music, several copies of one
-#: recording) still gets its rarest ones, where a fixed posting cap gave it none. The budgets
-#: come from costs, not recall: on the 2-core machine a hit costs ~0.05 us of CPU through the
-#: hash stage (20 hits per us, with :func:`_could_pass`), and the rest of a 10 s query that pays
-#: both stages (decode, fingerprint, six speed variants, lookups, two verifications) 14-25 ms at
-#: the 90th percentile, by load; the 30 ms target leaves 5-16 ms, 100,000-300,000 hits, and
-#: the stages share the middle of that equally (a noisy query is found by the first, a sped-up
-#: one only by the second). Measured on 160 calibration excerpts of the 1,000-file corpus
-#: (seed 999), not the benchmark's queries.
+#: Posting hits a query may look up: at the unchanged speed (every query pays it), and in the
+#: speed stage (only queries that found nothing at the unchanged speed), over the
+#: :data:`SPEED_CHOICES` hypotheses its probe ranked best. The first stage looks its hashes up
+#: rarest first, in whole posting counts, while the sum of their postings stays within the
+#: budget (:func:`_spend`): a query of rare hashes looks them all up and stops early; one whose
+#: hashes are all common (looping music, several copies of one recording) still gets its
+#: rarest ones, where a fixed posting cap gave it none. The speed stage spends in a fixed
+#: pseudo-random order of hash values instead (:func:`spend_sampled`): a clean sped-up query's
+#: hashes that hit its recording are its common ones (copies, loops), which rarest first reaches
+#: last. The budgets come from costs, not recall: on the 2-core machine a hit costs ~0.05 us of
+#: CPU through the hash stage (20 hits per us, with :func:`_could_pass`), and the rest of a 10 s
+#: query that pays both stages (decode, fingerprint, six speed variants, lookups, two
+#: verifications) 14-25 ms at the 90th percentile, by load; the 30 ms target leaves 5-16 ms,
+#: 100,000-300,000 hits, and the stages share the middle of that equally (a noisy query is found
+#: by the first, a sped-up one only by the second). Measured on 160 calibration excerpts of the
+#: 1,000-file corpus (seed 999), not the benchmark's queries.
 QUERY_HIT_BUDGET = 100_000
 SPEED_HIT_BUDGET = 100_000
+#: The speed stage's probe (:func:`_probe`): posting hits per (query, speed hypothesis), spent
+#: on a sample of its hashes, the same order as the speed stage's; and how many of the
+#: hypotheses whose probe aligned the most hits in one (track, offset) bin then share
+#: :data:`SPEED_HIT_BUDGET`. Six equal shares gave the right hypothesis a sixth of the budget:
+#: on 160 sped-up calibration excerpts (x0.95 / x1.05, 5 s / 10 s) 22-55 % were found; with
+#: the budget in this order but still shared six ways 65-88 %; probing 10,000 hits per
+#: hypothesis, then two hypotheses, 80-98 % (the best hypothesis was next to the true speed for
+#: 126 of 160, one of the best two for 148). The probe costs ~3 ms of CPU for a 10 s query
+#: (60,000 hits at most, no offset histogram: one sort of its hits).
+PROBE_HIT_BUDGET = 10_000
+SPEED_CHOICES = 2
 #: A match also needs an aligned hash count that chance reaches in at most this many bins of the
 #: index (expected; :func:`_chance`), i.e. in one query of 100. On the 1,000-file corpus three
 #: chance matches had 3 aligned hashes and a strong peak verdict (expected chance bins 0.5-1);
@@ -248,32 +263,40 @@ def _bins(index: Index, n_var: int) -> float:
     return float(np.sum(frames[index._alive])) * max(n_var, 1)
 
 
-def _expected(bins: float, hits: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Expected bins of *bins* that *hits* random hits fill with *count* or more: Poisson
-    tails times the number of bins (``P(X >= k)`` of Poisson(lam) is ``gammainc(k, lam)``)."""
+def _expected(
+    bins: float, hits: np.ndarray, count: np.ndarray, searched: float | None = None
+) -> np.ndarray:
+    """Expected bins that *hits* random hits over *bins* fill with *count* or more, among the
+    *searched* bins (default *bins*) the best is taken from: Poisson tails times the number of
+    bins (``P(X >= k)`` of Poisson(lam) is ``gammainc(k, lam)``)."""
     from scipy.special import gammainc
 
-    return bins * gammainc(count, hits / max(bins, 1.0))
+    return (bins if searched is None else searched) * gammainc(count, hits / max(bins, 1.0))
 
 
-def _chance(xp: Any, index: Index, be: Backend, hits: Any, count: Any, n_var: int) -> Any:
+def _chance(
+    xp: Any, index: Index, be: Backend, hits: Any, count: Any, n_var: int, searched: int = 0
+) -> Any:
     """Expected number of ``(track, offset, speed)`` bins of the index that chance alone fills
     with *count* or more aligned hashes, when a query's *hits* postings fall at random over the
-    bins its stage tries (:func:`_bins`). A bigger index has more bins, so the same count means
-    less.
+    bins of the *n_var* speed hypotheses it looked up (:func:`_bins`), and the best is taken
+    among *searched* hypotheses (default *n_var*; the speed stage chooses its hypotheses among
+    six). A bigger index has more bins, so the same count means less.
     """
     hits = be.to_host(hits).astype(np.float64)
     k = np.maximum(be.to_host(count), 1).astype(np.float64)
-    e = _expected(_bins(index, n_var), hits, k)
+    e = _expected(_bins(index, n_var), hits, k, _bins(index, max(searched, n_var)))
     return xp.asarray(e) if be.is_device else e
 
 
-def _least_count(index: Index, hits: np.ndarray, n_var: int) -> np.ndarray:
+def _least_count(index: Index, hits: np.ndarray, n_var: int, searched: int = 0) -> np.ndarray:
     """Per query, the fewest aligned hashes that could pass the chance test (:func:`_chance`,
-    :data:`CHANCE_BINS`) given its *hits* posting hits over *n_var* speed hypotheses."""
+    :data:`CHANCE_BINS`) given its *hits* posting hits over *n_var* speed hypotheses (the best
+    of *searched*)."""
     k = np.arange(1, 257, dtype=np.float64)[None, :]
     hits = np.asarray(hits, dtype=np.float64)[:, None]
-    passes = _expected(_bins(index, n_var), hits, k) <= CHANCE_BINS  # False..., then True
+    searched_bins = _bins(index, max(searched, n_var))
+    passes = _expected(_bins(index, n_var), hits, k, searched_bins) <= CHANCE_BINS
     return np.where(passes.any(axis=1), 257 - passes.sum(axis=1), 257).astype(np.int64)
 
 
@@ -304,6 +327,8 @@ def _hash_votes(
     chance: bool = True,
     budget: int | None = None,
     significant_only: bool = False,
+    bins_vars: tuple[int, int] | None = None,
+    sampled: bool = False,
 ) -> Votes:
     """Hash stage for a batch: the best offset of every (query, track), best first per query.
 
@@ -311,9 +336,12 @@ def _hash_votes(
     segment of the query count at most :data:`SEGMENT_CAP` (see :func:`votes`). Keeps the
     *per_query* best tracks of each query (0: all). Hashes with more than *max_postings* postings
     (default :attr:`Index.stop_postings`) are not looked up; with a *budget*, each query looks
-    up its hashes rarest first within that many posting hits (:func:`_spend`). With
+    up its hashes rarest first within that many posting hits (:func:`_spend`), or with
+    *sampled* in the fixed hash-value order of the speed probe (:func:`spend_sampled`). With
     *significant_only*, only (track, offset) bins with as many hits as the chance test could
-    accept are histogrammed (:func:`_could_pass`): the same matches, fewer candidates.
+    accept are histogrammed (:func:`_could_pass`): the same matches, fewer candidates. The
+    chance test takes *bins_vars* = (hypotheses each query looked up, hypotheses it chose them
+    from) (default: those in the batch, both).
     """
     xp = be.xp
     stop = index.stop_postings if max_postings is None else max_postings
@@ -321,6 +349,8 @@ def _hash_votes(
     if budget is not None:
 
         def select(postings: Any) -> Any:
+            if sampled:
+                return spend_sampled(xp, qid, qh, postings, budget, stop)
             return _spend(xp, qid, postings, budget, stop)
 
     row, track, ref_time = _lookup(index, be, qh, stop, select)
@@ -330,12 +360,15 @@ def _hash_votes(
     weight_of = 1.0 / xp.log2(2.0 + xp.arange(int(per_row.max()) + 1, dtype=xp.float64))
     n_tracks = int(index._alive.shape[0])
     hits = xp.bincount(qid[row])  # every posting hit of each query: the chance hits
-    stage_vars = int(xp.unique(qv).shape[0])
+    if bins_vars is None:  # every query looked up the hypotheses of the batch
+        stage_vars = searched_vars = int(xp.unique(qv).shape[0])
+    else:
+        stage_vars, searched_vars = bins_vars
     q_time = qt[row]
     group = (qid[row] * n_tracks + track) * n_var + qv[row]
     key = group * (2 * _OFFSET_BIAS) + (ref_time - q_time + _OFFSET_BIAS)
     if significant_only:  # bins chance could explain cannot become matches: not histogrammed
-        least = be.to_device(_least_count(index, be.to_host(hits), stage_vars))
+        least = be.to_device(_least_count(index, be.to_host(hits), stage_vars, searched_vars))
         keep = _could_pass(xp, key, qid[row], least)
         if not bool(keep.any()):
             return _empty_votes(xp)
@@ -365,8 +398,46 @@ def _hash_votes(
         query=q_of,
         hash_score=score[best],
         peak_z=zero,
-        chance=_chance(xp, index, be, hits[q_of], count[best], stage_vars) if chance else zero,
+        chance=(
+            _chance(xp, index, be, hits[q_of], count[best], stage_vars, searched_vars)
+            if chance
+            else zero
+        ),
     )
+
+
+def _probe(
+    index: Index, be: Backend, qid: Any, qh: Any, qt: Any, qv: Any, n_q: int, n_var: int
+) -> np.ndarray:
+    """The speed probe: per query and hypothesis, the most hits aligned in one (track, offset)
+    bin when each (query, hypothesis) looks up a sample of its hashes within
+    :data:`PROBE_HIT_BUDGET` posting hits (:mod:`~colabmagic.fingerprint.speedprobe`). A host
+    array of shape ``(n_q, n_var)``; 0 where nothing was probed or hit.
+    """
+    xp = be.xp
+    sub = qid * n_var + qv  # each (query, hypothesis) spends its own probe budget
+    stop = index.stop_postings
+
+    def select(postings: Any) -> Any:
+        return spend_sampled(xp, sub, qh, postings, PROBE_HIT_BUDGET, stop)
+
+    row, track, ref_time = _lookup(index, be, qh, stop, select)
+    span = int(index._alive.shape[0]) * 2 * _OFFSET_BIAS
+    key = sub[row] * span + track * (2 * _OFFSET_BIAS) + (ref_time - qt[row] + _OFFSET_BIAS)
+    best = best_bin_counts(xp, key, span, n_q * n_var)
+    return be.to_host(best).reshape(n_q, n_var)
+
+
+def _choose_speeds(best: np.ndarray, retry: np.ndarray) -> np.ndarray:
+    """Which (query, hypothesis) the speed stage spends on (bool, like *best*): per query in
+    *retry*, the :data:`SPEED_CHOICES` hypotheses other than the unchanged speed whose probe
+    aligned the most hits (ties: the order of ``Fingerprinter.speeds``)."""
+    n_q, n_var = best.shape
+    score = np.where(np.arange(n_var) > 0, best, -1)
+    top = np.argsort(-score, axis=1, kind="stable")[:, : min(SPEED_CHOICES, n_var - 1)]
+    chosen = np.zeros((n_q, n_var), bool)
+    np.put_along_axis(chosen, top, values=True, axis=1)
+    return chosen & retry[:, None]
 
 
 def _verify(
@@ -446,11 +517,16 @@ def _identify(
     peak_f = be.to_device(np.ascontiguousarray(all_peaks[:, 1]))
     qid, qh, qt, qv = _hash_arrays(fps, np.arange(len(fps)))
 
-    def stage(arrays: tuple[np.ndarray, ...], mask: np.ndarray, budget: int) -> Votes:
+    def stage(
+        arrays: tuple[np.ndarray, ...],
+        mask: np.ndarray,
+        budget: int,
+        bins: tuple[int, int] | None = None,
+    ) -> Votes:  # with *bins*: the speed stage (sampled hashes; the chance test's hypotheses)
         d = [be.to_device(np.ascontiguousarray(a[mask])) for a in arrays]
         v = _hash_votes(
             index, be, *d, n_var=n_var, per_query=per_query, budget=budget,
-            significant_only=min_score > 0,
+            significant_only=min_score > 0, bins_vars=bins, sampled=bins is not None,
         )  # fmt: skip
         return _to_host(be, _verify(index, be, v, peak_t, peak_f, peak_start))
 
@@ -478,8 +554,14 @@ def _identify(
             [signals[i] for i in numbers], backend=be, query=True, variants=others
         )
         arrays = _hash_arrays(full, numbers)
-    # the other speeds, six hash sets sharing one budget: a no-match query pays for both stages
-    second = stage(arrays, retry[arrays[0]] & (arrays[3] > 0), SPEED_HIT_BUDGET)
+    # the other speeds: a probe of each ranks them, the budget goes to the best; the chance test
+    # still counts all six (the probe chose among them)
+    mask = retry[arrays[0]] & (arrays[3] > 0)
+    if SPEED_CHOICES < n_var - 1:
+        d = [be.to_device(np.ascontiguousarray(a[mask])) for a in arrays]
+        chosen = _choose_speeds(_probe(index, be, *d, len(fps), n_var), retry)
+        mask &= chosen[arrays[0], arrays[3]]
+    second = stage(arrays, mask, SPEED_HIT_BUDGET, (min(SPEED_CHOICES, n_var - 1), n_var - 1))
     merged = Votes(*(np.concatenate([a, b]) for a, b in zip(first, second, strict=True)))
     order = np.lexsort((-merged.score, merged.query))
     merged = Votes(*(a[order] for a in merged))
