@@ -3,7 +3,7 @@
 Two stages, both flat array work over every query of a batch at once (one code path for a single
 query on the host and for a thousand on the GPU):
 
-1. **Hash votes.** Each query looks its hashes up in every shard, rarest first, within a budget
+1. **Hash votes.** Each query looks a sample of its hashes up in every shard, within a budget
    of posting hits (:data:`QUERY_HIT_BUDGET`); each hit votes for ``(query, track, speed
    hypothesis, reference time - query time)``. Hits of the true track pile up at one offset,
    chance hits spread out; bins with fewer hits than the chance test could accept are dropped
@@ -36,10 +36,10 @@ import numpy as np
 from colabmagic.errors import ParameterError
 from colabmagic.fingerprint._xp import Backend, resolve_backend
 from colabmagic.fingerprint.audio import load_audio
+from colabmagic.fingerprint.budget import best_bin_counts, spend_sampled
 from colabmagic.fingerprint.fingerprinter import Fingerprint
 from colabmagic.fingerprint.index import Index
 from colabmagic.fingerprint.pipeline import now
-from colabmagic.fingerprint.speedprobe import best_bin_counts, spend_sampled
 from colabmagic.fingerprint.verify import peak_evidence
 
 #: Default decision threshold on ``peak_z + HASH_WEIGHT * hash_score``: 10 % above every score
@@ -52,28 +52,31 @@ HASH_WEIGHT = 0.5
 CANDIDATES = 5
 #: Posting hits a query may look up: at the unchanged speed (every query pays it), and in the
 #: speed stage (only queries that found nothing at the unchanged speed), over the
-#: :data:`SPEED_CHOICES` hypotheses its probe ranked best. The first stage looks its hashes up
-#: rarest first, in whole posting counts, while the sum of their postings stays within the
-#: budget (:func:`_spend`): a query of rare hashes looks them all up and stops early; one whose
-#: hashes are all common (looping music, several copies of one recording) still gets its
-#: rarest ones, where a fixed posting cap gave it none. The speed stage spends in a fixed
-#: pseudo-random order of hash values instead (:func:`spend_sampled`): a clean sped-up query's
-#: hashes that hit its recording are its common ones (copies, loops), which rarest first reaches
-#: last. The budgets come from costs, not recall: on the 2-core machine a hit costs ~0.05 us of
-#: CPU through the hash stage (20 hits per us, with :func:`_could_pass`), and the rest of a 10 s
-#: query that pays both stages (decode, fingerprint, six speed variants, lookups, two
-#: verifications) 14-25 ms at the 90th percentile, by load; the 30 ms target leaves 5-16 ms,
-#: 100,000-300,000 hits, and the stages share the middle of that equally (a noisy query is found
-#: by the first, a sped-up one only by the second). Measured on 160 calibration excerpts of the
-#: 1,000-file corpus (seed 999), not the benchmark's queries.
+#: :data:`SPEED_CHOICES` hypotheses its probe ranked best. Each stage looks its hashes up in a
+#: fixed pseudo-random order of hash values, in whole slices of it, while the sum of their
+#: postings stays within the budget (:func:`~colabmagic.fingerprint.budget.spend_sampled`): a
+#: query of rare hashes looks them all up and stops early; one of common hashes (looping music,
+#: several copies of one recording) gets a sample of them. Not rarest first, as before: on the
+#: 1,000-file corpus the hashes a query shares with its recording are its common ones (median
+#: 495 postings for the music-made hashes of 0 dB excerpts, 53 for the noise-made ones), so
+#: rarest first spent a noisy query's budget on the noise, and a sped-up one's on hashes that
+#: miss its recording; in the sampled order 10 s 0 dB calibration excerpts were found 85 -> 95 %
+#: and 75 -> 82 % (two sets of 40), -5 dB 55 -> 62 % and 42 -> 57 %, 5 s ones as before, at the
+#: same cost. The budgets come from costs, not recall: on the 2-core machine a hit costs ~0.05
+#: us of CPU through the hash stage (20 hits per us, with :func:`_could_pass`), and the rest of
+#: a 10 s query that pays both stages (decode, fingerprint, six speed variants, the probe,
+#: lookups, two verifications) 14-25 ms at the 90th percentile, by load; the 30 ms target
+#: leaves 5-16 ms, 100,000-300,000 hits, and the stages share the middle of that equally (a
+#: noisy query is found by the first, a sped-up one only by the second). Measured on 160
+#: calibration excerpts of the 1,000-file corpus (seed 999), not the benchmark's queries.
 QUERY_HIT_BUDGET = 100_000
 SPEED_HIT_BUDGET = 100_000
 #: The speed stage's probe (:func:`_probe`): posting hits per (query, speed hypothesis), spent
-#: on a sample of its hashes, the same order as the speed stage's; and how many of the
+#: on a sample of its hashes in the same order; and how many of the
 #: hypotheses whose probe aligned the most hits in one (track, offset) bin then share
 #: :data:`SPEED_HIT_BUDGET`. Six equal shares gave the right hypothesis a sixth of the budget:
-#: on 160 sped-up calibration excerpts (x0.95 / x1.05, 5 s / 10 s) 22-55 % were found; with
-#: the budget in this order but still shared six ways 65-88 %; probing 10,000 hits per
+#: on 160 sped-up calibration excerpts (x0.95 / x1.05, 5 s / 10 s) 22-55 % were found (rarest
+#: first); in the sampled order but still shared six ways 65-88 %; probing 10,000 hits per
 #: hypothesis, then two hypotheses, 80-98 % (the best hypothesis was next to the true speed for
 #: 126 of 160, one of the best two for 148). The probe costs ~3 ms of CPU for a 10 s query
 #: (60,000 hits at most, no offset histogram: one sort of its hits).
@@ -155,27 +158,6 @@ class Votes(NamedTuple):
     hash_score: Any = None
     peak_z: Any = None
     chance: Any = None  # expected (track, offset, speed) bins with this many aligned hashes
-
-
-def _spend(xp: Any, qid: Any, postings: Any, budget: int, stop: int) -> Any:
-    """Which query hashes a posting *budget* looks up (bool mask): per query, rarest first, in
-    whole posting counts, i.e. every hash with at most ``cap`` postings where ``cap`` is the
-    highest count (up to *stop*, the index's stop list) whose hashes, with all rarer ones, come
-    to at most *budget* posting hits. A per-query cap found by one ``bincount`` (no sort); the
-    hashes of one count are all in or all out, so no end of the query is favoured.
-    """
-    if postings.shape[0] == 0:
-        return xp.zeros(0, dtype=bool)
-    cost = xp.where(postings <= stop, postings, 0).astype(xp.int64)  # 0: never looked up
-    n_q = int(qid.max()) + 1
-    levels = stop + 1
-    spent = xp.bincount(
-        qid.astype(xp.int64) * levels + cost, weights=cost.astype(xp.float64),
-        minlength=n_q * levels,
-    ).reshape(n_q, levels)  # fmt: skip
-    fits = xp.cumsum(spent, axis=1) <= budget  # prefix sums rise: a run of True from 0
-    cap = fits.sum(axis=1) - 1  # the highest count whose hashes and all rarer ones fit
-    return (cost > 0) & (cost <= cap[qid])
 
 
 def _lookup(
@@ -328,7 +310,6 @@ def _hash_votes(
     budget: int | None = None,
     significant_only: bool = False,
     bins_vars: tuple[int, int] | None = None,
-    sampled: bool = False,
 ) -> Votes:
     """Hash stage for a batch: the best offset of every (query, track), best first per query.
 
@@ -336,8 +317,8 @@ def _hash_votes(
     segment of the query count at most :data:`SEGMENT_CAP` (see :func:`votes`). Keeps the
     *per_query* best tracks of each query (0: all). Hashes with more than *max_postings* postings
     (default :attr:`Index.stop_postings`) are not looked up; with a *budget*, each query looks
-    up its hashes rarest first within that many posting hits (:func:`_spend`), or with
-    *sampled* in the fixed hash-value order of the speed probe (:func:`spend_sampled`). With
+    up a sample of its hashes (a fixed order of hash values) within that many posting hits
+    (:func:`~colabmagic.fingerprint.budget.spend_sampled`). With
     *significant_only*, only (track, offset) bins with as many hits as the chance test could
     accept are histogrammed (:func:`_could_pass`): the same matches, fewer candidates. The
     chance test takes *bins_vars* = (hypotheses each query looked up, hypotheses it chose them
@@ -349,9 +330,7 @@ def _hash_votes(
     if budget is not None:
 
         def select(postings: Any) -> Any:
-            if sampled:
-                return spend_sampled(xp, qid, qh, postings, budget, stop)
-            return _spend(xp, qid, postings, budget, stop)
+            return spend_sampled(xp, qid, qh, postings, budget, stop)
 
     row, track, ref_time = _lookup(index, be, qh, stop, select)
     if row.shape[0] == 0:
@@ -411,7 +390,7 @@ def _probe(
 ) -> np.ndarray:
     """The speed probe: per query and hypothesis, the most hits aligned in one (track, offset)
     bin when each (query, hypothesis) looks up a sample of its hashes within
-    :data:`PROBE_HIT_BUDGET` posting hits (:mod:`~colabmagic.fingerprint.speedprobe`). A host
+    :data:`PROBE_HIT_BUDGET` posting hits (:mod:`~colabmagic.fingerprint.budget`). A host
     array of shape ``(n_q, n_var)``; 0 where nothing was probed or hit.
     """
     xp = be.xp
@@ -522,11 +501,11 @@ def _identify(
         mask: np.ndarray,
         budget: int,
         bins: tuple[int, int] | None = None,
-    ) -> Votes:  # with *bins*: the speed stage (sampled hashes; the chance test's hypotheses)
+    ) -> Votes:  # *bins*: the chance test's hypotheses (the speed stage's, see _hash_votes)
         d = [be.to_device(np.ascontiguousarray(a[mask])) for a in arrays]
         v = _hash_votes(
             index, be, *d, n_var=n_var, per_query=per_query, budget=budget,
-            significant_only=min_score > 0, bins_vars=bins, sampled=bins is not None,
+            significant_only=min_score > 0, bins_vars=bins,
         )  # fmt: skip
         return _to_host(be, _verify(index, be, v, peak_t, peak_f, peak_start))
 

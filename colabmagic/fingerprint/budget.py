@@ -1,16 +1,17 @@
-"""Choose a query's speed hypotheses before spending on them: a small sampled probe of each.
+"""How a query spends its posting budget: a sample of its hashes, and the speed probe.
+
+Every budgeted lookup of the match path (:mod:`colabmagic.fingerprint.match`) takes a query's
+hashes in one fixed pseudo-random order of hash values, in whole slices of it, until their
+postings reach the budget (:func:`spend_sampled`). Not rarest first: on a large index of game
+music the hashes a query shares with its recording recur in the recording's copies and loops, so
+its rarest hashes are the ones least likely to hit it (noise makes rare hashes; see
+docs/fingerprint.md, "At scale").
 
 A query that finds nothing at the unchanged speed is hashed under six other speed hypotheses.
-Splitting one posting budget six ways gives the right hypothesis a sixth of it, too little on a
-large index whose music hashes are common (copies of a recording, looping game music). The
-match path (:func:`colabmagic.fingerprint.match._identify`) therefore probes first: every
-(query, hypothesis) looks up a small sample of its hashes (:func:`spend_sampled`), the largest
-number of hits aligned in one (track, offset) bin ranks the hypotheses (:func:`best_bin_counts`),
-and the full budget then goes to the best ones only.
-
-The probe samples by hash value, not rarest first: on such an index the hashes a recording shares
-with the query recur in its copies and loops, so a query's rarest hashes are the ones least
-likely to hit it (see docs/fingerprint.md, "At scale").
+Splitting one budget six ways gives the right one a sixth of it, so the speed stage probes
+first: every (query, hypothesis) spends a small budget of its own, the most hits aligned in one
+(track, offset) bin ranks the hypotheses (:func:`best_bin_counts`), and the full budget then goes
+to the best ones only.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ import pytest
 
 from colabmagic.fingerprint import Fingerprint, Fingerprinter, Index, match
 from colabmagic.fingerprint._xp import resolve_backend
+from colabmagic.fingerprint.budget import SLICES, best_bin_counts, slice_of, spend_sampled
 from colabmagic.fingerprint.match import _hash_arrays, _probe, match_many
-from colabmagic.fingerprint.speedprobe import SLICES, best_bin_counts, slice_of, spend_sampled
 
 from .conftest import SR, numpy_as_device
 from .test_budget import looping  # noqa: F401  (the looping-music index fixture)
