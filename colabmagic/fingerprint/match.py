@@ -407,13 +407,27 @@ def _probe(
     return be.to_host(best).reshape(n_q, n_var)
 
 
+def _needs_probe(index: Index, qid: np.ndarray, qh: np.ndarray, mask: np.ndarray, n_q: int) -> Any:
+    """Which queries' speed-stage hashes (*mask* of host arrays *qid*, *qh*) hold more postings
+    under the stop list than :data:`SPEED_HIT_BUDGET` (bool per query): only those need the
+    probe to choose; the others look up every hypothesis within the budget, as the probe would
+    (a small index, a short query), without paying for it. Never with fewer hypotheses than
+    :data:`SPEED_CHOICES` + 1 to choose from."""
+    n_var = len(index.fingerprinter.speeds)
+    if SPEED_CHOICES >= n_var - 1 or not mask.any():
+        return np.zeros(n_q, bool)
+    posts = index.postings_per_hash(qh[mask])
+    cost = np.where(posts <= index.stop_postings, posts, 0).astype(np.float64)
+    return np.bincount(qid[mask], weights=cost, minlength=n_q) > SPEED_HIT_BUDGET
+
+
 def _choose_speeds(best: np.ndarray, retry: np.ndarray) -> np.ndarray:
     """Which (query, hypothesis) the speed stage spends on (bool, like *best*): per query in
     *retry*, the :data:`SPEED_CHOICES` hypotheses other than the unchanged speed whose probe
     aligned the most hits (ties: the order of ``Fingerprinter.speeds``)."""
     n_q, n_var = best.shape
     score = np.where(np.arange(n_var) > 0, best, -1)
-    top = np.argsort(-score, axis=1, kind="stable")[:, : min(SPEED_CHOICES, n_var - 1)]
+    top = np.argsort(-score, axis=1, kind="stable")[:, :SPEED_CHOICES]
     chosen = np.zeros((n_q, n_var), bool)
     np.put_along_axis(chosen, top, values=True, axis=1)
     return chosen & retry[:, None]
@@ -533,15 +547,21 @@ def _identify(
             [signals[i] for i in numbers], backend=be, query=True, variants=others
         )
         arrays = _hash_arrays(full, numbers)
-    # the other speeds: a probe of each ranks them, the budget goes to the best; the chance test
-    # still counts all six (the probe chose among them)
+    # the other speeds: where the budget covers all six, all six; elsewhere a probe of each
+    # ranks them and the budget goes to the best (the chance test still counts all six)
     mask = retry[arrays[0]] & (arrays[3] > 0)
-    if SPEED_CHOICES < n_var - 1:
+    probed = _needs_probe(index, arrays[0], arrays[1], mask, len(fps)) & retry
+    every = mask & ~probed[arrays[0]]
+    parts = [first]
+    if every.any():
+        parts.append(stage(arrays, every, SPEED_HIT_BUDGET, (n_var - 1, n_var - 1)))
+    if probed.any():
+        mask &= probed[arrays[0]]
         d = [be.to_device(np.ascontiguousarray(a[mask])) for a in arrays]
-        chosen = _choose_speeds(_probe(index, be, *d, len(fps), n_var), retry)
+        chosen = _choose_speeds(_probe(index, be, *d, len(fps), n_var), probed)
         mask &= chosen[arrays[0], arrays[3]]
-    second = stage(arrays, mask, SPEED_HIT_BUDGET, (min(SPEED_CHOICES, n_var - 1), n_var - 1))
-    merged = Votes(*(np.concatenate([a, b]) for a, b in zip(first, second, strict=True)))
+        parts.append(stage(arrays, mask, SPEED_HIT_BUDGET, (SPEED_CHOICES, n_var - 1)))
+    merged = Votes(*(np.concatenate(a) for a in zip(*parts, strict=True)))
     order = np.lexsort((-merged.score, merged.query))
     merged = Votes(*(a[order] for a in merged))
     pair = merged.query * (int(merged.track.max(initial=0)) + 1) + merged.track

@@ -16,7 +16,6 @@ from colabmagic.fingerprint.budget import SLICES, best_bin_counts, slice_of, spe
 from colabmagic.fingerprint.match import _hash_arrays, _probe, match_many
 
 from .conftest import SR, numpy_as_device
-from .test_budget import looping  # noqa: F401  (the looping-music index fixture)
 
 mm = sys.modules["colabmagic.fingerprint.match"]
 COMMON = 30  # postings of every hash the speed stage looks up in the common_hashes index (the
@@ -164,7 +163,7 @@ def test_a_sped_up_query_is_found_with_a_budget_too_small_for_six_shares(
     assert 4 <= m.aligned <= budget // COMMON
 
 
-def test_the_probe_spends_at_most_its_budget_per_hypothesis(looping, monkeypatch):  # noqa: F811
+def test_the_probe_spends_at_most_its_budget_per_hypothesis(looping, monkeypatch):
     index, loop = looping
     fpr = index.fingerprinter
     qs = [_stretched(loop, 1.04), _stretched(loop, 0.96, start_s=3.0, seconds=6.0)]
@@ -195,7 +194,7 @@ def test_the_probe_spends_at_most_its_budget_per_hypothesis(looping, monkeypatch
 
 
 @pytest.mark.parametrize("backend", ["numpy", "device"])
-def test_match_many_equals_match_with_the_probe(looping, tracks, monkeypatch, backend):  # noqa: F811
+def test_match_many_equals_match_with_the_probe(looping, tracks, monkeypatch, backend):
     """A batch of sped-up, unchanged and unknown queries: each query's probe and budget are its
     own, so the batch gives what each query alone gives (also on the device code path)."""
     index, loop = looping
@@ -211,3 +210,30 @@ def test_match_many_equals_match_with_the_probe(looping, tracks, monkeypatch, ba
     many = match_many(index, qs, top_k=2, backend=be)
     assert many == [match(index, q, top_k=2) for q in qs]
     assert [ms[0].track[:4] if ms else None for ms in many] == ["loop", "t2", "loop", None]
+
+
+def test_no_probe_where_the_budget_covers_every_hypothesis(
+    built_index, tracks, looping, monkeypatch
+):
+    """On a small index a sped-up query's six hypotheses fit in the budget: all six are looked
+    up, as before the probe, and the probe is not paid for; past the budget it is."""
+    import soxr
+
+    calls: list[int] = []
+    probe = mm._probe
+
+    def counted(*a, **k):
+        calls.append(1)
+        return probe(*a, **k)
+
+    monkeypatch.setattr(mm, "_probe", counted)
+    src = tracks["t2"][2 * SR : int((2 + 10 * 1.04) * SR)]
+    index = Index(built_index, readonly=True)
+    (m,) = match(index, soxr.resample(src, round(SR * 1.04), SR).astype(np.float32))
+    assert (m.track, m.speed) == ("t2", 1.04)
+    assert calls == []
+    loop_index, loop = looping
+    monkeypatch.setattr(mm, "SPEED_HIT_BUDGET", 3_000)
+    (m,) = match(loop_index, _stretched(loop, 1.04))
+    assert m.speed == 1.04
+    assert calls == [1]
