@@ -72,15 +72,17 @@ CANDIDATES = 5
 QUERY_HIT_BUDGET = 100_000
 SPEED_HIT_BUDGET = 100_000
 #: The speed stage's probe (:func:`_probe`): posting hits per (query, speed hypothesis), spent
-#: on a sample of its hashes in the same order; and how many of the
-#: hypotheses whose probe aligned the most hits in one (track, offset) bin then share
-#: :data:`SPEED_HIT_BUDGET`. Six equal shares gave the right hypothesis a sixth of the budget:
-#: on 160 sped-up calibration excerpts (x0.95 / x1.05, 5 s / 10 s) 22-55 % were found (rarest
-#: first); in the sampled order but still shared six ways 65-88 %; probing 10,000 hits per
-#: hypothesis, then two hypotheses, 80-98 % (the best hypothesis was next to the true speed for
-#: 126 of 160, one of the best two for 148). The probe costs ~3 ms of CPU for a 10 s query
-#: (60,000 hits at most, no offset histogram: one sort of its hits).
-PROBE_HIT_BUDGET = 10_000
+#: on a sample of its hashes in the same order; and how many of the hypotheses whose probe
+#: aligned the most hits in one (track, offset) bin then share :data:`SPEED_HIT_BUDGET`. Six
+#: equal shares gave the right hypothesis a sixth of the budget: on 160 sped-up calibration
+#: excerpts (x0.95 / x1.05, 5 s / 10 s, 40 each) 22-55 % were found (rarest first); in the
+#: sampled order but still shared six ways 65-88 %; probing, then two hypotheses, 88-95 % with
+#: 5,000 hits per probe and 80-98 % with 10,000 (the best hypothesis was next to the true speed
+#: for 126 of 160 with 10,000, one of the best two for 148); three hypotheses bought nothing
+#: more. The probe costs ~1.5-3 ms of CPU for a 10 s query (30,000 hits at most, no offset
+#: histogram: one sort of its hits), which the 30 ms target can just carry beside the stage's
+#: own 100,000; a 10,000-hit probe cost ~1.5 ms more for no more recall.
+PROBE_HIT_BUDGET = 5_000
 SPEED_CHOICES = 2
 #: A match also needs an aligned hash count that chance reaches in at most this many bins of the
 #: index (expected; :func:`_chance`), i.e. in one query of 100. On the 1,000-file corpus three
@@ -499,7 +501,9 @@ def _identify(
     hypotheses only for the queries that found nothing at *min_score*: most queries are not sped
     up, so most pay for one hash set instead of ``len(speeds)``. Fingerprints that hold only the
     unchanged speed get every other hypothesis for those queries, hashed from the peaks they
-    hold (or recomputed from *signals*).
+    hold (or recomputed from *signals*). Those whose other hypotheses hold more postings than
+    :data:`SPEED_HIT_BUDGET` probe each first and spend it on the best :data:`SPEED_CHOICES`
+    (:func:`_probe`); the others look all of them up.
     """
     fpr = index.fingerprinter
     n_var = len(fpr.speeds)
