@@ -392,15 +392,17 @@ def _probe(
 ) -> np.ndarray:
     """The speed probe: per query and hypothesis, the most hits aligned in one (track, offset)
     bin when each (query, hypothesis) looks up a sample of its hashes within
-    :data:`PROBE_HIT_BUDGET` posting hits (:mod:`~colabmagic.fingerprint.budget`). A host
-    array of shape ``(n_q, n_var)``; 0 where nothing was probed or hit.
+    :data:`PROBE_HIT_BUDGET` posting hits, and the six probes together within
+    :data:`SPEED_HIT_BUDGET` (:mod:`~colabmagic.fingerprint.budget`). A host array of shape
+    ``(n_q, n_var)``; 0 where nothing was probed or hit.
     """
     xp = be.xp
     sub = qid * n_var + qv  # each (query, hypothesis) spends its own probe budget
     stop = index.stop_postings
+    budget = min(PROBE_HIT_BUDGET, SPEED_HIT_BUDGET // max(n_var - 1, 1))
 
     def select(postings: Any) -> Any:
-        return spend_sampled(xp, sub, qh, postings, PROBE_HIT_BUDGET, stop)
+        return spend_sampled(xp, sub, qh, postings, budget, stop)
 
     row, track, ref_time = _lookup(index, be, qh, stop, select)
     span = int(index._alive.shape[0]) * 2 * _OFFSET_BIAS

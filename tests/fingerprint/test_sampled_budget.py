@@ -191,6 +191,12 @@ def test_the_probe_spends_at_most_its_budget_per_hypothesis(looping, monkeypatch
     assert (best[:, 0] == 0).all()  # the unchanged speed is not the probe's to rank
     for i, speed in enumerate((1.04, 0.96)):  # the right hypothesis aligns the most hits
         assert fpr.speeds[int(np.argmax(best[i]))] == pytest.approx(speed, abs=0.021)
+    # and never more than the stage's whole budget over the six together
+    monkeypatch.setattr(mm, "SPEED_HIT_BUDGET", 6 * 100)
+    seen.clear()
+    _probe(index, resolve_backend("numpy"), qid, qh, qt, qv, 2, len(fpr.speeds))
+    per = np.bincount(qid[seen[0]] * len(fpr.speeds) + qv[seen[0]])
+    assert 0 < per.max() <= 100
 
 
 @pytest.mark.parametrize("backend", ["numpy", "device"])
