@@ -4,9 +4,11 @@
     python benchmarks/fingerprint_caps.py --corpus C --workdir W --json scale.json \\
         [--budgets 60000/120000/256 120000/240000/256] [--conditions speed0.95,speed1.05,snr0]
 
-Each query looks its hashes up rarest first within a budget of posting hits per stage:
-``match.QUERY_HIT_BUDGET`` at the unchanged speed, ``match.SPEED_HIT_BUDGET`` over the six other
-speed hypotheses, never a hash over the index's stop list (``index.MAX_POSTINGS`` bounds it).
+Each query looks up a sample of its hashes (a fixed order of hash values) within a budget of
+posting hits per stage: ``match.QUERY_HIT_BUDGET`` at the unchanged speed,
+``match.SPEED_HIT_BUDGET`` over the two speed hypotheses its probe ranked best (each of the six
+probed with ``match.PROBE_HIT_BUDGET``), never a hash over the index's stop list
+(``index.MAX_POSTINGS`` bounds it).
 Each ``--budgets`` entry ``B1/B2/M`` sets those three in this process — an experiment, not a
 setting the tool offers — and runs the scale run's own query files (``queries_plan`` of its
 ``--json``) through :func:`colabmagic.fingerprint.match` on the kept index (``W/db``): recall

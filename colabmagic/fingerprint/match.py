@@ -3,7 +3,7 @@
 Two stages, both flat array work over every query of a batch at once (one code path for a single
 query on the host and for a thousand on the GPU):
 
-1. **Hash votes.** Each query looks its hashes up in every shard, rarest first, within a budget
+1. **Hash votes.** Each query looks a sample of its hashes up in every shard, within a budget
    of posting hits (:data:`QUERY_HIT_BUDGET`); each hit votes for ``(query, track, speed
    hypothesis, reference time - query time)``. Hits of the true track pile up at one offset,
    chance hits spread out; bins with fewer hits than the chance test could accept are dropped
@@ -36,6 +36,7 @@ import numpy as np
 from colabmagic.errors import ParameterError
 from colabmagic.fingerprint._xp import Backend, resolve_backend
 from colabmagic.fingerprint.audio import load_audio
+from colabmagic.fingerprint.budget import best_bin_counts, spend_sampled
 from colabmagic.fingerprint.fingerprinter import Fingerprint
 from colabmagic.fingerprint.index import Index
 from colabmagic.fingerprint.pipeline import now
@@ -49,21 +50,40 @@ HASH_WEIGHT = 0.5
 #: Candidates per query that are verified by their peaks (the right track was always among the
 #: best three by hash score on the benchmark, down to -5 dB).
 CANDIDATES = 5
-#: Posting hits a query may look up: at the unchanged speed (every query pays it), and over the
-#: six other speed hypotheses together (only queries that found nothing at the unchanged speed).
-#: Each stage looks its hashes up rarest first, in whole posting counts, while the sum of their
-#: postings stays within the budget (:func:`_spend`): a query of rare hashes looks them all up
-#: and stops early; one whose hashes are all common (looping music, several copies of one
-#: recording) still gets its rarest ones, where a fixed posting cap gave it none. The budgets
-#: come from costs, not recall: on the 2-core machine a hit costs ~0.05 us of CPU through the
-#: hash stage (20 hits per us, with :func:`_could_pass`), and the rest of a 10 s query that pays
-#: both stages (decode, fingerprint, six speed variants, lookups, two verifications) 14-25 ms at
-#: the 90th percentile, by load; the 30 ms target leaves 5-16 ms, 100,000-300,000 hits, and
-#: the stages share the middle of that equally (a noisy query is found by the first, a sped-up
-#: one only by the second). Measured on 160 calibration excerpts of the 1,000-file corpus
-#: (seed 999), not the benchmark's queries.
+#: Posting hits a query may look up: at the unchanged speed (every query pays it), and in the
+#: speed stage (only queries that found nothing at the unchanged speed), over the
+#: :data:`SPEED_CHOICES` hypotheses its probe ranked best. Each stage looks its hashes up in a
+#: fixed pseudo-random order of hash values, in whole slices of it, while the sum of their
+#: postings stays within the budget (:func:`~colabmagic.fingerprint.budget.spend_sampled`): a
+#: query of rare hashes looks them all up and stops early; one of common hashes (looping music,
+#: several copies of one recording) gets a sample of them. Not rarest first, as before: on the
+#: 1,000-file corpus the hashes a query shares with its recording are its common ones (median
+#: 495 postings for the music-made hashes of 0 dB excerpts, 53 for the noise-made ones), so
+#: rarest first spent a noisy query's budget on the noise, and a sped-up one's on hashes that
+#: miss its recording; in the sampled order 10 s 0 dB calibration excerpts were found 85 -> 95 %
+#: and 75 -> 82 % (two sets of 40), -5 dB 55 -> 62 % and 42 -> 57 %, 5 s ones as before, at the
+#: same cost. The budgets come from costs, not recall: on the 2-core machine a hit costs ~0.05
+#: us of CPU through the hash stage (20 hits per us, with :func:`_could_pass`), and the rest of
+#: a 10 s query that pays both stages (decode, fingerprint, six speed variants, the probe,
+#: lookups, two verifications) 14-25 ms at the 90th percentile, by load; the 30 ms target
+#: leaves 5-16 ms, 100,000-300,000 hits, and the stages share the middle of that equally (a
+#: noisy query is found by the first, a sped-up one only by the second). Measured on 160
+#: calibration excerpts of the 1,000-file corpus (seed 999), not the benchmark's queries.
 QUERY_HIT_BUDGET = 100_000
 SPEED_HIT_BUDGET = 100_000
+#: The speed stage's probe (:func:`_probe`): posting hits per (query, speed hypothesis), spent
+#: on a sample of its hashes in the same order; and how many of the hypotheses whose probe
+#: aligned the most hits in one (track, offset) bin then share :data:`SPEED_HIT_BUDGET`. Six
+#: equal shares gave the right hypothesis a sixth of the budget: on 160 sped-up calibration
+#: excerpts (x0.95 / x1.05, 5 s / 10 s, 40 each) 22-55 % were found (rarest first); in the
+#: sampled order but still shared six ways 65-88 %; probing, then two hypotheses, 88-95 % with
+#: 5,000 hits per probe and 80-98 % with 10,000 (the best hypothesis was next to the true speed
+#: for 126 of 160 with 10,000, one of the best two for 148); three hypotheses bought nothing
+#: more. The probe costs ~1.5-3 ms of CPU for a 10 s query (30,000 hits at most, no offset
+#: histogram: one sort of its hits), which the 30 ms target can just carry beside the stage's
+#: own 100,000; a 10,000-hit probe cost ~1.5 ms more for no more recall.
+PROBE_HIT_BUDGET = 5_000
+SPEED_CHOICES = 2
 #: A match also needs an aligned hash count that chance reaches in at most this many bins of the
 #: index (expected; :func:`_chance`), i.e. in one query of 100. On the 1,000-file corpus three
 #: chance matches had 3 aligned hashes and a strong peak verdict (expected chance bins 0.5-1);
@@ -140,27 +160,6 @@ class Votes(NamedTuple):
     hash_score: Any = None
     peak_z: Any = None
     chance: Any = None  # expected (track, offset, speed) bins with this many aligned hashes
-
-
-def _spend(xp: Any, qid: Any, postings: Any, budget: int, stop: int) -> Any:
-    """Which query hashes a posting *budget* looks up (bool mask): per query, rarest first, in
-    whole posting counts, i.e. every hash with at most ``cap`` postings where ``cap`` is the
-    highest count (up to *stop*, the index's stop list) whose hashes, with all rarer ones, come
-    to at most *budget* posting hits. A per-query cap found by one ``bincount`` (no sort); the
-    hashes of one count are all in or all out, so no end of the query is favoured.
-    """
-    if postings.shape[0] == 0:
-        return xp.zeros(0, dtype=bool)
-    cost = xp.where(postings <= stop, postings, 0).astype(xp.int64)  # 0: never looked up
-    n_q = int(qid.max()) + 1
-    levels = stop + 1
-    spent = xp.bincount(
-        qid.astype(xp.int64) * levels + cost, weights=cost.astype(xp.float64),
-        minlength=n_q * levels,
-    ).reshape(n_q, levels)  # fmt: skip
-    fits = xp.cumsum(spent, axis=1) <= budget  # prefix sums rise: a run of True from 0
-    cap = fits.sum(axis=1) - 1  # the highest count whose hashes and all rarer ones fit
-    return (cost > 0) & (cost <= cap[qid])
 
 
 def _lookup(
@@ -248,32 +247,40 @@ def _bins(index: Index, n_var: int) -> float:
     return float(np.sum(frames[index._alive])) * max(n_var, 1)
 
 
-def _expected(bins: float, hits: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Expected bins of *bins* that *hits* random hits fill with *count* or more: Poisson
-    tails times the number of bins (``P(X >= k)`` of Poisson(lam) is ``gammainc(k, lam)``)."""
+def _expected(
+    bins: float, hits: np.ndarray, count: np.ndarray, searched: float | None = None
+) -> np.ndarray:
+    """Expected bins that *hits* random hits over *bins* fill with *count* or more, among the
+    *searched* bins (default *bins*) the best is taken from: Poisson tails times the number of
+    bins (``P(X >= k)`` of Poisson(lam) is ``gammainc(k, lam)``)."""
     from scipy.special import gammainc
 
-    return bins * gammainc(count, hits / max(bins, 1.0))
+    return (bins if searched is None else searched) * gammainc(count, hits / max(bins, 1.0))
 
 
-def _chance(xp: Any, index: Index, be: Backend, hits: Any, count: Any, n_var: int) -> Any:
+def _chance(
+    xp: Any, index: Index, be: Backend, hits: Any, count: Any, n_var: int, searched: int = 0
+) -> Any:
     """Expected number of ``(track, offset, speed)`` bins of the index that chance alone fills
     with *count* or more aligned hashes, when a query's *hits* postings fall at random over the
-    bins its stage tries (:func:`_bins`). A bigger index has more bins, so the same count means
-    less.
+    bins of the *n_var* speed hypotheses it looked up (:func:`_bins`), and the best is taken
+    among *searched* hypotheses (default *n_var*; the speed stage chooses its hypotheses among
+    six). A bigger index has more bins, so the same count means less.
     """
     hits = be.to_host(hits).astype(np.float64)
     k = np.maximum(be.to_host(count), 1).astype(np.float64)
-    e = _expected(_bins(index, n_var), hits, k)
+    e = _expected(_bins(index, n_var), hits, k, _bins(index, max(searched, n_var)))
     return xp.asarray(e) if be.is_device else e
 
 
-def _least_count(index: Index, hits: np.ndarray, n_var: int) -> np.ndarray:
+def _least_count(index: Index, hits: np.ndarray, n_var: int, searched: int = 0) -> np.ndarray:
     """Per query, the fewest aligned hashes that could pass the chance test (:func:`_chance`,
-    :data:`CHANCE_BINS`) given its *hits* posting hits over *n_var* speed hypotheses."""
+    :data:`CHANCE_BINS`) given its *hits* posting hits over *n_var* speed hypotheses (the best
+    of *searched*)."""
     k = np.arange(1, 257, dtype=np.float64)[None, :]
     hits = np.asarray(hits, dtype=np.float64)[:, None]
-    passes = _expected(_bins(index, n_var), hits, k) <= CHANCE_BINS  # False..., then True
+    searched_bins = _bins(index, max(searched, n_var))
+    passes = _expected(_bins(index, n_var), hits, k, searched_bins) <= CHANCE_BINS
     return np.where(passes.any(axis=1), 257 - passes.sum(axis=1), 257).astype(np.int64)
 
 
@@ -304,6 +311,7 @@ def _hash_votes(
     chance: bool = True,
     budget: int | None = None,
     significant_only: bool = False,
+    bins_vars: tuple[int, int] | None = None,
 ) -> Votes:
     """Hash stage for a batch: the best offset of every (query, track), best first per query.
 
@@ -311,9 +319,12 @@ def _hash_votes(
     segment of the query count at most :data:`SEGMENT_CAP` (see :func:`votes`). Keeps the
     *per_query* best tracks of each query (0: all). Hashes with more than *max_postings* postings
     (default :attr:`Index.stop_postings`) are not looked up; with a *budget*, each query looks
-    up its hashes rarest first within that many posting hits (:func:`_spend`). With
+    up a sample of its hashes (a fixed order of hash values) within that many posting hits
+    (:func:`~colabmagic.fingerprint.budget.spend_sampled`). With
     *significant_only*, only (track, offset) bins with as many hits as the chance test could
-    accept are histogrammed (:func:`_could_pass`): the same matches, fewer candidates.
+    accept are histogrammed (:func:`_could_pass`): the same matches, fewer candidates. The
+    chance test takes *bins_vars* = (hypotheses each query looked up, hypotheses it chose them
+    from) (default: those in the batch, both).
     """
     xp = be.xp
     stop = index.stop_postings if max_postings is None else max_postings
@@ -321,7 +332,7 @@ def _hash_votes(
     if budget is not None:
 
         def select(postings: Any) -> Any:
-            return _spend(xp, qid, postings, budget, stop)
+            return spend_sampled(xp, qid, qh, postings, budget, stop)
 
     row, track, ref_time = _lookup(index, be, qh, stop, select)
     if row.shape[0] == 0:
@@ -330,12 +341,15 @@ def _hash_votes(
     weight_of = 1.0 / xp.log2(2.0 + xp.arange(int(per_row.max()) + 1, dtype=xp.float64))
     n_tracks = int(index._alive.shape[0])
     hits = xp.bincount(qid[row])  # every posting hit of each query: the chance hits
-    stage_vars = int(xp.unique(qv).shape[0])
+    if bins_vars is None:  # every query looked up the hypotheses of the batch
+        stage_vars = searched_vars = int(xp.unique(qv).shape[0])
+    else:
+        stage_vars, searched_vars = bins_vars
     q_time = qt[row]
     group = (qid[row] * n_tracks + track) * n_var + qv[row]
     key = group * (2 * _OFFSET_BIAS) + (ref_time - q_time + _OFFSET_BIAS)
     if significant_only:  # bins chance could explain cannot become matches: not histogrammed
-        least = be.to_device(_least_count(index, be.to_host(hits), stage_vars))
+        least = be.to_device(_least_count(index, be.to_host(hits), stage_vars, searched_vars))
         keep = _could_pass(xp, key, qid[row], least)
         if not bool(keep.any()):
             return _empty_votes(xp)
@@ -365,8 +379,62 @@ def _hash_votes(
         query=q_of,
         hash_score=score[best],
         peak_z=zero,
-        chance=_chance(xp, index, be, hits[q_of], count[best], stage_vars) if chance else zero,
+        chance=(
+            _chance(xp, index, be, hits[q_of], count[best], stage_vars, searched_vars)
+            if chance
+            else zero
+        ),
     )
+
+
+def _probe(
+    index: Index, be: Backend, qid: Any, qh: Any, qt: Any, qv: Any, n_q: int, n_var: int
+) -> np.ndarray:
+    """The speed probe: per query and hypothesis, the most hits aligned in one (track, offset)
+    bin when each (query, hypothesis) looks up a sample of its hashes within
+    :data:`PROBE_HIT_BUDGET` posting hits, and the six probes together within
+    :data:`SPEED_HIT_BUDGET` (:mod:`~colabmagic.fingerprint.budget`). A host array of shape
+    ``(n_q, n_var)``; 0 where nothing was probed or hit.
+    """
+    xp = be.xp
+    sub = qid * n_var + qv  # each (query, hypothesis) spends its own probe budget
+    stop = index.stop_postings
+    budget = min(PROBE_HIT_BUDGET, SPEED_HIT_BUDGET // max(n_var - 1, 1))
+
+    def select(postings: Any) -> Any:
+        return spend_sampled(xp, sub, qh, postings, budget, stop)
+
+    row, track, ref_time = _lookup(index, be, qh, stop, select)
+    span = int(index._alive.shape[0]) * 2 * _OFFSET_BIAS
+    key = sub[row] * span + track * (2 * _OFFSET_BIAS) + (ref_time - qt[row] + _OFFSET_BIAS)
+    best = best_bin_counts(xp, key, span, n_q * n_var)
+    return be.to_host(best).reshape(n_q, n_var)
+
+
+def _needs_probe(index: Index, qid: np.ndarray, qh: np.ndarray, mask: np.ndarray, n_q: int) -> Any:
+    """Which queries' speed-stage hashes (*mask* of host arrays *qid*, *qh*) hold more postings
+    under the stop list than :data:`SPEED_HIT_BUDGET` (bool per query): only those need the
+    probe to choose; the others look up every hypothesis within the budget, as the probe would
+    (a small index, a short query), without paying for it. Never with fewer hypotheses than
+    :data:`SPEED_CHOICES` + 1 to choose from."""
+    n_var = len(index.fingerprinter.speeds)
+    if SPEED_CHOICES >= n_var - 1 or not mask.any():
+        return np.zeros(n_q, bool)
+    posts = index.postings_per_hash(qh[mask])
+    cost = np.where(posts <= index.stop_postings, posts, 0).astype(np.float64)
+    return np.bincount(qid[mask], weights=cost, minlength=n_q) > SPEED_HIT_BUDGET
+
+
+def _choose_speeds(best: np.ndarray, retry: np.ndarray) -> np.ndarray:
+    """Which (query, hypothesis) the speed stage spends on (bool, like *best*): per query in
+    *retry*, the :data:`SPEED_CHOICES` hypotheses other than the unchanged speed whose probe
+    aligned the most hits (ties: the order of ``Fingerprinter.speeds``)."""
+    n_q, n_var = best.shape
+    score = np.where(np.arange(n_var) > 0, best, -1)
+    top = np.argsort(-score, axis=1, kind="stable")[:, :SPEED_CHOICES]
+    chosen = np.zeros((n_q, n_var), bool)
+    np.put_along_axis(chosen, top, values=True, axis=1)
+    return chosen & retry[:, None]
 
 
 def _verify(
@@ -435,7 +503,9 @@ def _identify(
     hypotheses only for the queries that found nothing at *min_score*: most queries are not sped
     up, so most pay for one hash set instead of ``len(speeds)``. Fingerprints that hold only the
     unchanged speed get every other hypothesis for those queries, hashed from the peaks they
-    hold (or recomputed from *signals*).
+    hold (or recomputed from *signals*). Those whose other hypotheses hold more postings than
+    :data:`SPEED_HIT_BUDGET` probe each first and spend it on the best :data:`SPEED_CHOICES`
+    (:func:`_probe`); the others look all of them up.
     """
     fpr = index.fingerprinter
     n_var = len(fpr.speeds)
@@ -446,11 +516,16 @@ def _identify(
     peak_f = be.to_device(np.ascontiguousarray(all_peaks[:, 1]))
     qid, qh, qt, qv = _hash_arrays(fps, np.arange(len(fps)))
 
-    def stage(arrays: tuple[np.ndarray, ...], mask: np.ndarray, budget: int) -> Votes:
+    def stage(
+        arrays: tuple[np.ndarray, ...],
+        mask: np.ndarray,
+        budget: int,
+        bins: tuple[int, int] | None = None,
+    ) -> Votes:  # *bins*: the chance test's hypotheses (the speed stage's, see _hash_votes)
         d = [be.to_device(np.ascontiguousarray(a[mask])) for a in arrays]
         v = _hash_votes(
             index, be, *d, n_var=n_var, per_query=per_query, budget=budget,
-            significant_only=min_score > 0,
+            significant_only=min_score > 0, bins_vars=bins,
         )  # fmt: skip
         return _to_host(be, _verify(index, be, v, peak_t, peak_f, peak_start))
 
@@ -478,9 +553,21 @@ def _identify(
             [signals[i] for i in numbers], backend=be, query=True, variants=others
         )
         arrays = _hash_arrays(full, numbers)
-    # the other speeds, six hash sets sharing one budget: a no-match query pays for both stages
-    second = stage(arrays, retry[arrays[0]] & (arrays[3] > 0), SPEED_HIT_BUDGET)
-    merged = Votes(*(np.concatenate([a, b]) for a, b in zip(first, second, strict=True)))
+    # the other speeds: where the budget covers all six, all six; elsewhere a probe of each
+    # ranks them and the budget goes to the best (the chance test still counts all six)
+    mask = retry[arrays[0]] & (arrays[3] > 0)
+    probed = _needs_probe(index, arrays[0], arrays[1], mask, len(fps)) & retry
+    every = mask & ~probed[arrays[0]]
+    parts = [first]
+    if every.any():
+        parts.append(stage(arrays, every, SPEED_HIT_BUDGET, (n_var - 1, n_var - 1)))
+    if probed.any():
+        mask &= probed[arrays[0]]
+        d = [be.to_device(np.ascontiguousarray(a[mask])) for a in arrays]
+        chosen = _choose_speeds(_probe(index, be, *d, len(fps), n_var), probed)
+        mask &= chosen[arrays[0], arrays[3]]
+        parts.append(stage(arrays, mask, SPEED_HIT_BUDGET, (SPEED_CHOICES, n_var - 1)))
+    merged = Votes(*(np.concatenate(a) for a in zip(*parts, strict=True)))
     order = np.lexsort((-merged.score, merged.query))
     merged = Votes(*(a[order] for a in merged))
     pair = merged.query * (int(merged.track.max(initial=0)) + 1) + merged.track

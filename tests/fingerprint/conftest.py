@@ -101,3 +101,40 @@ def numpy_as_device() -> Backend:
 @pytest.fixture(params=["numpy", "device-shim"])
 def backend(request: pytest.FixtureRequest) -> Backend | str:
     return "numpy" if request.param == "numpy" else numpy_as_device()
+
+
+HOP = 256
+PHRASE_S = 78 * HOP / SR  # the looping track repeats one phrase this long (whole frames: the
+# repeats give the same peaks, as a loop in a tracker module does)
+REPEATS = 6
+COPIES = 3
+
+
+@pytest.fixture(scope="module")
+def looping(
+    tmp_path_factory: pytest.TempPathFactory, tracks: dict[str, np.ndarray]
+) -> tuple[Index, np.ndarray]:
+    """An index where one recording loops a phrase and has COPIES copies (as game music in the
+    scale corpus does), beside the six ordinary tracks."""
+    phrase = synth_music(777, PHRASE_S)[: 78 * HOP]
+    loop = np.tile(phrase, REPEATS)
+    fpr = Fingerprinter()
+    signals = {f"t{i}": tracks[f"t{i}"] for i in range(6)}
+    signals["loop"] = loop
+    signals["loop-quiet"] = 0.5 * loop
+    signals["loop-trim"] = loop[29 * HOP :]
+    names = sorted(signals)
+    fps = fpr.fingerprint_batch([signals[n] for n in names], backend="numpy")
+    index = Index(tmp_path_factory.mktemp("loop") / "db")
+    index.add_fingerprints(
+        [
+            (
+                {"id": n, "path": n, "duration": len(signals[n]) / SR, "content_hash": n},
+                f.hashes,
+                f.times,
+                f.peaks,
+            )
+            for n, f in zip(names, fps, strict=True)
+        ]
+    )
+    return index, loop
