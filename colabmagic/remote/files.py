@@ -21,13 +21,19 @@ once up, then reads its command as a JSON line ``{"argv": ["put"]}``:
           ``{"i", "offset", "sha", "rate"}``; out: ``{"offset", "size"}`` (0 when the
           receiver's partial file does not match), the frames from there (compressed per MODE:
           none, zstd, or auto at *rate* bytes/s), and a codec-255 frame with the file's sha256.
+``relay`` carries a push or pull straight to the kernel (``colabmagic/transfer_direct.py``):
+          in: ``{"path"}``, the kernel's Unix socket; out: ``{"ok": true}`` once connected (or
+          ``{"error"}``); from then on stdin is spliced to the socket and the socket to stdout,
+          byte for byte, until the kernel closes it.
 """
 
 import hashlib
 import json
 import os
+import socket
 import struct
 import sys
+import threading
 import time
 
 try:
@@ -280,6 +286,77 @@ def get(out, source, offset, prefix_sha, mode, rate):
         out.flush()
 
 
+def relay():
+    stdin, out = sys.stdin.buffer, sys.stdout.buffer
+    req = _line(stdin)
+    if req is None:
+        return 0
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(req["path"])
+    except OSError as exc:
+        _reply(out, {"error": f"cannot reach the kernel's stream at {req['path']}: {exc}"})
+        return 1
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+    _reply(out, {"ok": True})  # nothing more is read through stdin's buffer: fd 0 from here
+
+    def up():
+        _splice(0, sock.fileno(), lambda buf: sock.sendall(buf))
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    threading.Thread(target=up, daemon=True).start()
+    _splice(sock.fileno(), 1, lambda buf: _write_all(1, buf))
+    return 0
+
+
+def _write_all(fd, view):
+    while view.nbytes:
+        view = view[os.write(fd, view) :]
+
+
+def _splice(src, dst, write):
+    """Copy *src* to *dst* until end of stream: ``os.splice`` (no copy through Python) where
+    one end is a pipe, else a 1 MiB ``readinto`` loop that hands each block to *write*.
+
+    Each splice is non-blocking, after waiting for *src* to be readable and *dst* writable: a
+    splice that blocks on the socket holds the pipe's lock meanwhile, and sshd, reading or
+    writing that pipe, would then block with it (and with it the whole connection).
+    """
+    import select
+
+    block = 1 << 20
+    splice = getattr(os, "splice", None)
+    flags = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
+    while splice is not None:
+        select.select([src], [], [])
+        select.select([], [dst], [])
+        try:
+            if not splice(src, dst, block, flags=flags):
+                return
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (22, 29):  # EINVAL, ESPIPE: neither end is a pipe
+                return  # the other side went away: end this direction
+            break
+    buf = bytearray(block)
+    while True:
+        try:
+            n = os.readv(src, [buf])
+            if not n:
+                return
+            write(memoryview(buf)[:n])
+        except OSError:
+            return
+
+
 def main(argv):
     _grow_pipes()
     if argv[0] == "serve":  # a spare: up, then the command comes on stdin when a copy takes it
@@ -292,6 +369,8 @@ def main(argv):
         return serve_put()
     if argv[0] == "get":
         return serve_get(argv[1])
+    if argv[0] == "relay":
+        return relay()
     sys.stderr.write("unknown command " + repr(argv[0]) + "\n")
     return 2
 
