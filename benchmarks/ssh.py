@@ -393,6 +393,48 @@ def pushpull_rows(s: Session, srv: SSHServer, arr: np.ndarray, reps: int = 3) ->
     return out
 
 
+def direct_crossover(s: Session, sizes_mib: list[int], reps: int = 5) -> dict:
+    """Wall time of push and pull of small values: the stream on a ready spare against the
+    comm, to place ``transfer_direct.DIRECT_MIN``."""
+    t = s.transport
+    out: dict = {}
+    warm = filecopy._warm
+    try:
+        for mib in sizes_mib:
+            arr = np.random.default_rng(mib).integers(0, 255, size=mib << 20, dtype=np.uint8)
+            for _ in range(reps):
+                for via in ("openssh", "comm"):
+                    for kind in ("push", "pull"):
+                        filecopy._warm = warm
+                        if via == "openssh":
+                            warm(t, "auto")
+                            filecopy.wait_spare(t)
+                        filecopy._warm = lambda *a: None
+                        s.bulk.via = via
+                        if kind == "push":
+                            dt = timed_call(lambda a=arr: s.push(small=a, compress="none"))
+                        else:
+                            dt = timed_call(lambda: s.pull("small", compress="none"))
+                        assert s.bulk.last.via == via
+                        out.setdefault((mib, kind, via), []).append(dt)
+        s.run("del small", relay=QuietRelay())
+    finally:
+        filecopy._warm = warm
+        s.bulk.via = "auto"
+    return out
+
+
+def print_direct_crossover(c: dict) -> None:
+    reps = len(next(iter(c.values())))
+    print(f"small values, stream on a ready spare vs comm (median of {reps}), load {load()}:")
+    for mib in sorted({m for m, _, _ in c}):
+        row = []
+        for kind in ("push", "pull"):
+            o, m = (statistics.median(c[(mib, kind, v)]) * 1e3 for v in ("openssh", "comm"))
+            row.append(f"{kind} {o:6.1f} vs {m:6.1f} ms")
+        print(f"  {mib:3d} MiB: " + "   ".join(row))
+
+
 def print_pushpull(b: dict, mib: int) -> None:
     size = mib << 20
     reps = len(b["push_comm_none"])
@@ -585,9 +627,12 @@ def main() -> None:
             try:
                 arr = np.random.default_rng(0).integers(0, 255, size=size, dtype=np.uint8)
                 rows = pushpull_rows(s, srv, arr)
+                small = direct_crossover(s, [1, 2, 4, 8, 16]) if args.crossover else None
             finally:
                 s.close()
             print_pushpull(rows, args.mib)
+            if small:
+                print_direct_crossover(small)
             return
         if args.only == "files":
             s = Session.start(transport(srv, root), name="bench")

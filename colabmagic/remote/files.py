@@ -2,7 +2,7 @@
 
 ``colabmagic/filecopy.py`` runs this file's source with ``python -c SOURCE COMMAND ...`` over an
 SSH exec channel (or as a local subprocess), so it must stay self-contained: standard library,
-plus zstandard when the host has it. Two commands, each a session over stdin/stdout that
+plus zstandard when the host has it. Two file commands, each a session over stdin/stdout that
 carries a whole tree, so a directory costs one exec and a few round trips per file (JSON lines
 for the dialogue, frames for the data). ``serve`` starts a spare: it answers ``{"ready": true}``
 once up, then reads its command as a JSON line ``{"argv": ["put"]}``:

@@ -174,6 +174,7 @@ class _Direct:
                 conn.sendall(b"K")
         except Exception as exc:  # noqa: BLE001 - said to the caller through the comm
             self.error = f"{type(exc).__name__}: {exc}"
+            self.frames = None  # nothing to bind: free the memory now, not at the next transfer
         finally:
             self.close()
             self.done.set()
