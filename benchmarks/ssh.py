@@ -54,7 +54,7 @@ from jupyter_client import BlockingKernelClient, KernelManager
 from colabmagic import filecopy
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
-from colabmagic.testing_sshd import SSHServer, processes
+from colabmagic.testing_sshd import SSHServer
 from colabmagic.transport import ssh_pipe
 from colabmagic.transport.ssh import SSHTransport
 
@@ -395,13 +395,18 @@ def pushpull_rows(s: Session, srv: SSHServer, arr: np.ndarray, reps: int = 3) ->
 
 
 def _reaped() -> None:
-    """Wait until this process has no ``ssh`` child left (no spare runs meanwhile)."""
+    """Wait until this process has no ``ssh`` child left, zombies included (no spare runs
+    meanwhile): a child's CPU reaches ``RUSAGE_CHILDREN`` when it is reaped."""
+    me = str(os.getpid())
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         kids = []
-        for pid in processes(ppid=os.getpid()):
-            with contextlib.suppress(OSError):
-                kids.append(os.path.basename(os.readlink(f"/proc/{pid}/exe")))
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{name}/stat") as f:
+                    head, tail = f.read().rsplit(")", 1)
+                    if tail.split()[1] == me:
+                        kids.append(head.split("(", 1)[1])
         if "ssh" not in kids:
             return
         time.sleep(0.01)
