@@ -363,11 +363,17 @@ def pushpull_rows(s: Session, srv: SSHServer, arr: np.ndarray, reps: int = 3) ->
                 for kind in ("push", "pull"):
                     key = f"{kind}_{via}_{mode}"
                     filecopy._warm = warm
-                    if via == "openssh":
+                    if via == "openssh":  # the spare's start, timed apart
+                        there = host_cpu(srv)
                         warm(t, "auto")
                         spare = filecopy.wait_spare(t)
                         assert spare, "no spare ssh helper"
+                        sp = out.setdefault("spare", [0.0, 0.0, 0])
+                        sp[1] += host_cpu(srv) - there
                     before = _spare_cpu(t) if via == "openssh" else 0.0
+                    if via == "openssh":
+                        sp[0] += before
+                        sp[2] += 1
                     filecopy._warm = lambda *a: None  # the next spare is not this row's work
                     s.bulk.via = via
                     if kind == "push":
@@ -477,6 +483,11 @@ def print_pushpull(b: dict, mib: int) -> None:
         for k in ("push", "pull")
     ]
     _print_cpu(b["cpu"], keys, size / (1 << 30))
+    loc, host, n = b["spare"]
+    print(
+        f"  a spare ssh helper's start    : {loc / n:5.2f} | {host / n:5.2f} s each (paid in the "
+        "background by the transfer before; not in the rows above)"
+    )
 
 
 def crossover(srv: SSHServer, root: str, sizes_mib: list[int], reps: int = 3) -> dict:
