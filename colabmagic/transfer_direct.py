@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -128,10 +129,15 @@ def _fell_back(stats: TransferStats, target: str, exc: BaseException) -> None:
     log.warning("%s to %s: %s", stats.direction, target, stats.note)
 
 
-def _done(stats: TransferStats, target: str, via: str) -> None:
+def _done(channel: Channel, stats: TransferStats, started: float, via: str) -> None:
     stats.via = via
     stats.wire_bytes = stats.raw_bytes
-    log.info("%s of %.1f MiB to %s via %s", stats.direction, stats.raw_bytes / 2**20, target, via)
+    seconds = max(time.perf_counter() - started, 1e-6)
+    if stats.raw_bytes >= DIRECT_MIN:  # the link's rate, for the next compress auto decision
+        channel.meter.rate = stats.raw_bytes / seconds
+    where = ("to " if stats.direction == "push" else "from ") + channel.session.transport.target
+    mib, rate = stats.raw_bytes / 2**20, stats.raw_bytes / seconds / 1e6
+    log.info("%s of %.1f MiB %s via %s at %.0f MB/s", stats.direction, mib, where, via, rate)
 
 
 def push(
@@ -163,6 +169,7 @@ def push(
             try:
                 data, _ = channel._next(inbox, req, "push", timeout)
                 _connect(helper, data["path"], token)
+                started = time.perf_counter()
                 for view in views:
                     helper.write(view)
                 if bytes(helper.read_exact(1)) != b"K":
@@ -180,7 +187,7 @@ def push(
     finally:
         helper.close()
         filecopy._warm(transport, "auto")
-    _done(stats, transport.target, helper.kind)
+    _done(channel, stats, started, helper.kind)
     return True
 
 
@@ -225,6 +232,7 @@ def pull(
             return None
         frames = [wire.alloc(n) for n in sizes]
         _connect(helper, data["path"], offer["direct"])
+        started = time.perf_counter()
         for frame in frames:
             _read_into(helper, memoryview(frame).cast("B"))
     except _Broken as exc:
@@ -239,5 +247,5 @@ def pull(
             helper.close()
             filecopy._warm(transport, "auto")
     last = channel._msg("pull_done", req)
-    _done(stats, transport.target, helper.kind)
+    _done(channel, stats, started, helper.kind)
     return frames, last

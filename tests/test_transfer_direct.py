@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from colabmagic import filecopy, serialize, transfer_direct
+from colabmagic.errors import HostKeyError
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
 from colabmagic.testing import require, wait_until
-from colabmagic.testing_sshd import processes
+from colabmagic.testing_sshd import SSHServer, processes
 from colabmagic.transfer import TransferStats
 from colabmagic.transport import ssh_pipe
 from colabmagic.transport.ssh import SSHTransport
@@ -238,3 +239,39 @@ def test_an_ssh_killed_mid_pull_is_redone_on_the_comm_path(session, via):
     assert np.array_equal(back, x)
     assert kernel_state(session) == "0 0"
     run(session, "del x")
+
+
+def test_a_host_key_other_than_the_verified_one_is_one_clear_error_not_a_fallback(
+    sshd_server, colabmagic_root, tmp_path
+):
+    """The stream's ssh trusts only the key the session's connection verified: a different
+    server behind the same name fails the push at once, binding nothing."""
+    require(ssh_pipe.ssh_binary() is not None, "the OpenSSH client is not installed")
+    other = SSHServer(
+        "other", directory=str(tmp_path / "other"), client_key=sshd_server.client_key
+    ).start()
+    port_file = tmp_path / "port"
+    port_file.write_text(str(sshd_server.port))
+    proxy = f"sh -c 'exec {sys.executable} -m colabmagic.testing_wan 127.0.0.1 $(cat {port_file})'"
+    t = SSHTransport(
+        sshd_server.name,
+        ssh_config=sshd_server.ssh_config,
+        python=sys.executable,
+        root=str(colabmagic_root),
+        connect_timeout=10,
+        proxy_command=proxy,
+    )
+    s = Session.start(t, name="direct-hostkey")
+    try:
+        s.bulk.via = "openssh"
+        port_file.write_text(str(other.port))  # from now on the name leads elsewhere
+        with pytest.raises(HostKeyError, match="not the one this session verified") as exc:
+            s.push(x=noise(9 * MiB))
+        assert "\n" not in str(exc.value)
+        port_file.write_text(str(sshd_server.port))
+        assert run(s, "print('x' in dir())") == "False"
+        assert kernel_state(s) == "0 0"
+    finally:
+        port_file.write_text(str(sshd_server.port))
+        s.close()
+        other.stop()
