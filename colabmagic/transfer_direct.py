@@ -41,6 +41,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from colabmagic import compress, filecopy, wire
+from colabmagic.errors import ParameterError
 from colabmagic.transport import ssh_pipe
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ _Broken = (filecopy._Dropped, filecopy._NoStart, OSError)
 
 
 def _ssh_transport(channel: Channel) -> Any | None:
+    if channel.via not in VIAS:
+        msg = f"via={channel.via!r} is not one of {', '.join(VIAS)}"
+        raise ParameterError(msg)
     transport = channel.session.transport
     if channel.via == "comm" or not hasattr(transport, "_session_channel"):
         return None

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from colabmagic import filecopy, serialize, transfer_direct
-from colabmagic.errors import HostKeyError
+from colabmagic.errors import HostKeyError, ParameterError
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
 from colabmagic.testing import require, wait_until
@@ -105,6 +105,12 @@ def test_auto_takes_the_stream_once_a_spare_is_ready(session, via):
     back["a"][:] = 0  # writable for real, and not aliasing the local array
     assert a[1:].any()
 
+    session.bulk.via = "scp"
+    with pytest.raises(ParameterError, match="via='scp' is not one of auto, openssh, comm"):
+        session.push(a=a)
+    with pytest.raises(ParameterError, match="via='scp'"):
+        session.pull("a")
+    session.bulk.via = "auto"
     small = session.push(s=np.arange(10))  # inline values stay one message
     assert small.via == "comm"
     assert np.array_equal(session.pull("s"), np.arange(10))
