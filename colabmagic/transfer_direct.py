@@ -93,6 +93,9 @@ def _relay(transport: Any) -> filecopy._Helper | None:
     """The host's relay through ``ssh``: the spare if ready, else a fresh one; None when
     ``ssh`` cannot start (logged once, the transport's ssh route disabled)."""
     helper = filecopy._take_spare(transport, ("openssh",), ["relay"])
+    if helper is not None and helper.kind != "openssh":
+        helper.close()  # ssh failed to start as that spare (disabled): the comm path
+        return None
     if helper is not None:
         return helper
     try:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
+import subprocess
 import sys
 import threading
 
@@ -281,3 +283,44 @@ def test_a_host_key_other_than_the_verified_one_is_one_clear_error_not_a_fallbac
         port_file.write_text(str(sshd_server.port))
         s.close()
         other.stop()
+
+
+def test_ssh_failing_where_paramiko_works_takes_the_comm_path_and_says_so(
+    sshd_server, colabmagic_root, tmp_path, monkeypatch, caplog
+):
+    """A passphrase-protected key in no agent: paramiko asks for the passphrase, ssh (BatchMode)
+    cannot. Push and pull go on the comm path, one warning says why, and ssh is not retried."""
+    require(ssh_pipe.ssh_binary() is not None, "the OpenSSH client is not installed")
+    key = tmp_path / "locked"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret", "-f", str(key)], check=True
+    )
+    with open(os.path.join(sshd_server.dir, "authorized_keys"), "a") as f:
+        f.write((tmp_path / "locked.pub").read_text())
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    cfg = tmp_path / "config"
+    cfg.write_text(sshd_server.config_block(IdentityFile=str(key)))
+    t = SSHTransport(
+        sshd_server.name,
+        ssh_config=str(cfg),
+        python=sys.executable,
+        root=str(colabmagic_root),
+        connect_timeout=10,
+        passphrase=lambda p: "s3cret",
+    )
+    s = Session.start(t, name="direct-locked-key")
+    caplog.set_level(logging.INFO, logger="colabmagic")
+    try:
+        s.bulk.via = "openssh"
+        a = noise(10 * MiB)
+        for _ in range(2):
+            st = s.push(a=a, compress="none")
+            assert st.via == "comm"
+            assert np.array_equal(s.pull("a", compress="none"), a)
+            assert s.bulk.last.via == "comm"
+        warned = [r.getMessage() for r in caplog.records if "go through paramiko" in r.message]
+        assert len(warned) == 1
+        assert "Permission denied" in warned[0]
+        assert kernel_state(s) == "0 0"
+    finally:
+        s.close()

@@ -303,17 +303,32 @@ def relay():
         except OSError:
             pass
     _reply(out, {"ok": True})  # nothing more is read through stdin's buffer: fd 0 from here
+    if _pipes(0, 1):
+        sock.setblocking(False)  # see _splice
+        up, down = (_splice, 0, sock.fileno()), (_splice, sock.fileno(), 1)
+    else:
+        up = (_copy, 0, lambda view: sock.sendall(view))
+        down = (_copy, sock.fileno(), lambda view: _write_all(1, view))
 
-    def up():
-        _splice(0, sock.fileno(), lambda buf: sock.sendall(buf))
+    def upward():
+        up[0](*up[1:])
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
-    threading.Thread(target=up, daemon=True).start()
-    _splice(sock.fileno(), 1, lambda buf: _write_all(1, buf))
+    threading.Thread(target=upward, daemon=True).start()
+    down[0](*down[1:])
     return 0
+
+
+def _pipes(*fds):
+    import stat
+
+    try:
+        return hasattr(os, "splice") and all(stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in fds)
+    except OSError:
+        return False
 
 
 def _write_all(fd, view):
@@ -321,32 +336,32 @@ def _write_all(fd, view):
         view = view[os.write(fd, view) :]
 
 
-def _splice(src, dst, write):
-    """Copy *src* to *dst* until end of stream: ``os.splice`` (no copy through Python) where
-    one end is a pipe, else a 1 MiB ``readinto`` loop that hands each block to *write*.
+def _splice(src, dst):
+    """Move *src* to *dst* (one a pipe, the other the non-blocking socket) until end of stream,
+    with no copy through Python.
 
-    Each splice is non-blocking, after waiting for *src* to be readable and *dst* writable: a
+    Every splice is non-blocking, after waiting for *src* to be readable and *dst* writable: a
     splice that blocks on the socket holds the pipe's lock meanwhile, and sshd, reading or
-    writing that pipe, would then block with it (and with it the whole connection).
+    writing that pipe, would block with it (uninterruptibly: its whole connection stalls).
     """
     import select
 
-    block = 1 << 20
-    splice = getattr(os, "splice", None)
     flags = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
-    while splice is not None:
+    while True:
         select.select([src], [], [])
         select.select([], [dst], [])
         try:
-            if not splice(src, dst, block, flags=flags):
+            if not os.splice(src, dst, 1 << 20, flags=flags):
                 return
         except BlockingIOError:
             continue
-        except OSError as exc:
-            if exc.errno not in (22, 29):  # EINVAL, ESPIPE: neither end is a pipe
-                return  # the other side went away: end this direction
-            break
-    buf = bytearray(block)
+        except OSError:
+            return  # the other side went away: end this direction
+
+
+def _copy(src, write):
+    """Move *src* to *write* in 1 MiB blocks until end of stream (where splice cannot)."""
+    buf = bytearray(1 << 20)
     while True:
         try:
             n = os.readv(src, [buf])
