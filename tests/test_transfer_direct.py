@@ -324,3 +324,22 @@ def test_ssh_failing_where_paramiko_works_takes_the_comm_path_and_says_so(
         assert kernel_state(s) == "0 0"
     finally:
         s.close()
+
+
+def test_the_kernels_endpoint_is_private_and_takes_only_the_token(session):
+    """The kernel's side alone, inside the kernel: a 0700 directory; a peer with the wrong token
+    is dropped and the right one is still served; nothing is left once it is done."""
+    out = run(
+        session,
+        "import _colabmagic_kernel as k, os, socket\n"
+        "d = k._Direct('a' * 32, [bytearray(5)], outgoing=False)\n"
+        "mode = oct(os.stat(d.dir).st_mode & 0o777)\n"
+        "bad = socket.socket(socket.AF_UNIX); bad.connect(d.path); bad.sendall(b'b' * 32)\n"
+        "dropped = bad.recv(1) == b''\n"
+        "good = socket.socket(socket.AF_UNIX); good.connect(d.path)\n"
+        "good.sendall(b'a' * 32 + b'hello')\n"
+        "ack = good.recv(1); d.done.wait(10)\n"
+        "print(mode, dropped, ack, bytes(d.frames[0]), d.error, os.path.exists(d.dir))\n"
+        "bad.close(); good.close(); del d, bad, good, ack, dropped, mode, k, socket",
+    )
+    assert out == "0o700 True b'K' b'hello' None False"

@@ -143,9 +143,13 @@ class _Direct:
                     msg = "no stream connected"
                     raise TimeoutError(msg) from None
                 continue
-            conn.settimeout(None)
-            got = _recv_exact(conn, len(self.token))
+            conn.settimeout(10)  # the token comes at once, or the peer is not ours
+            try:
+                got = _recv_exact(conn, len(self.token))
+            except OSError:
+                got = None
             if got is not None and hmac.compare_digest(bytes(got), self.token):
+                conn.settimeout(None)
                 return conn
             conn.close()  # not our peer: wait for the right one
         msg = "aborted"
