@@ -17,6 +17,12 @@ Starts a private OpenSSH sshd on 127.0.0.1 (``colabmagic.testing_sshd``) and mea
   helper (the first copy's exec, timed apart on one byte, leaves the spare that later copies
   take); against ``cat | ssh`` with OpenSSH's default cipher and with the AES-GCM that
   colabmagic's ssh is told to prefer; CPU seconds per GiB on both sides;
+- **push/pull routes** (``--only pushpull``): ``push``/``pull`` of the same N MiB on their own
+  stream that the kernel reads (``via`` ``openssh``: :mod:`colabmagic.transfer_direct`, what
+  ``auto`` takes for large values) and as chunk messages on the comm (``via`` ``comm``), compress
+  none and auto, interleaved, each stream on a ready spare helper (its start, which the previous
+  transfer pays in the background, timed apart), against both ``cat | ssh`` references; CPU
+  seconds per GiB on both sides;
 - **crossover** (``--crossover``): the first copy on a connected transport (no spare) of
   1-256 MiB through a fresh ``ssh`` against a fresh exec channel, to place
   ``filecopy.OPENSSH_MIN``;
@@ -334,6 +340,156 @@ def file_rows(s: Session, srv: SSHServer, arr: np.ndarray) -> dict:
     return out
 
 
+def pushpull_rows(s: Session, srv: SSHServer, arr: np.ndarray, reps: int = 3) -> dict:
+    """push/pull on the ssh stream and on the comm, against cat | ssh, in the same run."""
+    out: dict = {}
+    cpu = out["cpu"] = {}
+    t = s.transport
+    fdir = tempfile.mkdtemp(prefix="colabmagic-bench-pp-", dir=_tmpfs())
+    warm = filecopy._warm
+    try:
+        path = os.path.join(fdir, "payload.bin")
+        arr.tofile(path)
+        out["cat_up"], out["cat_down"] = ssh_cat_throughput(srv, path, arr.nbytes, cpu=cpu)
+        out["cat_up_gcm"], out["cat_down_gcm"] = ssh_cat_throughput(
+            srv, path, arr.nbytes, cpu=cpu, cipher="aes128-gcm@openssh.com"
+        )
+        os.unlink(path)
+        base = _tree(srv)  # the session's connection; no spare yet
+        s.push(big=arr, compress="none")  # the kernel's copy to pull from, and a warm start
+        filecopy.close_spare(t)
+        for _ in range(reps):  # interleaved, so every route sees the same machine state
+            for via, mode in (("openssh", "none"), ("openssh", "auto"), ("comm", "none")):
+                for kind in ("push", "pull"):
+                    key = f"{kind}_{via}_{mode}"
+                    filecopy._warm = warm
+                    if via == "openssh":  # the spare's start, timed apart
+                        there = host_cpu(srv)
+                        warm(t, "auto")
+                        spare = filecopy.wait_spare(t)
+                        assert spare, "no spare ssh helper"
+                        sp = out.setdefault("spare", [0.0, 0.0, 0])
+                        sp[1] += host_cpu(srv) - there
+                    before = _spare_cpu(t) if via == "openssh" else 0.0
+                    if via == "openssh":
+                        sp[0] += before
+                        sp[2] += 1
+                    filecopy._warm = lambda *a: None  # the next spare is not this row's work
+                    s.bulk.via = via
+                    if kind == "push":
+                        fn = lambda m=mode: s.push(big=arr, compress=m)  # noqa: E731
+                    else:
+                        fn = lambda m=mode: s.pull("big", compress=m)  # noqa: E731
+                    walls: list[float] = []
+
+                    def settled(fn=fn, walls=walls, base=base):  # the transfer, reaped
+                        walls.append(timed_call(fn))
+                        _settled(srv, base)
+                        _reaped()  # its ssh client's CPU is in RUSAGE_CHILDREN only then
+
+                    cpu_call(srv, settled, cpu, key)
+                    assert s.bulk.last.via == via, (key, s.bulk.last)
+                    out.setdefault(key, []).append(walls[0])
+                    loc, host, n = cpu[key]
+                    cpu[key] = [loc - before, host, n]
+        s.run("del big", relay=QuietRelay())
+    finally:
+        filecopy._warm = warm
+        s.bulk.via = "auto"
+        shutil.rmtree(fdir, ignore_errors=True)
+    return out
+
+
+def _reaped() -> None:
+    """Wait until this process has no ``ssh`` child left, zombies included (no spare runs
+    meanwhile): a child's CPU reaches ``RUSAGE_CHILDREN`` when it is reaped."""
+    me = str(os.getpid())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        kids = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{name}/stat") as f:
+                    head, tail = f.read().rsplit(")", 1)
+                    if tail.split()[1] == me:
+                        kids.append(head.split("(", 1)[1])
+        if "ssh" not in kids:
+            return
+        time.sleep(0.01)
+
+
+def direct_crossover(s: Session, sizes_mib: list[int], reps: int = 5) -> dict:
+    """Wall time of push and pull of small values: the stream on a ready spare against the
+    comm, to place ``transfer_direct.DIRECT_MIN``."""
+    t = s.transport
+    out: dict = {}
+    warm = filecopy._warm
+    try:
+        for mib in sizes_mib:
+            arr = np.random.default_rng(mib).integers(0, 255, size=mib << 20, dtype=np.uint8)
+            for _ in range(reps):
+                for via in ("openssh", "comm"):
+                    for kind in ("push", "pull"):
+                        filecopy._warm = warm
+                        if via == "openssh":
+                            warm(t, "auto")
+                            filecopy.wait_spare(t)
+                        filecopy._warm = lambda *a: None
+                        s.bulk.via = via
+                        if kind == "push":
+                            dt = timed_call(lambda a=arr: s.push(small=a, compress="none"))
+                        else:
+                            dt = timed_call(lambda: s.pull("small", compress="none"))
+                        assert s.bulk.last.via == via
+                        out.setdefault((mib, kind, via), []).append(dt)
+        s.run("del small", relay=QuietRelay())
+    finally:
+        filecopy._warm = warm
+        s.bulk.via = "auto"
+    return out
+
+
+def print_direct_crossover(c: dict) -> None:
+    reps = len(next(iter(c.values())))
+    print(f"small values, stream on a ready spare vs comm (median of {reps}), load {load()}:")
+    for mib in sorted({m for m, _, _ in c}):
+        row = []
+        for kind in ("push", "pull"):
+            o, m = (statistics.median(c[(mib, kind, v)]) * 1e3 for v in ("openssh", "comm"))
+            row.append(f"{kind} {o:6.1f} vs {m:6.1f} ms")
+        print(f"  {mib:3d} MiB: " + "   ".join(row))
+
+
+def print_pushpull(b: dict, mib: int) -> None:
+    size = mib << 20
+    reps = len(b["push_comm_none"])
+    rate = _head(b, mib, f"push/pull {mib} MiB over ssh (median of {reps})", "  (default cipher)")
+    print(
+        f"  the same, -c aes128-gcm        : {b['cat_up_gcm']:7.0f} / {b['cat_down_gcm']:.0f} MB/s"
+    )
+    for via, mode in (("openssh", "none"), ("openssh", "auto"), ("comm", "none")):
+        for kind, ref in (("push", "cat_up"), ("pull", "cat_down")):
+            r = rate(f"{kind}_{via}_{mode}")
+            print(
+                f"  {kind} via {via:<8} {mode:<4}        : {r:7.0f} MB/s  ratio {r / b[ref]:.2f}x"
+                f"  ({r / b[ref + '_gcm']:.2f}x of -c aes128-gcm)"
+            )
+    print("CPU seconds per GiB (this machine's process + ssh clients | sshd and all under it):")
+    keys = [("cat | ssh up", "cat_up"), ("ssh cat down", "cat_down")]
+    keys += [("cat | ssh -c gcm up", "cat_up_gcm"), ("ssh -c gcm cat down", "cat_down_gcm")]
+    keys += [
+        (f"{k} {v} {m}", f"{k}_{v}_{m}")
+        for v, m in (("openssh", "none"), ("openssh", "auto"), ("comm", "none"))
+        for k in ("push", "pull")
+    ]
+    _print_cpu(b["cpu"], keys, size / (1 << 30))
+    loc, host, n = b["spare"]
+    print(
+        f"  a spare ssh helper's start    : {loc / n:5.2f} | {host / n:5.2f} s each (paid in the "
+        "background by the transfer before; not in the rows above)"
+    )
+
+
 def crossover(srv: SSHServer, root: str, sizes_mib: list[int], reps: int = 3) -> dict:
     """The first upload on a connected transport (no spare): fresh ssh against fresh exec."""
     fdir = tempfile.mkdtemp(prefix="colabmagic-bench-cross-", dir=_tmpfs())
@@ -486,7 +642,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300, help="cells per round-trip measurement")
     ap.add_argument("--mib", type=int, default=256, help="payload size for push/pull")
     ap.add_argument("--starts", type=int, default=3, help="connects to time")
-    ap.add_argument("--only", choices=("all", "files"), default="all", help="which rows")
+    ap.add_argument(
+        "--only", choices=("all", "files", "pushpull"), default="all", help="which rows"
+    )
     ap.add_argument(
         "--crossover", action="store_true", help="also time first copies of 1-256 MiB per route"
     )
@@ -494,6 +652,18 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="colabmagic-bench-")
     size = args.mib << 20
     with SSHServer("box") as srv:
+        if args.only == "pushpull":
+            s = Session.start(transport(srv, root), name="bench")
+            try:
+                arr = np.random.default_rng(0).integers(0, 255, size=size, dtype=np.uint8)
+                rows = pushpull_rows(s, srv, arr)
+                small = direct_crossover(s, [1, 4, 8, 16], reps=3) if args.crossover else None
+            finally:
+                s.close()
+            print_pushpull(rows, args.mib)
+            if small:
+                print_direct_crossover(small)
+            return
         if args.only == "files":
             s = Session.start(transport(srv, root), name="bench")
             try:

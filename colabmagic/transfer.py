@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from colabmagic import compress, serialize, wire
+from colabmagic import compress, serialize, transfer_direct, wire
 from colabmagic.errors import TransferError
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ class TransferStats:
     seconds: float = 0.0
     chunks: int = 0
     compressed_chunks: int = 0
+    via: str = "comm"  # what carried it: "comm" (chunk messages) or "openssh" (its own stream)
+    note: str = ""  # why it took the comm path after trying the stream, if it did
 
     @property
     def rate(self) -> float:
@@ -68,6 +70,7 @@ class Channel:
         self.comm_id: str | None = None
         self.meter = compress.RateMeter()
         self.last: TransferStats | None = None
+        self.via = "auto"  # large values over SSH: see colabmagic.transfer_direct
 
     def reset(self) -> None:
         """Forget the comm (a fresh kernel has none open)."""
@@ -181,10 +184,15 @@ class Channel:
             stats.wire_bytes, stats.seconds = total, time.perf_counter() - t0
             self.last = stats
             return stats
+        names = sorted(values)
+        if transfer_direct.push(self, names, views, mode, stats, timeout):
+            stats.seconds = time.perf_counter() - t0
+            self.last = stats
+            return stats
         chooser = compress.Chooser(mode, self.meter, peer_zstd=self._peer_zstd())
         with self._conversation() as inbox:
             req = uuid.uuid4().hex
-            self._msg("push_begin", req, names=sorted(values), sizes=[v.nbytes for v in views])
+            self._msg("push_begin", req, names=names, sizes=[v.nbytes for v in views])
             inflight: deque = deque()
             self.meter.start()
             last = ""
@@ -222,31 +230,43 @@ class Channel:
             mode = "none"
         stats = TransferStats("pull")
         t0 = time.perf_counter()
+        offers = [transfer_direct.pull_offer(self, INLINE), {}]
         with self._conversation() as inbox:
-            req = uuid.uuid4().hex
-            sent = self._msg(
-                "pull",
-                req,
-                names=list(names),
-                stream=True,
-                inline=INLINE,
-                chunk=CHUNK,
-                window=WINDOW,
-                compress=mode,
-                rate=self.meter.rate,
-            )
-            data, buffers = self._next(inbox, req, "pull", timeout)
-            if data.get("op") == "pull_ok":  # small: one message
-                self._await_idle(sent)
-                stats.raw_bytes = stats.wire_bytes = sum(memoryview(b).nbytes for b in buffers)
-                stats.seconds = time.perf_counter() - t0
-                self.last = stats
-                return serialize.loads(buffers)
-            try:
-                frames, last = self._receive(inbox, req, data["sizes"], stats, timeout)
-            except BaseException:
-                self._abort(req)
-                raise
+            for offer in offers[not offers[0] :]:
+                req = uuid.uuid4().hex
+                sent = self._msg(
+                    "pull",
+                    req,
+                    names=list(names),
+                    stream=True,
+                    inline=INLINE,
+                    chunk=CHUNK,
+                    window=WINDOW,
+                    compress=mode,
+                    rate=self.meter.rate,
+                    **offer,
+                )
+                data, buffers = self._next(inbox, req, "pull", timeout)
+                if data.get("op") == "pull_ok":  # small: one message
+                    self._await_idle(sent)
+                    stats.raw_bytes = sum(memoryview(b).nbytes for b in buffers)
+                    stats.wire_bytes = stats.raw_bytes
+                    stats.seconds = time.perf_counter() - t0
+                    self.last = stats
+                    return serialize.loads(buffers)
+                if data.get("op") == "direct_ready":  # on its own stream
+                    got = transfer_direct.pull(self, inbox, req, data, offer, stats, timeout)
+                    if got is None:
+                        continue  # not started, or broken midway: the comm path redoes it
+                    frames, last = got
+                    break
+                try:
+                    frames, last = self._receive(inbox, req, data["sizes"], stats, timeout)
+                except BaseException:
+                    self._abort(req)
+                    raise
+                transfer_direct.warm(self, stats.raw_bytes)
+                break
             self._await_idle(last or sent)
         stats.seconds = time.perf_counter() - t0
         self.last = stats

@@ -15,8 +15,9 @@ from colabmagic import filecopy, transfer
 from colabmagic.errors import ParameterError, TransferError
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
-from colabmagic.testing import wait_until
+from colabmagic.testing import require, wait_until
 from colabmagic.testing_wan import WanRelay
+from colabmagic.transport import ssh_pipe
 from colabmagic.transport.ssh import SSHTransport
 
 pytestmark = pytest.mark.ssh
@@ -76,13 +77,29 @@ def run(session, code: str) -> str:
 
 
 # -- streamed push/pull --------------------------------------------------------------------
-def test_streamed_push_pull_many_frames_content_and_writable(session):
+# What carries a large push/pull over SSH: chunk messages on the comm, or a stream of its own
+# that the kernel reads (colabmagic.transfer_direct; more of it in test_transfer_direct.py).
+ROUTES = pytest.mark.parametrize("route", ["comm", "openssh"], indirect=True)
+
+
+@pytest.fixture
+def route(session, request):
+    if request.param == "openssh":
+        require(ssh_pipe.ssh_binary() is not None, "the OpenSSH client is not installed")
+    session.bulk.via = request.param
+    yield request.param
+    session.bulk.via = "auto"
+
+
+@ROUTES
+def test_streamed_push_pull_many_frames_content_and_writable(session, route):
     a = noise(9 * MiB + 123)
     a[0] = 1
     b = np.arange(3 * MiB, dtype=np.int64).reshape(1024, -1)[:, ::2]  # not contiguous: a copy
     big_list = list(range(200_000))  # the pickle itself is larger than a chunk's inline limit
     stats = session.push(a=a, b=b, big_list=big_list, compress="none")
-    assert stats.chunks > 3
+    assert stats.via == route
+    assert stats.chunks > 3 if route == "comm" else stats.chunks == 0
     assert stats.wire_bytes == stats.raw_bytes > 9 * MiB
     out = run(
         session,
@@ -92,7 +109,8 @@ def test_streamed_push_pull_many_frames_content_and_writable(session):
     assert out.split()[0] == hashlib.sha256(a[1:]).hexdigest()
     assert out.endswith("199999 True")
     back = session.pull("a", "b", "big_list", compress="none")
-    assert session.bulk.last.chunks > 3
+    assert session.bulk.last.via == route
+    assert session.bulk.last.chunks > 3 if route == "comm" else session.bulk.last.chunks == 0
     assert back["a"][0] == 7
     assert np.array_equal(back["a"][1:], a[1:])
     assert np.array_equal(back["b"], b)
@@ -180,7 +198,8 @@ def _status(pid: int, field: str) -> int:
 
 
 @pytest.mark.slow
-def test_two_gib_push_and_pull_in_bounded_memory_on_both_ends(session):
+@ROUTES
+def test_two_gib_push_and_pull_in_bounded_memory_on_both_ends(session, route):
     size = 2 << 30
     info = session.proxy.agent_info
     pids = {"local": os.getpid(), "agent": info["agent_pid"], "kernel": info["kernel_pid"]}
@@ -188,7 +207,7 @@ def test_two_gib_push_and_pull_in_bounded_memory_on_both_ends(session):
     limit = 64 * MiB
 
     base = {k: _reset_peak(p) for k, p in pids.items()}
-    session.push(x=x, compress="none")
+    assert session.push(x=x, compress="none").via == route
     grew = {k: _status(p, "VmHWM") - base[k] for k, p in pids.items()}
     assert grew["local"] <= limit, grew
     assert grew["agent"] <= limit, grew
@@ -199,6 +218,7 @@ def test_two_gib_push_and_pull_in_bounded_memory_on_both_ends(session):
 
     base = {k: _reset_peak(p) for k, p in pids.items()}
     back = session.pull("x", compress="none")
+    assert session.bulk.last.via == route
     grew = {k: _status(p, "VmHWM") - base[k] for k, p in pids.items()}
     assert size <= grew["local"] <= size + limit, grew
     assert grew["agent"] <= limit, grew

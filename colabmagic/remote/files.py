@@ -2,7 +2,7 @@
 
 ``colabmagic/filecopy.py`` runs this file's source with ``python -c SOURCE COMMAND ...`` over an
 SSH exec channel (or as a local subprocess), so it must stay self-contained: standard library,
-plus zstandard when the host has it. Two commands, each a session over stdin/stdout that
+plus zstandard when the host has it. Two file commands, each a session over stdin/stdout that
 carries a whole tree, so a directory costs one exec and a few round trips per file (JSON lines
 for the dialogue, frames for the data). ``serve`` starts a spare: it answers ``{"ready": true}``
 once up, then reads its command as a JSON line ``{"argv": ["put"]}``:
@@ -21,13 +21,19 @@ once up, then reads its command as a JSON line ``{"argv": ["put"]}``:
           ``{"i", "offset", "sha", "rate"}``; out: ``{"offset", "size"}`` (0 when the
           receiver's partial file does not match), the frames from there (compressed per MODE:
           none, zstd, or auto at *rate* bytes/s), and a codec-255 frame with the file's sha256.
+``relay`` carries a push or pull straight to the kernel (``colabmagic/transfer_direct.py``):
+          in: ``{"path"}``, the kernel's Unix socket; out: ``{"ok": true}`` once connected (or
+          ``{"error"}``); from then on stdin is spliced to the socket and the socket to stdout,
+          byte for byte, until the kernel closes it.
 """
 
 import hashlib
 import json
 import os
+import socket
 import struct
 import sys
+import threading
 import time
 
 try:
@@ -280,6 +286,92 @@ def get(out, source, offset, prefix_sha, mode, rate):
         out.flush()
 
 
+def relay():
+    stdin, out = sys.stdin.buffer, sys.stdout.buffer
+    req = _line(stdin)
+    if req is None:
+        return 0
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(req["path"])
+    except OSError as exc:
+        _reply(out, {"error": f"cannot reach the kernel's stream at {req['path']}: {exc}"})
+        return 1
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+    _reply(out, {"ok": True})  # nothing more is read through stdin's buffer: fd 0 from here
+    if _pipes(0, 1):
+        sock.setblocking(False)  # see _splice
+        up, down = (_splice, 0, sock.fileno()), (_splice, sock.fileno(), 1)
+    else:
+        up = (_copy, 0, lambda view: sock.sendall(view))
+        down = (_copy, sock.fileno(), lambda view: _write_all(1, view))
+
+    def upward():
+        up[0](*up[1:])
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    threading.Thread(target=upward, daemon=True).start()
+    down[0](*down[1:])
+    return 0
+
+
+def _pipes(*fds):
+    import stat
+
+    try:
+        return hasattr(os, "splice") and all(stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in fds)
+    except OSError:
+        return False
+
+
+def _write_all(fd, view):
+    while view.nbytes:
+        view = view[os.write(fd, view) :]
+
+
+def _splice(src, dst):
+    """Move *src* to *dst* (one a pipe, the other the non-blocking socket) until end of stream,
+    with no copy through Python.
+
+    Every splice is non-blocking, after waiting for *src* to be readable and *dst* writable: a
+    splice that blocks on the socket holds the pipe's lock meanwhile, and sshd, reading or
+    writing that pipe, would block with it (uninterruptibly: its whole connection stalls).
+    """
+    import select
+
+    flags = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
+    while True:
+        select.select([src], [], [])
+        select.select([], [dst], [])
+        try:
+            if not os.splice(src, dst, 1 << 20, flags=flags):
+                return
+        except BlockingIOError:
+            continue
+        except OSError:
+            return  # the other side went away: end this direction
+
+
+def _copy(src, write):
+    """Move *src* to *write* in 1 MiB blocks until end of stream (where splice cannot)."""
+    buf = bytearray(1 << 20)
+    while True:
+        try:
+            n = os.readv(src, [buf])
+            if not n:
+                return
+            write(memoryview(buf)[:n])
+        except OSError:
+            return
+
+
 def main(argv):
     _grow_pipes()
     if argv[0] == "serve":  # a spare: up, then the command comes on stdin when a copy takes it
@@ -292,6 +384,8 @@ def main(argv):
         return serve_put()
     if argv[0] == "get":
         return serve_get(argv[1])
+    if argv[0] == "relay":
+        return relay()
     sys.stderr.write("unknown command " + repr(argv[0]) + "\n")
     return 2
 

@@ -26,6 +26,15 @@ flight, so no hop ever holds more than a few chunks:
   (``i``, ``off``, ``n``, codec ``z``; one buffer) is copied (or zstd-decompressed) into place and
   answered ``ack``; after the last one the values are unpickled *in place* (arrays use the
   received memory, writable) and ``push_ok`` answers.
+- direct (``transfer_direct.py`` is the other end): ``push_begin`` with ``direct`` (a one-time
+  token) allocates the frames as above, listens on a Unix socket in a private 0700 directory
+  and answers ``direct_ready`` with its path; a thread accepts one connection (the host's relay
+  of an ``ssh`` stream), checks the token, ``recv_into``s the frames and answers one byte
+  ``K`` on the socket; ``push_commit`` then unpickles and binds on the main thread (nothing is
+  bound before every byte arrived). A ``pull`` with ``direct`` (a token and the smallest size
+  worth it) answers ``direct_ready`` with the sizes and the path, and the thread ``sendall``s
+  the frames; ``pull_done`` ends it. ``abort`` ends either. Socket I/O releases the GIL, so the
+  kernel's main thread stays free.
 - pull with ``stream``: ``pull_begin`` gives the sizes, then ``chunk`` messages go out at most
   ``window`` ahead of the caller's ``ack`` messages; chunks are slices of the values' own
   memory (no copy), compressed when the caller asked for it and a sample says it pays at the
@@ -33,11 +42,16 @@ flight, so no hop ever holds more than a few chunks:
 """
 
 import copy
+import hmac
 import mmap
 import os
 import pickle
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 from IPython import get_ipython
@@ -89,7 +103,161 @@ def frame_buffer(n):
 def _push_begin(comm, req, data):
     _pushes.clear()  # one transfer at a time per caller: a new one ends any abandoned one
     sizes = [int(n) for n in data["sizes"]]
-    _pushes[req] = {"frames": [frame_buffer(n) for n in sizes], "left": sum(sizes), "got": 0}
+    frames = [frame_buffer(n) for n in sizes]
+    if data.get("direct"):
+        _direct_begin(comm, req, frames, data["direct"], outgoing=False)
+        return
+    _pushes[req] = {"frames": frames, "left": sum(sizes), "got": 0}
+
+
+class _Direct:
+    """One transfer on its own stream: a Unix socket in a private directory, one connection,
+    served by a thread that moves *frames* in (push) or out (pull)."""
+
+    def __init__(self, token, frames, outgoing, wait=60.0):
+        self.token = token.encode()
+        self.frames = frames
+        self.outgoing = outgoing
+        self.error = None
+        self.done = threading.Event()
+        self._conn = None
+        self._cancelled = False
+        self._deadline = time.monotonic() + wait
+        self.dir = tempfile.mkdtemp(prefix="colabmagic-bulk-")  # 0700: ours alone
+        if len(self.dir) > 90:  # a Unix socket's path has ~107 bytes
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = tempfile.mkdtemp(prefix="colabmagic-bulk-", dir="/tmp")
+        self.path = os.path.join(self.dir, "s")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(self.path)
+        self._sock.listen(1)
+        self._sock.settimeout(0.2)
+        threading.Thread(target=self._run, name="colabmagic-direct", daemon=True).start()
+
+    def _accept(self):
+        while not self._cancelled:
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                if time.monotonic() > self._deadline:
+                    msg = "no stream connected"
+                    raise TimeoutError(msg) from None
+                continue
+            conn.settimeout(10)  # the token comes at once, or the peer is not ours
+            try:
+                got = _recv_exact(conn, len(self.token))
+            except OSError:
+                got = None
+            if got is not None and hmac.compare_digest(bytes(got), self.token):
+                conn.settimeout(None)
+                return conn
+            conn.close()  # not our peer: wait for the right one
+        msg = "aborted"
+        raise ConnectionAbortedError(msg)
+
+    def _run(self):
+        try:
+            self._conn = conn = self._accept()
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # fewer, larger socket calls
+                try:
+                    conn.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+                except OSError:
+                    pass
+            for f in self.frames:
+                view = memoryview(f).cast("B")
+                if self.outgoing:
+                    conn.sendall(view)
+                    continue
+                while view.nbytes:
+                    n = conn.recv_into(view)
+                    if not n:
+                        msg = "the stream ended early"
+                        raise ConnectionError(msg)
+                    view = view[n:]
+            if not self.outgoing:
+                conn.sendall(b"K")
+        except Exception as exc:  # noqa: BLE001 - said to the caller through the comm
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.frames = None  # nothing to bind: free the memory now, not at the next transfer
+        finally:
+            self.close()
+            self.done.set()
+
+    def cancel(self):
+        self._cancelled = True
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        for s in (self._conn, self._sock):
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _recv_exact(conn, n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    while view.nbytes:
+        k = conn.recv_into(view)
+        if not k:
+            return None
+        view = view[k:]
+    return buf
+
+
+_directs = {}
+
+
+def _end_direct(req):
+    d = _directs.pop(req, None)
+    if d is not None:
+        d.cancel()
+    return d
+
+
+def _direct_begin(comm, req, frames, token, outgoing):
+    for old in list(_directs):  # one transfer at a time per caller, as for _pushes
+        _end_direct(old)
+    d = _directs[req] = _Direct(token, frames, outgoing)
+    sizes = [memoryview(f).nbytes for f in frames]
+    comm.send({"op": "direct_ready", "req": req, "path": d.path, "sizes": sizes})
+
+
+def _push_commit(comm, req):
+    d = _directs.pop(req, None)
+    if d is None or not d.done.wait(30) or d.error:
+        why = d.error if d is not None and d.error else "no complete stream for this transfer"
+        if d is not None:
+            d.cancel()
+        comm.send({"op": "error", "req": req, "message": f"direct push failed: {why}"})
+        return
+    frames = d.frames
+    values = pickle.loads(frames[0], buffers=frames[1:])  # noqa: S301 - our own peer
+    get_ipython().user_ns.update(values)
+    comm.send({"op": "push_ok", "req": req, "names": sorted(values)})
+
+
+def _direct_pays(frames, data):
+    """Whether a pull goes on its own stream: big enough, and raw (compression is the comm's)."""
+    size = sum(memoryview(f).nbytes for f in frames)
+    if not data.get("direct") or size < int(data.get("direct_min", 0)):
+        return False
+    mode = data.get("compress", "none")
+    if mode == "none" or _zstd is None:
+        return True
+    if mode != "auto":
+        return False
+    big = max(frames, key=lambda f: memoryview(f).nbytes)
+    cctx = _zstd.ZstdCompressor(level=1)
+    return not _pays(memoryview(big).cast("B"), data.get("rate"), cctx)
 
 
 def _push_chunk(comm, req, data, buffers):
@@ -371,9 +539,14 @@ def _handle(comm, msg):
             _push_chunk(comm, req, data, msg["buffers"])
         elif op == "ack":
             _pull_ack(comm, req, data)
+        elif op == "push_commit":
+            _push_commit(comm, req)
+        elif op == "pull_done":
+            _end_direct(req)
         elif op == "abort":
             _pushes.pop(req, None)
             _pulls.pop(req, None)
+            _end_direct(req)
         elif op == "pull":
             missing = [n for n in data["names"] if n not in ns]
             if missing:
@@ -406,6 +579,9 @@ def _handle(comm, msg):
                         )
                         return
                 raise
+            if _direct_pays(frames, data):
+                _direct_begin(comm, req, frames, data["direct"], outgoing=True)
+                return
             size = sum(memoryview(f).nbytes for f in frames)
             if data.get("stream") and size > int(data.get("inline", 0)):
                 _pull_stream(comm, req, data, frames)
@@ -422,6 +598,7 @@ def _handle(comm, msg):
     except Exception as exc:  # noqa: BLE001 - errors go back to the caller, not the log
         _pushes.pop(req, None)
         _pulls.pop(req, None)
+        _end_direct(req)
         comm.send({"op": "error", "req": req, "message": f"{type(exc).__name__}: {exc}"})
 
 

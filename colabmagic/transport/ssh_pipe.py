@@ -192,7 +192,12 @@ def disable(transport: Any, why: str) -> None:
         found = _routes.get(transport)
     if found is not None and not found.disabled:
         found.disabled = why
-        log.warning("file copies to %s go through paramiko: %s", transport.target, why)
+        log.warning(
+            "ssh is not used for %s: file copies go through paramiko, push/pull through the "
+            "comm: %s",
+            transport.target,
+            why,
+        )
 
 
 def close(transport: Any) -> None:
