@@ -64,24 +64,24 @@ class Bench:
     def mbs(self, secs: float) -> float:
         return self.size / secs / 1e6
 
-    def push_pull(self, name: str, value: np.ndarray, mode: str) -> tuple[float, float, float]:
+    def push_pull(self, name: str, value: np.ndarray, mode: str) -> tuple:
         key = (name, mode)
         if key not in self.cache:
             up = _timed(lambda: self.s.push(**{name: value}, compress=mode))
-            wire = self.s.bulk.last.wire_bytes / self.size
+            wire, up_via = self.s.bulk.last.wire_bytes / self.size, self.s.bulk.last.via
             down = _timed(lambda: self.s.pull(name, compress=mode))
-            self.cache[key] = (self.mbs(up), self.mbs(down), wire)
+            self.cache[key] = (self.mbs(up), self.mbs(down), wire, up_via, self.s.bulk.last.via)
         return self.cache[key]
 
 
 def row_push_noise(b: Bench):
-    up, _, _ = b.push_pull("noise", noise(b.size), "auto")
-    return ("push random (auto)", up, "link rate", b.link, ">= 0.9x")
+    up, _, _, via, _ = b.push_pull("noise", noise(b.size), "auto")
+    return (f"push random (auto, via {via})", up, "link rate", b.link, ">= 0.9x")
 
 
 def row_pull_noise(b: Bench):
-    _, down, _ = b.push_pull("noise", noise(b.size), "auto")
-    return ("pull random (auto)", down, "link rate", b.link, ">= 0.9x")
+    _, down, _, _, via = b.push_pull("noise", noise(b.size), "auto")
+    return (f"pull random (auto, via {via})", down, "link rate", b.link, ">= 0.9x")
 
 
 def _files(b: Bench, via: str) -> tuple[float, float]:
@@ -115,7 +115,8 @@ def _compressible(b: Bench, name: str, make, direction: int):
     none = b.push_pull(name, value, "none")
     verb = "push" if direction == 0 else "pull"
     label = f"{verb} {name} (auto, {auto[2]:.2f} of the bytes)"
-    return (label, auto[direction], f"{verb} {name} (none)", none[direction], ">= 3x")
+    ref = f"{verb} {name} (none, via {none[3 + direction]})"
+    return (label, auto[direction], ref, none[direction], ">= 3x")
 
 
 def row_push_sparse(b: Bench):

@@ -97,6 +97,10 @@ def test_auto_takes_the_stream_once_a_spare_is_ready(session, via):
     sha = hashlib.sha256(a[1:]).hexdigest()
     assert out.split() == [sha, "(1024,", "1536)", "199999", "True", "True"]
 
+    # The push took the spare and started the next one; only a started spare is "ready" (one
+    # still starting would cost this pull its handshake, more than the stream saves on a slow
+    # link), so wait for it.
+    assert filecopy.wait_spare(session.transport)
     back = session.pull("a", "b", "big_list")  # compress auto: noise does not pay, raw stream
     assert session.bulk.last.via == "openssh"
     assert back["a"][0] == a[0] ^ 1
