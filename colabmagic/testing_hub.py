@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -72,9 +73,12 @@ c.Spawner.args = [
     "--ServerApp.allow_root=True",
     "--ServerApp.jpserver_extensions=" + o["extensions"],
     # Kernels on Unix sockets, as in testing_jupyter: a TCP port picked and released can be taken
-    # before the kernel binds it; the kernel then hangs unanswering (seen in a full run).
+    # before the kernel binds it; the kernel then hangs unanswering (seen in a full run). Their
+    # paths live in a short runtime directory: a socket's path has at most 107 bytes, and the
+    # users' homes under a test's temporary directory are deeper than that allows.
     "--KernelManager.transport=ipc",
 ]
+c.Spawner.environment = {{"JUPYTER_RUNTIME_DIR": o["runtime"]}}
 c.Spawner.start_timeout = o["timeout"]
 c.Spawner.http_timeout = o["timeout"]
 c.Spawner.env_keep = ["PATH", "PYTHONPATH", "LANG", "LC_ALL", "VIRTUAL_ENV", "COLABMAGIC_ROOT"]
@@ -200,6 +204,7 @@ def jupyterhub(base: Path, *, timeout: float = 180.0) -> Iterator[HubProcess]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     config = base / "jupyterhub_config.py"
     cmd = [sys.executable, "-m", "jupyterhub", "-f", str(config), "--no-ssl"]
+    runtime = tempfile.mkdtemp(prefix="cmhub-", dir="/tmp")  # the kernels' sockets (0700)
     for attempt in range(3):  # another process may take a free port before the hub binds it
         port = _free_port()
         options = {
@@ -207,6 +212,7 @@ def jupyterhub(base: Path, *, timeout: float = 180.0) -> Iterator[HubProcess]:
             "hub_port": _free_port(),
             "proxy_api_port": _free_port(),
             "dir": str(base),
+            "runtime": runtime,
             "python": sys.executable,
             "extensions": _NO_EXTENSIONS,
             "timeout": int(timeout),
@@ -229,6 +235,7 @@ def jupyterhub(base: Path, *, timeout: float = 180.0) -> Iterator[HubProcess]:
             )
         except BaseException:
             _stop(hub)
+            shutil.rmtree(runtime, ignore_errors=True)
             raise
         if proc.poll() is None or attempt == 2 or "in use" not in hub.log.read_text().lower():
             break
@@ -240,6 +247,7 @@ def jupyterhub(base: Path, *, timeout: float = 180.0) -> Iterator[HubProcess]:
         yield hub
     finally:
         _stop(hub)
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def _descendants(pid: int) -> set[int]:
