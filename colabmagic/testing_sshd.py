@@ -266,6 +266,30 @@ class SSHServer:
         self.stop()
 
 
+def ssh_transport(server: SSHServer, root, **kw):
+    """An :class:`~colabmagic.transport.ssh.SSHTransport` to *server* as the tests use it: its
+    alias (or ``alias=``) and ssh_config (or ``ssh_config=``), this Python, agents under *root*,
+    a 10 s connect timeout; other keywords pass through."""
+    from colabmagic.transport.ssh import SSHTransport
+
+    kw.setdefault("ssh_config", server.ssh_config)
+    kw.setdefault("connect_timeout", 10)
+    return SSHTransport(kw.pop("alias", server.name), python=sys.executable, root=str(root), **kw)
+
+
+def locked_key_config(server: SSHServer, directory, passphrase: str) -> str:
+    """An ssh_config for *server* whose only key has *passphrase*: paramiko can ask for it, the
+    OpenSSH client in BatchMode cannot (keep the key out of any agent: unset SSH_AUTH_SOCK)."""
+    key = os.path.join(str(directory), "locked")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", key], check=True)
+    with open(os.path.join(server.dir, "authorized_keys"), "a") as f, open(key + ".pub") as pub:
+        f.write(pub.read())
+    cfg = os.path.join(str(directory), "config")
+    with open(cfg, "w") as f:
+        f.write(server.config_block(IdentityFile=key))
+    return cfg
+
+
 def _user() -> str:
     import pwd
 

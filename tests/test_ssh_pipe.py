@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,9 +14,9 @@ import pytest
 from colabmagic import filecopy
 from colabmagic.errors import HostKeyError, ParameterError
 from colabmagic.testing import require, wait_until
-from colabmagic.testing_sshd import SSHServer, processes
+from colabmagic.testing_sshd import SSHServer, locked_key_config, processes
+from colabmagic.testing_sshd import ssh_transport as transport
 from colabmagic.transport import ssh_pipe
-from colabmagic.transport.ssh import SSHTransport
 
 pytestmark = pytest.mark.ssh
 MiB = 1 << 20
@@ -28,17 +27,6 @@ def _needs_ssh(monkeypatch):
     require(ssh_pipe.ssh_binary() is not None, "the OpenSSH client is not installed")
     # what a fresh ssh needs to pay (128 MiB on loopback), scaled down to keep the tests small
     monkeypatch.setattr(filecopy, "OPENSSH_MIN", 4 * MiB)
-
-
-def transport(server: SSHServer, root, **kw) -> SSHTransport:
-    kw.setdefault("ssh_config", server.ssh_config)
-    return SSHTransport(
-        kw.pop("alias", server.name),
-        python=sys.executable,
-        root=str(root),
-        connect_timeout=10,
-        **kw,
-    )
 
 
 def payload(path, size: int) -> bytes:
@@ -170,17 +158,10 @@ def test_ssh_failing_where_paramiko_works_falls_back_and_says_so(
 ):
     """A passphrase-protected key that is in no agent: paramiko asks for its passphrase, ssh
     (BatchMode) cannot; the copy goes through paramiko, and the next ones do not try ssh."""
-    key = tmp_path / "locked"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret", "-f", str(key)], check=True
-    )
-    with open(os.path.join(sshd_server.dir, "authorized_keys"), "a") as f:
-        f.write((tmp_path / "locked.pub").read_text())
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    cfg = tmp_path / "config"
-    cfg.write_text(sshd_server.config_block(IdentityFile=str(key)))
+    cfg = locked_key_config(sshd_server, tmp_path, "s3cret")
     data = payload(tmp_path / "a.bin", filecopy.OPENSSH_MIN + MiB)
-    t = transport(sshd_server, colabmagic_root, ssh_config=str(cfg), passphrase=lambda p: "s3cret")
+    t = transport(sshd_server, colabmagic_root, ssh_config=cfg, passphrase=lambda p: "s3cret")
     caplog.set_level(logging.INFO, logger="colabmagic")
     try:
         n = t.upload(str(tmp_path / "a.bin"), str(tmp_path / "up.bin"))

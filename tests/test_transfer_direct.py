@@ -10,7 +10,6 @@ import glob
 import hashlib
 import logging
 import os
-import subprocess
 import sys
 import threading
 
@@ -22,10 +21,9 @@ from colabmagic.errors import HostKeyError, ParameterError
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
 from colabmagic.testing import require, wait_until
-from colabmagic.testing_sshd import SSHServer, processes
+from colabmagic.testing_sshd import SSHServer, locked_key_config, processes, ssh_transport
 from colabmagic.transfer import TransferStats
 from colabmagic.transport import ssh_pipe
-from colabmagic.transport.ssh import SSHTransport
 
 pytestmark = pytest.mark.ssh
 MiB = 1 << 20
@@ -34,14 +32,7 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def session(sshd_server, colabmagic_root):
     require(ssh_pipe.ssh_binary() is not None, "the OpenSSH client is not installed")
-    t = SSHTransport(
-        sshd_server.name,
-        ssh_config=sshd_server.ssh_config,
-        python=sys.executable,
-        root=str(colabmagic_root),
-        connect_timeout=10,
-    )
-    s = Session.start(t, name="direct")
+    s = Session.start(ssh_transport(sshd_server, colabmagic_root), name="direct")
     yield s
     s.close()
 
@@ -265,14 +256,7 @@ def test_a_host_key_other_than_the_verified_one_is_one_clear_error_not_a_fallbac
     port_file = tmp_path / "port"
     port_file.write_text(str(sshd_server.port))
     proxy = f"sh -c 'exec {sys.executable} -m colabmagic.testing_wan 127.0.0.1 $(cat {port_file})'"
-    t = SSHTransport(
-        sshd_server.name,
-        ssh_config=sshd_server.ssh_config,
-        python=sys.executable,
-        root=str(colabmagic_root),
-        connect_timeout=10,
-        proxy_command=proxy,
-    )
+    t = ssh_transport(sshd_server, colabmagic_root, proxy_command=proxy)
     s = Session.start(t, name="direct-hostkey")
     try:
         s.bulk.via = "openssh"
@@ -295,23 +279,9 @@ def test_ssh_failing_where_paramiko_works_takes_the_comm_path_and_says_so(
     """A passphrase-protected key in no agent: paramiko asks for the passphrase, ssh (BatchMode)
     cannot. Push and pull go on the comm path, one warning says why, and ssh is not retried."""
     require(ssh_pipe.ssh_binary() is not None, "the OpenSSH client is not installed")
-    key = tmp_path / "locked"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret", "-f", str(key)], check=True
-    )
-    with open(os.path.join(sshd_server.dir, "authorized_keys"), "a") as f:
-        f.write((tmp_path / "locked.pub").read_text())
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    cfg = tmp_path / "config"
-    cfg.write_text(sshd_server.config_block(IdentityFile=str(key)))
-    t = SSHTransport(
-        sshd_server.name,
-        ssh_config=str(cfg),
-        python=sys.executable,
-        root=str(colabmagic_root),
-        connect_timeout=10,
-        passphrase=lambda p: "s3cret",
-    )
+    cfg = locked_key_config(sshd_server, tmp_path, "s3cret")
+    t = ssh_transport(sshd_server, colabmagic_root, ssh_config=cfg, passphrase=lambda p: "s3cret")
     s = Session.start(t, name="direct-locked-key")
     caplog.set_level(logging.INFO, logger="colabmagic")
     try:
