@@ -153,7 +153,7 @@ def ssh_cat_throughput(
     if min(up, down) <= hs:
         msg = (
             f"--mib {size >> 20} moves too few bytes to time against the ssh handshake "
-            f"({hs * 1e3:.0f} ms, subtracted): use --mib 64 or more"
+            f"({hs * 1e3:.0f} ms, subtracted): use --mib {max(4 * (size >> 20), 64)} or more"
         )
         raise SystemExit(msg)
     return size / up / 1e6, size / down / 1e6
@@ -273,23 +273,35 @@ def _settled(srv: SSHServer, n: int) -> None:
         time.sleep(0.01)
 
 
-def file_rows(s: Session, srv: SSHServer, arr: np.ndarray) -> dict:
-    """upload/download through ssh and through paramiko, against cat | ssh, in the same run."""
-    size = arr.nbytes
-    out: dict = {}
-    cpu = out["cpu"] = {}
-    t = s.transport
-    # Files live on tmpfs when there is one, so the disk (shared, throttled) is not measured.
-    fdir = tempfile.mkdtemp(prefix="colabmagic-bench-files-", dir=_tmpfs())
-    warm = filecopy._warm
+def _references(srv: SSHServer, arr: np.ndarray, what: str) -> tuple[dict, str, str]:
+    """``cat | ssh`` both ways with OpenSSH's default cipher and with AES-GCM, timed on *arr*
+    written to a fresh directory on tmpfs when there is one (so the shared, throttled disk is
+    not measured): ``(rows with their "cpu", the directory, the payload's path)``."""
+    out: dict = {"cpu": {}}
+    fdir = tempfile.mkdtemp(prefix=f"colabmagic-bench-{what}-", dir=_tmpfs())
+    path = os.path.join(fdir, "payload.bin")
+    cpu, size = out["cpu"], arr.nbytes
     try:
-        path = os.path.join(fdir, "payload.bin")
         arr.tofile(path)
         out["cat_up"], out["cat_down"] = ssh_cat_throughput(srv, path, size, cpu=cpu)
         gcm = "aes128-gcm@openssh.com"
         out["cat_up_gcm"], out["cat_down_gcm"] = ssh_cat_throughput(
             srv, path, size, cpu=cpu, cipher=gcm
         )
+    except BaseException:
+        shutil.rmtree(fdir, ignore_errors=True)
+        raise
+    return out, fdir, path
+
+
+def file_rows(s: Session, srv: SSHServer, arr: np.ndarray) -> dict:
+    """upload/download through ssh and through paramiko, against cat | ssh, in the same run."""
+    size = arr.nbytes
+    out, fdir, path = _references(srv, arr, "files")
+    cpu = out["cpu"]
+    t = s.transport
+    warm = filecopy._warm
+    try:
         out["cat_file_up"], out["cat_file_down"] = ssh_cat_throughput(srv, path, size, fdir)
         # The first copy on a transport pays one exec (sshd's session setup, then Python); it
         # leaves a spare helper for the next (filecopy's docstring). Timed apart, on 1 byte, as
@@ -342,18 +354,11 @@ def file_rows(s: Session, srv: SSHServer, arr: np.ndarray) -> dict:
 
 def pushpull_rows(s: Session, srv: SSHServer, arr: np.ndarray, reps: int = 3) -> dict:
     """push/pull on the ssh stream and on the comm, against cat | ssh, in the same run."""
-    out: dict = {}
-    cpu = out["cpu"] = {}
+    out, fdir, path = _references(srv, arr, "pp")
+    cpu = out["cpu"]
     t = s.transport
-    fdir = tempfile.mkdtemp(prefix="colabmagic-bench-pp-", dir=_tmpfs())
     warm = filecopy._warm
     try:
-        path = os.path.join(fdir, "payload.bin")
-        arr.tofile(path)
-        out["cat_up"], out["cat_down"] = ssh_cat_throughput(srv, path, arr.nbytes, cpu=cpu)
-        out["cat_up_gcm"], out["cat_down_gcm"] = ssh_cat_throughput(
-            srv, path, arr.nbytes, cpu=cpu, cipher="aes128-gcm@openssh.com"
-        )
         os.unlink(path)
         base = _tree(srv)  # the session's connection; no spare yet
         s.push(big=arr, compress="none")  # the kernel's copy to pull from, and a warm start
