@@ -128,7 +128,8 @@ def main() -> None:
                 s.run("pass", relay=quiet)
                 bare.once()
             for _ in range(args.n):
-                writes.clear(), arrivals.clear(), marks.clear()
+                for log in (writes, arrivals, marks):
+                    log.clear()
                 t0 = time.time()
                 s.run("pass", relay=quiet)
                 t1 = time.time()

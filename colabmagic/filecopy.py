@@ -415,6 +415,13 @@ def _warm(transport: Any, via: str) -> None:
     threading.Thread(target=start, name="colabmagic-file-spare", daemon=True).start()
 
 
+def spare_started(transport: Any, kind: str) -> bool:
+    """Whether *transport* has a spare helper of *kind* that is up now (not merely starting)."""
+    with _spares_lock:
+        found, fut = _spares.get(transport, (None, None))
+    return found == kind and fut.done() and fut.exception() is None
+
+
 def wait_spare(transport: Any, timeout: float = 30.0) -> bool:
     """Wait until *transport*'s spare helper is up; False when there is none (or it failed)."""
     with _spares_lock:

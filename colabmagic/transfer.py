@@ -230,9 +230,10 @@ class Channel:
             mode = "none"
         stats = TransferStats("pull")
         t0 = time.perf_counter()
-        offers = [transfer_direct.pull_offer(self, INLINE), {}]
+        direct = transfer_direct.pull_offer(self, INLINE)  # {} when no stream can carry it
+        offers = [direct, {}] if direct else [{}]  # the stream first; the comm path redoes it
         with self._conversation() as inbox:
-            for offer in offers[not offers[0] :]:
+            for offer in offers:
                 req = uuid.uuid4().hex
                 sent = self._msg(
                     "pull",

@@ -69,9 +69,7 @@ def _spare_ready(transport: Any) -> bool:
     """Whether an ``ssh`` spare has started (not merely been asked for: one still starting
     costs a transfer right after another its handshake, ~0.5 s through a 50 ms link, as much
     as the comm path loses on 32 MiB there)."""
-    with filecopy._spares_lock:
-        kind, fut = filecopy._spares.get(transport, (None, None))
-    return kind == "openssh" and fut.done() and fut.exception() is None
+    return filecopy.spare_started(transport, "openssh")
 
 
 def _threshold(channel: Channel, transport: Any) -> int:
