@@ -25,7 +25,7 @@ Starts a private OpenSSH sshd on 127.0.0.1 (``colabmagic.testing_sshd``) and mea
   seconds per GiB on both sides;
 - **crossover** (``--crossover``): the first copy on a connected transport (no spare) of
   1-256 MiB through a fresh ``ssh`` against a fresh exec channel, to place
-  ``filecopy.OPENSSH_MIN``;
+  ``hosthelper.OPENSSH_MIN``;
 - **connect**: SSH handshake + remote kernel start + first reply, against a local
   ``KernelManager`` start + first reply.
 
@@ -51,7 +51,7 @@ import time
 import numpy as np
 from jupyter_client import BlockingKernelClient, KernelManager
 
-from colabmagic import filecopy
+from colabmagic import hosthelper
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
 from colabmagic.testing_sshd import SSHServer
@@ -242,7 +242,7 @@ def bulk_rows(s: Session, srv: SSHServer, root: str, arr: np.ndarray) -> dict:
 def _spare_cpu(t) -> float:
     """CPU seconds the ready spare's ``ssh`` client used so far (its handshake: the copy that
     takes it is measured without it, as ``cat | ssh`` is without one handshake)."""
-    _, fut = filecopy._spares.get(t, (None, None))
+    _, fut = hosthelper._spares.get(t, (None, None))
     helper = fut.result() if fut is not None else None
     if helper is None or helper.proc is None:
         return 0.0
@@ -300,7 +300,7 @@ def file_rows(s: Session, srv: SSHServer, arr: np.ndarray) -> dict:
     out, fdir, path = _references(srv, arr, "files")
     cpu = out["cpu"]
     t = s.transport
-    warm = filecopy._warm
+    warm = hosthelper.warm
     try:
         out["cat_file_up"], out["cat_file_down"] = ssh_cat_throughput(srv, path, size, fdir)
         # The first copy on a transport pays one exec (sshd's session setup, then Python); it
@@ -313,19 +313,19 @@ def file_rows(s: Session, srv: SSHServer, arr: np.ndarray) -> dict:
             f.write(b"x")
         base = _tree(srv)  # the session's connection; no spare yet
         out["first_copy"] = timed_call(lambda: t.upload(tiny, tiny + ".up", via="paramiko"))
-        filecopy.close_spare(t)
+        hosthelper.close_spare(t)
         up, down = os.path.join(fdir, "up.bin"), os.path.join(fdir, "down.bin")
         for _ in range(3):  # interleaved, so every route sees the same machine state
             for via in ("openssh", "paramiko"):
                 for mode in ("none", "auto"):
                     for kind in ("upload", "download"):
                         key = f"{kind}_{via}_{mode}"
-                        filecopy.close_spare(t)
+                        hosthelper.close_spare(t)
                         _settled(srv, base)
                         warm(t, via)
-                        filecopy.wait_spare(t)
+                        hosthelper.wait_spare(t)
                         before = _spare_cpu(t)
-                        filecopy._warm = lambda *a: None
+                        hosthelper.warm = lambda *a: None
                         try:
                             if kind == "upload":
                                 fn = lambda m=mode, v=via: t.upload(path, up, compress=m, via=v)  # noqa: E731
@@ -341,13 +341,13 @@ def file_rows(s: Session, srv: SSHServer, arr: np.ndarray) -> dict:
                             cpu_call(srv, settled, cpu, key)
                             out.setdefault(key, []).append(walls[0])
                         finally:
-                            filecopy._warm = warm
+                            hosthelper.warm = warm
                         loc, host, n = cpu[key]
                         cpu[key] = [loc - before, host, n]
                     os.unlink(up)
                     os.unlink(down)
     finally:
-        filecopy._warm = warm
+        hosthelper.warm = warm
         shutil.rmtree(fdir, ignore_errors=True)
     return out
 
@@ -357,21 +357,21 @@ def pushpull_rows(s: Session, srv: SSHServer, arr: np.ndarray, reps: int = 3) ->
     out, fdir, path = _references(srv, arr, "pp")
     cpu = out["cpu"]
     t = s.transport
-    warm = filecopy._warm
+    warm = hosthelper.warm
     try:
         os.unlink(path)
         base = _tree(srv)  # the session's connection; no spare yet
         s.push(big=arr, compress="none")  # the kernel's copy to pull from, and a warm start
-        filecopy.close_spare(t)
+        hosthelper.close_spare(t)
         for _ in range(reps):  # interleaved, so every route sees the same machine state
             for via, mode in (("openssh", "none"), ("openssh", "auto"), ("comm", "none")):
                 for kind in ("push", "pull"):
                     key = f"{kind}_{via}_{mode}"
-                    filecopy._warm = warm
+                    hosthelper.warm = warm
                     if via == "openssh":  # the spare's start, timed apart
                         there = host_cpu(srv)
                         warm(t, "auto")
-                        spare = filecopy.wait_spare(t)
+                        spare = hosthelper.wait_spare(t)
                         assert spare, "no spare ssh helper"
                         sp = out.setdefault("spare", [0.0, 0.0, 0])
                         sp[1] += host_cpu(srv) - there
@@ -379,7 +379,7 @@ def pushpull_rows(s: Session, srv: SSHServer, arr: np.ndarray, reps: int = 3) ->
                     if via == "openssh":
                         sp[0] += before
                         sp[2] += 1
-                    filecopy._warm = lambda *a: None  # the next spare is not this row's work
+                    hosthelper.warm = lambda *a: None  # the next spare is not this row's work
                     s.bulk.via = via
                     if kind == "push":
                         fn = lambda m=mode: s.push(big=arr, compress=m)  # noqa: E731
@@ -399,7 +399,7 @@ def pushpull_rows(s: Session, srv: SSHServer, arr: np.ndarray, reps: int = 3) ->
                     cpu[key] = [loc - before, host, n]
         s.run("del big", relay=QuietRelay())
     finally:
-        filecopy._warm = warm
+        hosthelper.warm = warm
         s.bulk.via = "auto"
         shutil.rmtree(fdir, ignore_errors=True)
     return out
@@ -428,18 +428,18 @@ def direct_crossover(s: Session, sizes_mib: list[int], reps: int = 5) -> dict:
     comm, to place ``transfer_direct.DIRECT_MIN``."""
     t = s.transport
     out: dict = {}
-    warm = filecopy._warm
+    warm = hosthelper.warm
     try:
         for mib in sizes_mib:
             arr = np.random.default_rng(mib).integers(0, 255, size=mib << 20, dtype=np.uint8)
             for _ in range(reps):
                 for via in ("openssh", "comm"):
                     for kind in ("push", "pull"):
-                        filecopy._warm = warm
+                        hosthelper.warm = warm
                         if via == "openssh":
                             warm(t, "auto")
-                            filecopy.wait_spare(t)
-                        filecopy._warm = lambda *a: None
+                            hosthelper.wait_spare(t)
+                        hosthelper.warm = lambda *a: None
                         s.bulk.via = via
                         if kind == "push":
                             dt = timed_call(lambda a=arr: s.push(small=a, compress="none"))
@@ -449,7 +449,7 @@ def direct_crossover(s: Session, sizes_mib: list[int], reps: int = 5) -> dict:
                         out.setdefault((mib, kind, via), []).append(dt)
         s.run("del small", relay=QuietRelay())
     finally:
-        filecopy._warm = warm
+        hosthelper.warm = warm
         s.bulk.via = "auto"
     return out
 
@@ -499,8 +499,8 @@ def crossover(srv: SSHServer, root: str, sizes_mib: list[int], reps: int = 3) ->
     """The first upload on a connected transport (no spare): fresh ssh against fresh exec."""
     fdir = tempfile.mkdtemp(prefix="colabmagic-bench-cross-", dir=_tmpfs())
     out: dict = {}
-    warm = filecopy._warm
-    filecopy._warm = lambda *a: None  # no spare: every copy starts its own helper
+    warm = hosthelper.warm
+    hosthelper.warm = lambda *a: None  # no spare: every copy starts its own helper
     try:
         for mib in sizes_mib:
             path = os.path.join(fdir, f"{mib}.bin")
@@ -524,7 +524,7 @@ def crossover(srv: SSHServer, root: str, sizes_mib: list[int], reps: int = 3) ->
             os.unlink(path)
             os.unlink(path + ".up")
     finally:
-        filecopy._warm = warm
+        hosthelper.warm = warm
         shutil.rmtree(fdir, ignore_errors=True)
     return out
 

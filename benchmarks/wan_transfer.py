@@ -138,7 +138,7 @@ def row_pull_labels(b: Bench):
 ROWS = [
     row_push_noise,
     row_pull_noise,
-    # Files take OpenSSH's client from 128 MiB (filecopy.OPENSSH_MIN) or once its spare is up;
+    # Files take OpenSSH's client from 128 MiB (hosthelper.OPENSSH_MIN) or once its spare is up;
     # both routes are timed explicitly here, as a user on this link would meet them.
     _file_row(0, "paramiko"),
     _file_row(1, "paramiko"),

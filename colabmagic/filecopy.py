@@ -4,17 +4,15 @@
 (through the transport). Each copy streams to a small stdlib helper on the host,
 ``colabmagic/remote/files.py``: a stream of frames, each a chunk of the file, raw or zstd
 (:mod:`colabmagic.compress` decides per chunk), then the file's sha256. What carries the stream
-(``via``, reported on the result as :class:`Copied`):
-
-- over SSH, the **OpenSSH client** (:mod:`colabmagic.transport.ssh_pipe`: ``ssh HOST python -c
-  HELPER``, its stdin/stdout the stream), which costs this side about half the CPU of paramiko.
-  Taken for a copy of :data:`OPENSSH_MIN` bytes or more, or whenever a spare ``ssh`` helper is
-  ready; a fresh one costs its own handshake, so smaller first copies use
-- an **exec channel** of the session's paramiko connection: also the fallback when ``ssh`` is
-  not on PATH or fails to start where paramiko works (a key only paramiko can unlock: logged,
-  and ``ssh`` is not tried again on that transport). A host key other than the one the
-  connection verified is a :class:`~colabmagic.errors.HostKeyError`, never a fallback;
-- a local subprocess for ``--local``.
+(``via``, reported on the result as :class:`Copied`) is :mod:`colabmagic.hosthelper`'s choice:
+the **OpenSSH client** (``ssh HOST python -c HELPER``) for a copy of
+:data:`~colabmagic.hosthelper.OPENSSH_MIN` bytes or more, or whenever a spare ``ssh`` helper is
+ready, since it costs this side about half the CPU of paramiko; otherwise an **exec channel** of
+the session's paramiko connection, which is also the fallback when ``ssh`` is not on PATH or
+fails to start where paramiko works (logged; ``ssh`` is not tried again on that transport). A
+host key other than the one the connection verified is a
+:class:`~colabmagic.errors.HostKeyError`, never a fallback. ``--local`` runs the helper as a
+local subprocess.
 
 - **Atomic**: a file is written as ``.NAME.colabmagic-part`` beside its target and renamed only
   when its sha256 matches the source's; a target never holds half a file.
@@ -24,36 +22,25 @@
   again when they do not (a corrupted partial file is redone, never trusted).
 - **Progress**: a tqdm bar in bytes, with rate and ETA.
 - Directories are copied recursively, each file atomically.
-- **A spare helper**: an exec on an SSH connection costs ~0.3 s on a loopback sshd (its session
-  setup, before Python starts), paid by every call. After each copy one spare helper is started
-  in the background; once up it says so and waits for its command on stdin, and the next copy
-  on that transport takes it (a 1 kB upload a second after another: 11-14 ms instead of
-  ~340 ms). The spare is an ``ssh`` one when that route is usable. A copy right after another
-  waits for the spare, which started first. A spare that died with its connection is skipped;
-  the transport's ``close`` ends it.
+- **A spare helper** (:func:`colabmagic.hosthelper.warm`): after each copy one is started in
+  the background, so the next copy on that transport skips the ~0.3 s an exec costs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import posixpath
 import struct
-import subprocess
-import threading
 import time
-import weakref
-from concurrent.futures import Future
 from typing import Any
 
 from colabmagic import compress as _compress
+from colabmagic import hosthelper
 from colabmagic.errors import ColabMagicError, HostKeyError, ParameterError, TransferError
 from colabmagic.remote.files import _hash_prefix, tree  # one copy: the host's helper alike
-from colabmagic.transport import ssh_pipe
 
 log = logging.getLogger("colabmagic.files")
 
@@ -63,15 +50,6 @@ CHUNK = 4 << 20
 RETRIES = 8
 SLACK = 4 << 20  # what the SSH window and socket buffers take before a writer feels the link
 PART = ".colabmagic-part"
-_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote", "files.py")
-
-
-class _Dropped(Exception):
-    """The helper's stream broke (the link dropped, the process died)."""
-
-
-class _NoStart(Exception):
-    """``ssh`` itself failed (connect, authentication): the helper never ran."""
 
 
 class Copied(int):
@@ -85,364 +63,6 @@ class Copied(int):
         self = super().__new__(cls, n)
         self.via = via
         return self
-
-
-VIAS = ("auto", "openssh", "paramiko")
-# A fresh ``ssh`` costs ~0.15-0.2 s more than an exec channel on the open connection (its own
-# handshake and process); on loopback it pays from ~140 MiB on (``benchmarks/ssh.py
-# --crossover``: +180 ms at 1 MiB, +150 ms at 64 MiB, -230 ms at 256 MiB); on a slow link
-# never, for a first copy. A spare helper is taken whatever its kind and the size.
-OPENSSH_MIN = 128 << 20
-PIPE_SIZE = 1 << 20
-SSH_EXIT_WAIT = 2.0  # seconds a closed ssh helper gets to end its session before it is killed
-
-
-def _source() -> str:
-    with open(_HELPER) as f:
-        return f.read()
-
-
-class _Helper:
-    """One run of the host-side helper: a byte stream each way and an exit status.
-
-    *kind*: ``paramiko`` (an exec channel on the transport's connection), ``openssh`` (an
-    ``ssh`` subprocess, :mod:`colabmagic.transport.ssh_pipe`) or ``local`` (the helper as a
-    subprocess here).
-    """
-
-    def __init__(self, transport: Any, args: list[str], kind: str, route=None):
-        self.target = transport.target
-        self.kind = kind
-        self.route = route
-        self._buf = bytearray()
-        self._big = bytearray()
-        self._stderr: tuple[int | None, str] | None = None
-        self.chan = self.proc = None
-        if kind == "paramiko":
-            self.chan = transport._session_channel()
-            try:
-                self.chan.exec_command(transport._command(["-c", _source(), *args]))
-            except Exception as exc:  # noqa: BLE001 - paramiko raises several kinds
-                self.chan.close()
-                raise _Dropped(str(exc)) from None
-            return
-        if kind == "openssh":
-            self.route = route or ssh_pipe.route(transport)
-            if self.route is None:
-                msg = "no ssh client"
-                raise _NoStart(msg)
-            argv = self.route.argv(transport._command(["-c", _source(), *args]))
-        else:
-            argv = [transport.python, "-c", _source(), *args]
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
-        )
-        for pipe in (self.proc.stdin, self.proc.stdout):  # fewer, larger reads and writes
-            with contextlib.suppress(OSError, AttributeError):
-                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-
-    def alive(self) -> bool:
-        if self.chan is not None:
-            return not self.chan.closed and not self.chan.exit_status_ready()
-        return self.proc.poll() is None
-
-    def write(self, data) -> None:
-        try:
-            if self.chan is not None:
-                self.chan.sendall(data)
-                return
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[self.proc.stdin.write(view) :]
-        except Exception as exc:  # noqa: BLE001 - OSError, EOFError, paramiko.SSHException
-            msg = f"write failed: {exc}"
-            raise _Dropped(msg) from None
-
-    def close_write(self) -> None:
-        try:
-            if self.chan is not None:
-                self.chan.shutdown_write()
-            else:
-                self.proc.stdin.close()
-        except Exception as exc:  # noqa: BLE001
-            msg = f"close failed: {exc}"
-            raise _Dropped(msg) from None
-
-    def _recv(self, n: int) -> bytes:
-        try:
-            if self.chan is not None:
-                data = self.chan.recv(n)
-            else:
-                data = self.proc.stdout.read(n)
-        except Exception as exc:  # noqa: BLE001
-            msg = f"read failed: {exc}"
-            raise _Dropped(msg) from None
-        if not data:
-            raise _Dropped(self._why())
-        return data
-
-    def _more(self, n: int) -> None:
-        self._buf += self._recv(max(n, 1 << 16))
-
-    def read_exact(self, n: int):
-        """The next *n* bytes: ``bytes``, or from a subprocess a view of a buffer that the next
-        call reuses."""
-        if len(self._buf) >= n:
-            out = bytes(self._buf[:n])
-            del self._buf[:n]
-            return out
-        if self.proc is not None:  # read straight into one reused buffer
-            if len(self._big) < n:
-                self._big = bytearray(n)
-            view = memoryview(self._big)[:n]
-            got = len(self._buf)
-            view[:got] = self._buf
-            self._buf = bytearray()
-            while got < n:
-                try:
-                    k = self.proc.stdout.readinto(view[got:])
-                except OSError as exc:
-                    msg = f"read failed: {exc}"
-                    raise _Dropped(msg) from None
-                if not k:
-                    raise _Dropped(self._why())
-                got += k
-            return view
-        parts, got = [bytes(self._buf)], len(self._buf)
-        self._buf = bytearray()
-        while got < n:  # a large payload: gather the pieces, join them once
-            data = self._recv(n - got)
-            parts.append(data)
-            got += len(data)
-        return b"".join(parts)
-
-    def readline(self) -> bytes:
-        while b"\n" not in self._buf:
-            self._more(1)
-        i = self._buf.index(b"\n") + 1
-        out = bytes(self._buf[:i])
-        del self._buf[:i]
-        return out
-
-    def stderr(self) -> tuple[int | None, str]:
-        """The exit status (None if unknown) and what the process wrote on stderr (read once
-        the stream ended)."""
-        if self._stderr is not None:
-            return self._stderr
-        err, rc = b"", None
-        with contextlib.suppress(Exception):
-            if self.chan is not None:
-                while self.chan.recv_stderr_ready():
-                    err += self.chan.recv_stderr(65536)
-                if self.chan.exit_status_ready():
-                    rc = self.chan.recv_exit_status()
-            else:
-                rc = self.proc.wait(5)
-                err = self.proc.stderr.read()
-        self._stderr = (rc, err.decode(errors="replace"))
-        return self._stderr
-
-    def _why(self) -> str:
-        lines = self.stderr()[1].strip().splitlines()
-        return lines[-1] if lines else "the stream ended early"
-
-    def close(self) -> None:
-        if self.chan is not None:
-            with contextlib.suppress(Exception):
-                self.chan.close()
-            return
-        if self.kind == "openssh":  # let ssh end its session (the host reaps its side)
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-            threading.Thread(target=self._end, args=(SSH_EXIT_WAIT,), daemon=True).start()
-        else:
-            self._end(0)
-
-    def _end(self, wait: float) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(wait)
-        for s in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            with contextlib.suppress(OSError):
-                s.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
-def _start(transport: Any, kind: str, args: list[str], route=None) -> _Helper:
-    """A helper of *kind* running *args*; an ``ssh`` one is first seen to answer (it starts as
-    a spare), so that ``ssh`` failing to connect is told apart from the link dropping."""
-    if kind != "openssh":
-        return _Helper(transport, args, kind)
-    helper = _Helper(transport, ["serve"], kind, route)
-    try:
-        try:
-            _read_line(helper)  # {"ready": true}
-        except _Dropped:
-            rc, err = helper.stderr()
-            if rc != ssh_pipe.SSH_FAILED:
-                raise
-            why = helper.route.failure(rc, err)  # HostKeyError raises
-            raise _NoStart(why) from None
-        if args != ["serve"]:
-            _send_line(helper, {"argv": args})
-    except BaseException:
-        helper.close()
-        raise
-    return helper
-
-
-def _kinds(transport: Any, via: str) -> tuple[str, ...]:
-    """The helper kinds a copy with *via* may use, best first."""
-    if not hasattr(transport, "_session_channel"):
-        return ("local",)
-    if via == "auto":
-        return ("openssh", "paramiko") if ssh_pipe.usable(transport) else ("paramiko",)
-    if via == "openssh" and ssh_pipe.ssh_binary() is None:
-        msg = "via='openssh' needs the OpenSSH client: install it (apt install openssh-client)"
-        raise ParameterError(msg)
-    return (via,)
-
-
-def _fresh(transport: Any, args: list[str], kinds: tuple[str, ...], size: int | None) -> _Helper:
-    """A new helper: ``ssh`` for *size* bytes or more (or when it is the only kind allowed), an
-    exec channel otherwise or when ``ssh`` fails to start where the channel works."""
-    if kinds == ("local",):
-        return _Helper(transport, args, "local")
-    want = kinds[0]
-    if want == "openssh" and len(kinds) > 1 and (size is None or size < OPENSSH_MIN):
-        want = "paramiko"
-    if want == "openssh":
-        try:
-            return _start(transport, "openssh", args)
-        except _NoStart as exc:
-            if len(kinds) == 1:
-                msg = (
-                    f"the copy to {transport.target} through ssh could not start ({exc}); "
-                    "leave via='auto' to fall back to the session's connection"
-                )
-                raise TransferError(msg) from None
-            helper = _Helper(transport, args, "paramiko")
-            ssh_pipe.disable(transport, str(exc))  # the channel works where ssh does not
-            return helper
-    helper = _Helper(transport, args, "paramiko")
-    if "openssh" in kinds:
-        _warm(transport, "auto")  # for this copy if it proves large, else for the next one
-    return helper
-
-
-SPARE_WAIT = 10.0  # seconds a copy waits for a spare still starting, before starting its own
-_spares: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transport -> (kind, Future)
-_spares_lock = threading.Lock()
-
-
-def _take_spare(transport: Any, kinds: tuple[str, ...], args: list[str]) -> _Helper | None:
-    """*transport*'s spare running *args*, if it is of one of *kinds* (waited for: it started
-    before a fresh one would)."""
-    with _spares_lock:
-        kind, fut = _spares.get(transport, (None, None))
-        if kind not in kinds:
-            return None
-        del _spares[transport]
-    try:
-        spare = fut.result(timeout=SPARE_WAIT)
-    except Exception:  # noqa: BLE001 - it failed or hangs: a fresh helper instead
-        fut.add_done_callback(_close_started)
-        return None
-    if spare.alive():
-        try:
-            _send_line(spare, {"argv": args})
-            return spare
-        except _Dropped:
-            pass
-    spare.close()
-    return None
-
-
-def _helper(transport: Any, args: list[str], via: str, size: int | None = None) -> _Helper:
-    """A helper running *args*: the transport's spare when it fits *via*, else a fresh one."""
-    kinds = _kinds(transport, via)
-    return _take_spare(transport, kinds, args) or _fresh(transport, args, kinds, size)
-
-
-def _close_started(fut: Future) -> None:
-    if fut.exception() is None:
-        fut.result().close()
-
-
-def _warm(transport: Any, via: str) -> None:
-    """Start a spare helper for *transport*'s next copy, in the background: through ``ssh``
-    when *via* allows it and it works, else an exec channel."""
-    kinds = _kinds(transport, via)
-    route = None
-    if kinds[0] == "openssh":  # taken now: the thread must not connect after a close
-        try:
-            route = ssh_pipe.route(transport)
-        except ColabMagicError:
-            return
-        if route is None:
-            kinds = kinds[1:] or kinds
-    with _spares_lock:
-        if transport in _spares:
-            return
-        fut: Future = Future()
-        _spares[transport] = (kinds[0], fut)
-
-    def start() -> None:
-        helper = None
-        try:
-            if kinds[0] == "openssh":
-                try:
-                    helper = _start(transport, "openssh", ["serve"], route)
-                except _NoStart as exc:
-                    if len(kinds) == 1 or getattr(fut, "abandoned", False):
-                        raise
-                    helper = _Helper(transport, ["serve"], "paramiko")
-                    _read_line(helper)
-                    ssh_pipe.disable(transport, str(exc))
-                    with _spares_lock:
-                        if _spares.get(transport, (None, None))[1] is fut:
-                            _spares[transport] = ("paramiko", fut)
-            else:
-                helper = _Helper(transport, ["serve"], kinds[0])
-                _read_line(helper)  # {"ready": true}: the host's session and Python are up
-            fut.set_result(helper)
-        except BaseException as exc:  # noqa: BLE001 - the next copy starts its own helper
-            if helper is not None:
-                helper.close()
-            fut.set_exception(exc)
-
-    threading.Thread(target=start, name="colabmagic-file-spare", daemon=True).start()
-
-
-def spare_started(transport: Any, kind: str) -> bool:
-    """Whether *transport* has a spare helper of *kind* that is up now (not merely starting)."""
-    with _spares_lock:
-        found, fut = _spares.get(transport, (None, None))
-    return found == kind and fut.done() and fut.exception() is None
-
-
-def wait_spare(transport: Any, timeout: float = 30.0) -> bool:
-    """Wait until *transport*'s spare helper is up; False when there is none (or it failed)."""
-    with _spares_lock:
-        _, fut = _spares.get(transport, (None, None))
-    if fut is None:
-        return False
-    try:
-        fut.result(timeout=timeout)
-    except Exception:  # noqa: BLE001
-        return False
-    return True
-
-
-def close_spare(transport: Any) -> None:
-    """End *transport*'s spare helper, if any, and its ``ssh`` files (from its ``close``)."""
-    with _spares_lock:
-        _, fut = _spares.pop(transport, (None, None))
-    if fut is not None:
-        fut.abandoned = True  # a spare still starting: no fallback, no new connection
-        fut.add_done_callback(_close_started)
-    ssh_pipe.close(transport)
 
 
 def _progress(total: int, desc: str, enabled: bool | None):
@@ -477,18 +97,6 @@ class _Attempts:
             )
             raise TransferError(msg) from None
         time.sleep(min(0.1 * 2**self.failures, 5.0))
-
-
-def _send_line(helper: _Helper, obj: dict) -> None:
-    helper.write(json.dumps(obj).encode() + b"\n")
-
-
-def _read_line(helper: _Helper) -> dict:
-    raw = helper.readline()
-    try:
-        return json.loads(raw.decode())
-    except ValueError:
-        raise _Dropped(helper._why()) from None
 
 
 def _local_files(src: str) -> list[tuple[str, str, int]]:
@@ -572,10 +180,10 @@ def upload(
             helper = None
             try:
                 left = sum(files[i][2] for i in remaining)
-                helper = _helper(transport, ["put"], via, left)
+                helper = hosthelper.acquire(transport, ["put"], via, left)
                 kind = helper.kind
-                _send_line(helper, req)
-                plan = _read_line(helper)
+                hosthelper.send_line(helper, req)
+                plan = hosthelper.read_line(helper)
                 peer = bool(plan.get("zstd"))
                 for i in list(remaining):
                     done = sum(files[j][2] for j in range(i) if j not in remaining)
@@ -584,14 +192,14 @@ def upload(
                     )
                     remaining.remove(i)
                 helper.close_write()
-            except (_Dropped, ColabMagicError, OSError) as exc:
+            except (hosthelper.Dropped, ColabMagicError, OSError) as exc:
                 if isinstance(exc, _FINAL):
                     raise
                 attempts.failed(exc, progressed=(len(remaining), moved[0]) != before)
             finally:
                 if helper is not None:
                     helper.close()
-    _warm(transport, via)
+    hosthelper.warm(transport, via)
     _log("upload", local, transport.target, total, kind, started, attempts)
     return Copied(total, kind)
 
@@ -601,8 +209,8 @@ _FINAL = (TransferError, HostKeyError, ParameterError)
 
 
 def _check_via(via: str) -> None:
-    if via not in VIAS:
-        msg = f"via={via!r} is not one of {', '.join(VIAS)}"
+    if via not in hosthelper.VIAS:
+        msg = f"via={via!r} is not one of {', '.join(hosthelper.VIAS)}"
         raise ParameterError(msg)
 
 
@@ -630,8 +238,8 @@ def _put_one(helper, i, file, info, mode, peer, bar, done, meter, moved) -> None
     path = file[0]
     with open(path, "rb") as f:
         h, offset = _hash_prefix(f, int(info["part"]))
-        _send_line(helper, {"i": i, "offset": offset, "sha": h.hexdigest()})
-        start = int(_read_line(helper)["offset"])
+        hosthelper.send_line(helper, {"i": i, "offset": offset, "sha": h.hexdigest()})
+        start = int(hosthelper.read_line(helper)["offset"])
         if start != offset:
             h = hashlib.sha256()  # the partial file there did not match: it is redone
         f.seek(start)
@@ -655,7 +263,7 @@ def _put_one(helper, i, file, info, mode, peer, bar, done, meter, moved) -> None
             bar.update(n)
         digest = h.hexdigest().encode()
         helper.write(FRAME.pack(END, len(digest)) + digest)
-        result = _read_line(helper)
+        result = hosthelper.read_line(helper)
     if not result.get("ok"):
         msg = (
             f"{helper.target}:{info['target']} did not match {path} after the upload (sha256 "
@@ -699,9 +307,9 @@ def download(
             helper = None
             try:
                 left = None if plan is None else sum(_left(plan, targets, remaining))
-                helper = _helper(transport, ["get", mode], via, left)
-                _send_line(helper, req)
-                answer = _read_line(helper)
+                helper = hosthelper.acquire(transport, ["get", mode], via, left)
+                hosthelper.send_line(helper, req)
+                answer = hosthelper.read_line(helper)
                 if left is None and not answer.get("missing"):
                     helper = _switch(transport, helper, ["get", mode], via, req, answer)
                 kind = helper.kind
@@ -722,7 +330,7 @@ def download(
                     _get_one(helper, i, targets[i], plan["files"][i]["path"], bar, done, meter)
                     remaining.remove(i)
                 helper.close_write()
-            except (_Dropped, ColabMagicError, OSError) as exc:
+            except (hosthelper.Dropped, ColabMagicError, OSError) as exc:
                 if isinstance(exc, _FINAL):
                     raise
                 attempts.failed(exc, progressed=(len(remaining), _sizes(targets)) != before)
@@ -732,7 +340,7 @@ def download(
     finally:
         if bar is not None:
             bar.close()
-    _warm(transport, via)
+    hosthelper.warm(transport, via)
     total = sum(int(f["size"]) for f in plan["files"])
     _log("download", remote, transport.target, total, kind, started, attempts)
     return Copied(total, kind)
@@ -749,20 +357,22 @@ def _left(plan: dict, targets: list[str], remaining: list[int]) -> list[int]:
     return out
 
 
-def _switch(transport, helper: _Helper, args, via, req: dict, answer: dict) -> _Helper:
+def _switch(
+    transport, helper: hosthelper.Helper, args, via, req: dict, answer: dict
+) -> hosthelper.Helper:
     """A download's first helper was chosen before its size was known: when it is an exec
-    channel and the files are large, move to the ``ssh`` spare that :func:`_fresh` started
+    channel and the files are large, move to the ``ssh`` spare that :func:`hosthelper.fresh` started
     meanwhile (its answer is the same plan)."""
     size = sum(int(f["size"]) for f in answer["files"])
-    if helper.kind != "paramiko" or size < OPENSSH_MIN or via != "auto":
+    if helper.kind != "paramiko" or size < hosthelper.OPENSSH_MIN or via != "auto":
         return helper
-    better = _take_spare(transport, ("openssh",), args)
+    better = hosthelper.take_spare(transport, ("openssh",), args)
     if better is None:
         return helper
     try:
-        _send_line(better, req)
-        again = _read_line(better)
-    except _Dropped:
+        hosthelper.send_line(better, req)
+        again = hosthelper.read_line(better)
+    except hosthelper.Dropped:
         better.close()
         return helper
     if again.get("files") != answer.get("files"):
@@ -804,8 +414,10 @@ def _get_one(helper, i, target, rpath, bar, done, meter) -> None:
     offset = os.path.getsize(part) if os.path.exists(part) else 0
     with open(part, "r+b" if offset else "w+b") as f:
         h, got = _hash_prefix(f, offset)
-        _send_line(helper, {"i": i, "offset": got, "sha": h.hexdigest(), "rate": meter.rate or 0})
-        head = _read_line(helper)
+        hosthelper.send_line(
+            helper, {"i": i, "offset": got, "sha": h.hexdigest(), "rate": meter.rate or 0}
+        )
+        head = hosthelper.read_line(helper)
         start, size = int(head["offset"]), int(head["size"])
         if start != got:
             h = hashlib.sha256()  # our partial file did not match theirs: redone from 0

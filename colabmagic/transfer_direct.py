@@ -12,7 +12,7 @@ packet. Over SSH, a large value can instead take a stream of its own:
 - on the host, the file helper's ``relay`` command (``remote/files.py``) splices its stdin and
   stdout to that socket, run through the OpenSSH client exactly as file copies are
   (:mod:`colabmagic.transport.ssh_pipe`: private config, pinned host keys, ``BatchMode``), a
-  ready spare helper taken when there is one (:mod:`colabmagic.filecopy`);
+  ready spare helper taken when there is one (:mod:`colabmagic.hosthelper`);
 - this side writes the pickle's frames (views of the caller's memory, no copy) to the ``ssh``
   subprocess's stdin, or ``readinto``s preallocated frames from its stdout.
 
@@ -40,7 +40,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from colabmagic import compress, filecopy, wire
+from colabmagic import compress, hosthelper, wire
 from colabmagic.errors import ParameterError
 from colabmagic.transport import ssh_pipe
 
@@ -51,8 +51,8 @@ log = logging.getLogger("colabmagic.transfer")
 
 VIAS = ("auto", "openssh", "comm")
 DIRECT_MIN = 8 << 20  # with a spare ssh helper ready: the stream costs a few ms to set up
-FRESH_MIN = filecopy.OPENSSH_MIN  # without one: a fresh ssh costs ~0.2 s more than it saves
-_Broken = (filecopy._Dropped, filecopy._NoStart, OSError)
+FRESH_MIN = hosthelper.OPENSSH_MIN  # without one: a fresh ssh costs ~0.2 s more than it saves
+_Broken = (hosthelper.Dropped, hosthelper.NoStart, OSError)
 
 
 def _ssh_transport(channel: Channel) -> Any | None:
@@ -69,7 +69,7 @@ def _spare_ready(transport: Any) -> bool:
     """Whether an ``ssh`` spare has started (not merely been asked for: one still starting
     costs a transfer right after another its handshake, ~0.5 s through a 50 ms link, as much
     as the comm path loses on 32 MiB there)."""
-    return filecopy.spare_started(transport, "openssh")
+    return hosthelper.spare_started(transport, "openssh")
 
 
 def _threshold(channel: Channel, transport: Any) -> int:
@@ -90,33 +90,33 @@ def raw_is_cheaper(mode: str, views: list[memoryview], channel: Channel) -> bool
     )
 
 
-def _relay(transport: Any) -> filecopy._Helper | None:
+def _relay(transport: Any) -> hosthelper.Helper | None:
     """The host's relay through ``ssh``: the spare if ready, else a fresh one; None when
     ``ssh`` cannot start (logged once, the transport's ssh route disabled)."""
-    helper = filecopy._take_spare(transport, ("openssh",), ["relay"])
+    helper = hosthelper.take_spare(transport, ("openssh",), ["relay"])
     if helper is not None and helper.kind != "openssh":
         helper.close()  # ssh failed to start as that spare (disabled): the comm path
         return None
     if helper is not None:
         return helper
     try:
-        return filecopy._start(transport, "openssh", ["relay"])
-    except filecopy._NoStart as exc:
+        return hosthelper.start(transport, "openssh", ["relay"])
+    except hosthelper.NoStart as exc:
         ssh_pipe.disable(transport, str(exc))
-    except filecopy._Dropped as exc:
+    except hosthelper.Dropped as exc:
         log.warning("push/pull to %s take the comm path: ssh failed (%s)", transport.target, exc)
     return None
 
 
-def _connect(helper: filecopy._Helper, path: str, token: str) -> None:
-    filecopy._send_line(helper, {"path": path})
-    answer = filecopy._read_line(helper)
+def _connect(helper: hosthelper.Helper, path: str, token: str) -> None:
+    hosthelper.send_line(helper, {"path": path})
+    answer = hosthelper.read_line(helper)
     if not answer.get("ok"):
-        raise filecopy._Dropped(answer.get("error", "the relay did not connect"))
+        raise hosthelper.Dropped(answer.get("error", "the relay did not connect"))
     helper.write(token.encode())
 
 
-def _read_into(helper: filecopy._Helper, view: memoryview) -> None:
+def _read_into(helper: hosthelper.Helper, view: memoryview) -> None:
     got = min(len(helper._buf), view.nbytes)  # what a line read took beyond its line
     if got:
         view[:got] = helper._buf[:got]
@@ -126,9 +126,9 @@ def _read_into(helper: filecopy._Helper, view: memoryview) -> None:
             k = helper.proc.stdout.readinto(view[got:])
         except OSError as exc:
             msg = f"read failed: {exc}"
-            raise filecopy._Dropped(msg) from None
+            raise hosthelper.Dropped(msg) from None
         if not k:
-            raise filecopy._Dropped(helper._why())
+            raise hosthelper.Dropped(helper._why())
         got += k
 
 
@@ -182,7 +182,7 @@ def push(
                     helper.write(view)
                 if bytes(helper.read_exact(1)) != b"K":
                     msg = "the kernel did not confirm the stream"
-                    raise filecopy._Dropped(msg)
+                    raise hosthelper.Dropped(msg)
                 last = channel._msg("push_commit", req)
                 channel._next(inbox, req, "push", timeout)  # push_ok: bound
             except BaseException:
@@ -194,7 +194,7 @@ def push(
         return False
     finally:
         helper.close()
-        filecopy._warm(transport, "auto")
+        hosthelper.warm(transport, "auto")
     _done(channel, stats, started, helper.kind)
     return True
 
@@ -204,7 +204,7 @@ def warm(channel: Channel, size: int) -> None:
     stream would have paid with one, so that the next such value takes it."""
     transport = _ssh_transport(channel)
     if transport is not None and size >= DIRECT_MIN:
-        filecopy._warm(transport, "auto")
+        hosthelper.warm(transport, "auto")
 
 
 def pull_offer(channel: Channel, inline: int) -> dict:
@@ -253,7 +253,7 @@ def pull(
     finally:
         if helper is not None:
             helper.close()
-            filecopy._warm(transport, "auto")
+            hosthelper.warm(transport, "auto")
     last = channel._msg("pull_done", req)
     _done(channel, stats, started, helper.kind)
     return frames, last

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from colabmagic import filecopy
+from colabmagic import hosthelper
 from colabmagic.errors import HostKeyError, ParameterError
 from colabmagic.testing import require, wait_until
 from colabmagic.testing_sshd import SSHServer, locked_key_config, processes
@@ -26,7 +26,7 @@ MiB = 1 << 20
 def _needs_ssh(monkeypatch):
     require(ssh_pipe.ssh_binary() is not None, "the OpenSSH client is not installed")
     # what a fresh ssh needs to pay (128 MiB on loopback), scaled down to keep the tests small
-    monkeypatch.setattr(filecopy, "OPENSSH_MIN", 4 * MiB)
+    monkeypatch.setattr(hosthelper, "OPENSSH_MIN", 4 * MiB)
 
 
 def payload(path, size: int) -> bytes:
@@ -84,15 +84,15 @@ def test_upload_and_download_through_openssh(sshd_server, colabmagic_root, tmp_p
 def test_auto_takes_openssh_for_large_copies_and_keeps_paramiko_for_small(
     sshd_server, colabmagic_root, tmp_path
 ):
-    big = payload(tmp_path / "big.bin", filecopy.OPENSSH_MIN + MiB)
+    big = payload(tmp_path / "big.bin", hosthelper.OPENSSH_MIN + MiB)
     payload(tmp_path / "small.bin", 1000)
     t = transport(sshd_server, colabmagic_root)
     try:
         # a fresh transport, no spare: a small copy does not wait for ssh's handshake
         assert t.upload(str(tmp_path / "small.bin"), str(tmp_path / "s1")).via == "paramiko"
         # ... and the spare it left is an ssh one, which the next copy takes, small or not
-        assert filecopy.wait_spare(t)
-        assert filecopy._spares[t][0] == "openssh"
+        assert hosthelper.wait_spare(t)
+        assert hosthelper._spares[t][0] == "openssh"
         assert t.upload(str(tmp_path / "small.bin"), str(tmp_path / "s2")).via == "openssh"
     finally:
         t.close()
@@ -133,7 +133,7 @@ def test_through_a_jump_host(sshd_server, colabmagic_root, tmp_path):
 def test_without_ssh_on_path_copies_go_through_paramiko(
     sshd_server, colabmagic_root, tmp_path, monkeypatch
 ):
-    data = payload(tmp_path / "a.bin", filecopy.OPENSSH_MIN + MiB)
+    data = payload(tmp_path / "a.bin", hosthelper.OPENSSH_MIN + MiB)
     empty = tmp_path / "bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
@@ -160,7 +160,7 @@ def test_ssh_failing_where_paramiko_works_falls_back_and_says_so(
     (BatchMode) cannot; the copy goes through paramiko, and the next ones do not try ssh."""
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     cfg = locked_key_config(sshd_server, tmp_path, "s3cret")
-    data = payload(tmp_path / "a.bin", filecopy.OPENSSH_MIN + MiB)
+    data = payload(tmp_path / "a.bin", hosthelper.OPENSSH_MIN + MiB)
     t = transport(sshd_server, colabmagic_root, ssh_config=cfg, passphrase=lambda p: "s3cret")
     caplog.set_level(logging.INFO, logger="colabmagic")
     try:
@@ -230,13 +230,13 @@ def test_the_next_copy_takes_the_ssh_spare(sshd_server, colabmagic_root, tmp_pat
     t = transport(sshd_server, colabmagic_root)
     try:
         t.upload(str(tmp_path / "a.bin"), str(tmp_path / "up1.bin"), via="openssh")
-        assert filecopy.wait_spare(t)
+        assert hosthelper.wait_spare(t)
         assert len(started) == 2  # the copy's ssh, and the spare
         n = t.upload(str(tmp_path / "a.bin"), str(tmp_path / "up2.bin"), via="openssh")
         assert n.via == "openssh"
-        assert filecopy.wait_spare(t)
+        assert hosthelper.wait_spare(t)
         assert len(started) == 3  # the copy took the spare; one new spare
-        dead = filecopy._spares[t][1].result()
+        dead = hosthelper._spares[t][1].result()
         dead.proc.kill()  # as when its connection dropped
         dead.proc.wait()
         n = t.download(str(tmp_path / "up2.bin"), str(tmp_path / "down.bin"), via="openssh")
@@ -250,7 +250,7 @@ def test_the_next_copy_takes_the_ssh_spare(sshd_server, colabmagic_root, tmp_pat
 def test_the_magics_say_what_carried_the_copy(ip, sshd_server, colabmagic_root, tmp_path, capsys):
     from colabmagic.session import Session, registry
 
-    data = payload(tmp_path / "a.bin", filecopy.OPENSSH_MIN + 1)
+    data = payload(tmp_path / "a.bin", hosthelper.OPENSSH_MIN + 1)
     s = Session.start(transport(sshd_server, colabmagic_root), name="pipemagic")
     registry.add(s)
     try:

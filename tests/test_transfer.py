@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from colabmagic import filecopy, transfer
+from colabmagic import filecopy, hosthelper, transfer
 from colabmagic.errors import ParameterError, TransferError
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
@@ -410,24 +410,24 @@ def test_the_next_copy_takes_the_spare_helper(sshd_server, colabmagic_root, tmp_
     src.write_bytes(os.urandom(300_000))
     try:
         t.upload(str(src), str(tmp_path / "up1.bin"), progress=False, via="paramiko")
-        assert filecopy.wait_spare(t)
-        spare = filecopy._spares[t][1].result()
+        assert hosthelper.wait_spare(t)
+        spare = hosthelper._spares[t][1].result()
         assert spare.alive()
         assert len(opened) == 2
         t.upload(str(src), str(tmp_path / "up2.bin"), progress=False, retries=0, via="paramiko")
-        assert filecopy.wait_spare(t)
+        assert hosthelper.wait_spare(t)
         assert len(opened) == 3  # the copy took the spare; one new spare, no other exec
         assert (tmp_path / "up2.bin").read_bytes() == src.read_bytes()
-        dead = filecopy._spares[t][1].result()
+        dead = hosthelper._spares[t][1].result()
         dead.chan.close()  # as when its connection dropped
         n = t.download(
             str(tmp_path / "up2.bin"), str(tmp_path / "down.bin"), retries=0, via="paramiko"
         )
         assert n == 300_000
         assert (tmp_path / "down.bin").read_bytes() == src.read_bytes()
-        assert filecopy.wait_spare(t)
-        last = filecopy._spares[t][1].result()
+        assert hosthelper.wait_spare(t)
+        last = hosthelper._spares[t][1].result()
     finally:
         t.close()
     wait_until(lambda: last.chan.closed, what="the spare closed with its transport")
-    assert t not in filecopy._spares
+    assert t not in hosthelper._spares

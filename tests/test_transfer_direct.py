@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import pytest
 
-from colabmagic import filecopy, serialize, transfer_direct
+from colabmagic import hosthelper, serialize, transfer_direct
 from colabmagic.errors import HostKeyError, ParameterError
 from colabmagic.relay import QuietRelay
 from colabmagic.session import Session
@@ -74,7 +74,7 @@ def test_auto_takes_the_stream_once_a_spare_is_ready(session, via):
     first = session.push(a=a, compress="none")
     assert (first.via, first.note) == ("comm", "")  # no spare yet, below FRESH_MIN: comm
     assert first.chunks > 3
-    assert filecopy.wait_spare(session.transport), "the comm push started a spare ssh helper"
+    assert hosthelper.wait_spare(session.transport), "the comm push started a spare ssh helper"
 
     st = session.push(a=a, b=b, big_list=big_list, compress="none")
     assert (st.via, st.note) == ("openssh", "")
@@ -91,7 +91,7 @@ def test_auto_takes_the_stream_once_a_spare_is_ready(session, via):
     # The push took the spare and started the next one; only a started spare is "ready" (one
     # still starting would cost this pull its handshake, more than the stream saves on a slow
     # link), so wait for it.
-    assert filecopy.wait_spare(session.transport)
+    assert hosthelper.wait_spare(session.transport)
     back = session.pull("a", "b", "big_list")  # compress auto: noise does not pay, raw stream
     assert session.bulk.last.via == "openssh"
     assert back["a"][0] == a[0] ^ 1

@@ -127,9 +127,9 @@ class AgentFiles:
 
     def _close_files(self) -> None:
         """End the spare helper that the last copy started (from the transport's ``close``)."""
-        from colabmagic import filecopy
+        from colabmagic import hosthelper
 
-        filecopy.close_spare(self)
+        hosthelper.close_spare(self)
 
 
 class Transport(Protocol):
