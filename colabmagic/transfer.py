@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from colabmagic import compress, serialize, transfer_direct, wire
+from colabmagic import compress, serialize, wire
 from colabmagic.errors import TransferError
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ class Channel:
             self.last = stats
             return stats
         names = sorted(values)
-        if transfer_direct.push(self, names, views, mode, stats, timeout):
+        if _direct().push(self, names, views, mode, stats, timeout):
             stats.seconds = time.perf_counter() - t0
             self.last = stats
             return stats
@@ -230,7 +230,7 @@ class Channel:
             mode = "none"
         stats = TransferStats("pull")
         t0 = time.perf_counter()
-        direct = transfer_direct.pull_offer(self, INLINE)  # {} when no stream can carry it
+        direct = _direct().pull_offer(self, INLINE)  # {} when no stream can carry it
         offers = [direct, {}] if direct else [{}]  # the stream first; the comm path redoes it
         with self._conversation() as inbox:
             for offer in offers:
@@ -256,7 +256,7 @@ class Channel:
                     self.last = stats
                     return serialize.loads(buffers)
                 if data.get("op") == "direct_ready":  # on its own stream
-                    got = transfer_direct.pull(self, inbox, req, data, offer, stats, timeout)
+                    got = _direct().pull(self, inbox, req, data, offer, stats, timeout)
                     if got is None:
                         continue  # not started, or broken midway: the comm path redoes it
                     frames, last = got
@@ -266,7 +266,7 @@ class Channel:
                 except BaseException:
                     self._abort(req)
                     raise
-                transfer_direct.warm(self, stats.raw_bytes)
+                _direct().warm(self, stats.raw_bytes)
                 break
             self._await_idle(last or sent)
         stats.seconds = time.perf_counter() - t0
@@ -312,3 +312,11 @@ def _is_idle_after(msg: dict, msg_id: str) -> bool:
         and msg["parent_header"].get("msg_id") == msg_id
         and msg["content"].get("execution_state") == "idle"
     )
+
+
+def _direct():
+    """:mod:`colabmagic.transfer_direct`, imported at the first transfer: it brings the host
+    helper and the ``ssh`` route (~9 ms), which a session that never pushes does not need."""
+    from colabmagic import transfer_direct
+
+    return transfer_direct
