@@ -540,6 +540,9 @@ class JupyterTransport:
         ]
 
     def stop_kernel(self, kernel_id: str) -> None:
+        opened = self.opened.pop(kernel_id, None)  # started, checked, never handed to a link
+        if opened is not None and self._loop is not None:
+            self._loop.loop.call_soon_threadsafe(opened[0].close)
         self.rest.delete(kernel_id)
         self.links.pop(kernel_id, None)
 
