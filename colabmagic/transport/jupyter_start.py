@@ -66,15 +66,17 @@ class Arrival:
     seconds: float
     deleted: bool = False
 
-    def describe(self) -> str:
+    def describe(self, more: str = "") -> str:
+        """``died as it started (...)`` or ``never answered in 20s (...)``; *more* goes inside
+        the parentheses."""
         if self.outcome == DIED and self.state == "dead":
-            return f"died as it started (the server reports it dead after {self.seconds:.0f}s)"
-        if self.outcome == DIED:
-            return (
-                "died as it started (the server restarted it, then gave up and removed it, "
-                f"after {self.seconds:.0f}s)"
-            )
-        return f"never answered in {self.seconds:.0f}s (last state: {self.state or 'unknown'})"
+            how = f"the server reports it dead after {self.seconds:.0f}s"
+        elif self.outcome == DIED:
+            how = f"the server restarted it, then gave up and removed it, after {self.seconds:.0f}s"
+        else:
+            state = self.state or "unknown"
+            return f"never answered in {self.seconds:.0f}s (last state: {state}{more})"
+        return f"died as it started ({how}{more})"
 
 
 class _NoAnswer(Exception):
@@ -177,25 +179,27 @@ def note(arrivals: list[Arrival]) -> str:
 
 def _message(name: str | None, target: str, failed: list[Arrival], budget: float) -> str:
     spec = f"the kernel {name!r}" if name else "the server's default kernel"
+    console = f"jupyter console --kernel {name}" if name else "jupyter console"
     check = (
-        f"check that the kernelspec runs there (`jupyter console --kernel {name}` on the host) "
+        f"check that the kernelspec runs there (`{console}` on the host) "
         "or pick another with --kernel-name"
     )
+    log_ = "; its log on the server says why"
     if len(failed) == 1:
-        what = failed[0].describe()
+        what = failed[0].describe(log_)
     elif all(a.outcome == HUNG for a in failed):
-        states = sorted({a.state or "unknown" for a in failed})
-        what = (
-            f"was started twice and never answered ({budget:g}s each; last state: "
-            f"{', '.join(states)})"
-        )
+        states = ", ".join(sorted({a.state or "unknown" for a in failed}))
+        what = f"was started twice and never answered ({budget:g}s each; last state: {states}"
+        what += f"{log_})"
         check += f", or give a slow start longer with --start-timeout (now {budget:g}s)"
     else:
-        first, second = (a.describe() for a in failed)
-        what = f"was started twice: the first {first}, then the second {second}"
+        what = (
+            f"was started twice: the first {failed[0].describe()}, "
+            f"then the second {failed[1].describe(log_)}"
+        )
     left = [a.kernel_id for a in failed if not a.deleted]
     tail = f"; kernel {', '.join(left)} may still run there: delete it" if left else ""
-    return f"{spec} on {target} {what} (its log on the server says why): {check}{tail}"
+    return f"{spec} on {target} {what}: {check}{tail}"
 
 
 def _post(transport: Any, body: dict) -> dict:
