@@ -540,11 +540,17 @@ class JupyterTransport:
         ]
 
     def stop_kernel(self, kernel_id: str) -> None:
-        opened = self.opened.pop(kernel_id, None)  # started, checked, never handed to a link
+        self.rest.delete(kernel_id)
+        self.forget(kernel_id)
+
+    def forget(self, kernel_id: str) -> None:
+        """Drop what this transport keeps for kernel *kernel_id* (its link, its start options,
+        a checked websocket no link took); the kernel itself is left alone."""
+        opened = self.opened.pop(kernel_id, None)
         if opened is not None and self._loop is not None:
             self._loop.loop.call_soon_threadsafe(opened[0].close)
-        self.rest.delete(kernel_id)
         self.links.pop(kernel_id, None)
+        self._options.pop(kernel_id, None)
 
     def interrupt_kernel(self, kernel_id: str) -> None:
         self.rest.interrupt(kernel_id)

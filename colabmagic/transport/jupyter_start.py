@@ -158,13 +158,13 @@ def _check(transport: Any, kernel_id: str, options: dict) -> tuple | _NoAnswer:
             _answered(transport, link, kernel_id), transport.start_timeout + 15
         )
     except _NoAnswer as exc:
-        transport.links.pop(kernel_id, None)
+        transport.forget(kernel_id)
         return exc
     except TimeoutError:  # the check itself overran (stuck REST calls): no answer either
-        transport.links.pop(kernel_id, None)
+        transport.forget(kernel_id)
         return _NoAnswer(HUNG, None)
     except BaseException:
-        transport.links.pop(kernel_id, None)
+        transport.forget(kernel_id)
         with contextlib.suppress(ConnectError, OSError):
             transport.rest.delete(kernel_id, wait=10.0)
         raise
