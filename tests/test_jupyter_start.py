@@ -283,3 +283,24 @@ def test_the_message_for_a_hang_then_a_death_and_for_a_kernel_not_deleted():
         "reports it dead after 1s; its log on the server says why): check that the kernelspec "
         "runs there (`jupyter console` on the host)"
     )
+
+
+def test_cli_kernelspec_install_stores_the_start_timeout(tmp_path):
+    from click.testing import CliRunner
+
+    from colabmagic.cli import main
+
+    url = "https://gpu.example.org/"
+    args = ["kernelspec", "install", "gpu", "--target", url, "--prefix", str(tmp_path)]
+    result = CliRunner().invoke(main, [*args, "--start-timeout", "45"])
+    assert result.exit_code == 0, result.output
+    spec = json.loads((tmp_path / "share/jupyter/kernels/gpu/kernel.json").read_text())
+    config = spec["metadata"]["kernel_provisioner"]["config"]
+    assert config["transport_options"] == {"start_timeout": 45.0}
+    result = CliRunner().invoke(main, [*args, "--start-timeout", "0"])
+    assert result.exit_code != 0
+    assert "start_timeout=0.0 must be a positive number" in result.output
+    ssh = ["kernelspec", "install", "g2", "--target", "gpu-box", "--prefix", str(tmp_path)]
+    result = CliRunner().invoke(main, [*ssh, "--start-timeout", "45"])
+    assert result.exit_code != 0
+    assert "--start-timeout applies to Jupyter-server (https://) targets only" in result.output
