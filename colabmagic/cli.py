@@ -93,6 +93,9 @@ def kernelspec() -> None:
 @click.argument("name")
 @click.option("--target", help="ssh host or alias of the GPU host, or https://jupyter-server/.")
 @click.option("--token-env", metavar="VAR", help="Jupyter-server target: the token's variable.")
+@click.option(
+    "--start-timeout", type=float, help="Jupyter-server target: seconds a new kernel has to answer."
+)
 @click.option("--local", is_flag=True, help="Run the kernel on this machine instead.")
 @click.option("--display-name", help='Name in the kernel picker (default "NAME (remote GPU)").')
 @click.option("--python", help="Python interpreter of the kernel on the target.")
@@ -103,12 +106,22 @@ def kernelspec() -> None:
 @click.option("--sys-prefix", is_flag=True, help="Install into this Python environment.")
 @click.option("--prefix", type=click.Path(file_okay=False), help="Install under PREFIX.")
 @user_errors
-def kernelspec_install(name, env, token_env, **options) -> None:
+def kernelspec_install(name, env, token_env, start_timeout, **options) -> None:
     """Install kernelspec NAME, e.g. `colabmagic kernelspec install colab --target colab`."""
     from colabmagic import kernelspec as ks
+    from colabmagic.transport.jupyter import is_server_url
+    from colabmagic.transport.jupyter_start import validate_timeout
 
+    transport = {}
     if token_env:  # the variable's name is stored, never the token
-        options["transport_options"] = {"token_env": token_env}
+        transport["token_env"] = token_env
+    if start_timeout is not None:
+        if not is_server_url(options.get("target")):
+            msg = "--start-timeout applies to Jupyter-server (https://) targets only"
+            raise click.UsageError(msg)
+        transport["start_timeout"] = validate_timeout(start_timeout)
+    if transport:
+        options["transport_options"] = transport
     path = ks.install(name, env=ks.parse_env(env), **options)
     click.echo(f"Installed kernelspec {name} in {path}")
 

@@ -35,12 +35,16 @@ def make_transport(target: str | None, *, local: bool = False, **options: Any):
             msg = "--python does not apply to a Jupyter server; it runs its kernelspec's Python"
             raise ParameterError(msg)
         return JupyterTransport(target, **options)
-    server_only = [k for k in ("token_env", "kernel_name") if options.get(k) is not None]
+    server_only = [
+        k for k in ("token_env", "kernel_name", "start_timeout") if options.get(k) is not None
+    ]
     if server_only:
         flag = "--" + server_only[0].replace("_", "-")
         msg = f"{flag} applies to Jupyter-server (https://) targets only"
         raise ParameterError(msg)
-    options = {k: v for k, v in options.items() if k not in ("token_env", "kernel_name")}
+    options = {
+        k: v for k, v in options.items() if k not in ("token_env", "kernel_name", "start_timeout")
+    }
     from colabmagic.transport.ssh import SSHTransport
 
     if routes.is_line(target):  # a pasted colab:// line: its route and pinned host keys

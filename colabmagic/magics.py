@@ -164,6 +164,7 @@ class ColabMagics(Magics):
     @argument("--connect-timeout", type=float, help="seconds (default: config)")
     @argument("--token-env", metavar="VAR", help="Jupyter server: token variable (JUPYTER_TOKEN)")
     @argument("--kernel-name", metavar="SPEC", help="Jupyter server: kernelspec to start")
+    @argument("--start-timeout", type=float, help="Jupyter server: seconds to first answer (20)")
     @argument("--save", metavar="ALIAS", help="colab:// line: also write ~/.ssh/config")
     @argument("--print-key", action="store_true", help="print your public key to paste in Colab")
     @argument("--create", action="store_true", help="with --print-key: create a key if none")
@@ -207,6 +208,7 @@ class ColabMagics(Magics):
                 "accept_new_host_key": args.accept_new_host_key or None,
                 "token_env": args.token_env,
                 "kernel_name": args.kernel_name,
+                "start_timeout": args.start_timeout,
             }.items()
             if v is not None
         }
@@ -231,6 +233,9 @@ class ColabMagics(Magics):
             f"{verb}: session {session.name!r} -> {st['target']} kernel {session.kernel_id} "
             f"(python {st['python']}, GPU {st['gpu']})"
         )
+        note = _start_note(session)
+        if note:  # a kernel that never answered was replaced: say so
+            print(f"note: {note}")
         if args.save:
             print(f"saved: `ssh {args.save}` and %colab_connect {args.save} now work too")
 
@@ -540,12 +545,15 @@ class ColabMagics(Magics):
         for r, s in zip(rows, sessions, strict=True):
             r["current"] = "*" if r["name"] == registry.current else ""
             r["delivery"] = _delivery(s)
+            r["start_note"] = _start_note(s)
         if args.json:
             print(json.dumps(rows, indent=1))
             return None
         cols = ["current", "name", "target", "state", "kernel_pid", "python", "gpu", "latency_ms"]
         cols.append("delivery")
         cols.append("kernel_transport")  # ipc, or tcp where the host has no Unix sockets
+        if any(r["start_note"] for r in rows):  # a kernel that never answered was replaced
+            cols.append("start_note")
         return _Table(rows, cols)
 
     @magic_arguments()
@@ -592,6 +600,13 @@ class ColabMagics(Magics):
         self.started.discard(session.name)
         kept = f" (kernel {session.kernel_id} keeps running)" if args.keep else ""
         print(f"disconnected {session.name!r}{kept}")
+
+
+def _start_note(session) -> str | None:
+    """What happened before the session's kernel answered (a Jupyter server's restart on
+    arrival), or None."""
+    note = getattr(session.transport, "start_note", None)
+    return note(session.kernel_id) if note is not None else None
 
 
 def _delivery(session) -> str:

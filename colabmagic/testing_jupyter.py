@@ -80,19 +80,25 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def jupyter_server(
-    base: Path, *args: str, token: str | None = None, timeout: float = 180.0, base_url: str = "/"
+    base: Path,
+    *args: str,
+    token: str | None = None,
+    timeout: float = 180.0,
+    base_url: str = "/",
+    env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
     """Run ``python -m jupyter_server`` under *base* (root dir and log there) until the block ends.
 
     *base_url* (``/a/b/``) is the server's ``ServerApp.base_url``; :attr:`ServerProcess.url`
-    includes it. Every kernel it still runs is shut down through the server on exit.
+    includes it. *env* adds to the server's environment (``JUPYTER_PATH`` for extra
+    kernelspecs). Every kernel it still runs is shut down through the server on exit.
     """
     base = Path(base)
     root = base / "root"
     root.mkdir(parents=True, exist_ok=True)
     token = token or secrets.token_hex(16)
     log = base / "server.log"
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env.pop("JUPYTER_TOKEN", None)
     for attempt in range(3):  # another process may take the free port before the server binds it
         port = _free_port()

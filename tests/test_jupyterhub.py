@@ -181,3 +181,27 @@ def test_a_stopped_single_user_server_ends_the_session_in_one_line(hub, monkeypa
         s.close()
     with pytest.raises(ConnectError, match="is no longer running"):
         colabmagic.connect(url, register=False)
+
+
+def test_a_kernel_that_hangs_once_on_the_hub_is_replaced(hub, monkeypatch, tmp_path):
+    """A dead-on-arrival kernel on a single-user server: deleted there and started again once.
+    The kernel is a stand-in (``colabmagic.testing_standin_kernel``) in alice's own kernelspecs."""
+    from colabmagic.testing_standin_kernel import install_kernelspec, launched_pids
+
+    data = hub.base / "home" / USER / ".local" / "share" / "jupyter"
+    install_kernelspec(data, "standin-hub", "hang-once", tmp_path / "state")
+    monkeypatch.setenv("JUPYTER_TOKEN", hub.token)
+    before = set(hub.kernels(USER))
+    t0 = time.monotonic()
+    s = colabmagic.connect(hub.user_url, kernel_name="standin-hub", start_timeout=5, register=False)
+    try:
+        assert time.monotonic() - t0 < 60
+        assert s.run("print('answered')").stdout == "answered\n"
+        (hung,) = s.transport.arrivals[s.kernel_id]
+        assert hung.deleted
+        assert hung.kernel_id not in hub.kernels(USER)
+        assert "restarted on arrival" in s.transport.start_note(s.kernel_id)
+    finally:
+        s.close()
+    wait_until(lambda: set(hub.kernels(USER)) <= before, timeout=30, what="kernel deleted")
+    assert len(launched_pids(tmp_path / "state")) == 2

@@ -32,6 +32,7 @@ from typing import Any
 
 from colabmagic.errors import ConnectError, ParameterError
 from colabmagic.proxy import PermanentLinkError
+from colabmagic.transport import jupyter_start
 from colabmagic.transport.jupyter_link import V1, Inbox, KernelLink
 
 log = logging.getLogger("colabmagic.jupyter")
@@ -440,6 +441,10 @@ class JupyterTransport:
         ``"auto"`` (offer v1, accept JSON), or ``"json"`` to use the legacy JSON frames.
     ping_interval
         Seconds between websocket pings; two unanswered ones mean a drop (default 10).
+    start_timeout
+        Seconds a freshly started kernel has to answer (default 20). One that does not is
+        deleted and started again once; one that dies as it starts fails at once
+        (:mod:`~colabmagic.transport.jupyter_start`).
     """
 
     def __init__(
@@ -453,10 +458,12 @@ class JupyterTransport:
         ping_interval: float = 10.0,
         stable_session: bool = True,
         connect_timeout: float = 30.0,
+        start_timeout: float = jupyter_start.DEFAULT_START_TIMEOUT,
         prompt: bool = True,
         token: Token | None = None,
     ):
         self.base = parse_server_url(url)
+        self.start_timeout = jupyter_start.validate_timeout(start_timeout)
         self.target = self.base
         if subprotocol not in ("auto", "json"):
             msg = f"subprotocol={subprotocol!r} must be 'auto' or 'json'"
@@ -473,6 +480,8 @@ class JupyterTransport:
             connect_timeout,
         )
         self.links: dict[str, KernelLink] = {}
+        self.opened: dict[str, tuple] = {}  # a fresh kernel's answered websocket, for open_pipe
+        self.arrivals: dict[str, list] = {}  # kernels that did not answer before this one
         self._options: dict[str, dict] = {}
         self._loop: _Loop | None = None
 
@@ -489,10 +498,17 @@ class JupyterTransport:
         env: dict[str, str] | None = None,
         idle_timeout: float | None = None,
     ) -> str:
-        """Start a kernel through ``POST /api/kernels``; returns its id.
+        """Start a kernel through ``POST /api/kernels``; returns its id once it has answered.
 
         *cwd* is a path relative to the server's root; *python* is not choosable on a server
         (pick a kernelspec with ``kernel_name``); *idle_timeout* is the server's culling policy.
+        A kernel that does not answer within ``start_timeout`` is deleted and started again,
+        once; see :mod:`~colabmagic.transport.jupyter_start`.
+
+        Raises
+        ------
+        KernelDeadOnArrival
+            The kernel died as it started, or did not answer twice (one line, token-free).
         """
         if python:
             msg = (
@@ -505,10 +521,8 @@ class JupyterTransport:
             body["name"] = self.kernel_name
         if cwd:
             body["path"] = cwd
-        model = self.rest.request("POST", "api/kernels", body)
-        kernel_id = model["id"]
-        self._options[kernel_id] = {"mock_gpu": mock_gpu, "env": dict(env or {})}
-        return kernel_id
+        options = {"mock_gpu": mock_gpu, "env": dict(env or {})}
+        return jupyter_start.start(self, body, options)
 
     def list_kernels(self) -> list[dict]:
         rows = self.rest.request("GET", "api/kernels") or []
@@ -527,13 +541,27 @@ class JupyterTransport:
 
     def stop_kernel(self, kernel_id: str) -> None:
         self.rest.delete(kernel_id)
+        self.forget(kernel_id)
+
+    def forget(self, kernel_id: str) -> None:
+        """Drop what this transport keeps for kernel *kernel_id* (its link, its start options,
+        a checked websocket no link took); the kernel itself is left alone."""
+        opened = self.opened.pop(kernel_id, None)
+        if opened is not None and self._loop is not None:
+            self._loop.loop.call_soon_threadsafe(opened[0].close)
         self.links.pop(kernel_id, None)
+        self._options.pop(kernel_id, None)
 
     def interrupt_kernel(self, kernel_id: str) -> None:
         self.rest.interrupt(kernel_id)
 
     def restart_kernel(self, kernel_id: str) -> None:
         self.rest.restart(kernel_id)
+
+    def start_note(self, kernel_id: str) -> str | None:
+        """What happened before kernel *kernel_id* answered (for %colab_status); None if nothing."""
+        arrivals = self.arrivals.get(kernel_id)
+        return jupyter_start.note(arrivals) if arrivals else None
 
     def delivery(self, kernel_id: str) -> str | None:
         """How output is delivered to the kernel *kernel_id* across drops (for %colab_status)."""
@@ -549,27 +577,42 @@ class JupyterTransport:
             except FileNotFoundError:
                 msg = f"no kernel {kernel_id!r} on {self.target}"
                 raise PermanentLinkError(msg) from None
-            opts = self._options.get(kernel_id, {})
-            link = KernelLink(
-                kernel_id,
-                rest=self.rest,
-                journal=self.journal,
-                mock_gpu=opts.get("mock_gpu", False),
-                env=opts.get("env"),
-                ping_interval=self.ping_interval,
-                stable_session=self.stable_session,
-            )
-            self.links[kernel_id] = link
+            link = self.new_link(kernel_id)
         return link
 
-    async def _connect(self, kernel_id: str, session_id: str):
+    def new_link(self, kernel_id: str, options: dict | None = None) -> KernelLink:
+        """The link for kernel *kernel_id* (known to exist); *options* are its start options
+        (``mock_gpu``, ``env``), remembered for the kernel."""
+        if options is not None:
+            self._options[kernel_id] = options
+        opts = self._options.get(kernel_id, {})
+        link = KernelLink(
+            kernel_id,
+            rest=self.rest,
+            journal=self.journal,
+            mock_gpu=opts.get("mock_gpu", False),
+            env=opts.get("env"),
+            ping_interval=self.ping_interval,
+            stable_session=self.stable_session,
+        )
+        self.links[kernel_id] = link
+        return link
+
+    def loop(self) -> _Loop:
+        """The event loop thread of this transport's websockets (started on first use)."""
+        if self._loop is None:
+            self._loop = _Loop()
+        return self._loop
+
+    async def _connect(self, kernel_id: str, session_id: str, timeout: float | None = None):
         from tornado import httpclient, websocket
 
+        timeout = self.connect_timeout if timeout is None else timeout
         request = httpclient.HTTPRequest(
             self.rest.ws_url(kernel_id, session_id),
             headers={"Authorization": self.rest._token.header()},
-            connect_timeout=self.connect_timeout,
-            request_timeout=self.connect_timeout,
+            connect_timeout=min(self.connect_timeout, timeout),
+            request_timeout=timeout,
         )
         protocols = [V1] if self.subprotocol == "auto" else None
         inbox = Inbox()
@@ -599,18 +642,17 @@ class JupyterTransport:
     def open_pipe(self, kernel_id: str) -> LinkPipe:
         """Open the kernel's websocket and return the proxy's end of a fresh link pipe."""
         link = self._link(kernel_id)
-        if self._loop is None:
-            self._loop = _Loop()
         session_id = link.next_session_id()
+        opened = self.opened.pop(kernel_id, None)  # the start check's websocket: already open
         try:
-            ws, subprotocol, inbox = self._loop.run(
+            ws, subprotocol, inbox = opened or self.loop().run(
                 self._connect(kernel_id, session_id), self.connect_timeout + 5
             )
         except TimeoutError:
             msg = f"the kernel websocket on {self.target} did not open in {self.connect_timeout:g}s"
             raise ConnectError(msg) from None
         pipe = LinkPipe(self, kernel_id)
-        self._loop.spawn(link.serve(ws, subprotocol, pipe.inner, inbox))
+        self.loop().spawn(link.serve(ws, subprotocol, pipe.inner, inbox))
         return pipe
 
     # -- files -----------------------------------------------------------------------------
@@ -627,6 +669,10 @@ class JupyterTransport:
         return download(self.rest, remote, local)
 
     async def _end_links(self) -> None:
+        for ws, _, _ in self.opened.values():  # checked at start, never handed to a link
+            with contextlib.suppress(Exception):
+                ws.close()
+        self.opened.clear()
         for link in self.links.values():
             if link.current is not None:
                 link._end(link.current, "the transport was closed")
