@@ -95,8 +95,9 @@ CHANCE_BINS = 1e-2
 #: unchanged speed (same key, same tempo) for a score just over the threshold, and the speed
 #: stage, which would have found its own recording at a much higher score, never ran: on the
 #: 1,000-file corpus, frozen-bubble ``frozen-mainzik-2p`` x1.05 -> freedroidrpg ``underground``
-#: (12.2) in the benchmark, and 2 of the 3 false positives of 1,360 calibration excerpts (seeds
-#: 999 / 998: 16.0 and 10.1), whose own recordings then score 25-40 at the right speed.
+#: (12.2) in the benchmark, and nexuiz ``subcities`` x0.95 -> planetblupi ``music005`` (16.0),
+#: one of 3 false positives of 1,360 calibration excerpts (seeds 999 / 998); both are now their
+#: own recordings at the right speed.
 #: True matches at the unchanged speed that score under twice the threshold are noisy excerpts
 #: (0 / -5 dB), which then pay for the speed stage too (see docs/fingerprint.md).
 CONFIRM_FACTOR = 2.0
