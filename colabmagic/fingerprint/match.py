@@ -51,7 +51,7 @@ HASH_WEIGHT = 0.5
 #: best three by hash score on the benchmark, down to -5 dB).
 CANDIDATES = 5
 #: Posting hits a query may look up: at the unchanged speed (every query pays it), and in the
-#: speed stage (only queries that found nothing at the unchanged speed), over the
+#: speed stage (queries with no match, or a weak one, at the unchanged speed), over the
 #: :data:`SPEED_CHOICES` hypotheses its probe ranked best. Each stage looks its hashes up in a
 #: fixed pseudo-random order of hash values, in whole slices of it, while the sum of their
 #: postings stays within the budget (:func:`~colabmagic.fingerprint.budget.spend_sampled`): a
@@ -89,6 +89,18 @@ SPEED_CHOICES = 2
 #: chance matches had 3 aligned hashes and a strong peak verdict (expected chance bins 0.5-1);
 #: every true match had 5 or more (at most 0.001 there).
 CHANCE_BINS = 1e-2
+#: A match at the unchanged speed whose score is under this many times the threshold is
+#: confirmed against the speed stage: the other hypotheses are tried too and the best score
+#: wins. A sped-up excerpt of tonal music can align a few hashes of another recording at the
+#: unchanged speed (same key, same tempo) for a score just over the threshold, and the speed
+#: stage, which would have found its own recording at a much higher score, never ran: on the
+#: 1,000-file corpus, frozen-bubble ``frozen-mainzik-2p`` x1.05 -> freedroidrpg ``underground``
+#: (12.2) in the benchmark, and nexuiz ``subcities`` x0.95 -> planetblupi ``music005`` (16.0),
+#: one of 3 false positives of 1,360 calibration excerpts (seeds 999 / 998); both are now their
+#: own recordings at the right speed.
+#: True matches at the unchanged speed that score under twice the threshold are noisy excerpts
+#: (0 / -5 dB), which then pay for the speed stage too (see docs/fingerprint.md).
+CONFIRM_FACTOR = 2.0
 _OFFSET_BIAS = 1 << 24
 #: Query frames per segment (1/8 s at the default rate) and the most one segment's votes count,
 #: in :func:`votes`. Tuned on the Wesnoth set (16 frames / 1.0 before: 0 dB 5 s 57 % -> 71 %).
@@ -499,13 +511,14 @@ def _identify(
 ) -> Votes:
     """Both stages for a batch of query fingerprints; host arrays, best first per query.
 
-    Unless *all_speeds*, only the unchanged-speed hashes are tried first, and all speed
-    hypotheses only for the queries that found nothing at *min_score*: most queries are not sped
-    up, so most pay for one hash set instead of ``len(speeds)``. Fingerprints that hold only the
-    unchanged speed get every other hypothesis for those queries, hashed from the peaks they
-    hold (or recomputed from *signals*). Those whose other hypotheses hold more postings than
-    :data:`SPEED_HIT_BUDGET` probe each first and spend it on the best :data:`SPEED_CHOICES`
-    (:func:`_probe`); the others look all of them up.
+    Unless *all_speeds*, only the unchanged-speed hashes are tried first, and all speed hypotheses
+    only for the queries that found nothing at *min_score* times :data:`CONFIRM_FACTOR` (nothing, or
+    a weak match that a sped-up hypothesis may beat): most queries are not sped up, so most pay for
+    one hash set instead of ``len(speeds)``. Fingerprints that hold only the unchanged speed get
+    every other hypothesis for those queries, hashed from the peaks they hold (or recomputed from
+    *signals*). Those whose other hypotheses hold more postings than :data:`SPEED_HIT_BUDGET` probe
+    each first and spend it on the best :data:`SPEED_CHOICES` (:func:`_probe`); the others look all
+    of them up.
     """
     fpr = index.fingerprinter
     n_var = len(fpr.speeds)
@@ -538,7 +551,7 @@ def _identify(
     best = np.full(len(fps), -np.inf)
     decided = _significant(first.chance) | (min_score <= 0)
     np.maximum.at(best, first.query, np.where(decided, first.score, -np.inf))
-    retry = best < min_score
+    retry = best < min_score * CONFIRM_FACTOR  # nothing, or a weak match: try the other speeds
     if not retry.any():
         return first
     numbers = np.flatnonzero(retry)
@@ -642,7 +655,8 @@ def candidates(
     """Verified candidates of one query (samples or fingerprint), best first (host arrays).
 
     Samples are fingerprinted at the unchanged speed first, and with every speed hypothesis
-    only when that finds nothing at *min_score* (unless *all_speeds*).
+    only when that finds nothing at *min_score* times :data:`CONFIRM_FACTOR` (unless
+    *all_speeds*).
     """
     signals = None
     if isinstance(query, Fingerprint):
