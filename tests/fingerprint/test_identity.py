@@ -144,3 +144,19 @@ def test_reference_is_not_vacuous(decoded: dict[str, str]) -> None:
     base = reference_peaks(fpr, y, fpr.peaks_per_second)
     later = reference_peaks(fpr, np.concatenate([[0.0], y[:-1]]).astype(np.float32), 24.0)
     assert base.shape != later.shape or not np.array_equal(base, later)
+
+
+def test_windows_without_strided_views_are_the_same() -> None:
+    """A namespace without ``sliding_window_view`` (a device module may lack it) gets the same
+    windows through a gather, so the device code path hashes the same pairs."""
+    import types
+
+    from colabmagic.fingerprint import Backend
+
+    bare = types.ModuleType("bare")
+    bare.__dict__.update({k: getattr(np, k) for k in ("arange", "asarray")})
+    x = np.arange(24, dtype=np.float32).reshape(2, 12)
+    strided = Backend.from_module(np).windows(x, 5)
+    gathered = Backend.from_module(bare).windows(x, 5)
+    np.testing.assert_array_equal(gathered, strided, strict=True)
+    assert strided.shape == (2, 8, 5)
