@@ -87,6 +87,20 @@ class Backend:
             return ndimage.maximum_filter1d(x, 2 * radius + 1, axis=axis, mode="constant", cval=0)
         return max_filter_doubling(self.xp, x, radius, axis)
 
+    def windows(self, x: Any, width: int) -> Any:
+        """Every *width* consecutive elements along the last axis: ``(..., m - width + 1, width)``.
+
+        NumPy (and namespaces that have it): ``sliding_window_view``, a strided view, no copy;
+        elsewhere a gather through an index matrix. Both hold the same values.
+        """
+        stride_tricks = getattr(getattr(self.xp, "lib", None), "stride_tricks", None)
+        view = getattr(stride_tricks, "sliding_window_view", None)
+        if view is not None:
+            return view(x, width, axis=-1)
+        m = x.shape[-1] - width + 1
+        xp = self.xp
+        return x[..., xp.arange(m)[:, None] + xp.arange(width)[None, :]]
+
     def best_of_runs(self, run: Any, score: Any, count: Any) -> Any:
         """Per run of equal values of the sorted *run*: the position of the highest *score*,
         then the highest *count*, then the last position (in the order of *run*).

@@ -42,7 +42,8 @@ def landmark_hashes(
     times, freqs : array (float32)
         Peak frames and bins (sub-bin precision), sorted by time within each track.
     track : array (int64)
-        Track number of every peak; pairs never cross tracks.
+        Track number of every peak, non-decreasing (each track's peaks together); pairs never
+        cross tracks.
     fanout : int
         Pairs per anchor.
     dt_max, df_max : int
@@ -99,21 +100,27 @@ def landmark_hashes_speeds(
     fs = xp.asarray(np.array([b for _, b in scales], dtype=np.float32))[:, None]
     t = times[None, :] * ts  # (v, n)
     f = freqs[None, :] * fs
-    j = xp.arange(n)[:, None] + xp.arange(1, lookahead + 1)[None, :]
-    inside = j < n
-    j = xp.minimum(j, max(n - 1, 0))
-    same = inside & (track[j] == track[:, None])  # (n, lookahead), shared by every scale
+    # peak i's partners are peaks i+1..i+lookahead of its own track (tracks are sorted): a
+    # comparison with where the track ends, and strided windows of the following peaks instead
+    # of gathers through an (n, lookahead) index matrix (half the CPU, the same values)
+    end = xp.searchsorted(track, track, side="right")
+    same = xp.arange(1, lookahead + 1)[None, :] < (end - xp.arange(n))[:, None]
+    pad = xp.zeros((t.shape[0], lookahead), dtype=t.dtype)  # beyond the last peak: masked
+    later_t = backend.windows(xp.concatenate([t, pad], axis=1), lookahead)[:, 1 : n + 1]
+    later_f = backend.windows(xp.concatenate([f, pad], axis=1), lookahead)[:, 1 : n + 1]
     # (v, n, lookahead), rounded but kept in float32 (exact small integers): the tests run on
     # 4-byte values, and only the kept pairs are converted
-    dt = xp.rint(t[:, j] - t[:, :, None])
-    df = xp.rint(f[:, j] - f[:, :, None])
+    dt = xp.rint(later_t - t[:, :, None])
+    df = xp.rint(later_f - f[:, :, None])
     valid = same[None] & (dt >= 1) & (dt <= dt_max)
     valid &= xp.abs(df) <= df_max
     valid &= xp.cumsum(valid, axis=2, dtype=xp.int16) <= fanout
-    which, rows, cols = xp.nonzero(valid)
+    kept = xp.nonzero(valid.reshape(-1))[0]  # 1-D nonzero: several times faster than 3-D
+    which = kept // (n * lookahead)
+    rows = (kept - which * (n * lookahead)) // lookahead
     f1 = xp.clip(xp.rint(f[which, rows]).astype(xp.int64), 0, F_MAX)
-    dtv = dt[which, rows, cols].astype(xp.int64)
-    dfv = df[which, rows, cols].astype(xp.int64) + DF_MAX + 1
+    dtv = dt.reshape(-1)[kept].astype(xp.int64)
+    dfv = df.reshape(-1)[kept].astype(xp.int64) + DF_MAX + 1
     hashes = (f1 << (DF_BITS + DT_BITS)) | (dfv << DT_BITS) | dtv
     anchor = xp.rint(t[which, rows]).astype(xp.int64)
     return hashes.astype(xp.uint32), anchor, track[rows], which

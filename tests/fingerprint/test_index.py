@@ -380,3 +380,19 @@ def test_files_are_hashed_in_threads_and_an_unreadable_one_is_skipped(tmp_path, 
     assert (s.added, s.known, s.skipped) == (2, 1, 1)
     assert [t.id for t in idx.tracks] == ["a.wav", "b.wav"]
     assert s.skipped_files == [str(items[1][1])]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 100_000])
+def test_stable_order_is_the_stable_argsort(n):
+    """Shards are sorted by packing key and position into one uint64 (a plain sort): the order
+    must be exactly NumPy's stable argsort, ties (many here: 16 distinct keys) in input order."""
+    from colabmagic.fingerprint.index import _stable_order
+
+    rng = np.random.default_rng(n)
+    for keys in (
+        rng.integers(0, 16, n).astype(np.uint32),
+        rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32),
+    ):
+        got = _stable_order(keys)
+        np.testing.assert_array_equal(got, np.argsort(keys, kind="stable"), strict=False)
+        assert got.dtype == np.intp
