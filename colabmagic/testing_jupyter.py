@@ -72,6 +72,17 @@ class ServerProcess:
         return [k["id"] for k in self.request("GET", "api/kernels")[1]]
 
 
+def require_server() -> None:
+    """Skip the calling test (fail it under ``COLABMAGIC_REQUIRE_ALL=1``) when jupyter_server is
+    not installed."""
+    from colabmagic.testing import require
+
+    try:
+        import jupyter_server  # noqa: F401
+    except ImportError:
+        require(False, "jupyter_server is not installed (pip install colabmagic[test])")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,24 +21,16 @@ import pytest
 
 import colabmagic
 from colabmagic.errors import ConnectError, ParameterError, TransferError
-from colabmagic.testing import require, wait_until
-from colabmagic.testing_jupyter import CELL, Lines, jupyter_server
+from colabmagic.testing import wait_until
+from colabmagic.testing_jupyter import CELL, Lines, jupyter_server, require_server
 from colabmagic.testing_wan import WanRelay
 
 pytestmark = pytest.mark.timeout(600)
 
 
-def _have_server() -> bool:
-    try:
-        import jupyter_server as _  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    require(_have_server(), "jupyter_server is not installed (pip install colabmagic[test])")
+    require_server()
     with jupyter_server(tmp_path_factory.mktemp("jserver")) as srv:
         yield srv
 
@@ -46,7 +38,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def json_server(tmp_path_factory):
     """A server that refuses the v1 binary subprotocol: the transport falls back to JSON."""
-    require(_have_server(), "jupyter_server is not installed (pip install colabmagic[test])")
+    require_server()
     with jupyter_server(
         tmp_path_factory.mktemp("jserver-json"),
         "--ZMQChannelsWebsocketConnection.kernel_ws_protocol=",

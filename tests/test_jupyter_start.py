@@ -12,26 +12,19 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 import colabmagic
 from colabmagic.errors import ConnectError, ParameterError
-from colabmagic.testing import require, wait_until
-from colabmagic.testing_jupyter import jupyter_server
+from colabmagic.testing import wait_until
+from colabmagic.testing_jupyter import jupyter_server, require_server
 from colabmagic.testing_standin_kernel import install_kernelspec, launched_pids
 from colabmagic.transport.jupyter_start import DEFAULT_START_TIMEOUT, KernelDeadOnArrival
 
 pytestmark = pytest.mark.timeout(600)
 OLD_TIMEOUT = 60.0  # what a dead-on-arrival kernel cost before: the whole connect timeout
-
-
-def _have_server() -> bool:
-    try:
-        import jupyter_server as _  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +35,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, data_dir):
     """A server that finds kernelspecs in *data_dir* (each test installs its own stand-in)."""
-    require(_have_server(), "jupyter_server is not installed (pip install colabmagic[test])")
+    require_server()
     env = {"JUPYTER_PATH": str(data_dir)}
     with jupyter_server(tmp_path_factory.mktemp("jserver-doa"), env=env) as srv:
         yield srv
@@ -229,14 +222,19 @@ def test_the_provisioner_recovers_and_reports_the_same_line(server, standin, tmp
     ksm = KernelSpecManager(kernel_dirs=[str(spec_dir)])
     before = set(server.kernel_ids())
 
-    once, once_state = standin("hang-once")
-    kernelspec.install(
-        "cm-doa-once",
-        target=server.url,
-        transport_options={"kernel_name": once, "start_timeout": 4},
-        prefix=str(tmp_path),
-    )
-    km = KernelManager(kernel_name="cm-doa-once", kernel_spec_manager=ksm)
+    def manager(behaviour: str, budget: float) -> tuple[KernelManager, str, Path]:
+        """A JupyterLab kernelspec for a stand-in kernel that does *behaviour* on the server."""
+        kernel, state = standin(behaviour)
+        kernelspec.install(
+            f"cm-doa-{behaviour}",
+            target=server.url,
+            transport_options={"kernel_name": kernel, "start_timeout": budget},
+            prefix=str(tmp_path),
+        )
+        km = KernelManager(kernel_name=f"cm-doa-{behaviour}", kernel_spec_manager=ksm)
+        return km, kernel, state
+
+    km, _, once_state = manager("hang-once", 4)
     km.start_kernel()
     kc = km.client()
     kc.start_channels()
@@ -251,14 +249,7 @@ def test_the_provisioner_recovers_and_reports_the_same_line(server, standin, tmp
         km.shutdown_kernel()
     _none_left(server, before, once_state)
 
-    hang, hang_state = standin("hang")
-    kernelspec.install(
-        "cm-doa-hang",
-        target=server.url,
-        transport_options={"kernel_name": hang, "start_timeout": 3},
-        prefix=str(tmp_path),
-    )
-    km = KernelManager(kernel_name="cm-doa-hang", kernel_spec_manager=ksm)
+    km, hang, hang_state = manager("hang", 3)
     with pytest.raises(ConnectError) as info:
         km.start_kernel()
     message = str(info.value)
