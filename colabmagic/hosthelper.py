@@ -156,18 +156,7 @@ class Helper:
             if len(self._big) < n:
                 self._big = bytearray(n)
             view = memoryview(self._big)[:n]
-            got = len(self._buf)
-            view[:got] = self._buf
-            self._buf = bytearray()
-            while got < n:
-                try:
-                    k = self.proc.stdout.readinto(view[got:])
-                except OSError as exc:
-                    msg = f"read failed: {exc}"
-                    raise Dropped(msg) from None
-                if not k:
-                    raise Dropped(self._why())
-                got += k
+            self.readinto(view)
             return view
         parts, got = [bytes(self._buf)], len(self._buf)
         self._buf = bytearray()
@@ -176,6 +165,23 @@ class Helper:
             parts.append(data)
             got += len(data)
         return b"".join(parts)
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill *view* (bytes) with the next ``view.nbytes`` bytes of a subprocess's stream,
+        read straight into it (what a line read took beyond its line first)."""
+        got = min(len(self._buf), view.nbytes)
+        if got:
+            view[:got] = self._buf[:got]
+            del self._buf[:got]
+        while got < view.nbytes:
+            try:
+                k = self.proc.stdout.readinto(view[got:])
+            except OSError as exc:
+                msg = f"read failed: {exc}"
+                raise Dropped(msg) from None
+            if not k:
+                raise Dropped(self._why())
+            got += k
 
     def readline(self) -> bytes:
         while b"\n" not in self._buf:

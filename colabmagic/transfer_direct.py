@@ -65,17 +65,13 @@ def _ssh_transport(channel: Channel) -> Any | None:
     return transport if ssh_pipe.usable(transport) else None
 
 
-def _spare_ready(transport: Any) -> bool:
-    """Whether an ``ssh`` spare has started (not merely been asked for: one still starting
-    costs a transfer right after another its handshake, ~0.5 s through a 50 ms link, as much
-    as the comm path loses on 32 MiB there)."""
-    return hosthelper.spare_started(transport, "openssh")
-
-
 def _threshold(channel: Channel, transport: Any) -> int:
+    """The smallest value the stream takes. A spare ``ssh`` counts once it has started, not
+    when merely asked for: one still starting costs a transfer right after another its
+    handshake, ~0.5 s through a 50 ms link, as much as the comm path loses on 32 MiB there."""
     if channel.via == "openssh":
         return 0
-    return DIRECT_MIN if _spare_ready(transport) else FRESH_MIN
+    return DIRECT_MIN if hosthelper.spare_started(transport, "openssh") else FRESH_MIN
 
 
 def raw_is_cheaper(mode: str, views: list[memoryview], channel: Channel) -> bool:
@@ -114,22 +110,6 @@ def _connect(helper: hosthelper.Helper, path: str, token: str) -> None:
     if not answer.get("ok"):
         raise hosthelper.Dropped(answer.get("error", "the relay did not connect"))
     helper.write(token.encode())
-
-
-def _read_into(helper: hosthelper.Helper, view: memoryview) -> None:
-    got = min(len(helper._buf), view.nbytes)  # what a line read took beyond its line
-    if got:
-        view[:got] = helper._buf[:got]
-        del helper._buf[:got]
-    while got < view.nbytes:
-        try:
-            k = helper.proc.stdout.readinto(view[got:])
-        except OSError as exc:
-            msg = f"read failed: {exc}"
-            raise hosthelper.Dropped(msg) from None
-        if not k:
-            raise hosthelper.Dropped(helper._why())
-        got += k
 
 
 def _fell_back(stats: TransferStats, target: str, exc: BaseException) -> None:
@@ -242,7 +222,7 @@ def pull(
         _connect(helper, data["path"], offer["direct"])
         started = time.perf_counter()
         for frame in frames:
-            _read_into(helper, memoryview(frame).cast("B"))
+            helper.readinto(memoryview(frame).cast("B"))
     except _Broken as exc:
         channel._abort(req)
         _fell_back(stats, transport.target, exc)

@@ -214,6 +214,10 @@ class Inbox:
     def unbind(self) -> None:
         self.fn = _ignore
 
+    def hold(self) -> None:
+        """Hold what comes next until :meth:`bind` (the start check hands the websocket on)."""
+        self.fn = None
+
 
 def _ignore(_data) -> None:
     """Where an ended attachment's late websocket messages go."""

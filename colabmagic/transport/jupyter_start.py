@@ -350,7 +350,7 @@ async def _probe(transport: Any, link: Any, kernel_id: str, timeout: float) -> t
         data = encode_v1("shell", parts) if subprotocol == V1 else encode_json("shell", parts)
         await ws.write_message(data, binary=isinstance(data, bytes))
         await reply
-        inbox.fn = None  # hold what comes next until the link binds
+        inbox.hold()  # what comes next waits for the link
         return ws, subprotocol, inbox
     except BaseException:
         with contextlib.suppress(Exception):
