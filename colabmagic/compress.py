@@ -24,7 +24,7 @@ RAW, ZSTD = 0, 1
 SAMPLE = 64 * 1024
 LEVEL = 1
 _MARGIN = 0.9
-_RESAMPLE = 8  # after a chunk that did not pay, sample only every 8th chunk
+_RESAMPLE = 8  # after a chunk that did not pay, sample again only 7 chunks' worth of bytes later
 PRIOR = 3e7  # bytes/s assumed until measured: a good WAN; loopback is measured within a chunk
 
 
@@ -92,13 +92,21 @@ class Chooser:
         self.meter = meter
         self.mode = mode if (peer_zstd and available()) else "none"
         self._cctx = None
-        self._skip = 0
+        self._skip = 0  # bytes to send raw before the next sample
         self.raw_bytes = 0
         self.wire_bytes = 0
         if self.mode != "none":
             import zstandard
 
             self._cctx = zstandard.ZstdCompressor(level=LEVEL)
+
+    def next_size(self, chunk: int, raw_slice: int) -> int:
+        """How much to read for the next chunk: *chunk* when it will be sampled or compressed,
+        else *raw_slice* (a sender can then read, hash and send raw data in slices small enough
+        to stay in the CPU's cache)."""
+        if self.mode == "zstd" or (self.mode == "auto" and self._skip <= 0):
+            return chunk
+        return raw_slice
 
     def encode(self, chunk) -> tuple[int, object]:
         """``(codec, payload)`` for *chunk* (a bytes-like); the payload may be *chunk* itself."""
@@ -116,8 +124,8 @@ class Chooser:
     def _pays(self, view: memoryview) -> bool:
         if view.nbytes < 4096:
             return False
-        if self._skip:
-            self._skip -= 1
+        if self._skip > 0:
+            self._skip -= view.nbytes
             return False
         mid = max(0, view.nbytes // 2 - SAMPLE // 2)
         sample = view[mid : mid + SAMPLE]
@@ -126,7 +134,7 @@ class Chooser:
         spent = max(time.thread_time() - t0, 1e-7)
         ok = pays(sample.nbytes, size, spent, self.meter.rate)
         if not ok and self.meter.rate is not None:
-            self._skip = _RESAMPLE - 1
+            self._skip = (_RESAMPLE - 1) * view.nbytes
         return ok
 
 

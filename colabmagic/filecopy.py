@@ -47,6 +47,7 @@ log = logging.getLogger("colabmagic.files")
 FRAME = struct.Struct("!BQ")
 END = 255
 CHUNK = 4 << 20
+SLICE = 1 << 18  # raw data goes in frames this small: read, hashed and sent while in cache
 RETRIES = 8
 SLACK = 4 << 20  # what the SSH window and socket buffers take before a writer feels the link
 PART = ".colabmagic-part"
@@ -250,7 +251,7 @@ def _put_one(helper, i, file, info, mode, peer, bar, done, meter, moved) -> None
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         while True:
-            n = f.readinto(buf)
+            n = f.readinto(view[: chooser.next_size(CHUNK, SLICE)])
             if not n:
                 break
             h.update(view[:n])

@@ -55,6 +55,7 @@ class TransferStats:
     compressed_chunks: int = 0
     via: str = "comm"  # what carried it: "comm" (chunk messages) or "openssh" (its own stream)
     note: str = ""  # why it took the comm path after trying the stream, if it did
+    pipes_passed: bool = False  # openssh: the kernel moved the bytes on sshd's pipes itself
 
     @property
     def rate(self) -> float:

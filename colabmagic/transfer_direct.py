@@ -9,8 +9,10 @@ packet. Over SSH, a large value can instead take a stream of its own:
   token), listens on a Unix socket in a private 0700 directory and says where (``direct_ready``);
   a thread ``recv_into``s the frames (or ``sendall``s the kernel's frames for a pull), so the
   kernel's main thread stays free and arrays arrive writable and zero-copy;
-- on the host, the file helper's ``relay`` command (``remote/files.py``) splices its stdin and
-  stdout to that socket, run through the OpenSSH client exactly as file copies are
+- on the host, the file helper's ``relay`` command (``remote/files.py``) connects to that
+  socket and hands the kernel its stdin and stdout, sshd's pipes, so the kernel's thread moves
+  the bytes on them itself (or, for a kernel that cannot take them, splices them to the socket);
+  it is run through the OpenSSH client exactly as file copies are
   (:mod:`colabmagic.transport.ssh_pipe`: private config, pinned host keys, ``BatchMode``), a
   ready spare helper taken when there is one (:mod:`colabmagic.hosthelper`);
 - this side writes the pickle's frames (views of the caller's memory, no copy) to the ``ssh``
@@ -20,7 +22,8 @@ The comm still says when a transfer starts and that it finished: a push is bound
 namespace only by ``push_commit``, after the kernel received every byte, so a stream that
 drops midway leaves the namespace as it was. The caller then redoes the transfer on the comm
 path (one log line on ``colabmagic.transfer``); :class:`~colabmagic.transfer.TransferStats`
-says which route carried it (``via``) and why it fell back (``note``).
+says which route carried it (``via``), whether the kernel had sshd's pipes
+(``pipes_passed``) and why it fell back (``note``).
 
 When (``Channel.via == "auto"``, the default): an SSH transport with ``ssh`` on PATH (and not
 found failing), a value of :data:`DIRECT_MIN` bytes or more when a spare ``ssh`` helper is
@@ -104,11 +107,15 @@ def _relay(transport: Any) -> hosthelper.Helper | None:
     return None
 
 
-def _connect(helper: hosthelper.Helper, path: str, token: str) -> None:
-    hosthelper.send_line(helper, {"path": path})
+def _connect(helper: hosthelper.Helper, ready: dict, token: str, stats: TransferStats) -> None:
+    """Have the relay reach the kernel's stream (*ready*: its ``direct_ready``), then show the
+    token. A kernel that says it can (``fds``) is handed the relay's stdin and stdout, sshd's
+    pipes, and moves the bytes on them itself; else the relay splices them to its socket."""
+    hosthelper.send_line(helper, {"path": ready["path"], "pass": bool(ready.get("fds"))})
     answer = hosthelper.read_line(helper)
     if not answer.get("ok"):
         raise hosthelper.Dropped(answer.get("error", "the relay did not connect"))
+    stats.pipes_passed = bool(answer.get("passed"))
     helper.write(token.encode())
 
 
@@ -125,7 +132,8 @@ def _done(channel: Channel, stats: TransferStats, started: float, via: str) -> N
         channel.meter.rate = stats.raw_bytes / seconds
     where = ("to " if stats.direction == "push" else "from ") + channel.session.transport.target
     mib, rate = stats.raw_bytes / 2**20, stats.raw_bytes / seconds / 1e6
-    log.info("%s of %.1f MiB %s via %s at %.0f MB/s", stats.direction, mib, where, via, rate)
+    how = " (on sshd's pipes)" if stats.pipes_passed else " (spliced)" if via == "openssh" else ""
+    log.info("%s of %.1f MiB %s via %s%s at %.0f MB/s", stats.direction, mib, where, via, how, rate)
 
 
 def push(
@@ -156,7 +164,7 @@ def push(
             )
             try:
                 data, _ = channel._next(inbox, req, "push", timeout)
-                _connect(helper, data["path"], token)
+                _connect(helper, data, token, stats)
                 started = time.perf_counter()
                 for view in views:
                     helper.write(view)
@@ -219,7 +227,7 @@ def pull(
             channel._abort(req)
             return None
         frames = [wire.alloc(n) for n in sizes]
-        _connect(helper, data["path"], offer["direct"])
+        _connect(helper, data, offer["direct"], stats)
         started = time.perf_counter()
         for frame in frames:
             helper.readinto(memoryview(frame).cast("B"))

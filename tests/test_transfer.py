@@ -431,3 +431,83 @@ def test_the_next_copy_takes_the_spare_helper(sshd_server, colabmagic_root, tmp_
         t.close()
     wait_until(lambda: last.chan.closed, what="the spare closed with its transport")
     assert t not in hosthelper._spares
+
+
+def _frames(stream) -> tuple[list[tuple[int, int]], bytes | None, bytes]:
+    """The ``(codec, length)`` of each frame the host helper wrote, its sha256 frame (None if
+    the stream ended first) and the payloads, joined."""
+    from colabmagic.remote import files
+
+    out, data = [], bytearray()
+    while True:
+        head = stream.read(files.FRAME.size)
+        if len(head) < files.FRAME.size:
+            return out, None, bytes(data)
+        codec, n = files.FRAME.unpack(head)
+        payload = stream.read(n)
+        if codec == files.END:
+            return out, payload, bytes(data)
+        out.append((codec, n))
+        data += payload
+
+
+def _get(path: str, mode: str):
+    """The host helper's ``get`` on *path* (run as the host runs it), asked for the whole file."""
+    import json
+    import subprocess
+
+    from colabmagic.remote import files
+
+    proc = subprocess.Popen(
+        [sys.executable, files.__file__, "get", mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    proc.stdin.write(json.dumps({"src": path}).encode() + b"\n")
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline())["files"][0]["size"] == os.path.getsize(path)
+    proc.stdin.write(json.dumps({"i": 0, "offset": 0, "sha": "", "rate": 1e8}).encode() + b"\n")
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline()) == {"offset": 0, "size": os.path.getsize(path)}
+    return proc
+
+
+def test_a_download_sends_raw_data_in_cache_sized_slices_and_a_shrinking_file_is_a_drop(tmp_path):
+    """The host maps the file: raw data leaves in frames of ``SLICE`` bytes (hashed in place,
+    sent by sendfile), compressible chunks still compressed whole; a file truncated under the
+    helper ends its stream with no sha256 frame, which the client takes as a drop (and its
+    retry reads the file as it is then: ``test_download_resumes_after_a_cut...``)."""
+    from colabmagic.remote import files
+
+    body = noise(9 * MiB + 12345)
+    src = tmp_path / "src.bin"
+    src.write_bytes(body.tobytes())
+    for mode in ("none", "auto"):
+        proc = _get(str(src), mode)
+        frames, sha, data = _frames(proc.stdout)
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+        assert data == body.tobytes()
+        assert sha.decode() == hashlib.sha256(data).hexdigest()
+        assert {c for c, _ in frames} == {0}
+        if mode == "none":
+            assert [n for _, n in frames[:-1]] == [files.SLICE] * (len(frames) - 1)
+    zeros = tmp_path / "zeros.bin"
+    zeros.write_bytes(bytes(9 * MiB))
+    proc = _get(str(zeros), "auto")
+    frames, sha, data = _frames(proc.stdout)
+    proc.stdin.close()
+    assert proc.wait(10) == 0
+    assert sha.decode() == hashlib.sha256(bytes(9 * MiB)).hexdigest()
+    assert [c for c, _ in frames] == [1, 1, 1]  # whole 4 MiB chunks, compressed
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(noise(32 * MiB, seed=5).tobytes())
+    proc = _get(str(big), "none")
+    codec, n = files.FRAME.unpack(proc.stdout.read(files.FRAME.size))
+    assert (codec, n) == (0, files.SLICE)
+    proc.stdout.read(n)
+    os.truncate(big, 0)  # the helper is held by the full pipe meanwhile
+    frames, sha, data = _frames(proc.stdout)
+    assert sha is None, "a stream cut short by the file shrinking must not carry a sha256"
+    proc.stdin.close()
+    assert proc.wait(10) != 0
+    assert len(data) < 32 * MiB

@@ -317,3 +317,67 @@ def test_the_kernels_endpoint_is_private_and_takes_only_the_token(session):
         "bad.close(); good.close(); del d, bad, good, ack, dropped, mode, k, socket",
     )
     assert out == "0o700 True b'K' b'hello' None False"
+
+
+def test_the_kernel_takes_sshds_pipes_and_reads_or_writes_them_itself(session):
+    """The relay hands its stdin and stdout to the kernel (SCM_RIGHTS): inside the kernel, a
+    peer that passes two pipes and then the token is served on those pipes, both ways; one that
+    passes them with a wrong token is dropped and its pipes closed."""
+    out = run(
+        session,
+        "import _colabmagic_kernel as k, os, socket\n"
+        "def peer(d, token):\n"
+        "    (ri, wi), (ro, wo) = os.pipe(), os.pipe()\n"
+        "    s = socket.socket(socket.AF_UNIX); s.connect(d.path)\n"
+        "    socket.send_fds(s, [b'F'], [ri, wo]); os.close(ri); os.close(wo)\n"
+        "    os.write(wi, token)\n"
+        "    return s, wi, ro\n"
+        "d = k._Direct('a' * 32, [bytearray(5)], outgoing=False)\n"
+        "bad, bwi, bro = peer(d, b'b' * 32)\n"
+        "dropped = bad.recv(1) == b'' and os.read(bro, 1) == b''\n"
+        "good, wi, ro = peer(d, b'a' * 32)\n"
+        "os.write(wi, b'hello'); ack = os.read(ro, 1); d.done.wait(10)\n"
+        "pushed = (dropped, ack, bytes(d.frames[0]), d.error, good.recv(1))\n"
+        "d = k._Direct('c' * 32, [b'pulled', b'!'], outgoing=True)\n"
+        "s, wi2, ro2 = peer(d, b'c' * 32)\n"
+        "got = b''\n"
+        "while len(got) < 7: got += os.read(ro2, 7)\n"
+        "d.done.wait(10)\n"
+        "print(*pushed, got, d.error, os.read(ro2, 1), os.path.exists(d.dir))\n"
+        "for f in (wi, ro, bwi, bro, wi2, ro2): os.close(f)\n"
+        "for x in (bad, good, s): x.close()\n"
+        "del d, bad, good, s, peer, pushed, got, dropped, ack, k, socket",
+    )
+    assert out == "True b'K' b'hello' None b'' b'pulled!' None b'' False"
+
+
+def test_push_and_pull_on_sshds_pipes_and_spliced_for_a_kernel_that_cannot_take_them(
+    session, via, monkeypatch, caplog
+):
+    """Both routes of the stream, end to end: the kernel on sshd's pipes (what it says it can
+    do), and the relay splicing them to the kernel's socket (a kernel that does not say so, as
+    one started by an older colabmagic)."""
+    via.via = "openssh"
+    x = noise(12 * MiB, seed=7)
+    connect = transfer_direct._connect
+    for passed in (True, False):
+        if not passed:
+            monkeypatch.setattr(
+                transfer_direct,
+                "_connect",
+                lambda h, ready, token, stats: connect(h, dict(ready, fds=False), token, stats),
+            )
+        caplog.clear()
+        with caplog.at_level("INFO", logger="colabmagic.transfer"):
+            st = session.push(x=x, compress="none")
+            assert (st.via, st.pipes_passed) == ("openssh", passed)
+            back = session.pull("x", compress="none")
+        assert (session.bulk.last.via, session.bulk.last.pipes_passed) == ("openssh", passed)
+        assert np.array_equal(back, x)
+        assert back.flags.writeable
+        how = "on sshd's pipes" if passed else "spliced"
+        logged = [r.getMessage() for r in caplog.records if "via openssh" in r.getMessage()]
+        assert len(logged) == 2, logged
+        assert all(how in m for m in logged), logged
+        assert kernel_state(session) == "0 0"
+    run(session, "del x")

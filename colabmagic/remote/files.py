@@ -22,9 +22,12 @@ once up, then reads its command as a JSON line ``{"argv": ["put"]}``:
           receiver's partial file does not match), the frames from there (compressed per MODE:
           none, zstd, or auto at *rate* bytes/s), and a codec-255 frame with the file's sha256.
 ``relay`` carries a push or pull straight to the kernel (``colabmagic/transfer_direct.py``):
-          in: ``{"path"}``, the kernel's Unix socket; out: ``{"ok": true}`` once connected (or
-          ``{"error"}``); from then on stdin is spliced to the socket and the socket to stdout,
-          byte for byte, until the kernel closes it.
+          in: ``{"path", "pass"}``, the kernel's Unix socket; out: ``{"ok": true}`` once
+          connected (or ``{"error"}``). With ``pass`` (the kernel said it can take them) stdin
+          and stdout themselves are handed to the kernel over the socket (SCM_RIGHTS): it
+          reads and writes sshd's pipes directly and closes the socket when done, which ends
+          this process (``"passed": true`` in the answer). Otherwise stdin is spliced to the
+          socket and the socket to stdout, byte for byte, until the kernel closes it.
 """
 
 import hashlib
@@ -44,6 +47,7 @@ except ImportError:
 FRAME = struct.Struct("!BQ")
 END = 255
 CHUNK = 4 << 20
+SLICE = 1 << 18  # a raw frame read from a mapping: hashed, then sent while still in cache
 PART = ".colabmagic-part"
 
 
@@ -254,36 +258,120 @@ def serve_get(mode):
 
 def get(out, source, offset, prefix_sha, mode, rate):
     cctx = zstandard.ZstdCompressor(level=1) if (zstandard and mode != "none") else None
-    skip = 0
     with open(source, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         h, got = _hash_prefix(f, offset)
         if got != offset or h.hexdigest() != prefix_sha:
             h, offset = hashlib.sha256(), 0
-        f.seek(offset)
         _reply(out, {"offset": offset, "size": size})
-        buf = bytearray(CHUNK)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            block = memoryview(buf)[:n]
-            h.update(block)
-            codec, payload = 0, block
-            if cctx is not None and len(block) >= 4096:
-                if mode == "zstd" or (not skip and _pays(block, rate, cctx)):
-                    z = cctx.compress(block)
-                    if len(z) < len(block):
-                        codec, payload = 1, z
-                elif skip:
-                    skip -= 1
-                elif rate:
-                    skip = 7
-            out.write(FRAME.pack(codec, len(payload)))
-            out.write(payload)
+        mapped = _map(f, size)
+        if mapped is None:
+            f.seek(offset)
+            _send_read(out, f, h, cctx, mode, rate)
+        else:
+            try:
+                _send_mapped(f.fileno(), mapped, offset, size, h, cctx, mode, rate)
+            finally:
+                mapped.close()
         end = h.hexdigest().encode()
         out.write(FRAME.pack(END, len(end)) + end)
         out.flush()
+
+
+def _map(f, size):
+    """*f* mapped read-only, or None where it cannot be (empty, not a regular file)."""
+    import mmap
+
+    if size <= 0 or not hasattr(os, "sendfile"):
+        return None
+    try:
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    with _quiet():
+        m.madvise(mmap.MADV_SEQUENTIAL)
+    return m
+
+
+class _quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        return kind is not None and issubclass(kind, (AttributeError, OSError, ValueError))
+
+
+def _send_mapped(fd, m, pos, size, h, cctx, mode, rate):
+    """Frames of the mapped file *fd* from *pos* to *size* (its size when the copy began).
+
+    Raw data goes in frames of :data:`SLICE` bytes: each hashed in place in the mapping, then
+    sent by ``sendfile`` from the page cache, so its bytes never pass through a buffer of ours
+    and are still in the CPU's cache when sshd reads them. ``auto`` decides per
+    :data:`CHUNK` from a sample, as :func:`_send_read` does; a chunk that is compressed goes
+    whole. A file truncated meanwhile ends this process (SIGBUS or a short ``sendfile``); the
+    client sees a drop and starts over with the file as it is then.
+    """
+    view = memoryview(m)
+    skip = 0  # bytes to send raw before the next sample
+    try:
+        while pos < size:
+            end = min(pos + SLICE, size)
+            if cctx is not None and (mode == "zstd" or skip <= 0):
+                end = min(pos + CHUNK, size)
+                block = view[pos:end]
+                if len(block) >= 4096 and (mode == "zstd" or _pays(block, rate, cctx)):
+                    z = cctx.compress(block)
+                    if len(z) < len(block):
+                        h.update(block)
+                        _write_all(1, FRAME.pack(1, len(z)))
+                        _write_all(1, z)
+                        pos = end
+                        continue
+                elif rate:
+                    skip = 7 * CHUNK
+            while pos < end:  # raw, a slice at a time
+                n = min(SLICE, end - pos)
+                h.update(view[pos : pos + n])
+                _write_all(1, FRAME.pack(0, n))
+                _sendfile(fd, pos, n)
+                pos += n
+                skip -= n
+    finally:
+        view.release()
+
+
+def _sendfile(fd, pos, n):
+    while n:
+        k = os.sendfile(1, fd, pos, n)
+        if not k:
+            msg = "the file shrank while it was being sent"
+            raise EOFError(msg)
+        pos += k
+        n -= k
+
+
+def _send_read(out, f, h, cctx, mode, rate):
+    """Frames of *f* from its position, read through a buffer (where it cannot be mapped)."""
+    skip = 0
+    buf = bytearray(CHUNK)
+    while True:
+        n = f.readinto(buf)
+        if not n:
+            break
+        block = memoryview(buf)[:n]
+        h.update(block)
+        codec, payload = 0, block
+        if cctx is not None and len(block) >= 4096:
+            if mode == "zstd" or (not skip and _pays(block, rate, cctx)):
+                z = cctx.compress(block)
+                if len(z) < len(block):
+                    codec, payload = 1, z
+            elif skip:
+                skip -= 1
+            elif rate:
+                skip = 7
+        out.write(FRAME.pack(codec, len(payload)))
+        out.write(payload)
 
 
 def relay():
@@ -297,6 +385,14 @@ def relay():
     except OSError as exc:
         _reply(out, {"error": f"cannot reach the kernel's stream at {req['path']}: {exc}"})
         return 1
+    if req.get("pass") and _pass(sock):
+        _reply(out, {"ok": True, "passed": True})
+        try:
+            while sock.recv(1):  # the kernel moves the bytes now; it closes when done
+                pass
+        except OSError:
+            pass
+        return 0
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
@@ -322,6 +418,18 @@ def relay():
     return 0
 
 
+def _pass(sock):
+    """Hand this process's stdin and stdout (sshd's pipes) to the kernel over *sock*, so that
+    the bulk bytes go between sshd and the kernel with no process of ours between them."""
+    if not hasattr(socket, "send_fds"):
+        return False
+    try:
+        socket.send_fds(sock, [b"F"], [0, 1])
+    except OSError:
+        return False
+    return True
+
+
 def _pipes(*fds):
     import stat
 
@@ -332,6 +440,7 @@ def _pipes(*fds):
 
 
 def _write_all(fd, view):
+    view = memoryview(view)
     while view.nbytes:
         view = view[os.write(fd, view) :]
 

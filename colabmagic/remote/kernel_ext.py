@@ -28,13 +28,14 @@ flight, so no hop ever holds more than a few chunks:
   received memory, writable) and ``push_ok`` answers.
 - direct (``transfer_direct.py`` is the other end): ``push_begin`` with ``direct`` (a one-time
   token) allocates the frames as above, listens on a Unix socket in a private 0700 directory
-  and answers ``direct_ready`` with its path; a thread accepts one connection (the host's relay
-  of an ``ssh`` stream), checks the token, ``recv_into``s the frames and answers one byte
-  ``K`` on the socket; ``push_commit`` then unpickles and binds on the main thread (nothing is
-  bound before every byte arrived). A ``pull`` with ``direct`` (a token and the smallest size
-  worth it) answers ``direct_ready`` with the sizes and the path, and the thread ``sendall``s
-  the frames; ``pull_done`` ends it. ``abort`` ends either. Socket I/O releases the GIL, so the
-  kernel's main thread stays free.
+  and answers ``direct_ready`` with its path (and ``fds``: it can take the relay's pipes); a
+  thread accepts one connection (the host's relay of an ``ssh`` stream), which hands over its
+  stdin and stdout (sshd's pipes) or splices them to the socket (see ``_Direct``), checks the
+  token, reads the frames into place and answers one byte ``K``; ``push_commit`` then
+  unpickles and binds on the main thread (nothing is bound before every byte arrived). A
+  ``pull`` with ``direct`` (a token and the smallest size worth it) answers ``direct_ready``
+  with the sizes and the path, and the thread writes the frames; ``pull_done`` ends it.
+  ``abort`` ends either. The I/O releases the GIL, so the kernel's main thread stays free.
 - pull with ``stream``: ``pull_begin`` gives the sizes, then ``chunk`` messages go out at most
   ``window`` ahead of the caller's ``ack`` messages; chunks are slices of the values' own
   memory (no copy), compressed when the caller asked for it and a sample says it pays at the
@@ -46,6 +47,7 @@ import hmac
 import mmap
 import os
 import pickle
+import select
 import shutil
 import socket
 import subprocess
@@ -112,7 +114,13 @@ def _push_begin(comm, req, data):
 
 class _Direct:
     """One transfer on its own stream: a Unix socket in a private directory, one connection,
-    served by a thread that moves *frames* in (push) or out (pull)."""
+    served by a thread that moves *frames* in (push) or out (pull).
+
+    The host's relay (``remote/files.py relay``) either passes its own stdin and stdout (the
+    pipes to sshd) over that connection (SCM_RIGHTS), so this thread reads and writes sshd's
+    pipes itself and the bytes cross no socket and no relay process; or, where it cannot pass
+    them, splices them to the connection. Either way the caller's token comes first.
+    """
 
     def __init__(self, token, frames, outgoing, wait=60.0):
         self.token = token.encode()
@@ -121,6 +129,7 @@ class _Direct:
         self.error = None
         self.done = threading.Event()
         self._conn = None
+        self._fds = ()
         self._cancelled = False
         self._deadline = time.monotonic() + wait
         self.dir = tempfile.mkdtemp(prefix="colabmagic-bulk-")  # 0700: ours alone
@@ -135,6 +144,7 @@ class _Direct:
         threading.Thread(target=self._run, name="colabmagic-direct", daemon=True).start()
 
     def _accept(self):
+        """The peer's stream as ``(read, write)`` callables, once it has shown the token."""
         while not self._cancelled:
             try:
                 conn, _ = self._sock.accept()
@@ -144,38 +154,94 @@ class _Direct:
                     raise TimeoutError(msg) from None
                 continue
             conn.settimeout(10)  # the token comes at once, or the peer is not ours
+            self._conn = conn
             try:
-                got = _recv_exact(conn, len(self.token))
-            except OSError:
+                stream = self._open(conn)
+                got = bytearray(len(self.token))
+                stream[0](memoryview(got), time.monotonic() + 10)
+            except (OSError, ValueError):
                 got = None
             if got is not None and hmac.compare_digest(bytes(got), self.token):
                 conn.settimeout(None)
-                return conn
-            conn.close()  # not our peer: wait for the right one
+                return stream
+            self._close_stream()  # not our peer: wait for the right one
         msg = "aborted"
         raise ConnectionAbortedError(msg)
 
+    def _open(self, conn):
+        if hasattr(socket, "recv_fds"):
+            first, fds, _, _ = socket.recv_fds(conn, 1, 2)
+        else:
+            first, fds = conn.recv(1), []
+        if not first:
+            msg = "the peer closed at once"
+            raise ConnectionError(msg)
+        if len(fds) == 2:  # the relay's stdin and stdout: sshd's pipes, ours to use
+            self._fds = fds
+            # Reads wait in poll, so a deadline or cancel() ends them. Writes block: waiting in
+            # poll for room in sshd's pipe woke this thread for every page sshd took (+1 s of
+            # CPU per GiB pulled); a write blocked for good ends when sshd closes the pipe,
+            # i.e. when the caller's ssh is gone, and it only holds views of the kernel's
+            # own arrays meanwhile.
+            os.set_blocking(fds[0], False)
+            os.set_blocking(fds[1], True)
+            return self._read_fd, self._write_fd
+        for fd in fds:
+            os.close(fd)
+        # spliced: *first* is the token's first byte
+        return _Spliced(conn, first[:1]).read, self._write_sock
+
+    def _wait(self, fd, event, deadline):
+        while not self._cancelled:
+            left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+            if left <= 0:
+                msg = "the stream stalled"
+                raise TimeoutError(msg)
+            poller = select.poll()
+            poller.register(fd, event | select.POLLHUP | select.POLLERR)
+            if poller.poll(left * 1000):
+                return
+        msg = "aborted"
+        raise ConnectionAbortedError(msg)
+
+    def _read_fd(self, view, deadline=None):
+        fd = self._fds[0]
+        while view.nbytes:
+            try:
+                n = os.readv(fd, [view])
+            except BlockingIOError:
+                self._wait(fd, select.POLLIN, deadline)
+                continue
+            if not n:
+                msg = "the stream ended early"
+                raise ConnectionError(msg)
+            view = view[n:]
+
+    def _write_fd(self, view):
+        fd = self._fds[1]
+        while view.nbytes:
+            view = view[os.write(fd, view) :]
+
+    def _write_sock(self, view):
+        self._conn.sendall(view)
+
     def _run(self):
         try:
-            self._conn = conn = self._accept()
-            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # fewer, larger socket calls
-                try:
-                    conn.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-                except OSError:
-                    pass
+            read, write = self._accept()
+            if not self._fds:
+                for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # fewer, larger socket calls
+                    try:
+                        self._conn.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+                    except OSError:
+                        pass
             for f in self.frames:
                 view = memoryview(f).cast("B")
                 if self.outgoing:
-                    conn.sendall(view)
-                    continue
-                while view.nbytes:
-                    n = conn.recv_into(view)
-                    if not n:
-                        msg = "the stream ended early"
-                        raise ConnectionError(msg)
-                    view = view[n:]
+                    write(view)
+                else:
+                    read(view)
             if not self.outgoing:
-                conn.sendall(b"K")
+                write(memoryview(b"K"))
         except Exception as exc:  # noqa: BLE001 - said to the caller through the comm
             self.error = f"{type(exc).__name__}: {exc}"
             self.frames = None  # nothing to bind: free the memory now, not at the next transfer
@@ -186,31 +252,53 @@ class _Direct:
     def cancel(self):
         self._cancelled = True
         conn = self._conn
-        if conn is not None:
+        if conn is not None and not self._fds:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
+    def _close_stream(self):
+        fds, self._fds = self._fds, ()
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()  # the relay, if it passed its pipes, waits for this to exit
+            except OSError:
+                pass
+
     def close(self):
-        for s in (self._conn, self._sock):
-            if s is not None:
-                try:
-                    s.close()
-                except OSError:
-                    pass
+        self._close_stream()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _recv_exact(conn, n):
-    buf = bytearray(n)
-    view = memoryview(buf)
-    while view.nbytes:
-        k = conn.recv_into(view)
-        if not k:
-            return None
-        view = view[k:]
-    return buf
+class _Spliced:
+    """Reads from a relay that splices its pipes to *conn*, *head* (bytes) already read."""
+
+    def __init__(self, conn, head):
+        self.conn = conn
+        self.head = head
+
+    def read(self, view, deadline=None):
+        if self.head and view.nbytes:
+            view[:1] = self.head
+            self.head = b""
+            view = view[1:]
+        while view.nbytes:
+            n = self.conn.recv_into(view)
+            if not n:
+                msg = "the stream ended early"
+                raise ConnectionError(msg)
+            view = view[n:]
 
 
 _directs = {}
@@ -228,7 +316,15 @@ def _direct_begin(comm, req, frames, token, outgoing):
         _end_direct(old)
     d = _directs[req] = _Direct(token, frames, outgoing)
     sizes = [memoryview(f).nbytes for f in frames]
-    comm.send({"op": "direct_ready", "req": req, "path": d.path, "sizes": sizes})
+    comm.send(
+        {
+            "op": "direct_ready",
+            "req": req,
+            "path": d.path,
+            "sizes": sizes,
+            "fds": hasattr(socket, "recv_fds"),  # the relay may pass its pipes (see _Direct)
+        }
+    )
 
 
 def _push_commit(comm, req):
