@@ -100,42 +100,57 @@ class Chooser:
 
             self._cctx = zstandard.ZstdCompressor(level=LEVEL)
 
-    def next_size(self, chunk: int, raw_slice: int) -> int:
-        """How much to read for the next chunk: *chunk* when it will be sampled or compressed,
-        else *raw_slice* (a sender can then read, hash and send raw data in slices small enough
-        to stay in the CPU's cache)."""
-        if self.mode == "zstd" or (self.mode == "auto" and self._skip <= 0):
-            return chunk
-        return raw_slice
+    def due(self) -> bool:
+        """Whether the next chunk needs a decision: always for ``zstd``, for ``auto`` when a
+        sample is due; otherwise it goes raw, and a sender may read, hash and send it in
+        slices small enough to stay in the CPU's cache."""
+        return self.mode == "zstd" or (self.mode == "auto" and self._skip <= 0)
 
-    def encode(self, chunk) -> tuple[int, object]:
-        """``(codec, payload)`` for *chunk* (a bytes-like); the payload may be *chunk* itself."""
-        view = memoryview(chunk).cast("B")
-        n = view.nbytes
-        codec, payload = RAW, view
-        if self.mode == "zstd" or (self.mode == "auto" and self._pays(view)):
-            out = self._cctx.compress(view)
-            if len(out) < n:
-                codec, payload = ZSTD, out
-        self.raw_bytes += n
-        self.wire_bytes += memoryview(payload).nbytes
-        return codec, payload
-
-    def _pays(self, view: memoryview) -> bool:
-        if view.nbytes < 4096:
+    def decide(self, sample, region: int) -> bool:
+        """Whether to compress the next *region* bytes, from *sample* (up to :data:`SAMPLE`
+        bytes from its middle). When ``auto`` says no at a known link rate, the next sample
+        comes after ``_RESAMPLE - 1`` more regions' worth of raw bytes (:meth:`sent_raw`)."""
+        if self.mode != "auto":
+            return self.mode == "zstd"
+        sample = memoryview(sample).cast("B")[:SAMPLE]
+        if region < 4096 or sample.nbytes < 1024:
             return False
-        if self._skip > 0:
-            self._skip -= view.nbytes
-            return False
-        mid = max(0, view.nbytes // 2 - SAMPLE // 2)
-        sample = view[mid : mid + SAMPLE]
         t0 = time.thread_time()  # CPU time: a preemption on a busy host is not compression cost
         size = len(self._cctx.compress(sample))
         spent = max(time.thread_time() - t0, 1e-7)
         ok = pays(sample.nbytes, size, spent, self.meter.rate)
         if not ok and self.meter.rate is not None:
-            self._skip = (_RESAMPLE - 1) * view.nbytes
+            self._skip = _RESAMPLE * region  # this region's own raw bytes count toward it
         return ok
+
+    def sent_raw(self, n: int) -> None:
+        """Count *n* bytes sent as they are."""
+        self.raw_bytes += n
+        self.wire_bytes += n
+        self._skip -= n
+
+    def compress(self, chunk) -> tuple[int, object]:
+        """``(codec, payload)`` for *chunk* compressed, or raw where zstd does not shrink it."""
+        view = memoryview(chunk).cast("B")
+        out = self._cctx.compress(view)
+        if len(out) >= view.nbytes:
+            self.sent_raw(view.nbytes)
+            return RAW, view
+        self.raw_bytes += view.nbytes
+        self.wire_bytes += len(out)
+        return ZSTD, out
+
+    def encode(self, chunk) -> tuple[int, object]:
+        """``(codec, payload)`` for *chunk* (a bytes-like), deciding on a sample of its middle;
+        the payload may be *chunk* itself."""
+        view = memoryview(chunk).cast("B")
+        n = view.nbytes
+        if self.due():
+            mid = max(0, n // 2 - SAMPLE // 2)
+            if self.decide(view[mid : mid + SAMPLE], n):
+                return self.compress(view)
+        self.sent_raw(n)
+        return RAW, view
 
 
 def pays(n: int, compressed: int, seconds: float, link_rate: float | None) -> bool:

@@ -45,6 +45,7 @@ from colabmagic.remote.files import _hash_prefix, tree  # one copy: the host's h
 log = logging.getLogger("colabmagic.files")
 
 FRAME = struct.Struct("!BQ")
+RAW = _compress.RAW
 END = 255
 CHUNK = 4 << 20
 SLICE = 1 << 18  # raw data goes in frames this small: read, hashed and sent while in cache
@@ -248,20 +249,35 @@ def _put_one(helper, i, file, info, mode, peer, bar, done, meter, moved) -> None
         bar.refresh()
         chooser = _compress.Chooser(mode, meter, peer_zstd=peer)
         meter.start()
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(view[: chooser.next_size(CHUNK, SLICE)])
-            if not n:
-                break
-            h.update(view[:n])
-            codec, payload = chooser.encode(view[:n])
+        view = memoryview(bytearray(CHUNK))
+
+        def send(codec: int, payload, n: int) -> None:
             wire = memoryview(payload).nbytes
             helper.write(FRAME.pack(codec, wire))
             helper.write(payload)
             meter.delivered(wire)
             moved[0] += n
             bar.update(n)
+
+        n = 1
+        while n:
+            region = SLICE
+            if chooser.due():  # decide the next CHUNK on a sample read from its middle
+                at = f.tell() + CHUNK // 2 - _compress.SAMPLE // 2
+                if chooser.decide(os.pread(f.fileno(), _compress.SAMPLE, at), CHUNK):
+                    n = f.readinto(view)
+                    if n:
+                        h.update(view[:n])
+                        send(*chooser.compress(view[:n]), n)
+                    continue
+                region = CHUNK
+            while region and n:  # raw: read, hash and send a slice while it is in cache
+                n = f.readinto(view[: min(SLICE, region)])
+                h.update(view[:n])
+                chooser.sent_raw(n)
+                if n:
+                    send(RAW, view[:n], n)
+                region -= n
         digest = h.hexdigest().encode()
         helper.write(FRAME.pack(END, len(digest)) + digest)
         result = hosthelper.read_line(helper)

@@ -511,3 +511,31 @@ def test_a_download_sends_raw_data_in_cache_sized_slices_and_a_shrinking_file_is
     proc.stdin.close()
     assert proc.wait(10) != 0
     assert len(data) < 32 * MiB
+
+
+def test_auto_decides_a_chunk_from_a_sample_and_resamples_after_seven_chunks_of_raw_bytes():
+    """``compress.Chooser``: what senders ask before reading (``due``), so that raw data can go
+    in cache-sized slices between samples, and the cadence counted in bytes, whatever the
+    slice size."""
+    pytest.importorskip("zstandard")
+    from colabmagic import compress
+
+    c = compress.Chooser("auto", compress.RateMeter(1e9), peer_zstd=True)
+    chunk = 4 * MiB
+    random = noise(compress.SAMPLE).tobytes()
+    assert c.due()
+    assert not c.decide(random, chunk)  # incompressible at 1 GB/s: raw
+    for _ in range(8 * chunk // (256 << 10) - 1):
+        c.sent_raw(256 << 10)
+        assert not c.due()
+    c.sent_raw(256 << 10)
+    assert c.due()  # the chunk itself and seven more went raw: sample again
+    slow = compress.Chooser("auto", compress.RateMeter(6e6), peer_zstd=True)
+    zeros = sparse(chunk).tobytes()
+    assert slow.decide(zeros[chunk // 2 : chunk // 2 + compress.SAMPLE], chunk)
+    codec, payload = slow.compress(zeros)
+    assert codec == compress.ZSTD
+    assert len(payload) < chunk // 4
+    assert (slow.raw_bytes, slow.wire_bytes) == (chunk, len(payload))
+    assert compress.Chooser("zstd", compress.RateMeter(), peer_zstd=True).decide(b"", 1)
+    assert not compress.Chooser("none", compress.RateMeter(), peer_zstd=True).due()
