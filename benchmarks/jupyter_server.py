@@ -1,6 +1,6 @@
 """Round trip and push/pull through a Jupyter server, against a direct kernel, in one run.
 
-Run: ``python benchmarks/jupyter_server.py [--n 200] [--rounds 5] [--mib 64]``
+Run: ``python benchmarks/jupyter_server.py [--n 200] [--rounds 5] [--mib 64] [--cpu]``
 
 Starts a real ``jupyter server`` on 127.0.0.1 (token auth) and measures:
 
@@ -18,16 +18,19 @@ Starts a real ``jupyter server`` on 127.0.0.1 (token auth) and measures:
 
 The reference, the server path, the ``--local`` link and the bare client are timed in
 alternating blocks (``--rounds``), so that load drifting on a shared machine hits them alike.
-Prints medians, ratios and the load average.
+Prints medians, ratios and the load average; with ``--cpu`` also the CPU per round trip of the
+server, the kernels and agents, and this process thread by thread (from ``/proc``, Linux).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -59,11 +62,14 @@ class Direct:
         self.km.shutdown_kernel(now=True)
 
 
-def interleaved(fns: dict, n: int, rounds: int) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict, n: int, rounds: int, cpu: CpuSplit | None = None
+) -> dict[str, list[float]]:
     """Round trips of each callable, *rounds* alternating blocks of n/rounds each.
 
     The machine is shared: load drifts over a run, and blocks that alternate see the same drift,
-    so the ratio of their medians is fair where two back-to-back runs are not.
+    so the ratio of their medians is fair where two back-to-back runs are not. With *cpu*, the
+    CPU each block used is added to ``cpu.used[name]``, by component.
     """
     for fn in fns.values():
         for _ in range(10):
@@ -72,11 +78,78 @@ def interleaved(fns: dict, n: int, rounds: int) -> dict[str, list[float]]:
     per = max(n // rounds, 1)
     for _ in range(rounds):
         for name, fn in fns.items():
+            before = cpu.snapshot() if cpu else None
             for _ in range(per):
                 t = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - t)
+            if cpu:
+                cpu.add(name, before, cpu.snapshot())
     return samples
+
+
+def _cpu_seconds(stat_path: str) -> float:
+    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuSplit:
+    """``--cpu``: CPU seconds by component while each kind of round trip runs: the server's
+    process, every other process under this one or the server (the kernels, the ``--local``
+    agent), and this process thread by thread (named as Python names them)."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.used: dict[str, dict[str, float]] = {}
+
+    def _others(self) -> list[int]:
+        parent = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    parent[int(name)] = int(
+                        Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                    )
+                except (OSError, IndexError, ValueError):
+                    continue
+        roots, out = {os.getpid(), self.server_pid}, []
+        for pid in parent:
+            p = parent.get(pid)
+            while p and p not in roots:
+                p = parent.get(p)
+            if p and pid != self.server_pid:
+                out.append(pid)
+        return out
+
+    def snapshot(self) -> dict[str, float]:
+        snap = {"server": _cpu_seconds(f"/proc/{self.server_pid}/stat"), "kernels etc.": 0.0}
+        for pid in self._others():
+            with contextlib.suppress(OSError):
+                snap["kernels etc."] += _cpu_seconds(f"/proc/{pid}/stat")
+        names = {t.native_id: t.name.split(" (")[0] for t in threading.enumerate()}
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                key = "here: " + names.get(int(tid), f"thread {tid}")
+                snap[key] = snap.get(key, 0.0) + _cpu_seconds(f"/proc/self/task/{tid}/stat")
+        return snap
+
+    def add(self, name: str, before: dict, after: dict) -> None:
+        used = self.used.setdefault(name, {})
+        for key, value in after.items():
+            used[key] = used.get(key, 0.0) + value - before.get(key, 0.0)
+
+    def report(self, counts: dict[str, int]) -> None:
+        print("CPU per round trip, ms (--cpu; this process by thread):")
+        for name, used in self.used.items():
+            n = counts[name]
+            here = sum(v for k, v in used.items() if k.startswith("here: "))
+            threads = sorted(
+                ((v, k[6:]) for k, v in used.items() if k.startswith("here: ")), reverse=True
+            )
+            parts = ", ".join(f"{k} {v * 1e3 / n:.2f}" for v, k in threads if v * 1e3 / n >= 0.05)
+            server, others = used["server"] * 1e3 / n, used["kernels etc."] * 1e3 / n
+            print(f"  {name:7s} server {server:5.2f}  kernels etc. {others:5.2f}  "
+                  f"here {here * 1e3 / n:5.2f} ({parts})")  # fmt: skip
 
 
 class Naive:
@@ -153,6 +226,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200, help="cells per measurement")
     p.add_argument("--rounds", type=int, default=5, help="alternating blocks (see interleaved)")
     p.add_argument("--mib", type=int, default=64, help="payload size for push/pull")
+    p.add_argument("--cpu", action="store_true", help="also CPU per round trip, by component")
     args = p.parse_args()
     payload = np.random.default_rng(0).integers(0, 255, args.mib << 20, dtype=np.uint8)
     quiet = QuietRelay()
@@ -167,6 +241,7 @@ def main() -> None:
             local = colabmagic.connect(local=True, root=str(Path(tmp) / "root"), register=False)
             _, model = server.request("POST", "api/kernels", {})  # a plain kernel, no bootstrap
             bare = Naive(server, model["id"], nodelay=True, quickack=True)
+            cpu = CpuSplit(server.proc.pid) if args.cpu else None
             try:
                 rt = interleaved(
                     {
@@ -177,6 +252,7 @@ def main() -> None:
                     },
                     args.n,
                     args.rounds,
+                    cpu,
                 )
                 load.append(os.getloadavg()[0])
                 c_push, c_pull = push_pull(s, payload)
@@ -209,6 +285,8 @@ def main() -> None:
     print("  the same plain client after the above, on the same kernel:")
     print(f"  naive websocket, no TCP_NODELAY        {slow:7.2f} ms   ratio {slow / d:.2f}x")
     print(f"  naive websocket, TCP_NODELAY           {fast:7.2f} ms   ratio {fast / d:.2f}x")
+    if cpu:
+        cpu.report({k: len(v) for k, v in rt.items()})
     print(f"push/pull of {args.mib} MiB, median of 3:")
     print(f"  push through the server   {c_push:7.0f} MiB/s   (--local link {l_push:.0f} MiB/s)")
     print(f"  pull through the server   {c_pull:7.0f} MiB/s   (--local link {l_pull:.0f} MiB/s)")
