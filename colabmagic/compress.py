@@ -144,13 +144,17 @@ class Chooser:
         """``(codec, payload)`` for *chunk* (a bytes-like), deciding on a sample of its middle;
         the payload may be *chunk* itself."""
         view = memoryview(chunk).cast("B")
-        n = view.nbytes
-        if self.due():
-            mid = max(0, n // 2 - SAMPLE // 2)
-            if self.decide(view[mid : mid + SAMPLE], n):
-                return self.compress(view)
-        self.sent_raw(n)
+        if self.due() and self.decide(middle(view), view.nbytes):
+            return self.compress(view)
+        self.sent_raw(view.nbytes)
         return RAW, view
+
+
+def middle(view: memoryview) -> memoryview:
+    """The :data:`SAMPLE` bytes from the middle of *view* (all of it when shorter): what
+    ``auto`` compresses to judge a chunk."""
+    mid = max(0, view.nbytes // 2 - SAMPLE // 2)
+    return view[mid : mid + SAMPLE]
 
 
 def pays(n: int, compressed: int, seconds: float, link_rate: float | None) -> bool:

@@ -259,25 +259,25 @@ def _put_one(helper, i, file, info, mode, peer, bar, done, meter, moved) -> None
             moved[0] += n
             bar.update(n)
 
-        n = 1
-        while n:
-            region = SLICE
-            if chooser.due():  # decide the next CHUNK on a sample read from its middle
+        raw_left = 0  # bytes of the chunk last decided raw, not yet read
+        while True:
+            if raw_left <= 0 and chooser.due():  # decide the next CHUNK on a sample of its middle
                 at = f.tell() + CHUNK // 2 - _compress.SAMPLE // 2
                 if chooser.decide(os.pread(f.fileno(), _compress.SAMPLE, at), CHUNK):
                     n = f.readinto(view)
-                    if n:
-                        h.update(view[:n])
-                        send(*chooser.compress(view[:n]), n)
+                    if not n:
+                        break
+                    h.update(view[:n])
+                    send(*chooser.compress(view[:n]), n)
                     continue
-                region = CHUNK
-            while region and n:  # raw: read, hash and send a slice while it is in cache
-                n = f.readinto(view[: min(SLICE, region)])
-                h.update(view[:n])
-                chooser.sent_raw(n)
-                if n:
-                    send(RAW, view[:n], n)
-                region -= n
+                raw_left = CHUNK
+            n = f.readinto(view[:SLICE])  # raw: read, hash and send a slice while it is in cache
+            if not n:
+                break
+            h.update(view[:n])
+            chooser.sent_raw(n)
+            send(RAW, view[:n], n)
+            raw_left -= n
         digest = h.hexdigest().encode()
         helper.write(FRAME.pack(END, len(digest)) + digest)
         result = hosthelper.read_line(helper)

@@ -85,9 +85,8 @@ def raw_is_cheaper(mode: str, views: list[memoryview], channel: Channel) -> bool
     if mode == "zstd":
         return False
     big = max(views, key=lambda v: v.nbytes)
-    mid = max(0, big.nbytes // 2 - compress.SAMPLE // 2)
     chooser = compress.Chooser("auto", channel.meter, peer_zstd=True)
-    return not chooser.decide(big[mid : mid + compress.SAMPLE], big.nbytes)
+    return not chooser.decide(compress.middle(big), big.nbytes)
 
 
 def _relay(transport: Any) -> hosthelper.Helper | None:

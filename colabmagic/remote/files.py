@@ -30,6 +30,7 @@ once up, then reads its command as a JSON line ``{"argv": ["put"]}``:
           socket and the socket to stdout, byte for byte, until the kernel closes it.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,6 +48,7 @@ except ImportError:
 FRAME = struct.Struct("!BQ")
 END = 255
 CHUNK = 4 << 20
+_RESAMPLE = 8  # a sampled chunk that did not pay: this many chunks' worth raw, itself included
 SLICE = 1 << 18  # a raw frame read from a mapping: hashed, then sent while still in cache
 PART = ".colabmagic-part"
 
@@ -279,7 +281,7 @@ def get(out, source, offset, prefix_sha, mode, rate):
 
 
 def _map(f, size):
-    """*f* mapped read-only, or None where it cannot be (empty, not a regular file)."""
+    """*f* mapped read-only, or None where it cannot be (empty, or not mappable: a /proc file)."""
     import mmap
 
     if size <= 0 or not hasattr(os, "sendfile"):
@@ -288,17 +290,20 @@ def _map(f, size):
         m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
         return None
-    with _quiet():
+    with contextlib.suppress(AttributeError, OSError, ValueError):
         m.madvise(mmap.MADV_SEQUENTIAL)
     return m
 
 
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        return kind is not None and issubclass(kind, (AttributeError, OSError, ValueError))
+def _sampled(block, cctx, mode, rate):
+    """For a chunk due a decision: ``(its zstd payload, or None to send it raw; the raw bytes
+    to send before the next sample)``. ``auto`` compresses where a sample says it pays at
+    *rate*; when it does not at a known rate, the next sample comes seven chunks later (the
+    client's ``compress.Chooser`` does the same)."""
+    if len(block) >= 4096 and (mode == "zstd" or _pays(block, rate, cctx)):
+        z = cctx.compress(block)
+        return (z if len(z) < len(block) else None), 0
+    return None, (_RESAMPLE * CHUNK if rate else 0)
 
 
 def _send_mapped(fd, m, pos, size, h, cctx, mode, rate):
@@ -306,29 +311,25 @@ def _send_mapped(fd, m, pos, size, h, cctx, mode, rate):
 
     Raw data goes in frames of :data:`SLICE` bytes: each hashed in place in the mapping, then
     sent by ``sendfile`` from the page cache, so its bytes never pass through a buffer of ours
-    and are still in the CPU's cache when sshd reads them. ``auto`` decides per
-    :data:`CHUNK` from a sample, as :func:`_send_read` does; a chunk that is compressed goes
-    whole. A file truncated meanwhile ends this process (SIGBUS or a short ``sendfile``); the
-    client sees a drop and starts over with the file as it is then.
+    and are still in the CPU's cache when sshd reads them. A chunk due a decision is judged
+    whole (:func:`_sampled`) and, if compressed, sent whole. A file truncated meanwhile ends
+    this process (SIGBUS or a short ``sendfile``); the client sees a drop and starts over with
+    the file as it is then.
     """
     view = memoryview(m)
-    skip = 0  # bytes to send raw before the next sample
+    skip = 0  # raw bytes to send before the next sample
     try:
         while pos < size:
             end = min(pos + SLICE, size)
             if cctx is not None and (mode == "zstd" or skip <= 0):
                 end = min(pos + CHUNK, size)
-                block = view[pos:end]
-                if len(block) >= 4096 and (mode == "zstd" or _pays(block, rate, cctx)):
-                    z = cctx.compress(block)
-                    if len(z) < len(block):
-                        h.update(block)
-                        _write_all(1, FRAME.pack(1, len(z)))
-                        _write_all(1, z)
-                        pos = end
-                        continue
-                elif rate:
-                    skip = 7 * CHUNK
+                z, skip = _sampled(view[pos:end], cctx, mode, rate)
+                if z is not None:
+                    h.update(view[pos:end])
+                    _write_all(1, FRAME.pack(1, len(z)))
+                    _write_all(1, z)
+                    pos = end
+                    continue
             while pos < end:  # raw, a slice at a time
                 n = min(SLICE, end - pos)
                 h.update(view[pos : pos + n])
@@ -360,18 +361,16 @@ def _send_read(out, f, h, cctx, mode, rate):
             break
         block = memoryview(buf)[:n]
         h.update(block)
-        codec, payload = 0, block
-        if cctx is not None and len(block) >= 4096:
-            if mode == "zstd" or (not skip and _pays(block, rate, cctx)):
-                z = cctx.compress(block)
-                if len(z) < len(block):
-                    codec, payload = 1, z
-            elif skip:
-                skip -= 1
-            elif rate:
-                skip = 7
-        out.write(FRAME.pack(codec, len(payload)))
-        out.write(payload)
+        z = None
+        if cctx is not None and (mode == "zstd" or skip <= 0):
+            z, skip = _sampled(block, cctx, mode, rate)
+        if z is None:
+            skip -= n
+            out.write(FRAME.pack(0, n))
+            out.write(block)
+        else:
+            out.write(FRAME.pack(1, len(z)))
+            out.write(z)
 
 
 def relay():

@@ -191,14 +191,14 @@ class _Direct:
         # spliced: *first* is the token's first byte
         return _Spliced(conn, first[:1]).read, self._write_sock
 
-    def _wait(self, fd, event, deadline):
+    def _wait_readable(self, fd, deadline):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         while not self._cancelled:
             left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
             if left <= 0:
                 msg = "the stream stalled"
                 raise TimeoutError(msg)
-            poller = select.poll()
-            poller.register(fd, event | select.POLLHUP | select.POLLERR)
             if poller.poll(left * 1000):
                 return
         msg = "aborted"
@@ -210,7 +210,7 @@ class _Direct:
             try:
                 n = os.readv(fd, [view])
             except BlockingIOError:
-                self._wait(fd, select.POLLIN, deadline)
+                self._wait_readable(fd, deadline)
                 continue
             if not n:
                 msg = "the stream ended early"
