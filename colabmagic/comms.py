@@ -223,7 +223,7 @@ class CommBridge:
         if not self.needs_setup:
             return self.unsupported is None
         try:
-            data, _ = self.session._comm_request("widgets", on=True, timeout=30.0)
+            data, _ = self.session.bulk.request("widgets", on=True, timeout=30.0)
         except TransferError as exc:
             if "unknown operation" not in str(exc):
                 raise
@@ -298,7 +298,7 @@ class CommBridge:
                     self.manager.register_comm(self._comms[comm_id])
             elif comm_id not in self._comms:
                 data = content.get("data") or {}
-                if comm_id == self.session._comm_id and data.get("op") == "targets":
+                if comm_id == self.session.bulk.comm_id and data.get("op") == "targets":
                     self._set_targets(data.get("targets", []))
                 return
             parent = parent if parent is not None else self._comm_parent.get(comm_id)

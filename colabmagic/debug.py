@@ -73,7 +73,7 @@ def start_vscode(
     if not 0 <= port < 65536:
         msg = f"--port {port} must be between 1 and 65535 (or 0 for any free port)"
         raise ParameterError(msg)
-    data, _ = session._comm_request("debugpy", port=0, timeout=60.0)
+    data, _ = session.bulk.request("debugpy", port=0, timeout=60.0)
     remote_port = int(data["port"])
     existing = {r: lp for lp, r in session.proxy.forwards.items()}
     local_port = existing.get(remote_port) or session.proxy.forward(remote_port, port)

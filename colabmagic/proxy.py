@@ -10,11 +10,14 @@ backoff through the transport's ``open_pipe`` and resumes from the last acknowle
 number, so clients see a delay and never a lost message.
 
 One thread runs the event loop; other threads talk to it through a queue and a wake-up pipe.
+:meth:`Proxy.publish` is the exception: an in-process link publishes IOPub from its own thread
+(:mod:`colabmagic.transport.jupyter_lane`), under a lock this thread's publishing shares.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -118,6 +121,7 @@ class Proxy:
         self._tmpdir = tempfile.mkdtemp(prefix="colabmagic-")
         self._kernel_listeners: list[Callable[[dict], None]] = []
         self.tap: Callable[[list], bool] | None = None
+        self._pub_lock = threading.Lock()  # the IOPub socket: one thread at a time (publish)
         self._tcp = wire.TcpStreams()
         self._listeners: dict = {}  # listening socket -> remote port
         self._sids = itertools.count(1)
@@ -215,6 +219,18 @@ class Proxy:
             raise ConnectError(msg)
         return slot["reply"]
 
+    def publish(self, parts: list) -> None:
+        """Publish a kernel's IOPub message (signed frames) to every subscriber; any thread.
+
+        Unless :attr:`tap` takes it. An in-process link calls it from its own thread, so a
+        message reaches the subscribers without waking this proxy's thread.
+        """
+        tap = self.tap
+        if tap is None or not tap(parts):
+            with self._pub_lock:
+                if not self._stopped.is_set():
+                    self._iopub.send_multipart(parts, copy=wire.small(parts))
+
     def send_direct(self, channel: int, parts: list) -> None:
         """Send a signed message's frames upstream from this process, without a local socket.
 
@@ -230,18 +246,7 @@ class Proxy:
         Connections ride the link (no extra SSH tunnel) and survive a drop like any message.
         Returns the local port (chosen when 0).
         """
-        import socket
-
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind(("127.0.0.1", local_port))
-        except OSError as exc:
-            listener.close()
-            msg = f"cannot listen on 127.0.0.1:{local_port} ({exc}); choose another --port"
-            raise ConnectError(msg) from exc
-        listener.listen(8)
-        listener.setblocking(False)
+        listener = wire.listen(local_port)
         done = threading.Event()
         self._post("listen", listener, int(remote_port), done)
         done.wait(5)
@@ -280,16 +285,15 @@ class Proxy:
             listener.close()
         self._listeners.clear()
         self._tcp.close_all()
-        self.context.destroy(linger=0)  # ours and an in-process client's sockets (inproc.py)
+        with self._pub_lock:  # no publish() in flight, none after
+            self._stopped.set()
+            self.context.destroy(linger=0)  # ours and an in-process client's sockets (inproc.py)
         for fd in (self._wake_r, self._wake_w):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         shutil.rmtree(self._tmpdir, ignore_errors=True)
         if self.state != "dead":
             self.state = "closed"
-        self._stopped.set()
 
     # -- the loop ----------------------------------------------------------------------------
     def _attach(self, pipe: Pipe) -> None:
@@ -555,10 +559,7 @@ class Proxy:
 
     def _deliver(self, channel: int, parts) -> None:
         if channel == wire.IOPUB:
-            small, tap = wire.small(parts), self.tap
-            if tap is not None and tap(parts):
-                return  # a transfer's message for the in-process session, handed over as is
-            self._iopub.send_multipart(parts, copy=small)
+            self.publish(parts)  # or a transfer's tap takes it, for the in-process session
         elif channel in (wire.SHELL, wire.CONTROL):
             ident = self._route_back(parts, pop=True)
             if ident is not None:
@@ -603,10 +604,8 @@ class Proxy:
 
 
 def _close_pipe(pipe: Pipe | None) -> None:
-    try:
+    with contextlib.suppress(OSError):
         pipe is not None and pipe.close()
-    except OSError:
-        pass
 
 
 def _msg_id(parts, which: int) -> str | None:

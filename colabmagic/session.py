@@ -41,6 +41,7 @@ from colabmagic.proxy import Proxy
 from colabmagic.relay import COMM_KINDS, Relay, RemoteDisplay
 from colabmagic.transfer import COMM_TARGET, Channel, TransferStats  # noqa: F401 - COMM_TARGET: re-exported
 from colabmagic.transport import attach_error
+from colabmagic.transport.jupyter_lane import Lane, open_lane
 
 log = logging.getLogger("colabmagic.session")
 
@@ -93,6 +94,7 @@ class Session:
         self._lock = threading.RLock()
         self._kernel_state = "idle"
         self.bulk = Channel(self)
+        self.lane: Lane | None = None  # a Jupyter-server link in this process: jupyter_lane.py
         self.proxy = Proxy(
             lambda: transport.open_pipe(kernel_id),
             name=f"{name} ({transport.target})",
@@ -104,6 +106,7 @@ class Session:
             self.mock_gpu = bool(self.proxy.agent_info.get("mock_gpu", mock_gpu))
             self.client = inproc.client_for(self.proxy)  # inproc sockets: no loopback TCP hop
             self._wait_ready(connect_timeout)
+            self.lane = open_lane(transport, kernel_id, self.proxy, self.client.session)
         except BaseException:
             self.proxy.close()
             raise
@@ -248,9 +251,8 @@ class Session:
         with self._lock:
             self._check_alive()
             t0 = time.monotonic()
-            msg_id = self.client.execute(
-                code, silent=silent, store_history=store_history, allow_stdin=True
-            )
+            send = self.lane.execute if self.lane is not None else self.client.execute
+            msg_id = send(code, silent=silent, store_history=store_history, allow_stdin=True)
             result = ExecutionResult(msg_id=msg_id)
             self._kernel_state = "busy"
             try:
@@ -265,9 +267,9 @@ class Session:
         return result
 
     def _wait(self, result: ExecutionResult, relay: Relay, timeout, grace: float) -> None:
-        iopub = self.client.iopub_channel.socket
-        stdin = self.client.stdin_channel.socket
-        shell = self.client.shell_channel.socket
+        iopub, lane = self.client.iopub_channel.socket, self.lane  # lane: its requests' replies
+        stdin = lane.stdin if lane else self.client.stdin_channel.socket
+        shell = lane.shell if lane else self.client.shell_channel.socket
         poller = zmq.Poller()
         for s in (iopub, stdin, shell):
             poller.register(s, zmq.POLLIN)
@@ -436,16 +438,7 @@ class Session:
             self.bulk.reset()
             self._wait_ready(timeout)
 
-    # -- variables (colabmagic.transfer does the work) ----------------------------------------
-    @property
-    def _comm_id(self) -> str | None:
-        """The id of the ``colabmagic`` comm (:data:`COMM_TARGET`) open in the kernel, if any."""
-        return self.bulk.comm_id
-
-    def _comm_request(self, op: str, *, buffers=None, timeout: float = 600.0, **data) -> tuple:
-        """One request to the kernel-side helper: :meth:`colabmagic.transfer.Channel.request`."""
-        return self.bulk.request(op, buffers=buffers, timeout=timeout, **data)
-
+    # -- variables (colabmagic.transfer does the work; self.bulk.request for other helpers) --
     def push(
         self, values: dict[str, Any] | None = None, /, *, compress: str | None = None, **kwargs: Any
     ) -> TransferStats:
@@ -469,7 +462,7 @@ class Session:
         return values[names[0]] if len(names) == 1 else values
 
     def _refresh_remote_info(self) -> None:
-        data, _ = self._comm_request("info", timeout=30.0)
+        data, _ = self.bulk.request("info", timeout=30.0)
         self.remote_info = data.get("info", {})
 
     # -- files (colabmagic.filecopy does the work) --------------------------------------------
@@ -520,6 +513,8 @@ class Session:
         self.closed = True
         with contextlib.suppress(Exception):
             self.client.stop_channels()
+        if self.lane is not None:
+            self.lane.close()  # before the proxy closes the socket the link publishes on
         if not keep and self.proxy.state in ("up", "dead"):
             with contextlib.suppress(ConnectError):
                 self.proxy.call("shutdown", timeout=10.0)

@@ -58,7 +58,7 @@ def save(session, name: str, names: list[str], *, root: str | None = None) -> di
     final = _dir(name, root)
     # The kernel copies device memory to the CPU before pickling ("cpu"); the frames are stored
     # as they come, never unpickled here.
-    _, frames = session._comm_request("pull", names=list(names), cpu=True)
+    _, frames = session.bulk.request("pull", names=list(names), cpu=True)
     sizes = [memoryview(f).nbytes for f in frames]
     meta = {
         "format": FORMAT,
@@ -126,7 +126,7 @@ def load(session, name: str, *, root: str | None = None) -> list[str]:
     for size in meta["frames"]:
         frames.append(view[pos : pos + size])
         pos += size
-    session._comm_request("push", buffers=frames, names=sorted(meta["names"]))
+    session.bulk.request("push", buffers=frames, names=sorted(meta["names"]))
     return list(meta["names"])
 
 

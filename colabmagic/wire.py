@@ -419,6 +419,25 @@ class TcpStreams:
             self.close(sid)
 
 
+def listen(port: int):
+    """A non-blocking socket listening on 127.0.0.1:*port* (0: a free one), for a forward."""
+    import socket
+
+    from colabmagic.errors import ConnectError
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("127.0.0.1", port))
+    except OSError as exc:
+        listener.close()
+        msg = f"cannot listen on 127.0.0.1:{port} ({exc}); choose another --port"
+        raise ConnectError(msg) from exc
+    listener.listen(8)
+    listener.setblocking(False)
+    return listener
+
+
 def sid_bytes(sid: int) -> bytes:
     return struct.pack("!Q", sid)
 

@@ -89,6 +89,60 @@ def test_run_push_pull_and_subprotocol(which, server, request, monkeypatch):
         assert r.error.ename == "ZeroDivisionError"
 
 
+def test_the_lane_takes_a_cell_past_the_proxy_and_every_subscriber_still_sees_it(
+    server, token_env, monkeypatch
+):
+    """``Session.run``'s request and its reply skip the proxy's thread (jupyter_lane.py), while a
+    client on the connection file's IOPub port gets the cell's output once and in order, and
+    ``input()`` is answered through the lane."""
+    from jupyter_client import BlockingKernelClient
+
+    from colabmagic import wire
+
+    with session(server.url) as s:
+        link = s.transport.links[s.kernel_id]
+        assert s.lane is not None
+        assert link.lane is s.lane
+        assert link.publish is not None
+        upstream: list[int] = []  # the channels of what local clients sent through the proxy
+        up = s.proxy._up
+        monkeypatch.setattr(s.proxy, "_up", lambda *a: (upstream.append(a[1]), up(*a))[1])
+        observer = BlockingKernelClient()
+        observer.load_connection_file(s.proxy.connection_file)
+        observer.start_channels()
+        try:
+
+            def sees(marker: str) -> bool:  # ZeroMQ's slow joiner: until a cell's output lands
+                s.run(f"print({marker!r})")
+                with contextlib.suppress(Exception):
+                    while True:
+                        msg = observer.get_iopub_msg(timeout=0.5)
+                        if msg["content"].get("text") == marker + "\n":
+                            return True
+                return False
+
+            wait_until(lambda: sees("probe"), timeout=30, what="the observer's subscription")
+            upstream.clear()
+            monkeypatch.setattr("builtins.input", lambda prompt="": "ada")
+            code = "for i in range(20): print(i)\nprint('hi', input('name? '))"
+            r = s.run(code)
+            assert r.stdout == "".join(f"{i}\n" for i in range(20)) + "hi ada\n"
+            assert upstream == [wire.STDIN]  # input()'s answer: the cell's request was not there
+            assert r.msg_id not in s.proxy._route
+            text, states = "", []
+            while "idle" not in states:
+                msg = observer.get_iopub_msg(timeout=10)
+                if msg["parent_header"].get("msg_id") == r.msg_id:
+                    text += msg["content"].get("text", "")
+                    states += [msg["content"].get("execution_state")]
+            assert text == r.stdout
+            assert states.count("busy") == 1
+        finally:
+            observer.stop_channels()
+    assert link.lane is None  # given back before the proxy closed its sockets
+    assert link.publish is None
+
+
 def test_rest_lifecycle_interrupt_and_restart(server, token_env):
     from colabmagic.connection import make_transport
 

@@ -318,6 +318,10 @@ class KernelLink:
         self._wake: asyncio.Event | None = None
         self._tasks: set = set()
         self.forwards = KernelForwards(self)  # Proxy.forward, carried through the kernel
+        # The in-process lane (jupyter_lane.py), set on this loop: IOPub straight to the proxy's
+        # subscribers, and the replies to the in-process Session's own requests straight to it.
+        self.publish: Any = None
+        self.lane: Any = None
 
     def _spawn(self, coro) -> None:
         """Run *coro* on the loop, keeping a reference until it ends."""
@@ -481,7 +485,14 @@ class KernelLink:
     def _event(self, obj: dict) -> None:
         self._to_proxy(wire.AGENT, [wire.json_body(obj)])
 
-    def _from_proxy(self, channel: int, parts: list) -> None:
+    def submit(self, parts: list) -> None:
+        """A request of the in-process Session's (jupyter_lane.py): sent as from the proxy,
+        answered on the lane (its IOPub goes to every subscriber as always)."""
+        out = self.outstanding.get(self._from_proxy(wire.SHELL, parts))
+        if out is not None:
+            out["lane"] = True
+
+    def _from_proxy(self, channel: int, parts: list) -> str | None:
         if channel == wire.AGENT:
             op = json.loads(bytes(parts[0]))
             if op.get("op") == "tcp_open":  # now: the stream's first bytes may follow in this batch
@@ -489,20 +500,21 @@ class KernelLink:
                 self._event(
                     {"event": "reply", "reply_to": op.get("id"), "op": "tcp_open", **opened}
                 )
-                return
+                return None
             self._spawn(self._op(op))
-            return
+            return None
         if channel == wire.TCP:
             self.forwards.data(wire.sid_int(parts[0]), parts[1])
-            return
+            return None
         if channel not in NAMES or len(parts) < 6 or bytes(parts[0]) != wire.DELIM:
             log.warning("kernel %s: dropping a malformed client message", self.kernel_id)
-            return
+            return None
         body = parts[2:6]
         if not hmac.compare_digest(self._sign(body), bytes(parts[1])):
             log.warning("kernel %s: dropping a client message with a bad signature", self.kernel_id)
-            return
+            return None
         msg = [*body, *parts[6:]]
+        header: dict = {}
         if channel in (wire.SHELL, wire.CONTROL):
             header = json.loads(bytes(body[0]))
             self.outstanding[header.get("msg_id")] = {
@@ -517,12 +529,12 @@ class KernelLink:
             }
             if len(self.outstanding) > _OUTSTANDING_LIMIT:
                 del self.outstanding[next(iter(self.outstanding))]
-        item = (NAMES[channel], msg, header.get("msg_id") if channel != wire.STDIN else None)
-        if self._write_now(item):
-            return
-        self.upq.append(item)
-        if self._wake is not None:
-            self._wake.set()
+        item = (NAMES[channel], msg, header.get("msg_id"))
+        if not self._write_now(item):
+            self.upq.append(item)
+            if self._wake is not None:
+                self._wake.set()
+        return item[2]
 
     def _sign(self, body: list) -> bytes:
         h = self._mac.copy()
@@ -732,7 +744,12 @@ class KernelLink:
                 del self.outstanding[pid]
         body = [bytes(p) for p in parts[:4]]
         signed = [wire.DELIM, self._sign(body), *body, *parts[4:]]
-        self._to_proxy(CHANNELS.get(channel, wire.IOPUB), signed)
+        if channel == "iopub" and self.publish is not None:
+            self.publish(signed)
+        elif channel != "iopub" and out is not None and out.get("lane") and self.lane:
+            self.lane.deliver(channel, signed)  # its reply or input request: shell or stdin
+        else:
+            self._to_proxy(CHANNELS.get(channel, wire.IOPUB), signed)
 
     def _on_status(self, state: str | None, seq, pid) -> None:
         if state in ("idle", "busy"):
@@ -867,13 +884,12 @@ class KernelLink:
             return
 
     def _unanswered(self, att: Attachment, msg_id: str) -> None:
-        out = self.outstanding.pop(msg_id)
+        out = self.outstanding[msg_id]  # kept while its answers are made: they go where it says
         header = out["header"]
         if not out["seen"] and self.mode == "journal" and not out["resent"]:
             # The journal holds every message of a request the kernel saw; none came, so the
             # request itself was lost on the way: send it again (the kernel is idle).
             out["resent"] = True
-            self.outstanding[msg_id] = out
             self.upq.append((out["channel"], out["parts"], msg_id))
             self._wake.set()
             return
@@ -894,6 +910,7 @@ class KernelLink:
             self._synth(out["channel"], reply_type, content, header)
         if not out["idle"] and out["channel"] == "shell":
             self._synth("iopub", "status", {"execution_state": "idle"}, header)
+        self.outstanding.pop(msg_id, None)
 
     def _synth(self, channel: str, msg_type: str, content: dict, parent: dict) -> None:
         header = new_header(msg_type, "colabmagic-link")
