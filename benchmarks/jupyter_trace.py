@@ -9,9 +9,10 @@ run ``pass`` alternately. Timestamps (``time.time()``, the clock of the kernel's
 taken by wrapping, in this process only:
 
 - ``Session.run`` entry and return;
-- ``Proxy._up`` (the proxy took the request from the Session's socket) and ``Proxy._deliver``
-  (it hands a kernel message to the Session's socket);
-- ``KernelLink._on_pipe`` (the link took the request from the proxy) and the websocket write;
+- ``KernelLink.submit`` (the link took the request from the Session's lane,
+  ``colabmagic/transport/jupyter_lane.py``) and the websocket write;
+- ``Proxy.publish`` and ``Lane.deliver`` (the link hands a kernel message on: IOPub to every
+  subscriber, the reply to the Session's lane);
 - ``KernelLink._on_ws`` (a kernel message arrived from the server);
 
 and the kernel's own header dates of its busy and idle status and execute_reply. Medians per
@@ -37,6 +38,7 @@ import colabmagic
 from colabmagic import proxy as _proxy
 from colabmagic.relay import QuietRelay
 from colabmagic.testing_jupyter import jupyter_server
+from colabmagic.transport import jupyter_lane as _lane
 from colabmagic.transport import jupyter_link as _link
 
 marks: list[tuple[float, str]] = []
@@ -87,9 +89,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=400, help="round trips per client")
     args = p.parse_args()
-    _wrap(_proxy.Proxy, "_up", "proxy_up")
-    _wrap(_proxy.Proxy, "_deliver", "proxy_deliver")
-    _wrap(_link.KernelLink, "_on_pipe", "link_pipe")
+    _wrap(_link.KernelLink, "submit", "link_submit")
+    _wrap(_proxy.Proxy, "publish", "handed_on")
+    _wrap(_lane.Lane, "deliver", "handed_on")
     original_write = tornado.websocket.WebSocketClientConnection.write_message
 
     def write_message(self, message, binary=False):
@@ -138,18 +140,17 @@ def main() -> None:
                 tags = {}
                 for t, tag in marks:
                     tags.setdefault(tag, []).append(t)
-                if sent and kernel and {"proxy_up", "link_pipe", "proxy_deliver"} <= set(tags):
+                if sent and kernel and {"link_submit", "handed_on"} <= set(tags):
                     last = max(kernel["execute_reply"][0], kernel["idle"][0])
                     ours.append(
                         {
-                            "Session.run -> proxy": tags["proxy_up"][0] - t0,
-                            "proxy -> link": tags["link_pipe"][0] - tags["proxy_up"][0],
-                            "link -> websocket write": sent[0] - tags["link_pipe"][0],
+                            "Session.run -> link": tags["link_submit"][0] - t0,
+                            "link -> websocket write": sent[0] - tags["link_submit"][0],
                             "websocket write -> kernel busy": kernel["busy"][1] - sent[0],
                             "kernel busy -> idle": kernel["idle"][1] - kernel["busy"][1],
                             "kernel idle -> here": kernel["idle"][0] - kernel["idle"][1],
-                            "last message -> proxy": tags["proxy_deliver"][-1] - last,
-                            "proxy -> Session.run returns": t1 - tags["proxy_deliver"][-1],
+                            "last message -> handed on": tags["handed_on"][-1] - last,
+                            "handed on -> Session.run returns": t1 - tags["handed_on"][-1],
                             "total": t1 - t0,
                         }
                     )
@@ -166,7 +167,7 @@ def main() -> None:
                             "websocket write -> kernel busy": kernel["busy"][1] - t0,
                             "kernel busy -> idle": kernel["idle"][1] - kernel["busy"][1],
                             "kernel idle -> here": kernel["idle"][0] - kernel["idle"][1],
-                            "proxy -> Session.run returns": t1 - last,
+                            "handed on -> Session.run returns": t1 - last,
                             "total": t1 - t0,
                         }
                     )
@@ -180,7 +181,7 @@ def main() -> None:
         c = statistics.median(r[key] for r in ours) * 1e3
         b = statistics.median(r.get(key, 0.0) for r in bare_rows) * 1e3
         print(f"  {key:32s} {c:8.3f} ms {b:9.3f} ms {c - b:+8.3f} ms")
-    print("  (for the bare client, 'proxy -> Session.run returns' is its last message -> return)")
+    print("  (bare client: 'handed on -> Session.run returns' is from its last message to return)")
 
 
 def _as_bytes(message) -> bytes:

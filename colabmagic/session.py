@@ -11,7 +11,8 @@ A :class:`Session` is the Python API under the magics and usable without IPython
 It starts (or attaches to) an agent through a transport, serves the kernel locally through a
 :class:`~colabmagic.proxy.Proxy`, and talks to it with an ordinary jupyter_client
 ``BlockingKernelClient`` (over ZeroMQ ``inproc``, :mod:`colabmagic.inproc`), so everything a
-Jupyter client can do works unchanged.
+Jupyter client can do works unchanged. Through a Jupyter server, whose link runs in this process,
+:meth:`Session.run`'s cells take the lane past the proxy (:mod:`colabmagic.transport.jupyter_lane`).
 """
 
 from __future__ import annotations
@@ -252,11 +253,12 @@ class Session:
             self._check_alive()
             t0 = time.monotonic()
             send = self.lane.execute if self.lane is not None else self.client.execute
-            msg_id = send(code, silent=silent, store_history=store_history, allow_stdin=True)
-            result = ExecutionResult(msg_id=msg_id)
+            result = ExecutionResult(msg_id="")
             self._kernel_state = "busy"
             try:
-                self._wait(result, relay, timeout, interrupt_grace)
+                self._wait(result, relay, timeout, interrupt_grace, lambda: send(
+                    code, silent=silent, store_history=store_history, allow_stdin=True
+                ))  # fmt: skip
             finally:
                 self._kernel_state = "idle" if self.proxy.state == "up" else self._kernel_state
             result.duration = time.monotonic() - t0
@@ -266,7 +268,7 @@ class Session:
                 raise result.error
         return result
 
-    def _wait(self, result: ExecutionResult, relay: Relay, timeout, grace: float) -> None:
+    def _wait(self, result: ExecutionResult, relay: Relay, timeout, grace: float, send) -> None:
         iopub, lane = self.client.iopub_channel.socket, self.lane  # lane: its requests' replies
         stdin = lane.stdin if lane else self.client.stdin_channel.socket
         shell = lane.shell if lane else self.client.shell_channel.socket
@@ -279,6 +281,9 @@ class Session:
         stop_deadline: float | None = None
         escalated = False
         pending_exc: BaseException | None = None
+        # Sent last, just before the first poll: the thread that takes the request then gets the
+        # GIL at once instead of waiting for this setup (a lane's link; our own zmq otherwise).
+        result.msg_id = send()
         while not (got_reply and got_idle):
             try:
                 self._check_alive()

@@ -143,6 +143,31 @@ def test_the_lane_takes_a_cell_past_the_proxy_and_every_subscriber_still_sees_it
     assert link.publish is None
 
 
+def test_the_link_loop_hands_messages_on_just_before_it_blocks_and_survives_a_failing_one(caplog):
+    """jupyter_lane.HandOffSelector: queued hand-offs run at the loop's next select, in order."""
+    import asyncio
+
+    from colabmagic.transport.jupyter_lane import HandOffSelector
+
+    selector = HandOffSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    got: list[int] = []
+
+    async def turn() -> None:
+        selector.later((got.append, 1))
+        selector.later((lambda _arg: 1 / 0, None))
+        selector.later((got.append, 2))
+        assert got == []  # nothing is handed on while this turn of the loop runs
+        await asyncio.sleep(0)
+        assert got == [1, 2]
+
+    try:
+        loop.run_until_complete(turn())
+    finally:
+        loop.close()
+    assert "handing a kernel message on failed" in caplog.text
+
+
 def test_rest_lifecycle_interrupt_and_restart(server, token_env):
     from colabmagic.connection import make_transport
 

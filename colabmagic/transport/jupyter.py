@@ -32,7 +32,7 @@ from typing import Any
 
 from colabmagic.errors import ConnectError, ParameterError
 from colabmagic.proxy import PermanentLinkError
-from colabmagic.transport import jupyter_start
+from colabmagic.transport import jupyter_lane, jupyter_start
 from colabmagic.transport.jupyter_link import V1, Inbox, KernelLink
 
 log = logging.getLogger("colabmagic.jupyter")
@@ -371,7 +371,8 @@ class _Loop:
     """One asyncio loop in a daemon thread, shared by the links of a transport."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.selector = jupyter_lane.HandOffSelector()  # hands messages on just before it blocks
+        self.loop = asyncio.SelectorEventLoop(self.selector)
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="colabmagic-jupyter", daemon=True
         )

@@ -21,18 +21,48 @@ proxy's thread from a cell's path without changing what any client sees:
 
 Everything else -- other clients' requests, control, comms the Session sends, transfers --
 still goes through the proxy.
+
+**Handed on last.** A message handed to the Session's thread wakes it, but it must then wait for
+the GIL until the link's thread blocks, and tornado still had Python to run after each message
+(the next frame's read, the loop's bookkeeping). So the link's loop runs on a
+:class:`HandOffSelector`: the lane queues what it hands on, and the selector sends it just before
+the loop blocks in ``select``, in arrival order, within the same turn of the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import logging
 import os
+import selectors
 from typing import Any
 
 import zmq
 
 from colabmagic import wire
+
+log = logging.getLogger("colabmagic.jupyter")
+
+
+class HandOffSelector(selectors.DefaultSelector):
+    """The link loop's selector: runs the queued hand-offs (``later``) just before each select."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: collections.deque = collections.deque()
+        self.later = self.pending.append  # (fn, arg): fn(arg) before the loop next blocks
+
+    def select(self, timeout=None):
+        pending = self.pending
+        while pending:
+            fn, arg = pending.popleft()
+            try:
+                fn(arg)
+            except Exception:  # a failed hand-off must not stop the loop
+                log.exception("handing a kernel message on failed")
+        return super().select(timeout)
 
 
 class Lane:
@@ -49,18 +79,24 @@ class Lane:
     session
         The Session client's ``jupyter_client.session.Session`` (key, packer), which signs
         the requests with the key the link gave the proxy.
+    later
+        :attr:`HandOffSelector.later` of the loop's selector; None hands on at once.
     """
 
-    def __init__(self, link: Any, loop: asyncio.AbstractEventLoop, publish, session: Any):
+    def __init__(
+        self, link: Any, loop: asyncio.AbstractEventLoop, publish, session: Any, later=None
+    ):
         self.link = link
         self.loop = loop
         self.session = session
         self.closed = False
+        self._later = later
+        self._publish = publish
         self._ctx = zmq.Context(io_threads=0)  # inproc only: no I/O thread
         name = os.urandom(8).hex()
         self._urls = {c: f"inproc://colabmagic-lane-{name}-{c}" for c in ("shell", "stdin")}
         self._push: dict[str, zmq.Socket] = {}
-        asyncio.run_coroutine_threadsafe(self._attach(publish), loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._attach(), loop).result(10)
         self.shell = self._pull("shell")
         self.stdin = self._pull("stdin")
 
@@ -70,20 +106,34 @@ class Lane:
         sock.connect(self._urls[channel])
         return sock
 
-    async def _attach(self, publish) -> None:
+    async def _attach(self) -> None:
         for channel, url in self._urls.items():
             sock = self._ctx.socket(zmq.PUSH)
             sock.linger = 0
             sock.setsockopt(zmq.SNDHWM, 0)  # never drop a reply; a cell reads them all
             sock.bind(url)
             self._push[channel] = sock
-        self.link.publish, self.link.lane = publish, self
+        self.link.publish, self.link.lane = self.publish, self
 
     # -- the link's side (its loop) ----------------------------------------------------------
+    def publish(self, parts: list) -> None:
+        """A kernel IOPub message (signed frames), to every subscriber of the proxy."""
+        if self._later is None:
+            self._publish(parts)
+        else:
+            self._later((self._publish, parts))
+
     def deliver(self, channel: str, parts: list) -> None:
         """A reply or input request to a request of :meth:`execute` (signed frames)."""
+        if self._later is None:
+            self._send((channel, parts))
+        else:
+            self._later((self._send, (channel, parts)))
+
+    def _send(self, item: tuple) -> None:
+        channel, parts = item
         sock = self._push.get(channel)
-        if sock is not None:
+        if sock is not None and not sock.closed:
             with contextlib.suppress(zmq.Again):  # the Session closed its end: nobody to tell
                 sock.send_multipart(parts, zmq.NOBLOCK, copy=wire.small(parts))
 
@@ -111,14 +161,23 @@ class Lane:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self._detach(), self.loop).result(10)
         else:  # the loop's thread has ended: nothing uses the link's sockets any more
-            self._detach().send(None)
-        self.shell.close(linger=0)
-        self.stdin.close(linger=0)
-        self._ctx.term()
+            self._unhook()
+        self._ctx.destroy(linger=0)  # the Session's ends, and the link's if detaching failed
 
     async def _detach(self) -> None:
+        self._unhook()
+        if self._later is not None:
+            await asyncio.sleep(0)  # a turn of the loop: what was queued goes out first
+
+    def _unhook(self) -> None:
         if self.link.lane is self:
             self.link.publish = self.link.lane = None
+        if self._later is None:
+            self._close_push()
+        else:  # after what is queued: those messages still go out
+            self._later((self._close_push, None))
+
+    def _close_push(self, _arg: Any = None) -> None:
         for sock in self._push.values():
             sock.close(linger=0)
 
@@ -130,4 +189,5 @@ def open_lane(transport: Any, kernel_id: str, proxy: Any, session: Any) -> Lane 
     link = links.get(kernel_id) if links else None
     if link is None:
         return None
-    return Lane(link, transport.loop().loop, proxy.publish, session)
+    loop = transport.loop()
+    return Lane(link, loop.loop, proxy.publish, session, later=loop.selector.later)

@@ -20,6 +20,10 @@ recovers what the dropped websocket lost:
   reply, the link polls the kernel's execution state over REST and, once the kernel is idle for
   good, answers it with an ``OutputLost`` error reply and an ``idle`` status.
 
+**The lane.** For the Session in this process, :mod:`colabmagic.transport.jupyter_lane` takes the
+proxy's thread off a cell's path: the link publishes IOPub on the proxy's socket itself, takes the
+Session's requests on its loop (:meth:`KernelLink.submit`) and answers them on the lane.
+
 **Signing.** The server signs what it sends to the kernel with the kernel's key, which never leaves
 it. The link makes a local key per attachment, hands it to the proxy in ``WELCOME`` (the proxy
 writes it into the local connection file as with any agent), checks the signature of every
