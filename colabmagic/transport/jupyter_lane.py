@@ -34,16 +34,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
+import json
 import logging
 import os
 import selectors
+import uuid
 from typing import Any
 
+import jupyter_client
 import zmq
 
 from colabmagic import wire
 
 log = logging.getLogger("colabmagic.jupyter")
+
+
+def _dumps(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 class HandOffSelector(selectors.DefaultSelector):
@@ -77,8 +85,8 @@ class Lane:
     publish
         The proxy's :meth:`~colabmagic.proxy.Proxy.publish`.
     session
-        The Session client's ``jupyter_client.session.Session`` (key, packer), which signs
-        the requests with the key the link gave the proxy.
+        The Session client's ``jupyter_client.session.Session``: its session id and user name
+        go in the requests' headers (they are not signed: they never leave this process).
     later
         :attr:`HandOffSelector.later` of the loop's selector; None hands on at once.
     """
@@ -140,6 +148,9 @@ class Lane:
     # -- the Session's side ------------------------------------------------------------------
     def execute(self, code: str, *, silent: bool, store_history: bool, allow_stdin: bool) -> str:
         """Send an ``execute_request`` (as jupyter_client's ``execute``); returns its msg_id."""
+        if not isinstance(code, str):
+            msg = f"code {code!r} must be a string"
+            raise ValueError(msg)  # as jupyter_client's execute
         content = {
             "code": code,
             "silent": silent,
@@ -148,9 +159,17 @@ class Lane:
             "allow_stdin": allow_stdin,
             "stop_on_error": True,
         }
-        msg = self.session.msg("execute_request", content)
-        self.loop.call_soon_threadsafe(self.link.submit, self.session.serialize(msg))
-        return msg["header"]["msg_id"]
+        header = {
+            "msg_id": uuid.uuid4().hex,
+            "msg_type": "execute_request",
+            "username": self.session.username,
+            "session": self.session.session,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "version": jupyter_client.protocol_version,
+        }
+        msg = [_dumps(header), b"{}", b"{}", _dumps(content)]
+        self.loop.call_soon_threadsafe(self.link.submit, header, msg)
+        return header["msg_id"]
 
     def close(self) -> None:
         """Give the link back its ordinary path (through the proxy) and close the lane."""

@@ -489,14 +489,12 @@ class KernelLink:
     def _event(self, obj: dict) -> None:
         self._to_proxy(wire.AGENT, [wire.json_body(obj)])
 
-    def submit(self, parts: list) -> None:
-        """A request of the in-process Session's (jupyter_lane.py): sent as from the proxy,
-        answered on the lane (its IOPub goes to every subscriber as always)."""
-        out = self.outstanding.get(self._from_proxy(wire.SHELL, parts))
-        if out is not None:
-            out["lane"] = True
+    def submit(self, header: dict, msg: list) -> None:
+        """A request of the in-process Session's (jupyter_lane.py), unsigned: it never left this
+        process. Sent as one from the proxy, and answered on the lane."""
+        self._request(wire.SHELL, msg, header, lane=True)
 
-    def _from_proxy(self, channel: int, parts: list) -> str | None:
+    def _from_proxy(self, channel: int, parts: list) -> None:
         if channel == wire.AGENT:
             op = json.loads(bytes(parts[0]))
             if op.get("op") == "tcp_open":  # now: the stream's first bytes may follow in this batch
@@ -504,23 +502,26 @@ class KernelLink:
                 self._event(
                     {"event": "reply", "reply_to": op.get("id"), "op": "tcp_open", **opened}
                 )
-                return None
+                return
             self._spawn(self._op(op))
-            return None
+            return
         if channel == wire.TCP:
             self.forwards.data(wire.sid_int(parts[0]), parts[1])
-            return None
+            return
         if channel not in NAMES or len(parts) < 6 or bytes(parts[0]) != wire.DELIM:
             log.warning("kernel %s: dropping a malformed client message", self.kernel_id)
-            return None
+            return
         body = parts[2:6]
         if not hmac.compare_digest(self._sign(body), bytes(parts[1])):
             log.warning("kernel %s: dropping a client message with a bad signature", self.kernel_id)
-            return None
-        msg = [*body, *parts[6:]]
-        header: dict = {}
+            return
+        requests = (wire.SHELL, wire.CONTROL)
+        header = json.loads(bytes(body[0])) if channel in requests else {}
+        self._request(channel, [*body, *parts[6:]], header)
+
+    def _request(self, channel: int, msg: list, header: dict, *, lane: bool = False) -> None:
+        """Send a client's message (header, parent, metadata, content, buffers...) on."""
         if channel in (wire.SHELL, wire.CONTROL):
-            header = json.loads(bytes(body[0]))
             self.outstanding[header.get("msg_id")] = {
                 "channel": NAMES[channel],
                 "parts": msg,
@@ -530,6 +531,7 @@ class KernelLink:
                 "seen": False,
                 "resent": False,
                 "att": self.attachments,
+                "lane": lane,  # its replies go to the in-process Session's lane
             }
             if len(self.outstanding) > _OUTSTANDING_LIMIT:
                 del self.outstanding[next(iter(self.outstanding))]
@@ -538,7 +540,6 @@ class KernelLink:
             self.upq.append(item)
             if self._wake is not None:
                 self._wake.set()
-        return item[2]
 
     def _sign(self, body: list) -> bytes:
         h = self._mac.copy()
