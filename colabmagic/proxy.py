@@ -9,9 +9,8 @@ subscriber. When the pipe breaks, the proxy keeps serving its local sockets, rec
 backoff through the transport's ``open_pipe`` and resumes from the last acknowledged sequence
 number, so clients see a delay and never a lost message.
 
-One thread runs the event loop; other threads talk to it through a queue and a wake-up pipe.
-:meth:`Proxy.publish` is the exception: an in-process link publishes IOPub from its own thread
-(:mod:`colabmagic.transport.jupyter_lane`), under a lock this thread's publishing shares.
+One thread runs the event loop; other threads talk to it through a queue and a wake-up pipe,
+except :meth:`Proxy.publish`, which an in-process link calls from its own thread (jupyter_lane).
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ log = logging.getLogger("colabmagic.proxy")
 
 _ROUTE_LIMIT = 20000
 _ACK_EVERY = 0.1  # seconds; the agent keeps what is unacknowledged, so a late ACK costs nothing
+_ACK_BYTES = 16 << 20  # ...but its memory: a bulk stream is acknowledged every 16 MiB too
 _HEADER, _PARENT = 2, 3  # positions of the header and parent header after the delimiter
 
 
@@ -111,7 +111,7 @@ class Proxy:
         self._route: collections.OrderedDict = collections.OrderedDict()
         self._uplog = wire.OutLog(max_bytes=1 << 40)
         self._last_down = 0
-        self._acked_down, self._ack_due = 0, 0.0
+        self._acked_down, self._ack_due, self._unacked = 0, 0.0, 0
         self._agent_last_up = 0
         self.inproc_name = os.urandom(8).hex()  # new per proxy, so it numbers from 1 (HELLO)
         self._pipe: Pipe | None = None
@@ -429,10 +429,11 @@ class Proxy:
             if stream is not None:
                 try:  # a stream that closed under us is a lost link, whatever we were sending
                     now = time.monotonic()  # ACKs at most every _ACK_EVERY: fewer turns
-                    ack = self._last_down > self._acked_down and now >= self._ack_due
-                    if ack and not self._hello_pending:
+                    due = now >= self._ack_due or self._unacked >= _ACK_BYTES
+                    if self._last_down > self._acked_down and due and not self._hello_pending:
                         stream.send_frame(wire.ACK, self._last_down, [])
                         self._acked_down, self._ack_due = self._last_down, now + _ACK_EVERY
+                        self._unacked = 0
                     stream.flush()
                 except wire.StreamClosed as exc:
                     self._link_lost(str(exc))
@@ -527,7 +528,7 @@ class Proxy:
             elif kind == wire.MSG:
                 if seq <= self._last_down:
                     continue
-                self._last_down = seq
+                self._last_down, self._unacked = seq, self._unacked + len(body)
                 channel, parts = wire.decode_msg(body)
                 self._deliver(channel, parts)
 

@@ -205,13 +205,14 @@ def test_two_gib_push_and_pull_in_bounded_memory_on_both_ends(session, route):
     pids = {"local": os.getpid(), "agent": info["agent_pid"], "kernel": info["kernel_pid"]}
     x = np.arange(size // 8, dtype=np.uint64)
     limit = 64 * MiB
+    slack = 4 * MiB  # Linux counts RSS per thread in batches: VmHWM can lag by some pages
 
     base = {k: _reset_peak(p) for k, p in pids.items()}
     assert session.push(x=x, compress="none").via == route
     grew = {k: _status(p, "VmHWM") - base[k] for k, p in pids.items()}
     assert grew["local"] <= limit, grew
     assert grew["agent"] <= limit, grew
-    assert size <= grew["kernel"] <= size + limit, grew
+    assert size - slack <= grew["kernel"] <= size + limit, grew
     n = size // 8
     out = run(session, "print(int(x.sum(dtype='uint64')), x.flags.writeable, x.flags.owndata)")
     assert out.split()[:2] == [str((n * (n - 1) // 2) % 2**64), "True"]
@@ -220,7 +221,7 @@ def test_two_gib_push_and_pull_in_bounded_memory_on_both_ends(session, route):
     back = session.pull("x", compress="none")
     assert session.bulk.last.via == route
     grew = {k: _status(p, "VmHWM") - base[k] for k, p in pids.items()}
-    assert size <= grew["local"] <= size + limit, grew
+    assert size - slack <= grew["local"] <= size + limit, grew
     assert grew["agent"] <= limit, grew
     assert grew["kernel"] <= limit, grew
     assert back.flags.writeable
