@@ -11,8 +11,7 @@ A :class:`Session` is the Python API under the magics and usable without IPython
 It starts (or attaches to) an agent through a transport, serves the kernel locally through a
 :class:`~colabmagic.proxy.Proxy`, and talks to it with an ordinary jupyter_client
 ``BlockingKernelClient`` (over ZeroMQ ``inproc``, :mod:`colabmagic.inproc`), so everything a
-Jupyter client can do works unchanged. Through a Jupyter server, whose link runs in this process,
-:meth:`Session.run`'s cells take the lane past the proxy (:mod:`colabmagic.transport.jupyter_lane`).
+Jupyter client can do works unchanged; a Jupyter server's cells skip the proxy (jupyter_lane).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -42,8 +41,9 @@ from colabmagic.proxy import Proxy
 from colabmagic.relay import COMM_KINDS, Relay, RemoteDisplay
 from colabmagic.transfer import COMM_TARGET, Channel, TransferStats  # noqa: F401 - COMM_TARGET: re-exported
 from colabmagic.transport import attach_error
-from colabmagic.transport.jupyter_lane import Lane, open_lane
 
+if TYPE_CHECKING:
+    from colabmagic.transport.jupyter_lane import Lane
 log = logging.getLogger("colabmagic.session")
 
 _INFO = "__import__('sys').modules['_colabmagic_kernel'].info()"  # the kernel helper's info()
@@ -107,7 +107,8 @@ class Session:
             self.mock_gpu = bool(self.proxy.agent_info.get("mock_gpu", mock_gpu))
             self.client = inproc.client_for(self.proxy)  # inproc sockets: no loopback TCP hop
             self._wait_ready(connect_timeout)
-            self.lane = open_lane(transport, kernel_id, self.proxy, self.client.session)
+            if hasattr(transport, "open_lane"):  # a link in this process: a Jupyter server
+                self.lane = transport.open_lane(kernel_id, self.proxy, self.client.session)
         except BaseException:
             self.proxy.close()
             raise
@@ -281,8 +282,7 @@ class Session:
         stop_deadline: float | None = None
         escalated = False
         pending_exc: BaseException | None = None
-        # Sent last, just before the first poll: the thread that takes the request then gets the
-        # GIL at once instead of waiting for this setup (a lane's link; our own zmq otherwise).
+        # Sent last, just before the first poll: the thread taking it then finds the GIL free.
         result.msg_id = send()
         while not (got_reply and got_idle):
             try:

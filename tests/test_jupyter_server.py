@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import threading
 import time
 
@@ -114,7 +115,7 @@ def test_the_lane_takes_a_cell_past_the_proxy_and_every_subscriber_still_sees_it
 
             def sees(marker: str) -> bool:  # ZeroMQ's slow joiner: until a cell's output lands
                 s.run(f"print({marker!r})")
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(queue.Empty):
                     while True:
                         msg = observer.get_iopub_msg(timeout=0.5)
                         if msg["content"].get("text") == marker + "\n":

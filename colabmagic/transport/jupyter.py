@@ -564,6 +564,13 @@ class JupyterTransport:
         arrivals = self.arrivals.get(kernel_id)
         return jupyter_start.note(arrivals) if arrivals else None
 
+    def open_lane(self, kernel_id: str, proxy, session) -> jupyter_lane.Lane:
+        """The in-process lane of a Session to kernel *kernel_id*, whose *proxy* serves it; the
+        Session client's jupyter_client *session* gives the requests' session id."""
+        loop = self.loop()
+        link = self._link(kernel_id)
+        return jupyter_lane.Lane(link, loop.loop, proxy.publish, session, later=loop.selector.later)
+
     def delivery(self, kernel_id: str) -> str | None:
         """How output is delivered to the kernel *kernel_id* across drops (for %colab_status)."""
         link = self.links.get(kernel_id)

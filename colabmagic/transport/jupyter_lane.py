@@ -34,24 +34,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import datetime
-import json
 import logging
 import os
 import selectors
-import uuid
 from typing import Any
 
-import jupyter_client
 import zmq
 
 from colabmagic import wire
+from colabmagic.transport.jupyter_link import dumps, new_header
 
 log = logging.getLogger("colabmagic.jupyter")
-
-
-def _dumps(obj: dict) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 class HandOffSelector(selectors.DefaultSelector):
@@ -85,15 +78,13 @@ class Lane:
     publish
         The proxy's :meth:`~colabmagic.proxy.Proxy.publish`.
     session
-        The Session client's ``jupyter_client.session.Session``: its session id and user name
-        go in the requests' headers (they are not signed: they never leave this process).
+        The Session client's ``jupyter_client.session.Session``: its session id goes in the
+        requests' headers (they are not signed: they never leave this process).
     later
-        :attr:`HandOffSelector.later` of the loop's selector; None hands on at once.
+        :attr:`HandOffSelector.later` of the loop's selector.
     """
 
-    def __init__(
-        self, link: Any, loop: asyncio.AbstractEventLoop, publish, session: Any, later=None
-    ):
+    def __init__(self, link: Any, loop: asyncio.AbstractEventLoop, publish, session: Any, later):
         self.link = link
         self.loop = loop
         self.session = session
@@ -126,22 +117,16 @@ class Lane:
     # -- the link's side (its loop) ----------------------------------------------------------
     def publish(self, parts: list) -> None:
         """A kernel IOPub message (signed frames), to every subscriber of the proxy."""
-        if self._later is None:
-            self._publish(parts)
-        else:
-            self._later((self._publish, parts))
+        self._later((self._publish, parts))
 
     def deliver(self, channel: str, parts: list) -> None:
         """A reply or input request to a request of :meth:`execute` (signed frames)."""
-        if self._later is None:
-            self._send((channel, parts))
-        else:
-            self._later((self._send, (channel, parts)))
+        self._later((self._send, (channel, parts)))
 
     def _send(self, item: tuple) -> None:
         channel, parts = item
         sock = self._push.get(channel)
-        if sock is not None and not sock.closed:
+        if sock is not None:
             with contextlib.suppress(zmq.Again):  # the Session closed its end: nobody to tell
                 sock.send_multipart(parts, zmq.NOBLOCK, copy=wire.small(parts))
 
@@ -159,15 +144,8 @@ class Lane:
             "allow_stdin": allow_stdin,
             "stop_on_error": True,
         }
-        header = {
-            "msg_id": uuid.uuid4().hex,
-            "msg_type": "execute_request",
-            "username": self.session.username,
-            "session": self.session.session,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "version": jupyter_client.protocol_version,
-        }
-        msg = [_dumps(header), b"{}", b"{}", _dumps(content)]
+        header = new_header("execute_request", self.session.session)
+        msg = [dumps(header), b"{}", b"{}", dumps(content)]
         self.loop.call_soon_threadsafe(self.link.submit, header, msg)
         return header["msg_id"]
 
@@ -181,32 +159,17 @@ class Lane:
                 asyncio.run_coroutine_threadsafe(self._detach(), self.loop).result(10)
         else:  # the loop's thread has ended: nothing uses the link's sockets any more
             self._unhook()
-        self._ctx.destroy(linger=0)  # the Session's ends, and the link's if detaching failed
+        self._ctx.destroy(linger=0)  # the Session's ends; the link's too if they are still open
 
     async def _detach(self) -> None:
         self._unhook()
-        if self._later is not None:
-            await asyncio.sleep(0)  # a turn of the loop: what was queued goes out first
+        await asyncio.sleep(0)  # a turn of the loop: what was queued goes out, then the close
 
     def _unhook(self) -> None:
         if self.link.lane is self:
             self.link.publish = self.link.lane = None
-        if self._later is None:
-            self._close_push()
-        else:  # after what is queued: those messages still go out
-            self._later((self._close_push, None))
+        self._later((self._close_push, None))  # after what is queued: that still goes out
 
     def _close_push(self, _arg: Any = None) -> None:
         for sock in self._push.values():
             sock.close(linger=0)
-
-
-def open_lane(transport: Any, kernel_id: str, proxy: Any, session: Any) -> Lane | None:
-    """The lane of an in-process Session to kernel *kernel_id*; None when the transport has no
-    in-process link (SSH, ``--local``: the proxy is the link's only end there)."""
-    links = getattr(transport, "links", None)
-    link = links.get(kernel_id) if links else None
-    if link is None:
-        return None
-    loop = transport.loop()
-    return Lane(link, loop.loop, proxy.publish, session, later=loop.selector.later)

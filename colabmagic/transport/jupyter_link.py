@@ -119,15 +119,15 @@ def decode_json(data: str | bytes) -> tuple[str, list]:
     else:
         msg = json.loads(data)
     parts = [
-        _dumps(msg.get("header") or {}),
-        _dumps(msg.get("parent_header") or {}),
-        _dumps(msg.get("metadata") or {}),
-        _dumps(msg.get("content") or {}),
+        dumps(msg.get("header") or {}),
+        dumps(msg.get("parent_header") or {}),
+        dumps(msg.get("metadata") or {}),
+        dumps(msg.get("content") or {}),
     ]
     return msg.get("channel") or "shell", parts + buffers
 
 
-def _dumps(obj: Any) -> bytes:
+def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=str).encode()
 
 
@@ -628,7 +628,7 @@ class KernelLink:
             else:
                 head = new_header(PART, header.get("session", self.session_id))
                 self.own_ids[head["msg_id"]] = None
-            pieces.append([_dumps(head), bytes(parts[1]), b"{}", _dumps(content), *group])
+            pieces.append([dumps(head), bytes(parts[1]), b"{}", dumps(content), *group])
         while len(self.own_ids) > 512 + len(groups):
             self.own_ids.popitem(last=False)
         return pieces
@@ -642,7 +642,7 @@ class KernelLink:
             self.own_ids.popitem(last=False)
         fut = asyncio.get_running_loop().create_future()
         self.waiters[msg_id] = fut
-        data = att.encode(channel, [_dumps(header), b"{}", b"{}", _dumps(content), *buffers])
+        data = att.encode(channel, [dumps(header), b"{}", b"{}", dumps(content), *buffers])
         written = att.ws.write_message(data, binary=isinstance(data, bytes))
 
         def check(f) -> None:
@@ -844,10 +844,10 @@ class KernelLink:
             for e in reply.get("entries", []):
                 n = int(e.get("nbuf", 0))
                 parts = [
-                    _dumps(e["header"]),
-                    _dumps(e["parent_header"]),
-                    _dumps(e["metadata"]),
-                    _dumps(e["content"]),
+                    dumps(e["header"]),
+                    dumps(e["parent_header"]),
+                    dumps(e["metadata"]),
+                    dumps(e["content"]),
                     *bufs[offset : offset + n],
                 ]
                 offset += n
@@ -919,7 +919,7 @@ class KernelLink:
 
     def _synth(self, channel: str, msg_type: str, content: dict, parent: dict) -> None:
         header = new_header(msg_type, "colabmagic-link")
-        parts = [_dumps(header), _dumps(parent), b"{}", _dumps(content)]
+        parts = [dumps(header), dumps(parent), b"{}", dumps(content)]
         self._accept(None, channel, parts, header, parent)
 
     # -- agent operations (the proxy's AGENT channel) --------------------------------------
